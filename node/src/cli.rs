@@ -1,0 +1,159 @@
+//! The `trine` command line (clap derive). Only subcommands that work are
+//! listed; later parts of the product add theirs here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+
+use crate::config::{self, Config, Layer, LogFormat};
+
+/// Trine serves ternary (BitNet b1.58) language models from a cluster of peer
+/// nodes spread over regions.
+#[derive(Debug, Parser)]
+#[command(name = "trine", propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: gRPC (health, reflection, trine.v1) and HTTP (/metrics,
+    /// /healthz, /readyz) until SIGINT/SIGTERM, then drain and stop.
+    #[command(
+        long_about = "Run a node: gRPC (health, reflection, trine.v1) and HTTP (/metrics, /healthz, \
+/readyz) until SIGINT/SIGTERM, then drain and stop.\n\n\
+Every setting can come from a TOML file (--config), a TRINE_* environment variable, or a flag; \
+flags win over the environment, which wins over the file. `--print-config` shows the result.\n\n\
+Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any other failure \
+(port in use, data dir locked or unwritable), 130 after a second signal during the drain.",
+        after_help = "Example: trine node --data-dir /var/lib/trine --region us-east --grpc-addr 0.0.0.0:7400"
+    )]
+    Node(NodeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// TOML config file whose keys are the long flag names with '_' for '-'
+    /// (data_dir, grpc_addr, ...). Unknown keys are refused.
+    #[arg(long, short = 'c', env = "TRINE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration as TOML (a valid --config file) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// Directory for this node's state; created 0700 if absent, locked while
+    /// the node runs. [default: trine-data]
+    #[arg(long, env = "TRINE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Node name in logs, metrics and cluster views (lowercase letters,
+    /// digits, '-'). [default: the host name]
+    #[arg(long, env = "TRINE_NAME")]
+    pub name: Option<String>,
+
+    /// Region this node runs in, e.g. us-east. [default: local]
+    #[arg(long, env = "TRINE_REGION")]
+    pub region: Option<String>,
+
+    /// Zone inside the region, e.g. a. [default: empty]
+    #[arg(long, env = "TRINE_ZONE")]
+    pub zone: Option<String>,
+
+    /// gRPC listen address; port 0 picks a free port (see endpoints.json in
+    /// the data dir). [default: 127.0.0.1:7400]
+    #[arg(long, env = "TRINE_GRPC_ADDR", value_name = "IP:PORT")]
+    pub grpc_addr: Option<SocketAddr>,
+
+    /// HTTP listen address for /metrics, /healthz, /readyz. [default: 127.0.0.1:7401]
+    #[arg(long, env = "TRINE_HTTP_ADDR", value_name = "IP:PORT")]
+    pub http_addr: Option<SocketAddr>,
+
+    /// Log line format. [default: text]
+    #[arg(long, env = "TRINE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or RUST_LOG-style
+    /// directives such as "info,trine_node=debug". [default: info]
+    #[arg(long, env = "TRINE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// How long in-flight requests may finish after SIGINT/SIGTERM before
+    /// they are cut, e.g. 30s (at most 10m). [default: 10s]
+    #[arg(long, env = "TRINE_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+impl NodeArgs {
+    /// The flags (and their TRINE_* variables) as a config layer.
+    fn layer(&self) -> Layer {
+        Layer {
+            data_dir: self.data_dir.clone(),
+            name: self.name.clone(),
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+
+    /// Defaults < config file < env < flags, validated.
+    pub fn resolve(&self) -> Result<Config, config::Error> {
+        let file = match &self.config {
+            Some(path) => Layer::from_file(path)?,
+            None => Layer::default(),
+        };
+        Config::resolve(file.overlay(self.layer()))
+    }
+}
+
+/// Parses the process arguments; `--version` shows the commit and the SIMD
+/// level detected on this machine.
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// The full command definition, version included.
+pub fn command() -> clap::Command {
+    Cli::command().version(crate::build::long_version())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    /// Every key of the config file has a flag, so `--help` documents them all.
+    #[test]
+    fn every_config_key_has_a_flag() {
+        let cmd = command();
+        let node = cmd.find_subcommand("node").expect("node subcommand");
+        let toml = Config::default().to_toml();
+        let keys: Vec<&str> = toml
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(" = "))
+            .map(|l| l.split(" = ").next().unwrap_or_default())
+            .collect();
+        assert!(keys.len() >= 9, "{keys:?}");
+        for key in keys {
+            let flag = key.replace('_', "-");
+            let arg = node
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag.as_str()));
+            let arg = arg.unwrap_or_else(|| panic!("config key {key} has no --{flag}"));
+            let env = format!("TRINE_{}", key.to_ascii_uppercase());
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
+        }
+    }
+}

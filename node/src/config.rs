@@ -1,0 +1,417 @@
+//! The node's configuration: one resolved [`Config`], built from layers
+//! (defaults < TOML file < `TRINE_*` environment < command-line flags), then
+//! validated rule by rule with a message that names the key and the fix.
+//!
+//! A [`Layer`] is the same set of keys, all optional. The file and the
+//! command line (clap reads flags and their `TRINE_*` variables) each give
+//! one; [`Config::resolve`] stacks them on the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest drain a node accepts on shutdown. Orchestrators kill long before
+/// this (Kubernetes' default grace period is 30 s).
+const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// The effective configuration of `trine node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// Directory that holds this node's state; created (mode 0700) if absent,
+    /// and locked while the node runs.
+    pub data_dir: PathBuf,
+    /// Node name shown in logs, metrics and cluster views.
+    pub name: String,
+    /// Region this node runs in (e.g. "us-east").
+    pub region: String,
+    /// Zone inside the region (may be empty).
+    pub zone: String,
+    /// gRPC listen address (Inference, Admin, health, reflection).
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address (/metrics, /healthz, /readyz).
+    pub http_addr: SocketAddr,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Log filter, in `RUST_LOG` syntax (e.g. "info,trine_node=debug").
+    pub log_level: String,
+    /// How long in-flight requests may run after SIGINT/SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+/// One layer of configuration: every key optional. Deserialized from the
+/// TOML file (unknown keys refused) and filled from flags/env by the CLI.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub data_dir: Option<PathBuf>,
+    pub name: Option<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+/// Why a configuration could not be loaded or is not valid. Each message is
+/// one line naming the problem and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "config file {path} not found; create it (`trine node --print-config > {path}` writes the defaults) or drop --config"
+    )]
+    FileNotFound { path: PathBuf },
+    #[error("config file {path} cannot be read: {source}; check its permissions")]
+    FileRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "config file {path}, line {line}: {message}; `trine node --print-config` lists every key with a valid value"
+    )]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("invalid {key} {value:?}: {rule}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        rule: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("trine-data"),
+            name: default_name(),
+            region: "local".into(),
+            zone: String::new(),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Layer {
+    /// Reads a TOML file. Errors name the file and the line.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => Error::FileNotFound {
+                path: path.to_owned(),
+            },
+            _ => Error::FileRead {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses TOML text; `path` is used in error messages only.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| {
+                    text.as_bytes()[..span.start.min(text.len())]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                        + 1
+                })
+                .unwrap_or(1);
+            Error::Parse {
+                path: path.to_owned(),
+                line,
+                // toml's messages may span lines; a log line must not.
+                message: e.message().trim().replace('\n', " "),
+            }
+        })
+    }
+
+    /// Keys set in `over` win over keys set here.
+    #[must_use]
+    pub fn overlay(self, over: Layer) -> Layer {
+        Layer {
+            data_dir: over.data_dir.or(self.data_dir),
+            name: over.name.or(self.name),
+            region: over.region.or(self.region),
+            zone: over.zone.or(self.zone),
+            grpc_addr: over.grpc_addr.or(self.grpc_addr),
+            http_addr: over.http_addr.or(self.http_addr),
+            log_format: over.log_format.or(self.log_format),
+            log_level: over.log_level.or(self.log_level),
+            shutdown_timeout: over.shutdown_timeout.or(self.shutdown_timeout),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `layer` on top, then validation.
+    pub fn resolve(layer: Layer) -> Result<Self, Error> {
+        let d = Config::default();
+        let config = Config {
+            data_dir: layer.data_dir.unwrap_or(d.data_dir),
+            name: layer.name.unwrap_or(d.name),
+            region: layer.region.unwrap_or(d.region),
+            zone: layer.zone.unwrap_or(d.zone),
+            grpc_addr: layer.grpc_addr.unwrap_or(d.grpc_addr),
+            http_addr: layer.http_addr.unwrap_or(d.http_addr),
+            log_format: layer.log_format.unwrap_or(d.log_format),
+            log_level: layer.log_level.unwrap_or(d.log_level),
+            shutdown_timeout: layer.shutdown_timeout.unwrap_or(d.shutdown_timeout),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every rule; the first broken one is reported.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "data_dir",
+                "",
+                "it is empty; set a directory this node may own, e.g. --data-dir /var/lib/trine",
+            ));
+        }
+        check_label("name", &self.name, false)?;
+        check_label("region", &self.region, false)?;
+        check_label("zone", &self.zone, true)?;
+        if self.grpc_addr.port() != 0 && self.grpc_addr == self.http_addr {
+            return Err(invalid(
+                "http_addr",
+                &self.http_addr.to_string(),
+                "grpc_addr uses the same address; give each listener its own port (--grpc-addr, --http-addr)",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(invalid(
+                "log_level",
+                &self.log_level,
+                &format!(
+                    "{e}; use a level (error, warn, info, debug, trace) or RUST_LOG directives like \"info,trine_node=debug\""
+                ),
+            ));
+        }
+        if self.shutdown_timeout.is_zero() || self.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
+            return Err(invalid(
+                "shutdown_timeout",
+                &humantime::format_duration(self.shutdown_timeout).to_string(),
+                "it must be more than 0 and at most 10m, e.g. \"30s\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configuration as a TOML file that `--config` accepts back.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        format!(
+            "# Effective configuration of `trine node` (defaults < --config file < TRINE_* env < flags).\n{body}"
+        )
+    }
+}
+
+fn invalid(key: &'static str, value: &str, rule: &str) -> Error {
+    Error::Invalid {
+        key,
+        value: value.to_owned(),
+        rule: rule.to_owned(),
+    }
+}
+
+/// Names, regions and zones appear in metric labels, DNS names and file
+/// names: lowercase DNS labels only.
+fn check_label(key: &'static str, value: &str, may_be_empty: bool) -> Result<(), Error> {
+    if value.is_empty() && may_be_empty {
+        return Ok(());
+    }
+    let ok = (1..=63).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            value,
+            "use 1-63 lowercase letters, digits and '-', not starting or ending with '-' (e.g. \"us-east\")",
+        ))
+    }
+}
+
+/// The host name made into a valid node name, or "node".
+fn default_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let mut name: String = host
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    name = name.trim_matches('-').to_owned();
+    if name.is_empty() { "node".into() } else { name }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Layer, Error> {
+        Layer::from_toml(text, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_loopback_only() {
+        let c = Config::resolve(Layer::default()).unwrap();
+        assert!(c.grpc_addr.ip().is_loopback());
+        assert!(c.http_addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse("region = \"eu\"\n\nregoin = \"x\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Parse { line: 3, .. }), "{msg}");
+        assert!(msg.contains("regoin"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let err = parse("grpc_addr = 7400\n").unwrap_err();
+        assert!(matches!(err, Error::Parse { line: 1, .. }), "{err}");
+        let err = parse("shutdown_timeout = \"soon\"\n").unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn later_layers_win() {
+        let file = parse("region = \"a\"\nzone = \"z\"\n").unwrap();
+        let flags = Layer {
+            region: Some("b".into()),
+            ..Layer::default()
+        };
+        let c = Config::resolve(file.overlay(flags)).unwrap();
+        assert_eq!(c.region, "b");
+        assert_eq!(c.zone, "z");
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let c = Config {
+            shutdown_timeout: Duration::from_millis(2500),
+            log_format: LogFormat::Json,
+            ..Config::default()
+        };
+        let back = Config::resolve(parse(&c.to_toml()).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn each_rule_is_enforced() {
+        let cases: Vec<(Layer, &str)> = vec![
+            (
+                Layer {
+                    region: Some("US East".into()),
+                    ..Layer::default()
+                },
+                "region",
+            ),
+            (
+                Layer {
+                    name: Some("-x".into()),
+                    ..Layer::default()
+                },
+                "name",
+            ),
+            (
+                Layer {
+                    data_dir: Some(PathBuf::new()),
+                    ..Layer::default()
+                },
+                "data_dir",
+            ),
+            (
+                Layer {
+                    grpc_addr: Some("127.0.0.1:9000".parse().unwrap()),
+                    http_addr: Some("127.0.0.1:9000".parse().unwrap()),
+                    ..Layer::default()
+                },
+                "http_addr",
+            ),
+            (
+                Layer {
+                    log_level: Some("info,=[".into()),
+                    ..Layer::default()
+                },
+                "log_level",
+            ),
+            (
+                Layer {
+                    shutdown_timeout: Some(Duration::ZERO),
+                    ..Layer::default()
+                },
+                "shutdown_timeout",
+            ),
+            (
+                Layer {
+                    shutdown_timeout: Some(Duration::from_secs(3600)),
+                    ..Layer::default()
+                },
+                "shutdown_timeout",
+            ),
+        ];
+        for (layer, key) in cases {
+            match Config::resolve(layer) {
+                Err(Error::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{key}: expected Invalid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn port_zero_on_both_listeners_is_allowed() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let layer = Layer {
+            grpc_addr: Some(any),
+            http_addr: Some(any),
+            ..Layer::default()
+        };
+        assert!(Config::resolve(layer).is_ok());
+    }
+
+    #[test]
+    fn default_name_is_a_valid_label() {
+        check_label("name", &default_name(), false).unwrap();
+    }
+}

@@ -1,0 +1,25 @@
+//! trine-node: a Trine node and the `trine` command line.
+//!
+//! - [`cli`]: clap definitions of `trine` and its subcommands.
+//! - [`config`]: layered configuration (file < env < flags) and validation.
+//! - [`datadir`]: the data directory: creation, marker, exclusive lock.
+//! - [`node`]: a node's life: bind, serve, drain, stop.
+//! - [`grpc`]: health, reflection and the `trine.v1` services.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`]: every metric name of this crate, and the exporter.
+//! - [`logging`]: tracing to stderr, text or JSON.
+//! - [`shutdown`]: SIGINT/SIGTERM handling.
+//! - [`simd`]: run-time SIMD level detection.
+//! - [`build`]: version, git commit.
+
+pub mod build;
+pub mod cli;
+pub mod config;
+pub mod datadir;
+pub mod grpc;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod node;
+pub mod shutdown;
+pub mod simd;

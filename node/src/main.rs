@@ -1,0 +1,51 @@
+//! `trine`: parse the command line, run the subcommand, turn any failure into
+//! one line on stderr and an exit status.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use trine_node::cli::{self, Command, NodeArgs};
+use trine_node::{logging, node, shutdown};
+
+/// sysexits' EX_CONFIG: supervisors can tell "fix the config" from "retry".
+const EXIT_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    match cli::parse().command {
+        Command::Node(args) => run_node(&args),
+    }
+}
+
+fn run_node(args: &NodeArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(config) => config,
+        Err(e) => return fail(&e, EXIT_CONFIG),
+    };
+    if args.print_config {
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{}", config.to_toml());
+        }
+        return ExitCode::SUCCESS;
+    }
+    logging::init(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("trine")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
+    };
+    let result = runtime.block_on(node::run(config, shutdown::signals()));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, 1),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(code)
+}

@@ -1,0 +1,216 @@
+//! A node's life: open the data dir, bind the listeners, serve gRPC and HTTP,
+//! and on shutdown drain in order — readiness off, gRPC drained within the
+//! deadline, HTTP last (so probes and scrapes see the drain), data dir closed.
+
+use std::future::Future;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::datadir::{self, DataDir, Endpoints};
+use crate::{grpc, http, metrics};
+
+/// How long the HTTP server may take to finish after gRPC has drained.
+const HTTP_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    DataDir(#[from] datadir::Error),
+    #[error("cannot listen for {what} on {addr}: {reason}; {fix}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        reason: String,
+        fix: String,
+    },
+    #[error("gRPC reflection cannot load the trine.v1 descriptors: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the {what} server stopped unexpectedly: {reason}")]
+    Server { what: &'static str, reason: String },
+}
+
+/// The node's bound sockets. Binding is separate from serving so tests can
+/// bind port 0 and learn the addresses first.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Self, Error> {
+        Ok(Self {
+            grpc: bind("gRPC", config.grpc_addr, "--grpc-addr").await?,
+            http: bind("HTTP", config.http_addr, "--http-addr").await?,
+        })
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr, flag: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let fix = match e.kind() {
+            ErrorKind::AddrInUse => format!(
+                "another process is using port {port} (`ss -ltnp 'sport = :{port}'` shows which); stop it or choose another port with {flag}",
+                port = addr.port()
+            ),
+            ErrorKind::AddrNotAvailable => {
+                format!("{} is not an address of this host; choose one that is with {flag}", addr.ip())
+            }
+            ErrorKind::PermissionDenied => format!(
+                "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a higher port with {flag}"
+            ),
+            _ => format!("choose another address with {flag}"),
+        };
+        Error::Bind {
+            what,
+            addr,
+            reason: e.to_string(),
+            fix,
+        }
+    })
+}
+
+/// Runs a node until `shutdown` resolves, then drains and stops.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let data_dir = DataDir::open(&config.data_dir)?;
+    let listeners = Listeners::bind(&config).await?;
+    serve(&config, data_dir, listeners, shutdown).await
+}
+
+/// Serves on already-bound listeners until `shutdown` resolves.
+pub async fn serve(
+    config: &Config,
+    data_dir: DataDir,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let metrics = metrics::install();
+    metrics.set_identity(&config.name, &config.region, &config.zone);
+    let ready = Arc::new(AtomicBool::new(false));
+    let endpoints = Endpoints {
+        pid: std::process::id(),
+        grpc: local_addr(&listeners.grpc, "gRPC")?,
+        http: local_addr(&listeners.http, "HTTP")?,
+    };
+
+    let grpc::Services { health, router } = grpc::services().await?;
+    let (grpc_stop, grpc_stop_rx) = watch::channel(false);
+    let mut grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .add_routes(router)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listeners.grpc),
+                stopped(grpc_stop_rx),
+            ),
+    );
+    let (http_stop, http_stop_rx) = watch::channel(false);
+    let state = http::AppState {
+        metrics,
+        ready: ready.clone(),
+        name: config.name.as_str().into(),
+    };
+    let mut http_task = tokio::spawn(
+        axum::serve(listeners.http, http::router(state))
+            .with_graceful_shutdown(stopped(http_stop_rx))
+            .into_future(),
+    );
+
+    data_dir.write_endpoints(&endpoints)?;
+    ready.store(true, Ordering::Release);
+    metrics.set_up(true);
+    tracing::info!(
+        name = %config.name,
+        region = %config.region,
+        grpc = %endpoints.grpc,
+        http = %endpoints.http,
+        data_dir = %data_dir.path().display(),
+        version = crate::build::VERSION,
+        git_sha = crate::build::GIT_SHA,
+        simd = %crate::simd::Level::detect(),
+        "node serving"
+    );
+
+    // A server that ends on its own is a failure; the other still drains.
+    let (failure, grpc_done, http_done) = tokio::select! {
+        () = shutdown => (None, false, false),
+        r = &mut grpc_task => (Some(server_failure("gRPC", r.map(|r| r.map_err(|e| e.to_string())))), true, false),
+        r = &mut http_task => (Some(server_failure("HTTP", r.map(|r| r.map_err(|e| e.to_string())))), false, true),
+    };
+
+    // Drain: tell probes and health watchers first, then stop accepting.
+    ready.store(false, Ordering::Release);
+    metrics.set_up(false);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let started = Instant::now();
+    tracing::info!(
+        deadline = %humantime::format_duration(config.shutdown_timeout),
+        "shutting down: draining in-flight gRPC requests"
+    );
+    let _ = grpc_stop.send(true);
+    if !grpc_done {
+        match tokio::time::timeout(config.shutdown_timeout, &mut grpc_task).await {
+            Ok(_) => tracing::info!(took = ?started.elapsed(), "gRPC drained"),
+            Err(_) => {
+                grpc_task.abort();
+                tracing::warn!(
+                    deadline = %humantime::format_duration(config.shutdown_timeout),
+                    "drain deadline passed; cutting the gRPC requests still in flight"
+                );
+            }
+        }
+    }
+    let _ = http_stop.send(true);
+    if !http_done
+        && tokio::time::timeout(HTTP_STOP_TIMEOUT, &mut http_task)
+            .await
+            .is_err()
+    {
+        http_task.abort();
+    }
+    data_dir.close();
+    match failure {
+        None => {
+            tracing::info!(took = ?started.elapsed(), "node stopped cleanly");
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}
+
+fn local_addr(listener: &TcpListener, what: &'static str) -> Result<SocketAddr, Error> {
+    listener.local_addr().map_err(|e| Error::Server {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn server_failure(
+    what: &'static str,
+    joined: Result<Result<(), String>, tokio::task::JoinError>,
+) -> Error {
+    let reason = match joined {
+        Ok(Ok(())) => "it exited without being asked to".to_owned(),
+        Ok(Err(e)) => e,
+        Err(e) => e.to_string(),
+    };
+    Error::Server { what, reason }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // A dropped sender also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,299 @@
+//! Harness for end-to-end tests: builds the real `trine` binary once, starts
+//! nodes as child processes on port 0 with temp data dirs, waits on
+//! conditions with deadlines, and talks to them only through their public
+//! surfaces (HTTP, gRPC, files the node documents, signals, exit status).
+//!
+//! - [`trine_bin`]: path of the binary under test.
+//! - [`Node`]: a running `trine node` and its endpoints.
+//! - [`run`]: a one-shot `trine` invocation with a timeout.
+
+use std::fs::File;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use serde::Deserialize;
+
+/// How long a node may take to become ready on a loaded 2-core machine.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a clean stop may take (the node's drain deadline is 10 s by
+/// default; tests that need less pass `--shutdown-timeout`).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// The `trine` binary under test: `$TRINE_BIN` when set (e.g. a release or
+/// installed build), else this workspace's binary in the same target dir and
+/// profile as the running test, built once per test process with cargo (a
+/// no-op when it is fresh).
+pub fn trine_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        locate_or_build().unwrap_or_else(|e| panic!("cannot get the trine binary: {e:#}"))
+    })
+}
+
+fn locate_or_build() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("TRINE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    // <target>/<profile-dir>/deps/<test-exe>
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable is not in <target>/<profile>/deps")?;
+    let target_dir = profile_dir.parent().context("no target dir")?;
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+        None => bail!(
+            "cannot tell the cargo profile from {}",
+            profile_dir.display()
+        ),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--workspace",
+            "--bins",
+            "--profile",
+            &profile,
+        ])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .context("running cargo build for the trine binary")?;
+    if !status.success() {
+        bail!("cargo build of the trine binary failed ({status})");
+    }
+    let bin = profile_dir.join("trine");
+    if !bin.exists() {
+        bail!("{} was not built", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A `trine` command with a clean environment: no TRINE_* or RUST_LOG from
+/// the developer's shell leaks into a test.
+pub fn trine() -> Command {
+    command_for(trine_bin())
+}
+
+/// Like [`trine`], but for a program that runs the binary (e.g. setpriv).
+pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a command to completion, killing it after `timeout`.
+pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    let dir = tempfile::tempdir()?;
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut child = cmd
+        .stdout(File::create(&out_path)?)
+        .stderr(File::create(&err_path)?)
+        .spawn()
+        .context("spawning trine")?;
+    let status = wait_exit(&mut child, timeout)?;
+    Ok(Output {
+        status,
+        stdout: std::fs::read(out_path)?,
+        stderr: std::fs::read(err_path)?,
+    })
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `cond` until it returns `Some`, or fails after `timeout`.
+pub async fn wait_for<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> F,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// GET `url`; the status and body, or `None` if nothing answered.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    let response = reqwest::get(url).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// `endpoints.json`, as the node documents it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Endpoints {
+    pub pid: u32,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// A running `trine node` child process. Killed (SIGKILL) on drop if it is
+/// still running.
+#[derive(Debug)]
+pub struct Node {
+    child: Child,
+    pub data_dir: PathBuf,
+    pub endpoints: Endpoints,
+    log_path: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts a node on port 0 with a fresh data dir plus `extra` arguments,
+    /// and waits until `/readyz` says ready.
+    pub async fn start(extra: &[&str]) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let data_dir = tmp.path().join("data");
+        Self::start_in(tmp, data_dir, extra).await
+    }
+
+    /// Starts a node on `data_dir` (which `tmp` should own).
+    pub async fn start_in(
+        tmp: tempfile::TempDir,
+        data_dir: PathBuf,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let log_path = tmp.path().join("node.log");
+        let mut cmd = trine();
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(File::create(tmp.path().join("node.out"))?)
+            .stderr(File::create(&log_path)?);
+        let mut child = cmd.spawn().context("spawning trine node")?;
+        let pid = child.id();
+        let endpoints_file = data_dir.join("endpoints.json");
+        let endpoints = wait_for("endpoints.json", START_DEADLINE, || {
+            let exited = child.try_wait().ok().flatten();
+            let file = std::fs::read(&endpoints_file).ok();
+            async move {
+                if let Some(status) = exited {
+                    return Some(Err(status));
+                }
+                let e: Endpoints = serde_json::from_slice(&file?).ok()?;
+                (e.pid == pid).then_some(Ok(e))
+            }
+        })
+        .await?;
+        let endpoints = match endpoints {
+            Ok(e) => e,
+            Err(status) => bail!(
+                "trine node exited with {status} before it was ready; its log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ),
+        };
+        let node = Self {
+            child,
+            data_dir,
+            endpoints,
+            log_path,
+            _tmp: tmp,
+        };
+        let url = node.url("/readyz");
+        wait_for("/readyz = 200", START_DEADLINE, || async {
+            http_get(&url).await.filter(|(status, _)| *status == 200)
+        })
+        .await?;
+        Ok(node)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.endpoints.http)
+    }
+
+    pub fn grpc_uri(&self) -> String {
+        format!("http://{}", self.endpoints.grpc)
+    }
+
+    /// A gRPC channel to the node.
+    pub async fn channel(&self) -> Result<tonic::transport::Channel> {
+        Ok(tonic::transport::Channel::from_shared(self.grpc_uri())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = i32::try_from(self.child.id())?;
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit; fails if it takes longer than `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let child = &mut self.child;
+        let pid = child.id();
+        let status = wait_for("exit", timeout, || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        status.with_context(|| format!("trine node (pid {pid}) did not exit in time"))
+    }
+
+    /// Everything the node wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Lines of `stderr` that are error reports (start with "error:").
+pub fn error_lines(stderr: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_owned)
+        .collect()
+}
