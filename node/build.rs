@@ -32,9 +32,13 @@ fn main() {
                 println!("cargo:rerun-if-changed={}", path.display());
             }
         }
-        let packed = std::path::Path::new(&git_dir).join("packed-refs");
-        if packed.exists() {
-            println!("cargo:rerun-if-changed={}", packed.display());
+        // A first commit or a new branch creates a ref file that did not
+        // exist at the last build: watch the directory that will hold it.
+        for extra in ["packed-refs", "refs/heads"] {
+            let path = std::path::Path::new(&git_dir).join(extra);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Unit, describe_gauge, gauge};
+use metrics::{describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Gauge, always 1: `{version, git_sha, simd}` of the running binary.
@@ -16,11 +16,9 @@ pub const BUILD_INFO: &str = "trine_build_info";
 pub const NODE_UP: &str = "trine_node_up";
 /// Gauge, always 1: `{name, region, zone}` of this node.
 pub const NODE_INFO: &str = "trine_node_info";
-/// Gauge: seconds the last shutdown drain has been running (0 when not draining).
-pub const SHUTDOWN_DRAIN_SECONDS: &str = "trine_shutdown_drain_seconds";
 
 /// Every name above, for tests and docs that check the contract.
-pub const ALL: &[&str] = &[BUILD_INFO, NODE_UP, NODE_INFO, SHUTDOWN_DRAIN_SECONDS];
+pub const ALL: &[&str] = &[BUILD_INFO, NODE_UP, NODE_INFO];
 
 struct Exporter {
     handle: PrometheusHandle,
@@ -61,11 +59,6 @@ fn describe() {
     describe_gauge!(
         NODE_INFO,
         "Name, region and zone of this node (value is always 1)."
-    );
-    describe_gauge!(
-        SHUTDOWN_DRAIN_SECONDS,
-        Unit::Seconds,
-        "How long the current shutdown drain has run; 0 when not draining."
     );
 }
 
@@ -143,5 +136,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
+        // Every name of the contract is exported with its description.
+        for name in ALL {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}: {text}");
+        }
     }
 }

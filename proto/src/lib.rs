@@ -66,11 +66,21 @@ mod tests {
         );
     }
 
+    /// common.proto's rule: 1000-1999 is reserved in every message, and no
+    /// public field reaches it.
     #[test]
-    fn public_fields_stay_below_the_internal_range() {
+    fn every_message_reserves_the_internal_range() {
         let fds = FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).expect("descriptor set decodes");
         for file in fds.file.iter().filter(|f| f.package() == "trine.v1") {
             for msg in &file.message_type {
+                // Descriptor ranges are half-open: [1000, 2000).
+                assert!(
+                    msg.reserved_range
+                        .iter()
+                        .any(|r| r.start() == 1000 && r.end() == 2000),
+                    "{}: add `reserved 1000 to 1999;`",
+                    msg.name()
+                );
                 for field in &msg.field {
                     assert!(
                         field.number() < 1000,

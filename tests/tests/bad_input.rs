@@ -273,7 +273,9 @@ fn print_config_shows_layers_in_order() -> Result<()> {
     );
 
     // The printed config is itself a valid config file giving the same result.
-    let again = config_file(&tmp.path().join(".."), &with_flag)?;
+    let elsewhere = tmp.path().join("printed");
+    std::fs::create_dir(&elsewhere)?;
+    let again = config_file(&elsewhere, &with_flag)?;
     let mut cmd = trine();
     cmd.args(["node", "--print-config", "--config"]).arg(&again);
     let out = run(cmd, T)?;
