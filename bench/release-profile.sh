@@ -54,7 +54,8 @@ for round in $(seq "$rounds"); do
     healthz[$name]+="$(rps "http://$addr/healthz") "
     metrics[$name]+="$(rps "http://$addr/metrics") "
     ready[$name]+="$ms "
-    kill -TERM "$pid"; wait "$pid" || true
+    kill -TERM "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
     echo "round $round $name done" >&2
   done
 done
