@@ -32,6 +32,12 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
         after_help = "Example: trine node --data-dir /var/lib/trine --region us-east --grpc-addr 0.0.0.0:7400"
     )]
     Node(NodeArgs),
+    /// Generate text from a prompt with a local model file, streamed to
+    /// stdout; speeds are reported on stderr.
+    Generate(crate::generate_cmd::GenerateArgs),
+    /// Look inside model files and make synthetic ones.
+    #[command(subcommand)]
+    Model(crate::model_cmd::ModelCommand),
 }
 
 #[derive(Debug, Args)]

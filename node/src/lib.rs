@@ -4,8 +4,10 @@
 //! - [`config`]: layered configuration (file < env < flags) and validation.
 //! - [`datadir`]: the data directory: creation, marker, exclusive lock.
 //! - [`node`]: a node's life: bind, serve, drain, stop.
+//! - [`generate_cmd`]: `trine generate`.
 //! - [`grpc`]: health, reflection and the `trine.v1` services.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`model_cmd`]: `trine model inspect|synth`.
 //! - [`metrics`]: every metric name of this crate, and the exporter.
 //! - [`logging`]: tracing to stderr, text or JSON.
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
@@ -16,10 +18,12 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod generate_cmd;
 pub mod grpc;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod model_cmd;
 pub mod node;
 pub mod shutdown;
 pub mod simd;

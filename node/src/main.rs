@@ -13,6 +13,14 @@ const EXIT_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     match cli::parse().command {
         Command::Node(args) => run_node(&args),
+        Command::Generate(args) => match trine_node::generate_cmd::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, 1),
+        },
+        Command::Model(command) => match trine_node::model_cmd::run(&command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, 1),
+        },
     }
 }
 

@@ -1,0 +1,189 @@
+//! `trine model inspect`: what a model file holds and what is wrong with it,
+//! for people (the [`std::fmt::Display`] form) and tests (the fields).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::formats::{i2s, tq};
+use crate::gguf::{GgmlType, GgufFile, TensorInfo, Value};
+
+use crate::model::load::ARCHITECTURES;
+
+/// The findings and facts of one model file.
+#[derive(Debug)]
+pub struct Report {
+    pub path: PathBuf,
+    pub file_bytes: u64,
+    pub version: u32,
+    pub alignment: u64,
+    pub architecture: Option<String>,
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<TensorInfo>,
+    /// Problems that stop the model from loading, or that an operator
+    /// should know; empty when the file is sound.
+    pub findings: Vec<String>,
+}
+
+/// Reads `path` and checks every tensor it can (ternary tensors are fully
+/// decoded, so a corrupt code or scale anywhere is found).
+pub fn inspect(path: &Path) -> Result<Report, crate::Error> {
+    let file = GgufFile::open(path)?;
+    let h = &file.header;
+    let architecture = h
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let mut findings = Vec::new();
+    match &architecture {
+        None => findings.push(
+            "general.architecture is missing; Trine cannot tell how to run this model".to_owned(),
+        ),
+        Some(a) if !ARCHITECTURES.contains(&a.as_str()) => findings.push(format!(
+            "architecture {a:?} is not one Trine runs ({}); Trine serves BitNet b1.58 models",
+            ARCHITECTURES.join(", ")
+        )),
+        Some(_) => {}
+    }
+    for t in &h.tensors {
+        if !t.ty.is_loadable() {
+            findings.push(format!(
+                "tensor {} has type {}, which Trine does not load; re-export it as I2_S/TQ2_0/TQ1_0 (ternary) or F16/BF16/F32/Q8_0",
+                t.name, t.ty
+            ));
+            continue;
+        }
+        if let Err(e) = check_ternary(&file, t) {
+            findings.push(format!("tensor {}: {e}", t.name));
+        }
+    }
+    Ok(Report {
+        path: path.to_owned(),
+        file_bytes: file.file_len(),
+        version: h.version,
+        alignment: h.alignment,
+        architecture,
+        metadata: h.metadata.clone(),
+        tensors: h.tensors.clone(),
+        findings,
+    })
+}
+
+fn check_ternary(file: &GgufFile, t: &TensorInfo) -> Result<(), crate::formats::Error> {
+    let (cols, rows) = (t.dims[0] as usize, (t.elements() / t.dims[0]) as usize);
+    let data = file.data(t);
+    match t.ty {
+        GgmlType::I2S => i2s::decode(data, rows, cols).map(drop),
+        GgmlType::TQ2_0 => tq::decode_tq2(data, rows, cols).map(drop),
+        GgmlType::TQ1_0 => tq::decode_tq1(data, rows, cols).map(drop),
+        _ => Ok(()),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: GGUF v{}, {} ({} bytes), alignment {}",
+            self.path.display(),
+            self.version,
+            human_bytes(self.file_bytes),
+            self.file_bytes,
+            self.alignment
+        )?;
+        writeln!(
+            f,
+            "architecture: {}",
+            self.architecture.as_deref().unwrap_or("(none)")
+        )?;
+        writeln!(f, "\nmetadata ({} keys):", self.metadata.len())?;
+        for (k, v) in &self.metadata {
+            writeln!(f, "  {k} = {v:?}")?;
+        }
+        let mut by_type: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+        for t in &self.tensors {
+            let e = by_type.entry(t.ty.name()).or_default();
+            e.0 += 1;
+            e.1 += t.size;
+        }
+        let total: u64 = self.tensors.iter().map(|t| t.size).sum();
+        let summary: Vec<String> = by_type
+            .iter()
+            .map(|(ty, (n, bytes))| format!("{ty} {n} ({})", human_bytes(*bytes)))
+            .collect();
+        writeln!(
+            f,
+            "\ntensors: {} in {}: {}",
+            self.tensors.len(),
+            human_bytes(total),
+            summary.join(", ")
+        )?;
+        let width = self.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4);
+        writeln!(
+            f,
+            "  {:width$}  {:6}  {:>22}  {:>12}",
+            "name", "type", "shape (ne0, ne1...)", "bytes"
+        )?;
+        for t in &self.tensors {
+            let shape: Vec<String> = t.dims.iter().map(u64::to_string).collect();
+            writeln!(
+                f,
+                "  {:width$}  {:6}  {:>22}  {:>12}",
+                t.name,
+                t.ty.name(),
+                shape.join(" x "),
+                t.size
+            )?;
+        }
+        if self.findings.is_empty() {
+            writeln!(f, "\nfindings: none; every tensor is readable")
+        } else {
+            writeln!(f, "\nfindings ({}):", self.findings.len())?;
+            for finding in &self.findings {
+                writeln!(f, "  - {finding}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::Writer;
+    use crate::ternary::Ternary;
+
+    #[test]
+    fn reports_tensors_and_findings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut w = Writer::new();
+        w.kv("general.architecture", Value::String("llama".into()));
+        let t = Ternary::from_trits(2, 256, &[1; 512], 0.5);
+        let mut tq2 = tq::encode_tq2(&t).unwrap();
+        // Second block of the same row with another scale: a finding.
+        tq2[66 + 64..66 + 66].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+        w.tensor("blk.0.attn_q.weight", &[256, 2], GgmlType::TQ2_0, tq2);
+        w.tensor("q4", &[32], GgmlType::Q4_0, vec![0; 18]);
+        w.write(&path).unwrap();
+
+        let r = inspect(&path).unwrap();
+        assert_eq!(r.architecture.as_deref(), Some("llama"));
+        assert_eq!(r.tensors.len(), 2);
+        assert_eq!(r.findings.len(), 3, "{:?}", r.findings);
+        let text = r.to_string();
+        assert!(text.contains("blk.0.attn_q.weight  TQ2_0"), "{text}");
+        assert!(text.contains("not one Trine runs"), "{text}");
+        assert!(text.contains("tensor q4 has type Q4_0"), "{text}");
+        assert!(text.contains("one scale per tensor"), "{text}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Ternary × int8 kernels (BITNET.md §1.3, §3.1). Activations are quantized
+//! once per token to int8 with one scale ([`Activations`]); a weight row
+//! times them is an exact integer sum Σ t·q, computed from the unsigned
+//! codes (t + 1) as Σ (t+1)·q − Σ q, then scaled by β / s_a.
+//!
+//! One scalar reference ([`scalar`]) and one file per instruction set; the
+//! fastest available is chosen once at run time ([`Kernel::best`]). Every
+//! implementation is bit-identical to the reference in i32.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod scalar;
+
+use std::sync::OnceLock;
+
+use crate::ternary::{BLOCK, Ternary, row_bytes};
+
+/// A token's activations quantized to int8 (BITNET.md §1.3): s_a = 127 /
+/// max(max|x|, 1e-5), q = clamp(round_half_even(x·s_a), -128, 127),
+/// zero-padded to whole 128-element blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activations {
+    pub q: Vec<i8>,
+    /// s_a: multiply x by it to get q.
+    pub scale: f32,
+    /// Σ q, for the code offset.
+    pub sum: i32,
+}
+
+impl Activations {
+    pub fn quantize(x: &[f32]) -> Self {
+        let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = 127.0 / max.max(1e-5);
+        let mut q = vec![0i8; x.len().div_ceil(BLOCK) * BLOCK];
+        let mut sum = 0i32;
+        for (dst, &v) in q.iter_mut().zip(x) {
+            let r = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+            *dst = r;
+            sum += i32::from(r);
+        }
+        Self { q, scale, sum }
+    }
+}
+
+/// An implementation of the ternary dot product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    /// AVX2: `vpmaddubsw` on the codes, widened to i32 every block.
+    Avx2,
+}
+
+impl Kernel {
+    /// Every kernel this CPU can run, reference first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            v.push(Kernel::Avx2);
+        }
+        v
+    }
+
+    /// The fastest kernel for this CPU, detected once.
+    pub fn best() -> Kernel {
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| *Self::available().last().unwrap_or(&Kernel::Scalar))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+        }
+    }
+
+    /// Σ (t+1)·q over a packed row and its activations (same block count).
+    #[inline]
+    #[allow(unsafe_code)]
+    pub fn dot_codes(self, row: &[u8], q: &[i8]) -> i32 {
+        debug_assert_eq!(row.len() * 4, q.len());
+        match self {
+            Kernel::Scalar => scalar::dot_codes(row, q),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` is only produced by `available()` after
+            // `is_x86_feature_detected!("avx2")`; the lengths are whole
+            // blocks (checked in debug builds above, guaranteed by
+            // `row_bytes` and `Activations::quantize`).
+            Kernel::Avx2 => unsafe { avx2::dot_codes(row, q) },
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 => unreachable!("AVX2 kernel on a non-x86 CPU"),
+        }
+    }
+
+    /// Σ t·q: the exact integer dot product of a row and the activations.
+    #[inline]
+    pub fn dot(self, row: &[u8], acts: &Activations) -> i32 {
+        self.dot_codes(row, &acts.q) - acts.sum
+    }
+
+    /// y = (β·T)·x̂ for every row of `w`, where x̂ = q / s_a.
+    pub fn gemv(self, w: &Ternary, acts: &Activations, out: &mut [f32]) {
+        assert_eq!(acts.q.len(), row_bytes(w.cols()) * 4, "activation width");
+        assert_eq!(out.len(), w.rows());
+        let scale = w.beta() / acts.scale;
+        for (r, y) in out.iter_mut().enumerate() {
+            *y = self.dot(w.row(r), acts) as f32 * scale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,113 @@
+//! Every kernel against the scalar reference and against Σ t·q computed
+//! from the trits directly: random shapes and values, and adversarial rows
+//! that overflow a naive i16 accumulator.
+
+use proptest::prelude::*;
+
+use super::{Activations, Kernel};
+use crate::ternary::Ternary;
+
+/// Σ t·q straight from the trits, sharing nothing with the kernels.
+fn reference(t: &Ternary, r: usize, q: &[i8]) -> i32 {
+    (0..t.cols())
+        .map(|c| i32::from(t.get(r, c)) * i32::from(q[c]))
+        .sum()
+}
+
+fn check_all(t: &Ternary, acts: &Activations) {
+    for r in 0..t.rows() {
+        let want = reference(t, r, &acts.q);
+        for k in Kernel::available() {
+            assert_eq!(k.dot(t.row(r), acts), want, "kernel {} row {r}", k.name());
+        }
+    }
+}
+
+fn acts_of(q: Vec<i8>) -> Activations {
+    let sum = q.iter().map(|&v| i32::from(v)).sum();
+    Activations { q, scale: 1.0, sum }
+}
+
+#[test]
+fn adversarial_rows_do_not_overflow() {
+    let cols = 128 * 64;
+    for (trit, act) in [(1i8, 127i8), (1, -128), (-1, 127), (-1, -128)] {
+        let t = Ternary::from_trits(1, cols, &vec![trit; cols], 1.0);
+        let acts = acts_of(vec![act; cols]);
+        check_all(&t, &acts);
+        assert_eq!(
+            Kernel::best().dot(t.row(0), &acts),
+            i32::from(trit) * i32::from(act) * cols as i32
+        );
+    }
+}
+
+#[test]
+fn available_kernels_include_what_the_cpu_has() {
+    let names: Vec<_> = Kernel::available().iter().map(|k| k.name()).collect();
+    assert_eq!(names[0], "scalar");
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        names.contains(&"avx2"),
+        std::arch::is_x86_feature_detected!("avx2"),
+        "{names:?}"
+    );
+    println!("kernels tested on this CPU: {names:?}");
+}
+
+#[test]
+fn half_to_even_activation_rounding() {
+    // max |x| = 127 => s_a = 1, so x·s_a is x itself.
+    let acts = Activations::quantize(&[2.5, 3.5, -2.5, 127.0, -0.5, 1.5]);
+    assert_eq!(&acts.q[..6], &[2, 4, -2, 127, 0, 2]);
+    assert_eq!(acts.q.len(), 128);
+    assert_eq!(acts.sum, 133);
+    assert_eq!(acts.scale, 1.0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn kernels_match_the_reference(
+        rows in 1usize..6,
+        blocks in 1usize..12,
+        tail in 0usize..128,
+        seed in any::<u64>(),
+    ) {
+        let cols = (blocks - 1) * 128 + tail.max(1);
+        let mut s = seed | 1;
+        let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+        let trits: Vec<i8> = (0..rows * cols).map(|_| (next() % 3) as i8 - 1).collect();
+        let x: Vec<f32> = (0..cols).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+        let t = Ternary::from_trits(rows, cols, &trits, 0.5);
+        let acts = Activations::quantize(&x);
+        check_all(&t, &acts);
+    }
+
+    /// The int path equals an f64 evaluation of (q/s_a)·(βT)ᵀ to f32 rounding,
+    /// and the unquantized product within the activation rounding bound.
+    #[test]
+    fn gemv_matches_f64(cols in 1usize..600, seed in any::<u64>()) {
+        let rows = 3;
+        let mut s = seed | 1;
+        let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; s };
+        let trits: Vec<i8> = (0..rows * cols).map(|_| (next() % 3) as i8 - 1).collect();
+        let x: Vec<f32> = (0..cols).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+        let beta = 0.37f32;
+        let t = Ternary::from_trits(rows, cols, &trits, beta);
+        let acts = Activations::quantize(&x);
+        let mut y = vec![0f32; rows];
+        Kernel::best().gemv(&t, &acts, &mut y);
+        for r in 0..rows {
+            let exact: f64 = (0..cols)
+                .map(|c| f64::from(acts.q[c]) / f64::from(acts.scale) * f64::from(beta) * f64::from(trits[r * cols + c]))
+                .sum();
+            prop_assert!((f64::from(y[r]) - exact).abs() <= exact.abs() * 3e-7 + 1e-6, "{} vs {exact}", y[r]);
+            let unquantized: f64 = (0..cols).map(|c| f64::from(x[c]) * f64::from(beta) * f64::from(trits[r * cols + c])).sum();
+            let nnz = trits[r * cols..(r + 1) * cols].iter().filter(|&&t| t != 0).count() as f64;
+            let bound = 0.5 / f64::from(acts.scale) * f64::from(beta) * nnz;
+            prop_assert!((f64::from(y[r]) - unquantized).abs() <= bound + 1e-4);
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The BitNet b1.58 model (BITNET.md §1): hyper-parameters, weights in
+//! Trine's one in-memory form whatever the file, and the forward pass of a
+//! stage — a contiguous range of layers, the first stage owning the
+//! embedding, the last the final norm and the tied lm_head.
+//!
+//! - [`config`]: hyper-parameters read from the file.
+//! - [`dense`]: the embedding / lm_head in the file's precision.
+//! - [`load`]: building a stage from a GGUF file.
+//! - [`forward`]: the forward pass, KV cache, batched prefill.
+
+pub mod config;
+pub mod dense;
+pub mod forward;
+pub mod load;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use config::{Config, ConfigError};
+pub use dense::Dense;
+pub use forward::{Input, KvCache, Logits, Output};
+
+use crate::kernels::Kernel;
+use crate::ternary::Ternary;
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub q: Ternary,
+    pub k: Ternary,
+    pub v: Ternary,
+    pub attn_sub_norm: Vec<f32>,
+    pub o: Ternary,
+    pub ffn_norm: Vec<f32>,
+    pub gate: Ternary,
+    pub up: Ternary,
+    pub ffn_sub_norm: Vec<f32>,
+    pub down: Ternary,
+}
+
+/// A stage of a model: layers `range` of `config.layers`, with the
+/// embedding if it is the first stage and the output norm + lm_head if it
+/// is the last (a whole model is the stage 0..layers).
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: Config,
+    pub range: Range<usize>,
+    /// The token embedding; first stage only.
+    pub embedding: Option<Arc<Dense>>,
+    /// The output projection; last stage only. The embedding itself when
+    /// the model ties them (BitNet b1.58 does), or the file's output.weight.
+    pub lm_head: Option<Arc<Dense>>,
+    pub layers: Vec<Layer>,
+    pub output_norm: Option<Vec<f32>>,
+    pub kernel: Kernel,
+}
+
+impl Model {
+    pub fn is_first(&self) -> bool {
+        self.range.start == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.range.end == self.config.layers
+    }
+}
+
+/// Why a forward pass was refused (nothing is changed when it is).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ForwardError {
+    #[error(
+        "token id {id} is outside the vocabulary of {vocab}; the prompt was tokenized for another model"
+    )]
+    BadToken { id: u32, vocab: usize },
+    #[error(
+        "the KV cache holds {capacity} positions and {used} are used; {wanted} more do not fit: shorten the prompt or max_tokens"
+    )]
+    CacheFull {
+        capacity: usize,
+        used: usize,
+        wanted: usize,
+    },
+    #[error("this stage (layers {start}..{end}) takes {expected}, not {given}")]
+    WrongInput {
+        start: usize,
+        end: usize,
+        expected: &'static str,
+        given: &'static str,
+    },
+    #[error("hidden states of {len} values are not a whole number of tokens of width {hidden}")]
+    BadHidden { len: usize, hidden: usize },
+    #[error("the KV cache was made for another stage or model")]
+    WrongCache,
+    #[error("an empty input has nothing to compute")]
+    Empty,
+}

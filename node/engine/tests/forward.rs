@@ -1,0 +1,274 @@
+//! The forward pass of synthetic models written in every GGUF ternary type,
+//! against an independent reference written plainly here in f64 (sharing no
+//! code with the engine: only the weights), plus KV-cache and stage-split
+//! equivalences and refusals of bad input.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failure is the test failing
+
+use std::path::Path;
+
+use half::f16;
+use trine_engine::model::{ForwardError, Input, Logits, Model, Output};
+use trine_engine::synth::{Preset, TernaryType, Weights};
+
+const TOKENS: &[u32] = &[1, 7, 300, 42, 511, 0];
+
+/// BITNET.md §1.3: s = 127/max(max|x|, 1e-5) and q = round_half_even(x·s),
+/// in f32 as the definition states; returns q/s in f64.
+fn fake_quant(x: &[f64]) -> Vec<f64> {
+    let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let max = xf.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+    let s = 127.0 / max;
+    xf.iter()
+        .map(|&v| f64::from((v * s).round_ties_even().clamp(-128.0, 127.0)) / f64::from(s))
+        .collect()
+}
+
+fn rms(x: &[f64], w: &[f32]) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + 1e-5).sqrt();
+    x.iter()
+        .zip(w)
+        .map(|(v, &g)| v * inv * f64::from(g))
+        .collect()
+}
+
+/// y_j = β Σ_i T_ji x_i over the trits, read back through the public getter.
+fn linear(t: &trine_engine::ternary::Ternary, beta: f64, x: &[f64]) -> Vec<f64> {
+    (0..t.rows())
+        .map(|j| {
+            beta * (0..t.cols())
+                .map(|i| f64::from(t.get(j, i)) * x[i])
+                .sum::<f64>()
+        })
+        .collect()
+}
+
+/// Logits at every position of `tokens`; `round_beta` applies the storage
+/// precision of β (identity for I2_S, f16 for TQ).
+fn reference(w: &Weights, tokens: &[u32], round_beta: fn(f32) -> f64) -> Vec<Vec<f64>> {
+    let c = &w.config;
+    let hd = c.head_dim;
+    let mut hs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| {
+            (0..c.hidden)
+                .map(|i| f64::from(w.embedding[t as usize * c.hidden + i]))
+                .collect()
+        })
+        .collect();
+    for l in &w.layers {
+        let bl = |t: &trine_engine::ternary::Ternary, x: &[f64]| linear(t, round_beta(t.beta()), x);
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (pos, h) in hs.iter().enumerate() {
+            let a = fake_quant(&rms(h, &l.attn_norm));
+            let mut q = bl(&l.q, &a);
+            let mut k = bl(&l.k, &a);
+            for head in q.chunks_mut(hd).chain(k.chunks_mut(hd)) {
+                // NEOX: pairs (i, i + d/2), angle pos·θ^(-2i/d).
+                for i in 0..hd / 2 {
+                    let ang = pos as f64 * 500_000f64.powf(-2.0 * i as f64 / hd as f64);
+                    let (x0, x1) = (head[i], head[i + hd / 2]);
+                    head[i] = x0 * ang.cos() - x1 * ang.sin();
+                    head[i + hd / 2] = x0 * ang.sin() + x1 * ang.cos();
+                }
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(bl(&l.v, &a));
+        }
+        let group = c.heads / c.kv_heads;
+        for (pos, h) in hs.iter_mut().enumerate() {
+            let mut o = vec![0f64; c.heads * hd];
+            for head in 0..c.heads {
+                let kvh = head / group;
+                let q = &qs[pos][head * hd..(head + 1) * hd];
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|j| {
+                        let k = &ks[j][kvh * hd..(kvh + 1) * hd];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, p) in e.iter().enumerate() {
+                    for d in 0..hd {
+                        o[head * hd + d] += p / z * vs[j][kvh * hd + d];
+                    }
+                }
+            }
+            let attn = bl(&l.o, &fake_quant(&rms(&o, &l.attn_sub_norm)));
+            for (x, d) in h.iter_mut().zip(attn) {
+                *x += d;
+            }
+            let b = fake_quant(&rms(h, &l.ffn_norm));
+            let gate = bl(&l.gate, &b);
+            let up = bl(&l.up, &b);
+            let m: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g.max(0.0).powi(2) * u)
+                .collect();
+            let down = bl(&l.down, &fake_quant(&rms(&m, &l.ffn_sub_norm)));
+            for (x, d) in h.iter_mut().zip(down) {
+                *x += d;
+            }
+        }
+    }
+    hs.iter()
+        .map(|h| {
+            let x = rms(h, &w.output_norm);
+            (0..c.vocab)
+                .map(|v| {
+                    (0..c.hidden)
+                        .map(|i| x[i] * f64::from(w.embedding[v * c.hidden + i]))
+                        .sum()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn write(w: &Weights, ty: TernaryType, dir: &Path) -> std::path::PathBuf {
+    let path = dir.join(format!("tiny-{ty:?}.gguf"));
+    w.to_gguf(ty).unwrap().write(&path).unwrap();
+    path
+}
+
+fn logits(model: &Model, tokens: &[u32], which: Logits) -> Vec<f32> {
+    let mut cache = model.new_cache(64);
+    match model
+        .forward(Input::Tokens(tokens), &mut cache, which)
+        .unwrap()
+    {
+        Output::Logits(l) => l,
+        Output::Hidden(_) => panic!("whole model returned hidden states"),
+    }
+}
+
+#[test]
+fn logits_match_an_independent_f64_reference_in_every_format() {
+    let w = Weights::generate(Preset::Tiny, 7);
+    let dir = tempfile::tempdir().unwrap();
+    let exact: fn(f32) -> f64 = f64::from;
+    let fp16: fn(f32) -> f64 = |b| f64::from(f16::from_f32(b).to_f32());
+    for (ty, round) in [
+        (TernaryType::I2S, exact),
+        (TernaryType::TQ2_0, fp16),
+        (TernaryType::TQ1_0, fp16),
+    ] {
+        let model = Model::open(&write(&w, ty, dir.path())).unwrap();
+        let want = reference(&w, TOKENS, round);
+        let got = logits(&model, TOKENS, Logits::All);
+        let vocab = w.config.vocab;
+        let mut worst = 0f64;
+        for (pos, row) in want.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                worst = worst.max((f64::from(got[pos * vocab + v]) - x).abs());
+            }
+        }
+        println!("{ty:?}: max |logit - reference| = {worst:.2e}");
+        assert!(
+            worst < 1e-3,
+            "{ty:?}: logits differ from the reference by {worst}"
+        );
+        // The logits are not trivially small: the comparison means something.
+        let spread = want[0].iter().cloned().fold(f64::MIN, f64::max)
+            - want[0].iter().cloned().fold(f64::MAX, f64::min);
+        assert!(spread > 1.0, "degenerate logits ({spread})");
+    }
+}
+
+#[test]
+fn incremental_decode_equals_full_recompute() {
+    let w = Weights::generate(Preset::Tiny, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap();
+    let full = logits(&model, TOKENS, Logits::All);
+    let mut cache = model.new_cache(64);
+    let vocab = w.config.vocab;
+    // Prefill two tokens, then one at a time.
+    let Output::Logits(first) = model
+        .forward(Input::Tokens(&TOKENS[..2]), &mut cache, Logits::All)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(first, full[..2 * vocab]);
+    for (i, t) in TOKENS.iter().enumerate().skip(2) {
+        let Output::Logits(step) = model
+            .forward(Input::Tokens(&[*t]), &mut cache, Logits::Last)
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(step, full[i * vocab..(i + 1) * vocab], "position {i}");
+    }
+    assert_eq!(cache.len(), TOKENS.len());
+}
+
+#[test]
+fn a_split_model_equals_the_whole() {
+    let w = Weights::generate(Preset::Tiny, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&w, TernaryType::TQ2_0, dir.path());
+    let whole = Model::open(&path).unwrap();
+    let first = Model::open_stage(&path, Some(0..1)).unwrap();
+    let second = Model::open_stage(&path, Some(1..2)).unwrap();
+    assert!(first.lm_head.is_none() && second.embedding.is_none());
+    let (mut c1, mut c2) = (first.new_cache(16), second.new_cache(16));
+    let Output::Hidden(h) = first
+        .forward(Input::Tokens(TOKENS), &mut c1, Logits::All)
+        .unwrap()
+    else {
+        panic!("first stage returned logits")
+    };
+    assert_eq!(h.len(), TOKENS.len() * w.config.hidden);
+    let Output::Logits(split) = second
+        .forward(Input::Hidden(&h), &mut c2, Logits::All)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(split, logits(&whole, TOKENS, Logits::All));
+    // A stage refuses the other kind of input.
+    assert!(matches!(
+        second.forward(Input::Tokens(TOKENS), &mut c2, Logits::All),
+        Err(ForwardError::WrongInput { .. })
+    ));
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let w = Weights::generate(Preset::Tiny, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap();
+    let mut cache = model.new_cache(4);
+    assert_eq!(
+        model.forward(Input::Tokens(&[1, 512]), &mut cache, Logits::Last),
+        Err(ForwardError::BadToken {
+            id: 512,
+            vocab: 512
+        })
+    );
+    assert_eq!(cache.len(), 0);
+    model
+        .forward(Input::Tokens(&[1, 2, 3]), &mut cache, Logits::Last)
+        .unwrap();
+    assert!(matches!(
+        model.forward(Input::Tokens(&[4, 5]), &mut cache, Logits::Last),
+        Err(ForwardError::CacheFull {
+            capacity: 4,
+            used: 3,
+            wanted: 2
+        })
+    ));
+    assert_eq!(cache.len(), 3);
+    assert_eq!(
+        model.forward(Input::Tokens(&[]), &mut cache, Logits::Last),
+        Err(ForwardError::Empty)
+    );
+}

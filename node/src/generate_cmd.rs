@@ -1,0 +1,128 @@
+//! `trine generate`: load a model, stream a completion to stdout, then
+//! report prefill and decode speed on stderr.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Args;
+use trine_engine::gguf::GgufFile;
+use trine_engine::model::Model;
+use trine_engine::sampler::{Sampler, Settings};
+use trine_engine::tokenizer::Tokenizer;
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A GGUF model file (`trine model synth` makes one).
+    #[arg(long, short = 'm', value_name = "PATH")]
+    pub model: PathBuf,
+    /// The prompt.
+    pub prompt: String,
+    /// Wrap the prompt as one user turn of the model's chat format.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the most likely tokens whose probabilities add up to p (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Divide the logits of tokens seen in the last 64 by this (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed for sampling; the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    let settings = Settings {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        ..Settings::default()
+    };
+    settings.validate()?;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "loading {} ...", args.model.display());
+    let started = Instant::now();
+    let file = GgufFile::open(&args.model)?;
+    let model = Model::from_gguf(&file, &args.model, None)?;
+    let tokenizer = Tokenizer::from_gguf(&file.header)
+        .with_context(|| format!("model file {}", args.model.display()))?;
+    let c = &model.config;
+    let _ = writeln!(
+        err,
+        "loaded {} layers, hidden {}, vocab {} in {:.1} s",
+        c.layers,
+        c.hidden,
+        c.vocab,
+        started.elapsed().as_secs_f64()
+    );
+    let prompt = if args.chat {
+        let mut turns = Vec::new();
+        if let Some(system) = &args.system {
+            turns.push(("system", system.as_str()));
+        }
+        turns.push(("user", args.prompt.as_str()));
+        tokenizer.chat(&turns)?
+    } else {
+        let mut ids: Vec<u32> = tokenizer
+            .bos
+            .filter(|_| tokenizer.add_bos)
+            .into_iter()
+            .collect();
+        ids.extend(tokenizer.encode(&args.prompt, false));
+        ids
+    };
+    if prompt.len() + args.max_tokens > c.context {
+        anyhow::bail!(
+            "the prompt ({} tokens) plus --max-tokens {} exceed the model's context of {} tokens; shorten the prompt or lower --max-tokens",
+            prompt.len(),
+            args.max_tokens,
+            c.context
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let mut sampler = Sampler::new(settings);
+    let stats = trine_engine::generate::generate(
+        &model,
+        &tokenizer,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        |_, text| {
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .is_ok()
+        },
+    )?;
+    let _ = writeln!(out);
+    let _ = writeln!(
+        err,
+        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, 1 thread",
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_second(),
+        stats.generated,
+        stats.decode_tokens_per_second(),
+        stats.finish,
+        model.kernel.name()
+    );
+    Ok(())
+}
