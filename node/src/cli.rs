@@ -35,7 +35,10 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// Generate text from a prompt with a local model file, streamed to
     /// stdout; speeds are reported on stderr.
     Generate(crate::generate_cmd::GenerateArgs),
-    /// Look inside model files and make synthetic ones.
+    /// Perplexity of a model over a text file, computed as llama.cpp's
+    /// perplexity tool does (chunks of --ctx tokens, second halves scored).
+    Perplexity(crate::eval_cmd::PerplexityArgs),
+    /// Look inside model files, score token sequences, make synthetic models.
     #[command(subcommand)]
     Model(crate::model_cmd::ModelCommand),
 }

@@ -4,6 +4,7 @@
 //! - [`config`]: layered configuration (file < env < flags) and validation.
 //! - [`datadir`]: the data directory: creation, marker, exclusive lock.
 //! - [`node`]: a node's life: bind, serve, drain, stop.
+//! - [`eval_cmd`]: `trine model eval`, `trine perplexity`.
 //! - [`generate_cmd`]: `trine generate`.
 //! - [`grpc`]: health, reflection and the `trine.v1` services.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
@@ -18,6 +19,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod eval_cmd;
 pub mod generate_cmd;
 pub mod grpc;
 pub mod http;

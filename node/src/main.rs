@@ -13,14 +13,9 @@ const EXIT_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     match cli::parse().command {
         Command::Node(args) => run_node(&args),
-        Command::Generate(args) => match trine_node::generate_cmd::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e, 1),
-        },
-        Command::Model(command) => match trine_node::model_cmd::run(&command) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e, 1),
-        },
+        Command::Generate(args) => exit(trine_node::generate_cmd::run(&args)),
+        Command::Perplexity(args) => exit(trine_node::eval_cmd::perplexity(&args)),
+        Command::Model(command) => exit(trine_node::model_cmd::run(&command)),
     }
 }
 
@@ -47,6 +42,14 @@ fn run_node(args: &NodeArgs) -> ExitCode {
     };
     let result = runtime.block_on(node::run(config, shutdown::signals()));
     runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, 1),
+    }
+}
+
+/// A one-shot command's result as an exit status (1 and one line on failure).
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, 1),

@@ -1,4 +1,5 @@
-//! `trine model …`: look inside a model file, and make synthetic ones.
+//! `trine model …`: look inside a model file, score tokens with it, and
+//! make synthetic ones.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -13,6 +14,9 @@ pub enum ModelCommand {
     /// tensor table (types, shapes, sizes), then what is wrong with it, if
     /// anything: every ternary tensor is decoded and checked.
     Inspect(InspectArgs),
+    /// Run token ids through a model and print, for every position, the
+    /// most likely next tokens and the sequence's log-likelihood.
+    Eval(crate::eval_cmd::EvalArgs),
     /// Write a random-weight BitNet b1.58 model in a real file format, so
     /// everything runs with no download.
     Synth(SynthArgs),
@@ -67,6 +71,7 @@ pub fn run(command: &ModelCommand) -> anyhow::Result<()> {
     match command {
         ModelCommand::Inspect(args) => inspect(args),
         ModelCommand::Synth(args) => synth(args),
+        ModelCommand::Eval(args) => crate::eval_cmd::eval(args),
     }
 }
 

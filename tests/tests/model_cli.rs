@@ -149,3 +149,95 @@ fn generate_streams_text_and_reports_speed() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn eval_and_perplexity_score_a_model() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("tiny.gguf");
+    let p = path.to_str().unwrap_or_default();
+    ensure!(
+        trine_model(&["synth", "--seed", "2", "--out", p])?
+            .status
+            .success()
+    );
+    let dump = tmp.path().join("logits.f32");
+    let mut cmd = trine();
+    cmd.args([
+        "model",
+        "eval",
+        "--model",
+        p,
+        "--tokens",
+        "496,84,104,101,32",
+        "--json",
+        "--dump-logits",
+    ])
+    .arg(&dump);
+    let out = run(cmd, T)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let positions = doc["positions"].as_array().cloned().unwrap_or_default();
+    ensure!(positions.len() == 5, "{doc}");
+    let logits: Vec<f32> = std::fs::read(&dump)?
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    ensure!(logits.len() == 5 * 512, "{} logits dumped", logits.len());
+    for (i, pos) in positions.iter().enumerate() {
+        let top = pos["top"].as_array().cloned().unwrap_or_default();
+        ensure!(top.len() == 5);
+        // The JSON's best token is the argmax of the dumped row.
+        let row = &logits[i * 512..(i + 1) * 512];
+        let best = (0..512).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        ensure!(top[0][0] == best, "position {i}: {top:?} vs argmax {best}");
+    }
+    let nll = doc["nll"].as_f64().unwrap_or(f64::NAN);
+    ensure!(nll.is_finite() && nll > 0.0, "{doc}");
+
+    let text = tmp.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "The capital of France is Paris. Hello world! ".repeat(20),
+    )?;
+    let mut cmd = trine();
+    cmd.args(["perplexity", "--model", p, "--ctx", "32", "--file"])
+        .arg(&text);
+    let out = run(cmd, T)?;
+    let stdout = String::from_utf8(out.stdout)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ppl: f64 = stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    // Random weights give confident, wrong logits: a large but finite perplexity.
+    ensure!(ppl.is_finite() && ppl > 1.0, "{stdout}");
+    ensure!(
+        stdout.contains("over 120 tokens in 8 chunks of 32"),
+        "{stdout}"
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("[1/"),
+        "no progress"
+    );
+
+    std::fs::write(&text, "too short")?;
+    let mut cmd = trine();
+    cmd.args(["perplexity", "--model", p, "--ctx", "32", "--file"])
+        .arg(&text);
+    let out = run(cmd, T)?;
+    let errors = error_lines(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1) && errors.len() == 1 && errors[0].contains("2 × --ctx"),
+        "{errors:?}"
+    );
+    Ok(())
+}

@@ -4,6 +4,7 @@
 //! - [`generate`]: the prefill + decode loop with timings.
 //! - [`gguf`]: the GGUF container: bounds-checked parser, memory-mapped
 //!   files, writer.
+//! - [`eval`]: log-likelihood, top-k, perplexity (llama.cpp's method).
 //! - [`formats`]: ternary encodings (I2_S, TQ2_0, TQ1_0, Hugging Face packed).
 //! - [`inspect`]: what a model file holds and what is wrong with it.
 //! - [`ternary`]: the one in-memory form of a ternary matrix.
@@ -17,6 +18,7 @@
 //! - [`error`]: the crate's error type.
 
 pub mod error;
+pub mod eval;
 pub mod formats;
 pub mod generate;
 pub mod gguf;
