@@ -7,13 +7,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use trine_engine::eval;
-use trine_engine::gguf::GgufFile;
-use trine_engine::model::Model;
-use trine_engine::tokenizer::Tokenizer;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A GGUF model file.
+    /// A GGUF model file or a Hugging Face model directory.
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: PathBuf,
     /// Token ids, comma-separated, e.g. 128000,791,6864 (no BOS is added).
@@ -33,7 +30,7 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct PerplexityArgs {
-    /// A GGUF model file.
+    /// A GGUF model file or a Hugging Face model directory.
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: PathBuf,
     /// A UTF-8 text file to score.
@@ -44,16 +41,8 @@ pub struct PerplexityArgs {
     pub ctx: usize,
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<(Model, Tokenizer)> {
-    let file = GgufFile::open(path)?;
-    let model = Model::from_gguf(&file, path, None)?;
-    let tokenizer = Tokenizer::from_gguf(&file.header)
-        .with_context(|| format!("model file {}", path.display()))?;
-    Ok((model, tokenizer))
-}
-
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
-    let (model, _) = load(&args.model)?;
+    let (model, _) = trine_engine::open(&args.model, None)?;
     let vocab = model.config.vocab;
     if let Some(bad) = args.tokens.iter().find(|&&t| t as usize >= vocab) {
         anyhow::bail!("token {bad} is outside the vocabulary of {vocab}; give ids below {vocab}");
@@ -124,7 +113,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
-    let (model, tokenizer) = load(&args.model)?;
+    let (model, tokenizer) = trine_engine::open(&args.model, None)?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
     if args.ctx < 4 || args.ctx > model.config.context {

@@ -5,16 +5,13 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context as _;
 use clap::Args;
-use trine_engine::gguf::GgufFile;
-use trine_engine::model::Model;
 use trine_engine::sampler::{Sampler, Settings};
-use trine_engine::tokenizer::Tokenizer;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A GGUF model file (`trine model synth` makes one).
+    /// A GGUF model file or a Hugging Face model directory (`trine model
+    /// synth` makes either).
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: PathBuf,
     /// The prompt.
@@ -62,10 +59,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "loading {} ...", args.model.display());
     let started = Instant::now();
-    let file = GgufFile::open(&args.model)?;
-    let model = Model::from_gguf(&file, &args.model, None)?;
-    let tokenizer = Tokenizer::from_gguf(&file.header)
-        .with_context(|| format!("model file {}", args.model.display()))?;
+    let (model, tokenizer) = trine_engine::open(&args.model, None)?;
     let c = &model.config;
     let _ = writeln!(
         err,

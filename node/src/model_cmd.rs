@@ -24,7 +24,7 @@ pub enum ModelCommand {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A GGUF model file.
+    /// A GGUF model file or a Hugging Face model directory.
     pub path: PathBuf,
 }
 
@@ -48,6 +48,9 @@ pub enum FormatArg {
     /// GGUF, ggml's TQ1_0 (1.69 bits per weight).
     #[value(name = "tq1_0")]
     Tq1_0,
+    /// A Hugging Face directory in the packed layout of
+    /// microsoft/bitnet-b1.58-2B-4T (config.json, model.safetensors, tokenizer.json).
+    Hf,
 }
 
 #[derive(Debug, Args)]
@@ -61,7 +64,8 @@ pub struct SynthArgs {
     /// Seed of the weight generator: the same seed gives the same file.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Where to write the model (replaced atomically if it exists).
+    /// Where to write the model: a file for GGUF (replaced atomically if it
+    /// exists), a directory for hf.
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
 }
@@ -76,18 +80,23 @@ pub fn run(command: &ModelCommand) -> anyhow::Result<()> {
 }
 
 fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
-    let report = trine_engine::inspect::inspect(&args.path)?;
+    let (text, findings) = if args.path.is_dir() {
+        let r = trine_engine::inspect::inspect_hf(&args.path)?;
+        (r.to_string(), r.findings.len())
+    } else {
+        let r = trine_engine::inspect::inspect(&args.path)?;
+        (r.to_string(), r.findings.len())
+    };
     let mut out = std::io::stdout().lock();
-    match write!(out, "{report}") {
+    match out.write_all(text.as_bytes()) {
         // A reader that stopped early (`| head`) is not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
         other => other?,
     }
-    if !report.findings.is_empty() {
+    if findings > 0 {
         anyhow::bail!(
-            "{}: {} finding(s) above; this file will not load as it is",
-            args.path.display(),
-            report.findings.len()
+            "{}: {findings} finding(s) above; this model will not load as it is",
+            args.path.display()
         );
     }
     Ok(())
@@ -99,9 +108,10 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
         PresetArg::B2b4t => Preset::B2b4t,
     };
     let ty = match args.format {
-        FormatArg::I2S => TernaryType::I2S,
-        FormatArg::Tq2_0 => TernaryType::TQ2_0,
-        FormatArg::Tq1_0 => TernaryType::TQ1_0,
+        FormatArg::I2S => Some(TernaryType::I2S),
+        FormatArg::Tq2_0 => Some(TernaryType::TQ2_0),
+        FormatArg::Tq1_0 => Some(TernaryType::TQ1_0),
+        FormatArg::Hf => None,
     };
     let started = Instant::now();
     let mut err = std::io::stderr().lock();
@@ -118,14 +128,17 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
         args.out.display()
     );
-    let gguf = weights.to_gguf(ty)?;
-    gguf.write(&args.out).map_err(|e| {
+    let written = match ty {
+        Some(ty) => weights.to_gguf(ty)?.write(&args.out),
+        None => weights.write_hf(&args.out),
+    };
+    written.map_err(|e| {
         anyhow::anyhow!(
             "cannot write {}: {e}; check the directory exists and is writable",
             args.out.display()
         )
     })?;
-    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
+    let bytes = du(&args.out);
     let _ = writeln!(
         err,
         "wrote {} ({bytes} bytes) in {:.1} s",
@@ -133,4 +146,16 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Bytes of a file, or of the files directly inside a directory.
+fn du(path: &std::path::Path) -> u64 {
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+    }
 }

@@ -241,3 +241,55 @@ fn eval_and_perplexity_score_a_model() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn hugging_face_directories_work_like_gguf_files() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("tiny-hf");
+    let gguf = tmp.path().join("tiny.gguf");
+    let (d, g) = (
+        dir.to_str().unwrap_or_default(),
+        gguf.to_str().unwrap_or_default(),
+    );
+    ensure!(
+        trine_model(&["synth", "--format", "hf", "--seed", "6", "--out", d])?
+            .status
+            .success()
+    );
+    ensure!(
+        trine_model(&["synth", "--format", "tq2_0", "--seed", "6", "--out", g])?
+            .status
+            .success()
+    );
+    let out = trine_model(&["inspect", d])?;
+    let text = String::from_utf8(out.stdout)?;
+    ensure!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        text.contains("model.layers.1.mlp.down_proj.weight_scale")
+            && text.contains("findings: none"),
+        "{text}"
+    );
+    // The same synthetic model greedily says the same thing from either format.
+    let say = |model: &str| -> Result<String> {
+        let mut cmd = trine();
+        cmd.args(["generate", "--model", model, "-n", "10", "Hello"]);
+        let out = run(cmd, T)?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    ensure!(say(d)? == say(g)?);
+    // A broken directory: inspect lists the finding and fails.
+    std::fs::remove_file(dir.join("tokenizer.json"))?;
+    let out = trine_model(&["inspect", d])?;
+    ensure!(out.status.code() == Some(1));
+    ensure!(String::from_utf8(out.stdout)?.contains("tokenizer.json"));
+    Ok(())
+}

@@ -187,3 +187,98 @@ mod tests {
         assert!(text.contains("one scale per tensor"), "{text}");
     }
 }
+
+/// What a Hugging Face model directory holds and what is wrong with it.
+#[derive(Debug)]
+pub struct HfReport {
+    pub path: PathBuf,
+    pub config: String,
+    /// (file, tensor, dtype, shape, bytes)
+    pub tensors: Vec<(String, String, String, Vec<usize>, usize)>,
+    pub findings: Vec<String>,
+}
+
+/// Lists a directory's config and tensors, then loads it in full: a load
+/// failure is the finding.
+pub fn inspect_hf(dir: &Path) -> Result<HfReport, crate::Error> {
+    let config_path = dir.join("config.json");
+    let config = std::fs::read_to_string(&config_path).map_err(|source| crate::Error::Io {
+        path: config_path,
+        source,
+    })?;
+    let mut tensors = Vec::new();
+    let mut findings = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| crate::Error::Io {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    for file in &files {
+        let map = crate::mmap::Mapped::open(file)?;
+        match safetensors::SafeTensors::deserialize(map.bytes()) {
+            Ok(st) => {
+                let mut list: Vec<_> = st.tensors();
+                list.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, view) in list {
+                    let fname = file
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    tensors.push((
+                        fname,
+                        name,
+                        format!("{:?}", view.dtype()),
+                        view.shape().to_vec(),
+                        view.data().len(),
+                    ));
+                }
+            }
+            Err(e) => findings.push(format!("{}: {e}", file.display())),
+        }
+    }
+    if let Err(e) = crate::hf::open(dir, None) {
+        findings.push(e.to_string());
+    }
+    Ok(HfReport {
+        path: dir.to_owned(),
+        config,
+        tensors,
+        findings,
+    })
+}
+
+impl fmt::Display for HfReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: Hugging Face model directory", self.path.display())?;
+        writeln!(f, "\nconfig.json:\n{}", self.config.trim_end())?;
+        let total: usize = self.tensors.iter().map(|t| t.4).sum();
+        writeln!(
+            f,
+            "\ntensors: {} in {}",
+            self.tensors.len(),
+            human_bytes(total as u64)
+        )?;
+        let width = self.tensors.iter().map(|t| t.1.len()).max().unwrap_or(4);
+        for (file, name, dtype, shape, bytes) in &self.tensors {
+            writeln!(
+                f,
+                "  {name:width$}  {dtype:5}  {:>14}  {bytes:>12}  {file}",
+                format!("{shape:?}")
+            )?;
+        }
+        if self.findings.is_empty() {
+            writeln!(f, "\nfindings: none; the model loads")
+        } else {
+            writeln!(f, "\nfindings ({}):", self.findings.len())?;
+            for finding in &self.findings {
+                writeln!(f, "  - {finding}")?;
+            }
+            Ok(())
+        }
+    }
+}

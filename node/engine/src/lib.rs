@@ -6,6 +6,7 @@
 //!   files, writer.
 //! - [`eval`]: log-likelihood, top-k, perplexity (llama.cpp's method).
 //! - [`formats`]: ternary encodings (I2_S, TQ2_0, TQ1_0, Hugging Face packed).
+//! - [`hf`]: Hugging Face model directories (packed and bf16 layouts).
 //! - [`inspect`]: what a model file holds and what is wrong with it.
 //! - [`ternary`]: the one in-memory form of a ternary matrix.
 //! - [`kernels`]: int8 activation quantization and ternary × int8 dot
@@ -22,6 +23,7 @@ pub mod eval;
 pub mod formats;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
 pub mod inspect;
 pub mod kernels;
 mod mmap;
@@ -33,3 +35,24 @@ pub mod tokenizer;
 pub mod vocab;
 
 pub use error::Error;
+
+use std::ops::Range;
+use std::path::Path;
+
+/// Opens layers `range` (all for `None`) of the model at `path` — a GGUF
+/// file or a Hugging Face directory — with its tokenizer.
+pub fn open(
+    path: &Path,
+    range: Option<Range<usize>>,
+) -> Result<(model::Model, tokenizer::Tokenizer), Error> {
+    if path.is_dir() {
+        return hf::open(path, range);
+    }
+    let file = gguf::GgufFile::open(path)?;
+    let model = model::Model::from_gguf(&file, path, range)?;
+    let tokenizer = tokenizer::Tokenizer::from_gguf(&file.header).map_err(|e| Error::Model {
+        path: path.to_owned(),
+        problem: e.to_string(),
+    })?;
+    Ok((model, tokenizer))
+}

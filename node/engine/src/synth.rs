@@ -8,7 +8,7 @@
 //!   or mixed-up scales change the logits.
 //! - `2b4t` has the real shapes of BitNet b1.58 2B4T (§1.1).
 
-use half::f16;
+use half::{bf16, f16};
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
@@ -32,6 +32,7 @@ impl Preset {
             Preset::B2b4t => (128_256, 2560, 6912, 30, 20, 5, 4096),
         };
         Config {
+            activation: crate::model::Activation::Relu2,
             arch: "bitnet-b1.58".into(),
             vocab,
             hidden,
@@ -72,12 +73,12 @@ pub struct LayerWeights {
     pub down: Ternary,
 }
 
-/// A whole synthetic model: ternary weights, f32 norms, and the embedding
-/// already rounded to f16 (its stored precision).
+/// A whole synthetic model: ternary weights, norms and embedding, every
+/// value exactly representable in F32, F16 and BF16 (see [`exact`]).
 #[derive(Debug, Clone)]
 pub struct Weights {
     pub config: Config,
-    /// vocab × hidden, row-major, values exactly representable in f16.
+    /// vocab × hidden, row-major.
     pub embedding: Vec<f32>,
     pub output_norm: Vec<f32>,
     pub layers: Vec<LayerWeights>,
@@ -94,14 +95,25 @@ impl Gen {
 
     fn norm(&mut self, n: usize) -> Vec<f32> {
         (0..n)
-            .map(|_| 1.0 + 0.1 * self.0.random_range(-1.0f32..1.0))
+            .map(|_| exact(1.0 + 0.1 * self.0.random_range(-1.0f32..1.0)))
             .collect()
     }
 
-    /// A ternarized rows × cols linear from master weights of magnitude `scale`.
+    /// A ternarized rows × cols linear from master weights of magnitude
+    /// `scale`, its β rounded to a value every format stores exactly.
     fn linear(&mut self, rows: usize, cols: usize, scale: f32) -> Ternary {
-        Ternary::quantize(rows, cols, &self.uniform(rows * cols, scale))
+        let t = Ternary::quantize(rows, cols, &self.uniform(rows * cols, scale));
+        let beta = exact(t.beta());
+        t.with_beta(beta)
     }
+}
+
+/// `v` rounded to bf16, with magnitudes below f16's normal range flushed to
+/// zero: then F32, F16 and BF16 all hold it exactly, so every file format of
+/// one synthetic model decodes to bit-identical weights, scales and norms.
+pub fn exact(v: f32) -> f32 {
+    let b = bf16::from_f32(v).to_f32();
+    if b.abs() < 6.2e-5 { 0.0 } else { b }
 }
 
 impl Weights {
@@ -120,7 +132,7 @@ impl Weights {
         let embedding = g
             .uniform(c.vocab * c.hidden, 1.0)
             .into_iter()
-            .map(|v| f16::from_f32(v).to_f32())
+            .map(exact)
             .collect();
         let (h, qw, kvw, f) = (c.hidden, c.heads * c.head_dim, c.kv_width(), c.ffn);
         let layers = (0..c.layers)
@@ -249,4 +261,152 @@ fn strings(v: &[String]) -> Value {
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Weights {
+    /// The model as a Hugging Face directory in the packed layout of
+    /// `microsoft/bitnet-b1.58-2B-4T`: config.json (autobitlinear, offline,
+    /// tied), model.safetensors (u8 weights + BF16 `weight_scale`, BF16 for
+    /// the rest) and tokenizer.json.
+    pub fn write_hf(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        use safetensors::Dtype;
+        let c = &self.config;
+        std::fs::create_dir_all(dir)?;
+        let config = serde_json::json!({
+            "architectures": ["BitNetForCausalLM"],
+            "model_type": "bitnet",
+            "vocab_size": c.vocab,
+            "hidden_size": c.hidden,
+            "intermediate_size": c.ffn,
+            "num_hidden_layers": c.layers,
+            "num_attention_heads": c.heads,
+            "num_key_value_heads": c.kv_heads,
+            "max_position_embeddings": c.context,
+            "rms_norm_eps": c.eps,
+            "rope_theta": c.rope_theta,
+            "hidden_act": "relu2",
+            "tie_word_embeddings": true,
+            "bos_token_id": self.vocab.bos,
+            "eos_token_id": self.vocab.eos,
+            "torch_dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "bitnet",
+                "linear_class": "autobitlinear",
+                "quantization_mode": "offline",
+            },
+        });
+        let bf16s = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                .collect()
+        };
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![
+            (
+                "model.embed_tokens.weight".into(),
+                Dtype::BF16,
+                vec![c.vocab, c.hidden],
+                bf16s(&self.embedding),
+            ),
+            (
+                "model.norm.weight".into(),
+                Dtype::BF16,
+                vec![c.hidden],
+                bf16s(&self.output_norm),
+            ),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = |s: &str| format!("model.layers.{i}.{s}");
+            for (name, v) in [
+                ("input_layernorm", &l.attn_norm),
+                ("self_attn.attn_sub_norm", &l.attn_sub_norm),
+                ("post_attention_layernorm", &l.ffn_norm),
+                ("mlp.ffn_sub_norm", &l.ffn_sub_norm),
+            ] {
+                tensors.push((
+                    n(&format!("{name}.weight")),
+                    Dtype::BF16,
+                    vec![v.len()],
+                    bf16s(v),
+                ));
+            }
+            for (name, t) in [
+                ("self_attn.q_proj", &l.q),
+                ("self_attn.k_proj", &l.k),
+                ("self_attn.v_proj", &l.v),
+                ("self_attn.o_proj", &l.o),
+                ("mlp.gate_proj", &l.gate),
+                ("mlp.up_proj", &l.up),
+                ("mlp.down_proj", &l.down),
+            ] {
+                let packed = crate::formats::hf::encode(t).map_err(std::io::Error::other)?;
+                tensors.push((
+                    n(&format!("{name}.weight")),
+                    Dtype::U8,
+                    vec![t.rows() / 4, t.cols()],
+                    packed,
+                ));
+                tensors.push((
+                    n(&format!("{name}.weight_scale")),
+                    Dtype::BF16,
+                    vec![1],
+                    bf16s(&[t.beta()]),
+                ));
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(name, dtype, shape, data)| {
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                    .map(|v| (name.clone(), v))
+                    .map_err(std::io::Error::other)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))
+            .map_err(std::io::Error::other)?;
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            serde_json::to_vec(&self.tokenizer_json())?,
+        )?;
+        Ok(())
+    }
+
+    /// tokenizer.json for the synthetic vocabulary, in the shape of LLaMA-3's.
+    pub fn tokenizer_json(&self) -> serde_json::Value {
+        let v = &self.vocab;
+        let normal: serde_json::Map<String, serde_json::Value> = v
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| v.types[*i] != crate::vocab::CONTROL)
+            .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+            .collect();
+        let added: Vec<serde_json::Value> = v
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| v.types[*i] == crate::vocab::CONTROL)
+            .map(|(i, t)| {
+                serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": crate::tokenizer::LLAMA3_PATTERN},
+                 "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+            ]},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": true, "vocab": normal, "merges": v.merges},
+        })
+    }
 }

@@ -55,6 +55,7 @@ pub struct Tokenizer {
     special: Vec<(String, u32)>,
     is_special: Vec<bool>,
     byte_token: [u32; 256],
+    byte_chars: [char; 256],
     char_byte: HashMap<char, u8>,
     pre: Regex,
     pub bos: Option<u32>,
@@ -152,6 +153,7 @@ impl Tokenizer {
             special,
             is_special,
             byte_token,
+            byte_chars: chars,
             pre,
             bos,
             eos,
@@ -208,6 +210,98 @@ impl Tokenizer {
         )
     }
 
+    /// From a Hugging Face `tokenizer.json` (a byte-level BPE model);
+    /// `bos` and `eos` come from config.json (every eos id stops).
+    pub fn from_hf_json(
+        bytes: &[u8],
+        bos: Option<u32>,
+        eos: &[u32],
+    ) -> Result<Self, TokenizerError> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            model: Bpe,
+            #[serde(default)]
+            added_tokens: Vec<Added>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Bpe {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            vocab: HashMap<String, u32>,
+            #[serde(default)]
+            merges: Vec<serde_json::Value>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Added {
+            id: u32,
+            content: String,
+            #[serde(default)]
+            special: bool,
+        }
+        let file: File = serde_json::from_slice(bytes)
+            .map_err(|e| TokenizerError(format!("tokenizer.json: {e}")))?;
+        if file.model.kind.as_deref().is_some_and(|k| k != "BPE") {
+            return err(format!(
+                "tokenizer.json has a {:?} model; Trine reads byte-level BPE",
+                file.model.kind
+            ));
+        }
+        let total = file.model.vocab.len() + file.added_tokens.len();
+        let mut tokens: Vec<Option<String>> = vec![None; total];
+        let entries = file
+            .model
+            .vocab
+            .into_iter()
+            .chain(file.added_tokens.iter().map(|a| (a.content.clone(), a.id)));
+        for (text, id) in entries {
+            match tokens.get_mut(id as usize) {
+                Some(slot @ None) => *slot = Some(text),
+                Some(Some(_)) => {} // an added token repeating a vocabulary entry
+                None => {
+                    return err(format!(
+                        "token id {id} is beyond the {total} tokens the file defines; ids must be 0..n without gaps"
+                    ));
+                }
+            }
+        }
+        let defined = tokens.iter().take_while(|t| t.is_some()).count();
+        if tokens[defined..].iter().any(Option::is_some) {
+            return err(format!(
+                "token id {defined} is missing; ids must be 0..n without gaps"
+            ));
+        }
+        let tokens: Vec<String> = tokens.into_iter().flatten().collect();
+        let merges: Vec<String> = file
+            .model
+            .merges
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Array(pair) => match (
+                    pair.first().and_then(|v| v.as_str()),
+                    pair.get(1).and_then(|v| v.as_str()),
+                ) {
+                    (Some(l), Some(r)) if pair.len() == 2 => Ok(format!("{l} {r}")),
+                    _ => err(format!("merge {m} is not a pair of strings")),
+                },
+                other => err(format!("merge {other} is not a string or a pair")),
+            })
+            .collect::<Result<_, _>>()?;
+        let special: Vec<u32> = file
+            .added_tokens
+            .iter()
+            .filter(|a| a.special)
+            .map(|a| a.id)
+            .collect();
+        let mut t = Self::new(tokens, &merges, &special, bos, eos.first().copied(), true)?;
+        for &id in eos.iter().skip(1) {
+            if (id as usize) < t.tokens.len() && !t.stop.contains(&id) {
+                t.stop.push(id);
+            }
+        }
+        Ok(t)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }
@@ -262,6 +356,13 @@ impl Tokenizer {
     }
 
     fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
+        // A piece that is itself a token is that token, merges or not
+        // (tiktoken's rule; `ignore_merges` in LLaMA-3's tokenizer.json).
+        let chars: String = piece.bytes().map(|b| self.byte_chars[b as usize]).collect();
+        if let Some(&id) = self.ids.get(&chars) {
+            out.push(id);
+            return;
+        }
         let mut symbols: Vec<u32> = piece.bytes().map(|b| self.byte_token[b as usize]).collect();
         loop {
             let best = symbols

@@ -13,6 +13,25 @@ use trine_engine::synth::{Preset, TernaryType, Weights};
 
 const TOKENS: &[u32] = &[1, 7, 300, 42, 511, 0];
 
+fn relu2(x: f64) -> f64 {
+    x.max(0.0).powi(2)
+}
+
+fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+fn max_diff(got: &[f32], want: &[Vec<f64>]) -> f64 {
+    let vocab = want[0].len();
+    let mut worst = 0f64;
+    for (pos, row) in want.iter().enumerate() {
+        for (v, &x) in row.iter().enumerate() {
+            worst = worst.max((f64::from(got[pos * vocab + v]) - x).abs());
+        }
+    }
+    worst
+}
+
 /// BITNET.md §1.3: s = 127/max(max|x|, 1e-5) and q = round_half_even(x·s),
 /// in f32 as the definition states; returns q/s in f64.
 fn fake_quant(x: &[f64]) -> Vec<f64> {
@@ -46,7 +65,12 @@ fn linear(t: &trine_engine::ternary::Ternary, beta: f64, x: &[f64]) -> Vec<f64> 
 
 /// Logits at every position of `tokens`; `round_beta` applies the storage
 /// precision of β (identity for I2_S, f16 for TQ).
-fn reference(w: &Weights, tokens: &[u32], round_beta: fn(f32) -> f64) -> Vec<Vec<f64>> {
+fn reference(
+    w: &Weights,
+    tokens: &[u32],
+    round_beta: fn(f32) -> f64,
+    act: fn(f64) -> f64,
+) -> Vec<Vec<f64>> {
     let c = &w.config;
     let hd = c.head_dim;
     let mut hs: Vec<Vec<f64>> = tokens
@@ -107,11 +131,7 @@ fn reference(w: &Weights, tokens: &[u32], round_beta: fn(f32) -> f64) -> Vec<Vec
             let b = fake_quant(&rms(h, &l.ffn_norm));
             let gate = bl(&l.gate, &b);
             let up = bl(&l.up, &b);
-            let m: Vec<f64> = gate
-                .iter()
-                .zip(&up)
-                .map(|(g, u)| g.max(0.0).powi(2) * u)
-                .collect();
+            let m: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| act(*g) * u).collect();
             let down = bl(&l.down, &fake_quant(&rms(&m, &l.ffn_sub_norm)));
             for (x, d) in h.iter_mut().zip(down) {
                 *x += d;
@@ -161,15 +181,9 @@ fn logits_match_an_independent_f64_reference_in_every_format() {
         (TernaryType::TQ1_0, fp16),
     ] {
         let model = Model::open(&write(&w, ty, dir.path())).unwrap();
-        let want = reference(&w, TOKENS, round);
+        let want = reference(&w, TOKENS, round, relu2);
         let got = logits(&model, TOKENS, Logits::All);
-        let vocab = w.config.vocab;
-        let mut worst = 0f64;
-        for (pos, row) in want.iter().enumerate() {
-            for (v, &x) in row.iter().enumerate() {
-                worst = worst.max((f64::from(got[pos * vocab + v]) - x).abs());
-            }
-        }
+        let worst = max_diff(&got, &want);
         println!("{ty:?}: max |logit - reference| = {worst:.2e}");
         assert!(
             worst < 1e-3,
@@ -271,4 +285,59 @@ fn bad_input_is_refused_and_changes_nothing() {
         model.forward(Input::Tokens(&[]), &mut cache, Logits::Last),
         Err(ForwardError::Empty)
     );
+}
+
+/// Every format of one synthetic model (whose values every format stores
+/// exactly) gives bit-identical logits: GGUF I2_S, TQ2_0, TQ1_0 and the
+/// Hugging Face packed directory.
+#[test]
+fn every_format_gives_identical_logits() {
+    let w = Weights::generate(Preset::Tiny, 21);
+    let dir = tempfile::tempdir().unwrap();
+    let base = logits(
+        &Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap(),
+        TOKENS,
+        Logits::All,
+    );
+    for ty in [TernaryType::TQ2_0, TernaryType::TQ1_0] {
+        let other = logits(
+            &Model::open(&write(&w, ty, dir.path())).unwrap(),
+            TOKENS,
+            Logits::All,
+        );
+        assert_eq!(other, base, "{ty:?}");
+    }
+    let hf = dir.path().join("hf");
+    w.write_hf(&hf).unwrap();
+    let (model, _) = trine_engine::open(&hf, None).unwrap();
+    assert_eq!(
+        logits(&model, TOKENS, Logits::All),
+        base,
+        "Hugging Face packed"
+    );
+}
+
+/// Upstream llama.cpp's `bitnet` arch runs SiLU unless the file says
+/// `bitnet.hidden_activation`; bitnet.cpp's archs run relu².
+#[test]
+fn upstream_bitnet_arch_uses_its_activation() {
+    let mut w = Weights::generate(Preset::Tiny, 8);
+    w.config.arch = "bitnet".into();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("upstream.gguf");
+    w.to_gguf(TernaryType::TQ2_0).unwrap().write(&path).unwrap();
+    let model = Model::open(&path).unwrap();
+    let got = logits(&model, TOKENS, Logits::All);
+    let d = max_diff(&got, &reference(&w, TOKENS, f64::from, silu));
+    assert!(d < 1e-3, "{d}");
+    assert!(max_diff(&got, &reference(&w, TOKENS, f64::from, relu2)) > 1e-2);
+
+    let mut gguf = w.to_gguf(TernaryType::TQ2_0).unwrap();
+    gguf.kv(
+        "bitnet.hidden_activation",
+        trine_engine::gguf::Value::String("relu2".into()),
+    );
+    gguf.write(&path).unwrap();
+    let got = logits(&Model::open(&path).unwrap(), TOKENS, Logits::All);
+    assert!(max_diff(&got, &reference(&w, TOKENS, f64::from, relu2)) < 1e-3);
 }

@@ -3,6 +3,39 @@
 
 use crate::gguf::{Header, Value};
 
+/// The gate activation of the feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// relu(x)², BitNet b1.58's (`hidden_act: relu2`).
+    Relu2,
+    /// x·sigmoid(x), upstream llama.cpp's default for its `bitnet` arch.
+    Silu,
+}
+
+impl Activation {
+    /// From a config string (HF `hidden_act`, GGUF `<arch>.hidden_activation`).
+    pub fn parse(name: &str) -> Result<Self, ConfigError> {
+        match name {
+            "relu2" | "relu_sqr" | "relu_squared" | "relu-squared" => Ok(Self::Relu2),
+            "silu" | "swish" => Ok(Self::Silu),
+            other => Err(ConfigError(format!(
+                "activation {other:?} is not one Trine runs (relu2, silu)"
+            ))),
+        }
+    }
+
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Self::Relu2 => {
+                let r = x.max(0.0);
+                r * r
+            }
+            Self::Silu => x / (1.0 + (-x).exp()),
+        }
+    }
+}
+
 /// The shape and constants of a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -22,6 +55,7 @@ pub struct Config {
     pub eps: f32,
     /// Longest sequence the model was trained for.
     pub context: usize,
+    pub activation: Activation,
 }
 
 /// A missing or inconsistent hyper-parameter.
@@ -73,7 +107,15 @@ impl Config {
                 .map(|&v| v as usize)
                 .ok_or(e)?,
         };
+        // bitnet.cpp's archs are BitNet b1.58 (relu²); upstream's `bitnet`
+        // defaults to SiLU unless the file says otherwise, as llama.cpp does.
+        let activation = match h.get(&format!("{arch}.hidden_activation")) {
+            Some(v) => Activation::parse(v.as_str().unwrap_or_default())?,
+            None if arch == "bitnet" => Activation::Silu,
+            None => Activation::Relu2,
+        };
         let config = Config {
+            activation,
             vocab,
             hidden,
             ffn: int("feed_forward_length")?,

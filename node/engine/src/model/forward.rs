@@ -263,8 +263,7 @@ impl Model {
             self.bitlinear(&l.gate, &acts, &mut gate);
             self.bitlinear(&l.up, &acts, &mut up);
             for ((x, &g), &u) in m.iter_mut().zip(&gate).zip(&up) {
-                let r = g.max(0.0);
-                *x = r * r * u;
+                *x = c.activation.apply(g) * u;
             }
             // gate is spent: reuse it for the normalized product.
             rms_norm(&m, &l.ffn_sub_norm, c.eps, &mut gate);

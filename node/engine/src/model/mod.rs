@@ -16,7 +16,7 @@ pub mod load;
 use std::ops::Range;
 use std::sync::Arc;
 
-pub use config::{Config, ConfigError};
+pub use config::{Activation, Config, ConfigError};
 pub use dense::Dense;
 pub use forward::{Input, KvCache, Logits, Output};
 
