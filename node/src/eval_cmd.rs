@@ -26,6 +26,9 @@ pub struct EvalArgs {
     /// positions × vocab, row-major.
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathBuf>,
+    /// Worker threads [default: the CPUs available].
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -39,6 +42,9 @@ pub struct PerplexityArgs {
     /// Tokens per chunk; the second half of each chunk is scored.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
+    /// Worker threads [default: the CPUs available].
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
 }
 
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
@@ -54,7 +60,8 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             model.config.context
         );
     }
-    let logits = eval::all_logits(&model, &args.tokens)?;
+    let pool = crate::generate_cmd::pool(args.threads)?;
+    let logits = pool.install(|| eval::all_logits(&model, &args.tokens))?;
     if let Some(path) = &args.dump_logits {
         let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
@@ -145,16 +152,22 @@ pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
         tokens.len() / args.ctx,
         args.ctx
     );
-    let result = eval::perplexity(
-        &model,
-        &tokens,
-        args.ctx,
-        tokenizer.bos,
-        |done, total, ppl| {
-            let _ = write!(err, "[{done}/{total}] {ppl:.4}  ");
-            let _ = err.flush();
-        },
-    )?;
+    drop(err);
+    let pool = crate::generate_cmd::pool(args.threads)?;
+    let result = pool.install(|| {
+        eval::perplexity(
+            &model,
+            &tokens,
+            args.ctx,
+            tokenizer.bos,
+            |done, total, ppl| {
+                let mut err = std::io::stderr();
+                let _ = write!(err, "[{done}/{total}] {ppl:.4}  ");
+                let _ = err.flush();
+            },
+        )
+    })?;
+    let mut err = std::io::stderr();
     let _ = writeln!(err);
     writeln!(
         std::io::stdout().lock(),

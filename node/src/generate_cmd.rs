@@ -43,6 +43,24 @@ pub struct GenerateArgs {
     /// Seed for sampling; the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Worker threads for the matrix products [default: the CPUs this
+    /// process may use]. The output does not depend on it.
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+}
+
+/// A rayon pool of `threads` workers (default: the CPUs available).
+pub fn pool(threads: Option<usize>) -> anyhow::Result<rayon::ThreadPool> {
+    let n = match threads {
+        Some(0) => anyhow::bail!("--threads 0: give at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("trine-compute-{i}"))
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start {n} compute threads: {e}"))
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -56,7 +74,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         ..Settings::default()
     };
     settings.validate()?;
-    let mut err = std::io::stderr().lock();
+    let mut err = std::io::stderr();
     let _ = writeln!(err, "loading {} ...", args.model.display());
     let started = Instant::now();
     let (model, tokenizer) = trine_engine::open(&args.model, None)?;
@@ -93,30 +111,35 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             c.context
         );
     }
-    let mut out = std::io::stdout().lock();
+    let pool = pool(args.threads)?;
+    // Stdout, not a lock: the callback runs on a compute thread.
+    let mut out = std::io::stdout();
     let mut sampler = Sampler::new(settings);
-    let stats = trine_engine::generate::generate(
-        &model,
-        &tokenizer,
-        &prompt,
-        args.max_tokens,
-        &mut sampler,
-        |_, text| {
-            out.write_all(text.as_bytes())
-                .and_then(|()| out.flush())
-                .is_ok()
-        },
-    )?;
+    let stats = pool.install(|| {
+        trine_engine::generate::generate(
+            &model,
+            &tokenizer,
+            &prompt,
+            args.max_tokens,
+            &mut sampler,
+            |_, text| {
+                out.write_all(text.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_ok()
+            },
+        )
+    })?;
     let _ = writeln!(out);
     let _ = writeln!(
         err,
-        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, 1 thread",
+        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, {} threads",
         stats.prompt_tokens,
         stats.prefill_tokens_per_second(),
         stats.generated,
         stats.decode_tokens_per_second(),
         stats.finish,
-        model.kernel.name()
+        model.kernel.name(),
+        pool.current_num_threads()
     );
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! - [`eval_cmd`]: `trine model eval`, `trine perplexity`.
 //! - [`generate_cmd`]: `trine generate`.
 //! - [`grpc`]: health, reflection and the `trine.v1` services.
+//! - [`hub`]: `trine model pull` from a Hugging Face-compatible hub.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`model_cmd`]: `trine model inspect|synth`.
 //! - [`metrics`]: every metric name of this crate, and the exporter.
@@ -23,6 +24,7 @@ pub mod eval_cmd;
 pub mod generate_cmd;
 pub mod grpc;
 pub mod http;
+pub mod hub;
 pub mod logging;
 pub mod metrics;
 pub mod model_cmd;

@@ -17,6 +17,10 @@ pub enum ModelCommand {
     /// Run token ids through a model and print, for every position, the
     /// most likely next tokens and the sequence's log-likelihood.
     Eval(crate::eval_cmd::EvalArgs),
+    /// Download a model repository from a Hugging Face-compatible hub into
+    /// the Hugging Face cache (resumable, sha256-checked); prints the
+    /// snapshot directory, which `--model` accepts.
+    Pull(crate::hub::PullArgs),
     /// Write a random-weight BitNet b1.58 model in a real file format, so
     /// everything runs with no download.
     Synth(SynthArgs),
@@ -76,6 +80,7 @@ pub fn run(command: &ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Inspect(args) => inspect(args),
         ModelCommand::Synth(args) => synth(args),
         ModelCommand::Eval(args) => crate::eval_cmd::eval(args),
+        ModelCommand::Pull(args) => crate::hub::run(args),
     }
 }
 

@@ -289,3 +289,55 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod mutation {
+    //! Structure-aware fuzzing in the test suite: random byte edits of a real
+    //! synthetic model file never make the parser or the ternary decoders
+    //! panic (cargo-fuzz targets in node/engine/fuzz go further).
+    use proptest::prelude::*;
+
+    use crate::formats::{i2s, tq};
+    use crate::gguf::{GgmlType, parse};
+    use crate::synth::{Preset, TernaryType, Weights};
+
+    fn file(ty: TernaryType) -> Vec<u8> {
+        static FILES: std::sync::OnceLock<[Vec<u8>; 3]> = std::sync::OnceLock::new();
+        let files = FILES.get_or_init(|| {
+            let w = Weights::generate(Preset::Tiny, 1);
+            [TernaryType::I2S, TernaryType::TQ2_0, TernaryType::TQ1_0]
+                .map(|t| w.to_gguf(t).unwrap().to_bytes())
+        });
+        files[ty as usize].clone()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn edited_files_never_panic(
+            ty in prop_oneof![Just(TernaryType::I2S), Just(TernaryType::TQ2_0), Just(TernaryType::TQ1_0)],
+            // Edits in the header region, where structure lives, and anywhere.
+            edits in proptest::collection::vec((0usize..4096, any::<u8>(), any::<bool>()), 1..8),
+        ) {
+            let mut bytes = file(ty);
+            let len = bytes.len();
+            for (at, value, anywhere) in edits {
+                let i = if anywhere { at * 131 % len } else { at % 4096.min(len) };
+                bytes[i] = value;
+            }
+            if let Ok(h) = parse(&bytes) {
+                for t in &h.tensors {
+                    let data = &bytes[(h.data_offset + t.offset) as usize..][..t.size as usize];
+                    let (cols, rows) = (t.dims[0] as usize, (t.elements() / t.dims[0]) as usize);
+                    let _ = match t.ty {
+                        GgmlType::I2S => i2s::decode(data, rows, cols).map(drop),
+                        GgmlType::TQ2_0 => tq::decode_tq2(data, rows, cols).map(drop),
+                        GgmlType::TQ1_0 => tq::decode_tq1(data, rows, cols).map(drop),
+                        _ => Ok(()),
+                    };
+                }
+            }
+        }
+    }
+}

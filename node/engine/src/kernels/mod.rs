@@ -13,7 +13,14 @@ pub mod scalar;
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 use crate::ternary::{BLOCK, Ternary, row_bytes};
+
+/// Rows per parallel task: large enough that scheduling costs little next
+/// to the row work (64 rows of 2560 weights are 40 KB of codes), small
+/// enough to balance across cores.
+pub const ROWS_PER_TASK: usize = 64;
 
 /// A token's activations quantized to int8 (BITNET.md §1.3): s_a = 127 /
 /// max(max|x|, 1e-5), q = clamp(round_half_even(x·s_a), -128, 127),
@@ -98,14 +105,21 @@ impl Kernel {
         self.dot_codes(row, &acts.q) - acts.sum
     }
 
-    /// y = (β·T)·x̂ for every row of `w`, where x̂ = q / s_a.
+    /// y = (β·T)·x̂ for every row of `w`, where x̂ = q / s_a. Rows are
+    /// split over the threads of the current rayon pool in chunks of
+    /// [`ROWS_PER_TASK`] (each row is computed alone, so the result does not
+    /// depend on the thread count).
     pub fn gemv(self, w: &Ternary, acts: &Activations, out: &mut [f32]) {
         assert_eq!(acts.q.len(), row_bytes(w.cols()) * 4, "activation width");
         assert_eq!(out.len(), w.rows());
         let scale = w.beta() / acts.scale;
-        for (r, y) in out.iter_mut().enumerate() {
-            *y = self.dot(w.row(r), acts) as f32 * scale;
-        }
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(chunk, ys)| {
+                for (i, y) in ys.iter_mut().enumerate() {
+                    *y = self.dot(w.row(chunk * ROWS_PER_TASK + i), acts) as f32 * scale;
+                }
+            });
     }
 }
 

@@ -111,3 +111,28 @@ proptest! {
         }
     }
 }
+
+/// Splitting rows over threads changes nothing.
+#[test]
+fn gemv_is_the_same_on_any_thread_count() {
+    let (rows, cols) = (300, 700);
+    let trits: Vec<i8> = (0..rows * cols).map(|i| (i * 7 % 3) as i8 - 1).collect();
+    let t = Ternary::from_trits(rows, cols, &trits, 0.3);
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+    let acts = Activations::quantize(&x);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut y = vec![0f32; rows];
+        pool.install(|| Kernel::best().gemv(&t, &acts, &mut y));
+        y
+    };
+    let one = run(1);
+    assert_eq!(run(3), one);
+    let serial: Vec<f32> = (0..rows)
+        .map(|r| Kernel::Scalar.dot(t.row(r), &acts) as f32 * (0.3 / acts.scale))
+        .collect();
+    assert_eq!(one, serial);
+}

@@ -3,6 +3,7 @@
 //! widened to f32 a row at a time.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::formats::Error;
 use crate::gguf::GgmlType;
@@ -154,13 +155,20 @@ impl Dense {
     }
 
     /// out[r] = row r · x for every row (the lm_head), accumulated in f32.
+    /// Rows are split over the current rayon pool; each row's sum is the
+    /// same whatever the thread count.
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
         assert_eq!(x.len(), self.cols);
         assert_eq!(out.len(), self.rows);
-        let mut row = vec![0f32; self.cols];
-        for (r, y) in out.iter_mut().enumerate() {
-            self.row_into(r, &mut row);
-            *y = row.iter().zip(x).map(|(a, b)| a * b).sum();
-        }
+        const ROWS: usize = 256;
+        out.par_chunks_mut(ROWS)
+            .enumerate()
+            .for_each(|(chunk, ys)| {
+                let mut row = vec![0f32; self.cols];
+                for (i, y) in ys.iter_mut().enumerate() {
+                    self.row_into(chunk * ROWS + i, &mut row);
+                    *y = row.iter().zip(x).map(|(a, b)| a * b).sum();
+                }
+            });
     }
 }
