@@ -22,7 +22,7 @@ use crate::Error;
 use crate::formats::hf as packed;
 use crate::gguf::GgmlType;
 use crate::kernels::Kernel;
-use crate::mmap::Mapped;
+use crate::mmap::{Bytes, Mapped};
 use crate::model::load::ternarize;
 use crate::model::{Activation, Config, Dense, Layer, Model};
 use crate::ternary::Ternary;
@@ -121,10 +121,10 @@ fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
 }
 
 /// The safetensors files of a directory, mapped.
-fn shards(dir: &Path) -> Result<Vec<(PathBuf, Mapped)>, Error> {
+fn shards(dir: &Path) -> Result<Vec<(PathBuf, Arc<Mapped>)>, Error> {
     let single = dir.join("model.safetensors");
     if single.exists() {
-        return Ok(vec![(single.clone(), Mapped::open(&single)?)]);
+        return Ok(vec![(single.clone(), Arc::new(Mapped::open(&single)?))]);
     }
     let index = dir.join("model.safetensors.index.json");
     let text = std::fs::read(&index).map_err(|_| {
@@ -149,21 +149,29 @@ fn shards(dir: &Path) -> Result<Vec<(PathBuf, Mapped)>, Error> {
                 ));
             }
             let p = dir.join(f);
-            Ok((p.clone(), Mapped::open(&p)?))
+            Ok((p.clone(), Arc::new(Mapped::open(&p)?)))
         })
         .collect()
 }
 
 struct Tensors<'a> {
     dir: &'a Path,
-    files: Vec<(&'a Path, SafeTensors<'a>)>,
+    files: Vec<(&'a Path, &'a Arc<Mapped>, SafeTensors<'a>)>,
 }
 
 impl<'a> Tensors<'a> {
     fn get(&self, name: &str) -> Option<(&'a Path, safetensors::tensor::TensorView<'a>)> {
         self.files
             .iter()
-            .find_map(|(p, st)| st.tensor(name).ok().map(|t| (*p, t)))
+            .find_map(|(p, _, st)| st.tensor(name).ok().map(|t| (*p, t)))
+    }
+
+    /// A tensor's data, shared with the mapping it lies in (no copy).
+    fn shared(&self, name: &str, data: &[u8]) -> Bytes {
+        match self.files.iter().find(|(_, _, st)| st.tensor(name).is_ok()) {
+            Some((_, map, _)) => map.share(data),
+            None => Bytes::from(data),
+        }
     }
 
     fn require(
@@ -198,10 +206,12 @@ impl<'a> Tensors<'a> {
                 ));
             }
         };
-        Dense::from_bytes(ty, t.data(), rows, cols).map_err(|source| Error::Tensor {
-            path: path.to_owned(),
-            tensor: name.to_owned(),
-            source,
+        Dense::from_bytes(ty, self.shared(name, t.data()), rows, cols).map_err(|source| {
+            Error::Tensor {
+                path: path.to_owned(),
+                tensor: name.to_owned(),
+                source,
+            }
         })
     }
 
@@ -307,7 +317,7 @@ pub fn open(dir: &Path, range: Option<Range<usize>>) -> Result<(Model, Tokenizer
     for (p, m) in &maps {
         let st = SafeTensors::deserialize(m.bytes())
             .map_err(|e| model_error(p, format!("{e}; the safetensors header is corrupt or lies about its data: fetch the file again")))?;
-        files.push((p.as_path(), st));
+        files.push((p.as_path(), m, st));
     }
     let t = Tensors { dir, files };
     let (h, qw, kvw, f) = (

@@ -16,6 +16,7 @@
 //! - [`vocab`]: a byte-level vocabulary for synthetic models.
 //! - [`sampler`]: greedy, temperature, top-k/p, min-p, repetition penalty; seeded.
 //! - [`synth`]: random-weight models in the real formats.
+//! - [`mmap`]: memory-mapped files and bytes that stay in them.
 //! - [`error`]: the crate's error type.
 
 pub mod error;
@@ -26,7 +27,7 @@ pub mod gguf;
 pub mod hf;
 pub mod inspect;
 pub mod kernels;
-mod mmap;
+pub mod mmap;
 pub mod model;
 pub mod sampler;
 pub mod synth;

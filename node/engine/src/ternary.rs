@@ -5,8 +5,11 @@
 //! zero weights to a whole block, plus one scale β per matrix. The dequantized
 //! weight is β·T (BITNET.md §1.3).
 //!
-//! The layout is I2_S's on purpose: official files load without repacking,
-//! and the kernels read it directly.
+//! The layout is I2_S's on purpose: official files load without repacking
+//! or copying (the rows are read from the memory-mapped file), and the
+//! kernels read it directly.
+
+use crate::mmap::Bytes;
 
 /// Weights per block.
 pub const BLOCK: usize = 128;
@@ -20,7 +23,7 @@ pub struct Ternary {
     rows: usize,
     cols: usize,
     beta: f32,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl std::fmt::Debug for Ternary {
@@ -52,7 +55,7 @@ impl Ternary {
             rows,
             cols,
             beta,
-            data: vec![ZERO_BYTE; rows * row_bytes(cols)],
+            data: vec![ZERO_BYTE; rows * row_bytes(cols)].into(),
         }
     }
 
@@ -68,8 +71,9 @@ impl Ternary {
         t
     }
 
-    /// From already-packed rows in Trine's layout (`rows * row_bytes(cols)` bytes).
-    pub(crate) fn from_packed(rows: usize, cols: usize, beta: f32, data: Vec<u8>) -> Self {
+    /// From already-packed rows in Trine's layout (`rows * row_bytes(cols)`
+    /// bytes), owned or mapped from the file.
+    pub(crate) fn from_packed(rows: usize, cols: usize, beta: f32, data: Bytes) -> Self {
         debug_assert_eq!(data.len(), rows * row_bytes(cols));
         Self {
             rows,
@@ -107,6 +111,11 @@ impl Ternary {
         &self.data
     }
 
+    /// Whether the weights are read from the model file in place.
+    pub fn is_mapped(&self) -> bool {
+        self.data.is_mapped()
+    }
+
     #[inline]
     pub fn get(&self, r: usize, c: usize) -> i8 {
         let (byte, shift) = position(c);
@@ -119,7 +128,8 @@ impl Ternary {
         assert!((-1..=1).contains(&trit), "not a trit: {trit}");
         let (byte, shift) = position(c);
         let i = r * row_bytes(self.cols) + byte;
-        self.data[i] = (self.data[i] & !(3 << shift)) | (((trit + 1) as u8) << shift);
+        let data = self.data.make_mut();
+        data[i] = (data[i] & !(3 << shift)) | (((trit + 1) as u8) << shift);
     }
 
     /// Row-major trits.

@@ -294,11 +294,15 @@ fn bad_input_is_refused_and_changes_nothing() {
 fn every_format_gives_identical_logits() {
     let w = Weights::generate(Preset::Tiny, 21);
     let dir = tempfile::tempdir().unwrap();
-    let base = logits(
-        &Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap(),
-        TOKENS,
-        Logits::All,
+    let i2s = Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap();
+    // I2_S is Trine's own layout: weights and embedding stay in the mapped file.
+    assert!(
+        i2s.layers
+            .iter()
+            .all(|l| l.q.is_mapped() && l.down.is_mapped())
     );
+    assert!(i2s.embedding.as_ref().is_some_and(|e| e.is_mapped()));
+    let base = logits(&i2s, TOKENS, Logits::All);
     for ty in [TernaryType::TQ2_0, TernaryType::TQ1_0] {
         let other = logits(
             &Model::open(&write(&w, ty, dir.path())).unwrap(),

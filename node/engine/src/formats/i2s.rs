@@ -3,6 +3,7 @@
 //! bytes. Rows must be whole blocks (ne0 % 128 == 0).
 
 use super::{Error, check_scale, check_size};
+use crate::mmap::Bytes;
 use crate::ternary::{BLOCK, Ternary};
 
 const FORMAT: &str = "I2_S";
@@ -32,8 +33,14 @@ pub fn encode(t: &Ternary) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-/// Decodes an I2_S tensor of `rows` x `cols`.
+/// Decodes an I2_S tensor of `rows` x `cols` (copies the bytes).
 pub fn decode(bytes: &[u8], rows: usize, cols: usize) -> Result<Ternary, Error> {
+    decode_bytes(Bytes::from(bytes.to_vec()), rows, cols)
+}
+
+/// Decodes an I2_S tensor in place: the packed rows are Trine's layout, so
+/// they are validated and kept where they are (a mapped file stays mapped).
+pub fn decode_bytes(bytes: Bytes, rows: usize, cols: usize) -> Result<Ternary, Error> {
     check_shape(rows, cols)?;
     let packed = rows * cols / 4;
     check_size(FORMAT, rows, cols, packed + TAIL, bytes.len())?;
@@ -60,7 +67,7 @@ pub fn decode(bytes: &[u8], rows: usize, cols: usize) -> Result<Ternary, Error> 
         rows,
         cols,
         beta,
-        bytes[..packed].to_vec(),
+        bytes.slice(0..packed),
     ))
 }
 

@@ -18,7 +18,9 @@ pub use read::{DEFAULT_ALIGNMENT, MAX_DIMS, MAX_NAME, parse};
 pub use types::{GgmlType, UnknownType};
 pub use write::Writer;
 
-use crate::mmap::Mapped;
+use std::sync::Arc;
+
+use crate::mmap::{Bytes, Mapped};
 
 /// Why bytes are not a GGUF file Trine can read. Messages say what is wrong
 /// and what to do; the caller adds the file name.
@@ -239,7 +241,7 @@ impl Header {
 /// An open, memory-mapped GGUF file.
 #[derive(Debug)]
 pub struct GgufFile {
-    map: Mapped,
+    map: Arc<Mapped>,
     pub header: Header,
 }
 
@@ -251,13 +253,22 @@ impl GgufFile {
             path: path.to_owned(),
             source,
         })?;
-        Ok(Self { map, header })
+        Ok(Self {
+            map: Arc::new(map),
+            header,
+        })
     }
 
     /// The data of `tensor` (bounds were checked at open).
     pub fn data(&self, tensor: &TensorInfo) -> &[u8] {
         let start = (self.header.data_offset + tensor.offset) as usize;
         &self.map.bytes()[start..start + tensor.size as usize]
+    }
+
+    /// The data of `tensor` as shared bytes of the mapping (no copy).
+    pub fn bytes(&self, tensor: &TensorInfo) -> Bytes {
+        let start = (self.header.data_offset + tensor.offset) as usize;
+        Bytes::mapped(self.map.clone(), start..start + tensor.size as usize)
     }
 
     pub fn file_len(&self) -> u64 {

@@ -7,25 +7,20 @@ use rayon::prelude::*;
 
 use crate::formats::Error;
 use crate::gguf::GgmlType;
+use crate::mmap::Bytes;
 
 /// Elements per Q8_0 block: f16 scale + 32 int8.
 const Q8_BLOCK: usize = 32;
 const Q8_BYTES: usize = 34;
 
-#[derive(Clone)]
-enum Data {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-    Q8_0(Vec<u8>),
-}
-
-/// `rows` rows of `cols` values.
+/// `rows` rows of `cols` values, stored as in the file (mapped in place
+/// when it came from one).
 #[derive(Clone)]
 pub struct Dense {
     rows: usize,
     cols: usize,
-    data: Data,
+    ty: GgmlType,
+    data: Bytes,
 }
 
 impl std::fmt::Debug for Dense {
@@ -33,49 +28,27 @@ impl std::fmt::Debug for Dense {
         f.debug_struct("Dense")
             .field("rows", &self.rows)
             .field("cols", &self.cols)
-            .field("type", &self.type_name())
+            .field("type", &self.ty)
+            .field("mapped", &self.data.is_mapped())
             .finish()
     }
 }
 
 impl Dense {
-    /// From a tensor's bytes (sizes were checked by the GGUF parser; they
-    /// are checked again here for callers with other sources).
-    pub fn from_bytes(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<Self, Error> {
+    /// From a tensor's bytes, checked against its type and shape.
+    pub fn from_bytes(
+        ty: GgmlType,
+        bytes: impl Into<Bytes>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, Error> {
+        let data: Bytes = bytes.into();
         let n = rows * cols;
-        let size = |expected: usize, format: &'static str| {
-            super::super::formats::check_size(format, rows, cols, expected, bytes.len())
-        };
-        let data = match ty {
-            GgmlType::F32 => {
-                size(n * 4, "F32")?;
-                Data::F32(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                )
-            }
-            GgmlType::F16 => {
-                size(n * 2, "F16")?;
-                Data::F16(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                        .collect(),
-                )
-            }
-            GgmlType::BF16 => {
-                size(n * 2, "BF16")?;
-                Data::BF16(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                        .collect(),
-                )
-            }
+        let expected = match ty {
+            GgmlType::F32 => n * 4,
+            GgmlType::F16 | GgmlType::BF16 => n * 2,
             GgmlType::Q8_0 => {
-                if !cols.is_multiple_of(Q8_BLOCK) {
+                if cols % Q8_BLOCK != 0 {
                     return Err(Error::Shape {
                         format: "Q8_0",
                         what: "rows of a multiple of 32 values",
@@ -83,8 +56,7 @@ impl Dense {
                         cols,
                     });
                 }
-                size(n / Q8_BLOCK * Q8_BYTES, "Q8_0")?;
-                Data::Q8_0(bytes.to_vec())
+                n / Q8_BLOCK * Q8_BYTES
             }
             _ => {
                 return Err(Error::Shape {
@@ -95,15 +67,23 @@ impl Dense {
                 });
             }
         };
-        Ok(Self { rows, cols, data })
+        crate::formats::check_size(ty.name(), rows, cols, expected, data.len())?;
+        Ok(Self {
+            rows,
+            cols,
+            ty,
+            data,
+        })
     }
 
-    pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> Self {
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
         assert_eq!(values.len(), rows * cols);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Self {
             rows,
             cols,
-            data: Data::F32(values),
+            ty: GgmlType::F32,
+            data: bytes.into(),
         }
     }
 
@@ -116,31 +96,36 @@ impl Dense {
     }
 
     pub fn type_name(&self) -> &'static str {
-        match self.data {
-            Data::F32(_) => "F32",
-            Data::F16(_) => "F16",
-            Data::BF16(_) => "BF16",
-            Data::Q8_0(_) => "Q8_0",
-        }
+        self.ty.name()
+    }
+
+    /// Whether the values are read from the model file in place.
+    pub fn is_mapped(&self) -> bool {
+        self.data.is_mapped()
     }
 
     /// Row `r` widened to f32 into `out` (`cols` long).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let (s, e) = (r * self.cols, (r + 1) * self.cols);
-        match &self.data {
-            Data::F32(v) => out.copy_from_slice(&v[s..e]),
-            Data::F16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[s..e]) {
-                    *o = x.to_f32();
+        match self.ty {
+            GgmlType::F32 => {
+                for (o, b) in out.iter_mut().zip(self.data[s * 4..e * 4].chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            Data::BF16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[s..e]) {
-                    *o = x.to_f32();
+            GgmlType::F16 => {
+                for (o, b) in out.iter_mut().zip(self.data[s * 2..e * 2].chunks_exact(2)) {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
                 }
             }
-            Data::Q8_0(bytes) => {
-                let blocks = &bytes[s / Q8_BLOCK * Q8_BYTES..e / Q8_BLOCK * Q8_BYTES];
+            GgmlType::BF16 => {
+                for (o, b) in out.iter_mut().zip(self.data[s * 2..e * 2].chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            _ => {
+                // Q8_0 (the only other type from_bytes accepts).
+                let blocks = &self.data[s / Q8_BLOCK * Q8_BYTES..e / Q8_BLOCK * Q8_BYTES];
                 for (chunk, block) in out
                     .chunks_exact_mut(Q8_BLOCK)
                     .zip(blocks.chunks_exact(Q8_BYTES))
@@ -154,7 +139,6 @@ impl Dense {
         }
     }
 
-    /// out[r] = row r · x for every row (the lm_head), accumulated in f32.
     /// Rows are split over the current rayon pool; each row's sum is the
     /// same whatever the thread count.
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {

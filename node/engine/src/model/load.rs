@@ -62,7 +62,7 @@ impl Loader<'_> {
     fn dense(&self, name: &str, cols: usize, rows: usize) -> Result<Dense, Error> {
         let dims: &[usize] = if rows == 1 { &[cols] } else { &[cols, rows] };
         let t = self.info(name, dims)?;
-        Dense::from_bytes(t.ty, self.file.data(t), rows, cols)
+        Dense::from_bytes(t.ty, self.file.bytes(t), rows, cols)
             .map_err(|e| self.tensor_error(name, e))
     }
 
@@ -84,7 +84,7 @@ impl Loader<'_> {
         let data = self.file.data(t);
         let err = |e| self.tensor_error(name, e);
         let mut w = match t.ty {
-            GgmlType::I2S => i2s::decode(data, rows, cols).map_err(err)?,
+            GgmlType::I2S => i2s::decode_bytes(self.file.bytes(t), rows, cols).map_err(err)?,
             GgmlType::TQ2_0 => tq::decode_tq2(data, rows, cols).map_err(err)?,
             GgmlType::TQ1_0 => tq::decode_tq1(data, rows, cols).map_err(err)?,
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
