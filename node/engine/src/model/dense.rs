@@ -48,7 +48,7 @@ impl Dense {
             GgmlType::F32 => n * 4,
             GgmlType::F16 | GgmlType::BF16 => n * 2,
             GgmlType::Q8_0 => {
-                if cols % Q8_BLOCK != 0 {
+                if !cols.is_multiple_of(Q8_BLOCK) {
                     return Err(Error::Shape {
                         format: "Q8_0",
                         what: "rows of a multiple of 32 values",
