@@ -57,6 +57,16 @@ pub fn inspect(path: &Path) -> Result<Report, crate::Error> {
             findings.push(format!("tensor {}: {e}", t.name));
         }
     }
+    // With every tensor readable, the model as a whole: shapes against the
+    // hyper-parameters, required tensors, the tokenizer.
+    if findings.is_empty() {
+        if let Err(e) = crate::model::Model::from_gguf(&file, path, None) {
+            findings.push(e.to_string());
+        }
+        if let Err(e) = crate::tokenizer::Tokenizer::from_gguf(h) {
+            findings.push(e.to_string());
+        }
+    }
     Ok(Report {
         path: path.to_owned(),
         file_bytes: file.file_len(),
@@ -185,6 +195,25 @@ mod tests {
         assert!(text.contains("not one Trine runs"), "{text}");
         assert!(text.contains("tensor q4 has type Q4_0"), "{text}");
         assert!(text.contains("one scale per tensor"), "{text}");
+    }
+
+    #[test]
+    fn a_readable_file_that_is_not_a_whole_model_is_a_finding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let w = crate::synth::Weights::generate(crate::synth::Preset::Tiny, 1);
+        let mut gguf = w.to_gguf(crate::synth::TernaryType::I2S).unwrap();
+        gguf.write(&path).unwrap();
+        assert!(inspect(&path).unwrap().findings.is_empty());
+        gguf.kv("bitnet-b1.58.block_count", Value::U32(3));
+        gguf.write(&path).unwrap();
+        let r = inspect(&path).unwrap();
+        assert_eq!(r.findings.len(), 1, "{:?}", r.findings);
+        assert!(
+            r.findings[0].contains("blk.2.attn_norm.weight is missing"),
+            "{:?}",
+            r.findings
+        );
     }
 }
 

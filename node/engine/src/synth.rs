@@ -127,7 +127,12 @@ impl Weights {
         seed: u64,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Self {
-        let c = preset.config();
+        Self::generate_config(preset.config(), seed, progress)
+    }
+
+    /// Random weights of any shape `c` describes (the vocabulary needs at
+    /// least 272 tokens).
+    pub fn generate_config(c: Config, seed: u64, progress: &mut dyn FnMut(usize, usize)) -> Self {
         let mut g = Gen(ChaCha8Rng::seed_from_u64(seed));
         let embedding = g
             .uniform(c.vocab * c.hidden, 1.0)

@@ -345,3 +345,35 @@ fn upstream_bitnet_arch_uses_its_activation() {
     let got = logits(&Model::open(&path).unwrap(), TOKENS, Logits::All);
     assert!(max_diff(&got, &reference(&w, TOKENS, f64::from, relu2)) < 1e-3);
 }
+
+/// Nothing assumes the 2B4T or tiny shapes: a width that is not a multiple
+/// of 128, 5 heads of 64 over 1 KV head, an ffn of 864, a vocabulary of 1000
+/// (not a multiple of 64), loaded from a Hugging Face directory (whose packed
+/// layout allows such widths) and checked against the f64 reference.
+#[test]
+fn odd_shapes_from_hugging_face_match_the_reference() {
+    let config = trine_engine::model::Config {
+        arch: "bitnet".into(),
+        vocab: 1000,
+        hidden: 320,
+        ffn: 864,
+        layers: 2,
+        heads: 5,
+        kv_heads: 1,
+        head_dim: 64,
+        rope_dim: 64,
+        rope_theta: 500_000.0,
+        eps: 1e-5,
+        context: 64,
+        activation: trine_engine::model::Activation::Relu2,
+    };
+    let w = Weights::generate_config(config, 13, &mut |_, _| {});
+    let dir = tempfile::tempdir().unwrap();
+    w.write_hf(dir.path()).unwrap();
+    let (model, _) = trine_engine::open(dir.path(), None).unwrap();
+    assert_eq!(model.config.hidden, 320);
+    let tokens = [3, 999, 500, 42];
+    let got = logits(&model, &tokens, Logits::All);
+    let worst = max_diff(&got, &reference(&w, &tokens, f64::from, relu2));
+    assert!(worst < 1e-3, "{worst}");
+}

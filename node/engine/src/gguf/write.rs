@@ -113,6 +113,9 @@ impl Writer {
             self.write_to(&mut w)?;
             w.flush()?;
         }
+        // Model files are read by other users and tools; tempfile makes 0600.
+        tmp.as_file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         tmp.as_file().sync_all()?;
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
