@@ -43,6 +43,7 @@ pub struct HfConfig {
     pub rope_theta: Option<f32>,
     pub hidden_act: Option<String>,
     pub tie_word_embeddings: Option<bool>,
+    pub rope_scaling: Option<serde_json::Value>,
     pub quantization_config: Option<QuantizationConfig>,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
@@ -298,6 +299,14 @@ pub fn open(dir: &Path, range: Option<Range<usize>>) -> Result<(Model, Tokenizer
     let hf = HfConfig::read(dir)?;
     let activation = Activation::parse(hf.hidden_act.as_deref().unwrap_or("relu2"))
         .map_err(|e| model_error(&dir.join("config.json"), format!("hidden_act: {e}")))?;
+    if let Some(scaling) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        return Err(model_error(
+            &dir.join("config.json"),
+            format!(
+                "rope_scaling {scaling} is not supported; Trine runs unscaled RoPE as BitNet b1.58 uses"
+            ),
+        ));
+    }
     let config = hf.to_config(activation);
     config
         .validate()
@@ -320,6 +329,21 @@ pub fn open(dir: &Path, range: Option<Range<usize>>) -> Result<(Model, Tokenizer
         files.push((p.as_path(), m, st));
     }
     let t = Tensors { dir, files };
+    // BitNet b1.58 has no biases; a checkpoint with them is another model,
+    // and ignoring them would give wrong answers.
+    if let Some((p, name)) = t
+        .files
+        .iter()
+        .flat_map(|(p, _, st)| st.names().into_iter().map(move |n| (*p, n.to_owned())))
+        .find(|(_, n)| n.ends_with(".bias"))
+    {
+        return Err(model_error(
+            p,
+            format!(
+                "tensor {name} is a bias; BitNet b1.58 has none, so this is another architecture"
+            ),
+        ));
+    }
     let (h, qw, kvw, f) = (
         config.hidden,
         config.heads * config.head_dim,

@@ -118,3 +118,39 @@ fn truncated_and_foreign_files_are_refused() {
         .to_string();
     assert!(err.contains("absent.gguf"), "{err}");
 }
+
+#[test]
+fn biases_and_rope_scaling_are_refused_not_ignored() {
+    let err = load_error(|w| {
+        w.tensor("blk.0.attn_q.bias", &[256], GgmlType::F32, vec![0; 1024]);
+    });
+    assert!(
+        err.contains("blk.0.attn_q.bias") && err.contains("bias"),
+        "{err}"
+    );
+    let err = load_error(|w| {
+        w.kv(
+            "bitnet-b1.58.rope.scaling.type",
+            Value::String("yarn".into()),
+        );
+    });
+    assert!(
+        err.contains("RoPE scaling") && err.contains("yarn"),
+        "{err}"
+    );
+}
+
+#[test]
+fn upstream_linear_rope_scaling_of_one_is_accepted() {
+    let w = Weights::generate(Preset::Tiny, 1);
+    let mut gguf = w.to_gguf(TernaryType::I2S).unwrap();
+    gguf.kv(
+        "bitnet-b1.58.rope.scaling.type",
+        Value::String("linear".into()),
+    )
+    .kv("bitnet-b1.58.rope.scaling.factor", Value::F32(1.0));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    gguf.write(&path).unwrap();
+    Model::open(&path).unwrap();
+}

@@ -107,6 +107,24 @@ impl Config {
                 .map(|&v| v as usize)
                 .ok_or(e)?,
         };
+        // RoPE scaling would change every angle; only "none" or a linear
+        // factor of 1 (what upstream's converter writes) are the identity.
+        let scaling = h
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(Value::as_str);
+        let factor = h
+            .get(&format!("{arch}.rope.scaling.factor"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+        match scaling {
+            None | Some("none") => {}
+            Some("linear") if factor == 1.0 => {}
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "RoPE scaling {other:?} (factor {factor}) is not supported; Trine runs unscaled RoPE as BitNet b1.58 uses"
+                )));
+            }
+        }
         // bitnet.cpp's archs are BitNet b1.58 (relu²); upstream's `bitnet`
         // defaults to SiLU unless the file says otherwise, as llama.cpp does.
         let activation = match h.get(&format!("{arch}.hidden_activation")) {

@@ -4,6 +4,8 @@
 //! float tensors: already-ternary β·T values (as upstream's converter writes
 //! them) keep β = max|w|; real-valued weights are ternarized per tensor
 //! (β = mean|w|). Upstream's optional `<name>.scale` tensors multiply β.
+//! The lm_head is always the token embedding (tied), as both bitnet.cpp and
+//! llama.cpp compute it.
 
 use std::ops::Range;
 use std::path::Path;
@@ -203,17 +205,24 @@ impl Model {
                 range.start, range.end, config.layers
             )));
         }
+        // BitNet b1.58 has no biases; a file with them is another model, and
+        // ignoring them would give wrong answers.
+        if let Some(t) = file
+            .header
+            .tensors
+            .iter()
+            .find(|t| t.name.ends_with(".bias"))
+        {
+            return Err(l.model_error(format!(
+                "tensor {} is a bias; BitNet b1.58 has none, so this is another architecture",
+                t.name
+            )));
+        }
         let embedding = Arc::new(l.dense("token_embd.weight", config.hidden, config.vocab)?);
         let last = range.end == config.layers;
-        let lm_head = match (last, l.file.header.tensor("output.weight")) {
-            (false, _) => None,
-            (true, None) => Some(embedding.clone()),
-            (true, Some(_)) => Some(Arc::new(l.dense(
-                "output.weight",
-                config.hidden,
-                config.vocab,
-            )?)),
-        };
+        // The lm_head is the embedding, as in bitnet.cpp and llama.cpp, which
+        // both ignore an output.weight (the first 2B4T upload carried a copy).
+        let lm_head = last.then(|| embedding.clone());
         let output_norm = if last {
             Some(l.vector("output_norm.weight", config.hidden)?)
         } else {

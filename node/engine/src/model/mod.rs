@@ -49,7 +49,8 @@ pub struct Model {
     /// The token embedding; first stage only.
     pub embedding: Option<Arc<Dense>>,
     /// The output projection; last stage only. The embedding itself when
-    /// the model ties them (BitNet b1.58 does), or the file's output.weight.
+    /// the model ties them (BitNet b1.58 does; always for GGUF files), or a
+    /// Hugging Face checkpoint's untied lm_head.weight.
     pub lm_head: Option<Arc<Dense>>,
     pub layers: Vec<Layer>,
     pub output_norm: Option<Vec<f32>>,
