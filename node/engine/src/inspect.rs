@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::formats::{i2s, tq};
-use crate::gguf::{GgmlType, GgufFile, TensorInfo, Value};
+use crate::gguf::{GgufFile, TensorInfo, Value};
 
 use crate::model::load::ARCHITECTURES;
 
@@ -81,11 +80,8 @@ pub fn inspect(path: &Path) -> Result<Report, crate::Error> {
 
 fn check_ternary(file: &GgufFile, t: &TensorInfo) -> Result<(), crate::formats::Error> {
     let (cols, rows) = (t.dims[0] as usize, (t.elements() / t.dims[0]) as usize);
-    let data = file.data(t);
-    match t.ty {
-        GgmlType::I2S => i2s::decode(data, rows, cols).map(drop),
-        GgmlType::TQ2_0 => tq::decode_tq2(data, rows, cols).map(drop),
-        GgmlType::TQ1_0 => tq::decode_tq1(data, rows, cols).map(drop),
+    match crate::formats::decode(t.ty, file.data(t), rows, cols) {
+        Some(Err(e)) => Err(e),
         _ => Ok(()),
     }
 }
@@ -169,7 +165,8 @@ impl fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::Writer;
+    use crate::formats::tq;
+    use crate::gguf::{GgmlType, Writer};
     use crate::ternary::Ternary;
 
     #[test]

@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::formats::{i2s, tq};
 use crate::gguf::{GgmlType, Value, Writer};
-use crate::model::Config;
+use crate::model::{Config, Layer};
 use crate::ternary::Ternary;
 use crate::vocab::Vocab;
 
@@ -57,22 +57,6 @@ pub enum TernaryType {
     TQ1_0,
 }
 
-/// One layer's weights, exactly as they will be stored.
-#[derive(Debug, Clone)]
-pub struct LayerWeights {
-    pub attn_norm: Vec<f32>,
-    pub q: Ternary,
-    pub k: Ternary,
-    pub v: Ternary,
-    pub attn_sub_norm: Vec<f32>,
-    pub o: Ternary,
-    pub ffn_norm: Vec<f32>,
-    pub gate: Ternary,
-    pub up: Ternary,
-    pub ffn_sub_norm: Vec<f32>,
-    pub down: Ternary,
-}
-
 /// A whole synthetic model: ternary weights, norms and embedding, every
 /// value exactly representable in F32, F16 and BF16 (see [`exact`]).
 #[derive(Debug, Clone)]
@@ -81,7 +65,7 @@ pub struct Weights {
     /// vocab × hidden, row-major.
     pub embedding: Vec<f32>,
     pub output_norm: Vec<f32>,
-    pub layers: Vec<LayerWeights>,
+    pub layers: Vec<Layer>,
     /// Byte-level BPE vocabulary with LLaMA-3's special tokens.
     pub vocab: Vocab,
 }
@@ -143,7 +127,7 @@ impl Weights {
         let layers = (0..c.layers)
             .map(|i| {
                 progress(i, c.layers);
-                LayerWeights {
+                Layer {
                     attn_norm: g.norm(h),
                     // Master scales 0.02 / 0.05 / 0.11 give q, k, v betas about
                     // 0.01 / 0.025 / 0.055: a swap shows.

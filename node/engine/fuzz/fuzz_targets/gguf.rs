@@ -3,8 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use trine_engine::formats::{i2s, tq};
-use trine_engine::gguf::{GgmlType, parse};
+use trine_engine::gguf::parse;
 use trine_engine::model::Config;
 use trine_engine::tokenizer::Tokenizer;
 
@@ -15,11 +14,6 @@ fuzz_target!(|bytes: &[u8]| {
     for t in &h.tensors {
         let data = &bytes[(h.data_offset + t.offset) as usize..][..t.size as usize];
         let (cols, rows) = (t.dims[0] as usize, (t.elements() / t.dims[0]) as usize);
-        let _ = match t.ty {
-            GgmlType::I2S => i2s::decode(data, rows, cols).map(drop),
-            GgmlType::TQ2_0 => tq::decode_tq2(data, rows, cols).map(drop),
-            GgmlType::TQ1_0 => tq::decode_tq1(data, rows, cols).map(drop),
-            _ => Ok(()),
-        };
+        let _ = trine_engine::formats::decode(t.ty, data, rows, cols);
     }
 });

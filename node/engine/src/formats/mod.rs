@@ -52,6 +52,23 @@ pub enum Error {
     },
 }
 
+/// Decodes a tensor stored as ternary `ty` (I2_S, TQ2_0, TQ1_0) of `rows`
+/// outputs by `cols` inputs; `None` for any other type.
+pub fn decode(
+    ty: crate::gguf::GgmlType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Option<Result<crate::ternary::Ternary, Error>> {
+    use crate::gguf::GgmlType;
+    match ty {
+        GgmlType::I2S => Some(i2s::decode(data, rows, cols)),
+        GgmlType::TQ2_0 => Some(tq::decode_tq2(data, rows, cols)),
+        GgmlType::TQ1_0 => Some(tq::decode_tq1(data, rows, cols)),
+        _ => None,
+    }
+}
+
 pub(crate) fn check_scale(beta: f32) -> Result<f32, Error> {
     if beta.is_finite() && beta >= 0.0 {
         Ok(beta)

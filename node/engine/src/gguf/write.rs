@@ -300,8 +300,7 @@ mod mutation {
     //! panic (cargo-fuzz targets in node/engine/fuzz go further).
     use proptest::prelude::*;
 
-    use crate::formats::{i2s, tq};
-    use crate::gguf::{GgmlType, parse};
+    use crate::gguf::parse;
     use crate::synth::{Preset, TernaryType, Weights};
 
     fn file(ty: TernaryType) -> Vec<u8> {
@@ -333,12 +332,7 @@ mod mutation {
                 for t in &h.tensors {
                     let data = &bytes[(h.data_offset + t.offset) as usize..][..t.size as usize];
                     let (cols, rows) = (t.dims[0] as usize, (t.elements() / t.dims[0]) as usize);
-                    let _ = match t.ty {
-                        GgmlType::I2S => i2s::decode(data, rows, cols).map(drop),
-                        GgmlType::TQ2_0 => tq::decode_tq2(data, rows, cols).map(drop),
-                        GgmlType::TQ1_0 => tq::decode_tq1(data, rows, cols).map(drop),
-                        _ => Ok(()),
-                    };
+                    let _ = crate::formats::decode(t.ty, data, rows, cols);
                 }
             }
         }
