@@ -350,8 +350,13 @@ impl Weights {
                     .map_err(std::io::Error::other)
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))
-            .map_err(std::io::Error::other)?;
+        let weights = dir.join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &weights).map_err(std::io::Error::other)?;
+        // Readable by other users and tools, as model files are.
+        std::fs::set_permissions(
+            &weights,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )?;
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
         std::fs::write(
             dir.join("tokenizer.json"),

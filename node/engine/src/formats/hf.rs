@@ -4,7 +4,7 @@
 //! (least significant first); code = weight + 1.
 
 use super::{Error, check_size};
-use crate::ternary::Ternary;
+use crate::ternary::{Ternary, ZERO_BYTE, position, row_bytes};
 
 const FORMAT: &str = "Hugging Face packed u8";
 
@@ -43,10 +43,13 @@ pub fn decode(bytes: &[u8], rows: usize, cols: usize, beta: f32) -> Result<Terna
     let r4 = rows / 4;
     check_size(FORMAT, rows, cols, r4 * cols, bytes.len())?;
     let beta = super::check_scale(beta)?;
-    let mut t = Ternary::zeros(rows, cols, beta);
+    let rb = row_bytes(cols);
+    // Written straight into Trine's layout (a code of 1 is weight 0).
+    let mut data = vec![ZERO_BYTE; rows * rb];
     for r in 0..r4 {
         for c in 0..cols {
             let byte = bytes[r * cols + c];
+            let (pos, shift) = position(c);
             for i in 0..4 {
                 let code = (byte >> (2 * i)) & 3;
                 if code == 3 {
@@ -56,11 +59,12 @@ pub fn decode(bytes: &[u8], rows: usize, cols: usize, beta: f32) -> Result<Terna
                         code,
                     });
                 }
-                t.set(i * r4 + r, c, code as i8 - 1);
+                let at = (i * r4 + r) * rb + pos;
+                data[at] = (data[at] & !(3 << shift)) | (code << shift);
             }
         }
     }
-    Ok(t)
+    Ok(Ternary::from_packed(rows, cols, beta, data.into()))
 }
 
 #[cfg(test)]
