@@ -8,9 +8,11 @@
 //! <cache>/models--<org>--<name>/refs/<revision>               the commit
 //! ```
 //!
-//! The file list, commit and checksums come from
-//! `GET <endpoint>/api/models/<repo>/revision/<rev>?blobs=true`; files from
-//! `GET <endpoint>/<repo>/resolve/<commit>/<file>`. A download goes to
+//! The file list comes from `GET <endpoint>/api/models/<repo>/revision/<rev>`
+//! (or `--file`); each file's commit, ETag, size and sha256 from a `HEAD` on
+//! `<endpoint>/<repo>/resolve/<rev>/<file>` (X-Repo-Commit, X-Linked-Etag /
+//! ETag, X-Linked-Size / Content-Length), as huggingface_hub asks; the bytes
+//! from `GET <endpoint>/<repo>/resolve/<commit>/<file>`. A download goes to
 //! `blobs/<etag>.incomplete` and resumes with a Range request after an
 //! interruption (automatically a few times, and on the next run); LFS files
 //! are checked against the sha256 the hub lists before they are used.
@@ -49,25 +51,112 @@ pub struct PullArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
-struct RepoInfo {
-    sha: String,
-    siblings: Vec<Sibling>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Sibling {
-    rfilename: String,
+/// One file as the hub describes it.
+#[derive(Debug)]
+struct FileMeta {
+    name: String,
+    commit: String,
+    /// The blob's name in the cache: the sha256 for LFS files, the git blob
+    /// id for the others (huggingface_hub's convention).
+    etag: String,
     size: Option<u64>,
-    #[serde(rename = "blobId")]
-    blob_id: Option<String>,
-    lfs: Option<Lfs>,
+    /// Known for LFS files: checked before the file is used.
+    sha256: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct Lfs {
-    sha256: String,
-    size: u64,
+/// File names of a repository at a revision.
+async fn list(
+    client: &reqwest::Client,
+    endpoint: &str,
+    repo: &str,
+    revision: &str,
+) -> anyhow::Result<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Listing {
+        siblings: Vec<Sibling>,
+    }
+    #[derive(Deserialize)]
+    struct Sibling {
+        rfilename: String,
+    }
+    let url = format!("{endpoint}/api/models/{repo}/revision/{revision}");
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {endpoint}: check the network or --endpoint"))?;
+    check_status(&url, response.status())?;
+    let body = response
+        .bytes()
+        .await
+        .context("reading the repository listing")?;
+    let listing: Listing = serde_json::from_slice(&body)
+        .with_context(|| format!("{url} did not answer a model listing"))?;
+    Ok(listing.siblings.into_iter().map(|s| s.rfilename).collect())
+}
+
+fn check_status(url: &str, status: reqwest::StatusCode) -> anyhow::Result<()> {
+    match status.as_u16() {
+        200..=399 => Ok(()),
+        401 | 403 => bail!("{url}: {status} — the repository is private or gated: set HF_TOKEN"),
+        404 => bail!("{url}: not found — check the repository, the file name and --revision"),
+        _ => bail!("{url}: {status}"),
+    }
+}
+
+/// A header's value without the quotes and weak marker of an ETag.
+fn header(h: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    let v = h.get(name)?.to_str().ok()?.trim();
+    Some(v.trim_start_matches("W/").trim_matches('"').to_owned()).filter(|v| !v.is_empty())
+}
+
+async fn head(
+    client: &reqwest::Client,
+    endpoint: &str,
+    repo: &str,
+    revision: &str,
+    name: &str,
+) -> anyhow::Result<FileMeta> {
+    let url = format!("{endpoint}/{repo}/resolve/{revision}/{name}");
+    let response = client
+        .head(&url)
+        .header(reqwest::header::ACCEPT_ENCODING, "identity")
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {endpoint}: check the network or --endpoint"))?;
+    check_status(&url, response.status())?;
+    let h = response.headers();
+    let linked = header(h, "x-linked-etag");
+    let etag = linked
+        .clone()
+        .or_else(|| header(h, "etag"))
+        .with_context(|| {
+            format!("{url}: the hub sent no ETag, so the file cannot be cached or checked")
+        })?;
+    if !etag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        bail!("{url}: ETag {etag:?} is not a plain id; refusing to use it as a file name");
+    }
+    let commit = header(h, "x-repo-commit")
+        .with_context(|| format!("{url}: the hub did not say which commit (X-Repo-Commit)"))?;
+    if !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{url}: commit {commit:?} is not a hex id");
+    }
+    let size = header(h, "x-linked-size")
+        .or_else(|| {
+            linked
+                .is_none()
+                .then(|| header(h, "content-length"))
+                .flatten()
+        })
+        .and_then(|v| v.parse().ok());
+    let sha256 = linked.filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()));
+    Ok(FileMeta {
+        name: name.to_owned(),
+        commit,
+        etag,
+        size,
+        sha256,
+    })
 }
 
 fn cache_dir(flag: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -123,117 +212,82 @@ async fn pull(args: &PullArgs) -> anyhow::Result<PathBuf> {
     let endpoint = endpoint.trim_end_matches('/');
     let root =
         cache_dir(&args.cache_dir)?.join(format!("models--{}", args.repo.replace('/', "--")));
-    let mut headers = reqwest::header::HeaderMap::new();
+    let mut auth = reqwest::header::HeaderMap::new();
     if let Ok(token) = std::env::var("HF_TOKEN") {
         let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
             .context("HF_TOKEN is not a valid header value")?;
-        headers.insert(reqwest::header::AUTHORIZATION, value);
+        auth.insert(reqwest::header::AUTHORIZATION, value);
     }
     let client = reqwest::Client::builder()
         .user_agent(concat!("trine/", env!("CARGO_PKG_VERSION")))
-        .default_headers(headers)
+        .default_headers(auth.clone())
         .connect_timeout(Duration::from_secs(20))
         .read_timeout(Duration::from_secs(60))
         .build()
         .context("cannot build the HTTP client")?;
 
-    let info_url = format!(
-        "{endpoint}/api/models/{}/revision/{}?blobs=true",
-        args.repo, args.revision
-    );
-    let response = client
-        .get(&info_url)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {endpoint}: check the network or --endpoint"))?;
-    match response.status().as_u16() {
-        200 => {}
-        401 | 403 => bail!(
-            "{info_url}: {} — the repository is private or gated: set HF_TOKEN",
-            response.status()
-        ),
-        404 => bail!("{info_url}: not found — check the repository name and --revision"),
-        _ => bail!("{info_url}: {}", response.status()),
-    }
-    let body = response
-        .bytes()
-        .await
-        .context("reading the repository listing")?;
-    let info: RepoInfo = serde_json::from_slice(&body)
-        .with_context(|| format!("{info_url} did not answer a model listing"))?;
-    if info.sha.len() < 7 || !info.sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("{info_url} gave commit {:?}, not a hex id", info.sha);
-    }
-    let wanted: Vec<&Sibling> = if args.files.is_empty() {
-        info.siblings.iter().collect()
+    // The file list: the ones asked for, or the repository's listing.
+    let names: Vec<String> = if args.files.is_empty() {
+        list(&client, endpoint, &args.repo, &args.revision).await?
     } else {
-        args.files
-            .iter()
-            .map(|f| {
-                info.siblings
-                    .iter()
-                    .find(|s| &s.rfilename == f)
-                    .with_context(|| {
-                        format!(
-                            "{} has no file {f:?} at {}; files: {}",
-                            args.repo,
-                            args.revision,
-                            info.siblings
-                                .iter()
-                                .map(|s| s.rfilename.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    })
-            })
-            .collect::<anyhow::Result<_>>()?
+        args.files.clone()
     };
-    let snapshot = root.join("snapshots").join(&info.sha);
-    for (i, file) in wanted.iter().enumerate() {
-        if !safe_relative(&file.rfilename) {
-            bail!(
-                "the hub listed a file named {:?}, which would leave the cache; refusing",
-                file.rfilename
-            );
+    // Metadata the way huggingface_hub's hf_hub_download asks for it: a HEAD
+    // on the resolve URL, redirects not followed (an LFS file answers with a
+    // redirect to its storage, carrying X-Linked-Etag = its sha256).
+    let no_redirect = reqwest::Client::builder()
+        .user_agent(concat!("trine/", env!("CARGO_PKG_VERSION")))
+        .default_headers(auth)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("cannot build the HTTP client")?;
+    let mut files = Vec::with_capacity(names.len());
+    for name in &names {
+        if !safe_relative(name) {
+            bail!("file name {name:?} would leave the cache; refusing");
         }
-        let etag = match (&file.lfs, &file.blob_id) {
-            (Some(lfs), _) => lfs.sha256.clone(),
-            (None, Some(id)) => id.clone(),
-            (None, None) => bail!("the hub gave no checksum or blob id for {}", file.rfilename),
-        };
-        if etag.is_empty() || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!(
-                "the hub gave {:?} as the id of {}, not a hex id",
-                etag,
-                file.rfilename
-            );
-        }
-        let blob = root.join("blobs").join(&etag);
-        let label = format!("[{}/{}] {}", i + 1, wanted.len(), file.rfilename);
+        files.push(head(&no_redirect, endpoint, &args.repo, &args.revision, name).await?);
+    }
+    let commit = files
+        .first()
+        .map(|f| f.commit.clone())
+        .context("the repository has no files")?;
+    if let Some(other) = files.iter().find(|f| f.commit != commit) {
+        bail!(
+            "the hub answered commit {} for {} but {commit} for {}; the branch moved during the pull: run it again",
+            other.commit,
+            other.name,
+            files[0].name
+        );
+    }
+    let snapshot = root.join("snapshots").join(&commit);
+    for (i, file) in files.iter().enumerate() {
+        let blob = root.join("blobs").join(&file.etag);
+        let label = format!("[{}/{}] {}", i + 1, files.len(), file.name);
         if blob.exists() {
             eprintln!("{label}: in the cache");
         } else {
-            let url = format!(
-                "{endpoint}/{}/resolve/{}/{}",
-                args.repo, info.sha, file.rfilename
-            );
+            let url = format!("{endpoint}/{}/resolve/{commit}/{}", args.repo, file.name);
             download(&client, &url, &blob, file, &label).await?;
         }
-        link(&snapshot, &file.rfilename, &etag)?;
+        link(&snapshot, &file.name, &file.etag)?;
     }
+    let info_sha = commit;
     let refs = root.join("refs");
     std::fs::create_dir_all(&refs).with_context(|| format!("cannot create {}", refs.display()))?;
-    if args.revision != info.sha && safe_relative(&args.revision) {
+    if args.revision != info_sha && safe_relative(&args.revision) {
         let r = refs.join(&args.revision);
         if let Some(parent) = r.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(&r, &info.sha).with_context(|| format!("cannot write {}", r.display()))?;
+        std::fs::write(&r, &info_sha).with_context(|| format!("cannot write {}", r.display()))?;
     }
     eprintln!(
         "{} at {} is in {}",
         args.repo,
-        &info.sha[..7.min(info.sha.len())],
+        &info_sha[..7.min(info_sha.len())],
         snapshot.display()
     );
     Ok(snapshot)
@@ -261,13 +315,13 @@ async fn download(
     client: &reqwest::Client,
     url: &str,
     blob: &Path,
-    file: &Sibling,
+    file: &FileMeta,
     label: &str,
 ) -> anyhow::Result<()> {
     let dir = blob.parent().context("blob without a directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let partial = blob.with_extension("incomplete");
-    let size = file.lfs.as_ref().map(|l| l.size).or(file.size);
+    let size = file.size;
     let bar = ProgressBar::new(size.unwrap_or(0));
     bar.set_style(
         ProgressStyle::with_template(
@@ -301,14 +355,13 @@ async fn download(
         );
     }
     bar.finish();
-    if let Some(lfs) = &file.lfs {
+    if let Some(want) = &file.sha256 {
         let got =
             sha256_file(&partial).with_context(|| format!("reading back {}", partial.display()))?;
-        if !got.eq_ignore_ascii_case(&lfs.sha256) {
+        if !got.eq_ignore_ascii_case(want) {
             let _ = std::fs::remove_file(&partial);
             bail!(
-                "{label}: sha256 {got} does not match the hub's {}; the download was corrupted and has been deleted: run the pull again",
-                lfs.sha256
+                "{label}: sha256 {got} does not match the hub's {want}; the download was corrupted and has been deleted: run the pull again"
             );
         }
     }

@@ -139,10 +139,47 @@ async fn resolve(
     response
 }
 
+/// What huggingface_hub's HEAD sees: for an LFS file a redirect carrying
+/// X-Linked-Etag (its sha256) and X-Linked-Size; for others a 200 with the
+/// git blob id as ETag; X-Repo-Commit on both.
+async fn head(
+    State(hub): State<Arc<Hub>>,
+    UrlPath((org, name, rev, file)): UrlPath<(String, String, String, String)>,
+) -> Response {
+    let Some(data) = hub
+        .files
+        .get(&file)
+        .filter(|_| format!("{org}/{name}") == REPO && (rev == "main" || rev == COMMIT))
+    else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let mut response = Response::new(Body::empty());
+    let h = response.headers_mut();
+    let set = |h: &mut HeaderMap, k: &'static str, v: String| {
+        if let Ok(v) = v.parse() {
+            h.insert(k, v);
+        }
+    };
+    set(h, "x-repo-commit", COMMIT.to_owned());
+    if file.ends_with(".safetensors") {
+        set(h, "x-linked-etag", format!("\"{}\"", sha256(data)));
+        set(h, "x-linked-size", data.len().to_string());
+        set(h, "location", format!("/{REPO}/resolve/{COMMIT}/{file}"));
+        *response.status_mut() = StatusCode::FOUND;
+    } else {
+        set(h, "etag", format!("\"{}\"", &sha256(data)[..40]));
+        set(h, "content-length", data.len().to_string());
+    }
+    response
+}
+
 async fn serve(hub: Arc<Hub>) -> Result<SocketAddr> {
     let app = Router::new()
         .route("/api/models/{org}/{name}/revision/{rev}", get(listing))
-        .route("/{org}/{name}/resolve/{commit}/{*file}", get(resolve))
+        .route(
+            "/{org}/{name}/resolve/{commit}/{*file}",
+            get(resolve).head(head),
+        )
         .with_state(hub);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -320,6 +357,57 @@ async fn a_failed_run_is_resumed_by_the_next() -> Result<()> {
         log.iter()
             .any(|(f, r)| f == "model.safetensors" && r.as_deref() == Some(want.as_str())),
         "no resume from {kept}: {log:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_files_only_and_unknown_ones_refused() -> Result<()> {
+    let hub = Arc::new(Hub {
+        files: model_files()?,
+        ..Hub::default()
+    });
+    let addr = serve(hub.clone()).await?;
+    let cache = tempfile::tempdir()?;
+    let endpoint = format!("http://{addr}");
+    let pull_files = |files: &[&str]| {
+        let mut cmd = trine();
+        cmd.args([
+            "model",
+            "pull",
+            REPO,
+            "--endpoint",
+            &endpoint,
+            "--cache-dir",
+        ])
+        .arg(cache.path());
+        for f in files {
+            cmd.args(["--file", f]);
+        }
+        cmd
+    };
+    let cmd = pull_files(&["config.json", "tokenizer.json"]);
+    let out = tokio::task::spawn_blocking(move || run(cmd, T)).await??;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snapshot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let mut names: Vec<String> = std::fs::read_dir(&snapshot)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    ensure!(names == ["config.json", "tokenizer.json"], "{names:?}");
+    ensure!(requests(&hub).iter().all(|(f, _)| f != "model.safetensors"));
+
+    let cmd = pull_files(&["weights.gguf"]);
+    let out = tokio::task::spawn_blocking(move || run(cmd, T)).await??;
+    let errors = error_lines(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1) && errors.len() == 1 && errors[0].contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }
