@@ -130,12 +130,7 @@ pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
             model.config.context
         );
     }
-    let mut tokens: Vec<u32> = tokenizer
-        .bos
-        .filter(|_| tokenizer.add_bos)
-        .into_iter()
-        .collect();
-    tokens.extend(tokenizer.encode(&text, false));
+    let tokens = tokenizer.encode_prompt(&text);
     if tokens.len() < 2 * args.ctx {
         anyhow::bail!(
             "{} holds {} tokens; perplexity needs at least 2 × --ctx = {}: give a longer text or a smaller --ctx",
@@ -144,15 +139,12 @@ pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
             2 * args.ctx
         );
     }
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(
-        err,
+    eprintln!(
         "{} tokens, {} chunks of {}",
         tokens.len(),
         tokens.len() / args.ctx,
         args.ctx
     );
-    drop(err);
     let pool = crate::generate_cmd::pool(args.threads)?;
     let result = pool.install(|| {
         eval::perplexity(
@@ -161,14 +153,12 @@ pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
             args.ctx,
             tokenizer.bos,
             |done, total, ppl| {
-                let mut err = std::io::stderr();
-                let _ = write!(err, "[{done}/{total}] {ppl:.4}  ");
-                let _ = err.flush();
+                eprint!("[{done}/{total}] {ppl:.4}  ");
+                let _ = std::io::stderr().flush();
             },
         )
     })?;
-    let mut err = std::io::stderr();
-    let _ = writeln!(err);
+    eprintln!();
     writeln!(
         std::io::stdout().lock(),
         "perplexity {:.4} +/- {:.4} over {} tokens in {} chunks of {} (NLL {:.6})",

@@ -95,13 +95,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         turns.push(("user", args.prompt.as_str()));
         tokenizer.chat(&turns)?
     } else {
-        let mut ids: Vec<u32> = tokenizer
-            .bos
-            .filter(|_| tokenizer.add_bos)
-            .into_iter()
-            .collect();
-        ids.extend(tokenizer.encode(&args.prompt, false));
-        ids
+        tokenizer.encode_prompt(&args.prompt)
     };
     if prompt.len() + args.max_tokens > c.context {
         anyhow::bail!(

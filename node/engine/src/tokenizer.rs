@@ -339,6 +339,14 @@ impl Tokenizer {
         out
     }
 
+    /// A plain-text prompt: BOS when the model wants one, then the text with
+    /// no special tokens matched.
+    pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos).into_iter().collect();
+        ids.extend(self.encode(text, false));
+        ids
+    }
+
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
         let mut start = 0;
         // fancy_regex only fails on backtracking limits, which this pattern
