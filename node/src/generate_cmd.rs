@@ -126,7 +126,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let _ = writeln!(out);
     let _ = writeln!(
         err,
-        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, {} threads",
+        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, threads {}",
         stats.prompt_tokens,
         stats.prefill_tokens_per_second(),
         stats.generated,
