@@ -274,20 +274,19 @@ async fn pull(args: &PullArgs) -> anyhow::Result<PathBuf> {
         }
         link(&snapshot, &file.name, &file.etag)?;
     }
-    let info_sha = commit;
     let refs = root.join("refs");
     std::fs::create_dir_all(&refs).with_context(|| format!("cannot create {}", refs.display()))?;
-    if args.revision != info_sha && safe_relative(&args.revision) {
+    if args.revision != commit && safe_relative(&args.revision) {
         let r = refs.join(&args.revision);
         if let Some(parent) = r.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(&r, &info_sha).with_context(|| format!("cannot write {}", r.display()))?;
+        std::fs::write(&r, &commit).with_context(|| format!("cannot write {}", r.display()))?;
     }
     eprintln!(
         "{} at {} is in {}",
         args.repo,
-        &info_sha[..7.min(info_sha.len())],
+        &commit[..7.min(commit.len())],
         snapshot.display()
     );
     Ok(snapshot)

@@ -108,6 +108,19 @@ impl HfConfig {
     }
 }
 
+/// The GGUF type of a float safetensors dtype.
+fn float_type(path: &Path, name: &str, dtype: Dtype) -> Result<GgmlType, Error> {
+    match dtype {
+        Dtype::F32 => Ok(GgmlType::F32),
+        Dtype::F16 => Ok(GgmlType::F16),
+        Dtype::BF16 => Ok(GgmlType::BF16),
+        other => Err(model_error(
+            path,
+            format!("tensor {name} has dtype {other:?}; expected BF16, F16 or F32"),
+        )),
+    }
+}
+
 /// Token ids in config.json: a number or a list of numbers.
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
@@ -196,17 +209,7 @@ impl<'a> Tensors<'a> {
                 ),
             ));
         }
-        let ty = match t.dtype() {
-            Dtype::F32 => GgmlType::F32,
-            Dtype::F16 => GgmlType::F16,
-            Dtype::BF16 => GgmlType::BF16,
-            other => {
-                return Err(model_error(
-                    path,
-                    format!("tensor {name} has dtype {other:?}; expected BF16, F16 or F32"),
-                ));
-            }
-        };
+        let ty = float_type(path, name, t.dtype())?;
         Dense::from_bytes(ty, self.shared(name, t.data()), rows, cols).map_err(|source| {
             Error::Tensor {
                 path: path.to_owned(),
@@ -214,6 +217,29 @@ impl<'a> Tensors<'a> {
                 source,
             }
         })
+    }
+
+    /// A one-element tensor of any shape ([], [1], [1, 1]).
+    fn scalar(&self, name: &str) -> Result<f32, Error> {
+        let (path, t) = self.require(name)?;
+        if t.shape().iter().product::<usize>() != 1 {
+            return Err(model_error(
+                path,
+                format!(
+                    "tensor {name} has shape {:?}; a scale is one number",
+                    t.shape()
+                ),
+            ));
+        }
+        let ty = float_type(path, name, t.dtype())?;
+        let d = Dense::from_bytes(ty, t.data(), 1, 1).map_err(|source| Error::Tensor {
+            path: path.to_owned(),
+            tensor: name.to_owned(),
+            source,
+        })?;
+        let mut v = [0f32];
+        d.row_into(0, &mut v);
+        Ok(v[0])
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, Error> {
@@ -247,28 +273,7 @@ impl<'a> Tensors<'a> {
                 ));
             }
             let scale_name = name.replace(".weight", ".weight_scale");
-            let scale = self.vector(&scale_name, 1).or_else(|_| {
-                // A scalar ([]-shaped) scale.
-                let (p, s) = self.require(&scale_name)?;
-                let d = Dense::from_bytes(
-                    match s.dtype() {
-                        Dtype::F32 => GgmlType::F32,
-                        Dtype::F16 => GgmlType::F16,
-                        _ => GgmlType::BF16,
-                    },
-                    s.data(),
-                    1,
-                    1,
-                )
-                .map_err(|source| Error::Tensor {
-                    path: p.to_owned(),
-                    tensor: scale_name.clone(),
-                    source,
-                })?;
-                let mut v = [0f32];
-                d.row_into(0, &mut v);
-                Ok::<_, Error>(v.to_vec())
-            })?[0];
+            let scale = self.scalar(&scale_name)?;
             if !(scale.is_finite() && scale > 0.0) {
                 return Err(model_error(
                     path,
@@ -312,15 +317,9 @@ pub fn open(dir: &Path, range: Option<Range<usize>>) -> Result<(Model, Tokenizer
         .validate()
         .map_err(|e| model_error(&dir.join("config.json"), format!("{e}; fix config.json")))?;
     let range = range.unwrap_or(0..config.layers);
-    if range.start >= range.end || range.end > config.layers {
-        return Err(model_error(
-            dir,
-            format!(
-                "layers {}..{} are not a stage of a {}-layer model",
-                range.start, range.end, config.layers
-            ),
-        ));
-    }
+    config
+        .check_stage(&range)
+        .map_err(|e| model_error(dir, e.0))?;
     let maps = shards(dir)?;
     let mut files = Vec::with_capacity(maps.len());
     for (p, m) in &maps {

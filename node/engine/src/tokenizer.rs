@@ -316,26 +316,19 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, special: bool) -> Vec<u32> {
         let mut out = Vec::new();
         let mut rest = text;
-        while !rest.is_empty() {
-            let next = if special {
-                self.special
-                    .iter()
-                    .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
-                    .min_by_key(|&(at, len, _)| (at, usize::MAX - len))
-            } else {
-                None
-            };
-            let (plain, after) = match next {
-                Some((at, len, id)) => {
-                    self.encode_plain(&rest[..at], &mut out);
-                    out.push(id);
-                    ("", &rest[at + len..])
-                }
-                None => (rest, ""),
-            };
-            self.encode_plain(plain, &mut out);
-            rest = after;
+        // The earliest special token in the rest (the longest at one place).
+        let next_special = |rest: &str| {
+            self.special
+                .iter()
+                .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
+                .min_by_key(|&(at, len, _)| (at, usize::MAX - len))
+        };
+        while let Some((at, len, id)) = special.then(|| next_special(rest)).flatten() {
+            self.encode_plain(&rest[..at], &mut out);
+            out.push(id);
+            rest = &rest[at + len..];
         }
+        self.encode_plain(rest, &mut out);
         out
     }
 

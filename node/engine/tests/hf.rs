@@ -181,3 +181,20 @@ fn bad_directories_are_refused_with_the_reason() {
     std::fs::write(empty.path().join("config.json"), &good).unwrap();
     assert!(open_error(empty.path()).contains("neither model.safetensors"));
 }
+
+#[test]
+fn a_scale_of_any_one_element_shape_and_float_dtype_is_read() {
+    let (w, dir) = synth_hf(7);
+    let beta = w.layers[0].up.beta();
+    let name = "model.layers.0.mlp.up_proj.weight_scale";
+    rewrite(dir.path(), |n| {
+        (n == name).then(|| Some((Dtype::F32, vec![], beta.to_le_bytes().to_vec())))
+    });
+    let (model, _) = trine_engine::open(dir.path(), None).unwrap();
+    assert_eq!(model.layers[0].up.beta(), beta);
+    rewrite(dir.path(), |n| {
+        (n == name).then(|| Some((Dtype::U8, vec![1], vec![1])))
+    });
+    let err = open_error(dir.path());
+    assert!(err.contains(name) && err.contains("U8"), "{err}");
+}

@@ -197,6 +197,18 @@ impl Config {
         Ok(())
     }
 
+    /// Whether `range` is a non-empty run of this model's layers.
+    pub fn check_stage(&self, range: &std::ops::Range<usize>) -> Result<(), ConfigError> {
+        if range.start < range.end && range.end <= self.layers {
+            Ok(())
+        } else {
+            Err(ConfigError(format!(
+                "layers {}..{} are not a stage of a {}-layer model",
+                range.start, range.end, self.layers
+            )))
+        }
+    }
+
     pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
     }

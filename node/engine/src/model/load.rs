@@ -199,12 +199,7 @@ impl Model {
             l.model_error(format!("{e}; the file's metadata is incomplete or corrupt"))
         })?;
         let range = range.unwrap_or(0..config.layers);
-        if range.start >= range.end || range.end > config.layers {
-            return Err(l.model_error(format!(
-                "layers {}..{} are not a stage of a {}-layer model",
-                range.start, range.end, config.layers
-            )));
-        }
+        config.check_stage(&range).map_err(|e| l.model_error(e.0))?;
         // BitNet b1.58 has no biases; a file with them is another model, and
         // ignoring them would give wrong answers.
         if let Some(t) = file
