@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "trine/v1/inference.proto",
     "trine/v1/admin.proto",
     "trine/v1/raft.proto",
+    "trine/v1/mesh.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use libp2p::Multiaddr;
 
 use crate::config::{self, Config, Layer, LogFormat};
 
@@ -31,13 +32,16 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
 (port in use, data dir locked or unwritable), 130 after a second signal during the drain.",
         after_help = "Example: trine node --data-dir /var/lib/trine --region us-east --grpc-addr 0.0.0.0:7400"
     )]
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Generate text from a prompt with a local model file, streamed to
     /// stdout; speeds are reported on stderr.
     Generate(crate::generate_cmd::GenerateArgs),
     /// Perplexity of a model over a text file, computed as llama.cpp's
     /// perplexity tool does (chunks of --ctx tokens, second halves scored).
     Perplexity(crate::eval_cmd::PerplexityArgs),
+    /// List the libp2p peers a running node knows: region, RTT, last seen,
+    /// addresses (asks the node's Admin gRPC service).
+    Peers(crate::peers_cmd::PeersArgs),
     /// Look inside model files, score token sequences, make synthetic models.
     #[command(subcommand)]
     Model(crate::model_cmd::ModelCommand),
@@ -94,6 +98,72 @@ pub struct NodeArgs {
     /// they are cut, e.g. 30s (at most 10m). [default: 10s]
     #[arg(long, env = "TRINE_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Option<Duration>,
+
+    /// libp2p listen addresses, comma-separated; port 0 picks a free port
+    /// (see endpoints.json). [default: /ip4/127.0.0.1/tcp/7402]
+    #[arg(
+        long,
+        env = "TRINE_P2P_LISTEN",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub p2p_listen: Option<Vec<Multiaddr>>,
+
+    /// Addresses other nodes should dial, when they differ from the listen
+    /// addresses (NAT, containers, Kubernetes), e.g. /dns4/trine-0.trine/tcp/7402.
+    /// [default: the listen addresses]
+    #[arg(
+        long,
+        env = "TRINE_P2P_ANNOUNCE",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub p2p_announce: Option<Vec<Multiaddr>>,
+
+    /// Nodes to join through, comma-separated: /ip4/<ip>/tcp/<port> or
+    /// /dns4/<name>/tcp/<port>, optionally ending in /p2p/<peer id>.
+    /// Bootstrap peers are admitted to gossip and the stage protocol.
+    #[arg(
+        long,
+        env = "TRINE_BOOTSTRAP",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub bootstrap: Option<Vec<Multiaddr>>,
+
+    /// Admit every peer to health gossip and the stage protocol. Without
+    /// it only bootstrap peers (and, later, cluster members) are admitted;
+    /// anyone may still identify, ping and use the DHT.
+    #[arg(long, env = "TRINE_OPEN_MESH")]
+    pub open_mesh: bool,
+
+    /// Simulated inter-region latency: "off", "realistic" (us-east, us-west,
+    /// eu-central, ap-southeast from public-cloud medians) or a TOML file
+    /// with `jitter = "2ms"`, `intra_region = "1ms"` and a `[rtt]` table of
+    /// `"region-a/region-b" = "65ms"`. Every node of a mesh must agree.
+    /// [default: off]
+    #[arg(
+        long,
+        env = "TRINE_SIMULATED_LATENCY",
+        value_name = "off|realistic|FILE"
+    )]
+    pub simulated_latency: Option<String>,
+
+    /// How often this node gossips its health heartbeat. [default: 2s]
+    #[arg(long, env = "TRINE_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+
+    /// How often each peer connection is pinged for RTT. [default: 5s]
+    #[arg(long, env = "TRINE_PING_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ping_interval: Option<Duration>,
+
+    /// Forget a disconnected peer that has been silent this long. [default: 15s]
+    #[arg(long, env = "TRINE_PEER_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub peer_ttl: Option<Duration>,
+
+    /// Most established mesh connections in total (2 per peer). [default: 256]
+    #[arg(long, env = "TRINE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<u32>,
 }
 
 impl NodeArgs {
@@ -109,6 +179,15 @@ impl NodeArgs {
             log_format: self.log_format,
             log_level: self.log_level.clone(),
             shutdown_timeout: self.shutdown_timeout,
+            p2p_listen: self.p2p_listen.clone(),
+            p2p_announce: self.p2p_announce.clone(),
+            bootstrap: self.bootstrap.clone(),
+            open_mesh: self.open_mesh.then_some(true),
+            simulated_latency: self.simulated_latency.clone(),
+            heartbeat_interval: self.heartbeat_interval,
+            ping_interval: self.ping_interval,
+            peer_ttl: self.peer_ttl,
+            max_connections: self.max_connections,
         }
     }
 

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 
 /// Longest drain a node accepts on shutdown. Orchestrators kill long before
@@ -50,6 +51,28 @@ pub struct Config {
     /// How long in-flight requests may run after SIGINT/SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// libp2p listen addresses (TCP).
+    pub p2p_listen: Vec<Multiaddr>,
+    /// Addresses other nodes should dial (behind NAT, in containers); empty
+    /// means the listen addresses.
+    pub p2p_announce: Vec<Multiaddr>,
+    /// Nodes to join through; `/dns4/` names are resolved at dial time.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Admit every peer to gossip and the stage protocol (no peer filter).
+    pub open_mesh: bool,
+    /// "off", "realistic" (built-in four-region matrix) or a TOML file.
+    pub simulated_latency: String,
+    /// How often this node gossips its health.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How often each connection is pinged (RTT).
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A disconnected peer silent for this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub peer_ttl: Duration,
+    /// Most established mesh connections.
+    pub max_connections: u32,
 }
 
 /// One layer of configuration: every key optional. Deserialized from the
@@ -67,6 +90,18 @@ pub struct Layer {
     pub log_level: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
+    pub p2p_listen: Option<Vec<Multiaddr>>,
+    pub p2p_announce: Option<Vec<Multiaddr>>,
+    pub bootstrap: Option<Vec<Multiaddr>>,
+    pub open_mesh: Option<bool>,
+    pub simulated_latency: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub ping_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub peer_ttl: Option<Duration>,
+    pub max_connections: Option<u32>,
 }
 
 /// Why a configuration could not be loaded or is not valid. Each message is
@@ -111,6 +146,15 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             shutdown_timeout: Duration::from_secs(10),
+            p2p_listen: vec!["/ip4/127.0.0.1/tcp/7402".parse().expect("valid multiaddr")],
+            p2p_announce: Vec::new(),
+            bootstrap: Vec::new(),
+            open_mesh: false,
+            simulated_latency: "off".into(),
+            heartbeat_interval: Duration::from_secs(2),
+            ping_interval: Duration::from_secs(5),
+            peer_ttl: Duration::from_secs(15),
+            max_connections: 256,
         }
     }
 }
@@ -165,6 +209,15 @@ impl Layer {
             log_format: over.log_format.or(self.log_format),
             log_level: over.log_level.or(self.log_level),
             shutdown_timeout: over.shutdown_timeout.or(self.shutdown_timeout),
+            p2p_listen: over.p2p_listen.or(self.p2p_listen),
+            p2p_announce: over.p2p_announce.or(self.p2p_announce),
+            bootstrap: over.bootstrap.or(self.bootstrap),
+            open_mesh: over.open_mesh.or(self.open_mesh),
+            simulated_latency: over.simulated_latency.or(self.simulated_latency),
+            heartbeat_interval: over.heartbeat_interval.or(self.heartbeat_interval),
+            ping_interval: over.ping_interval.or(self.ping_interval),
+            peer_ttl: over.peer_ttl.or(self.peer_ttl),
+            max_connections: over.max_connections.or(self.max_connections),
         }
     }
 }
@@ -183,6 +236,15 @@ impl Config {
             log_format: layer.log_format.unwrap_or(d.log_format),
             log_level: layer.log_level.unwrap_or(d.log_level),
             shutdown_timeout: layer.shutdown_timeout.unwrap_or(d.shutdown_timeout),
+            p2p_listen: layer.p2p_listen.unwrap_or(d.p2p_listen),
+            p2p_announce: layer.p2p_announce.unwrap_or(d.p2p_announce),
+            bootstrap: layer.bootstrap.unwrap_or(d.bootstrap),
+            open_mesh: layer.open_mesh.unwrap_or(d.open_mesh),
+            simulated_latency: layer.simulated_latency.unwrap_or(d.simulated_latency),
+            heartbeat_interval: layer.heartbeat_interval.unwrap_or(d.heartbeat_interval),
+            ping_interval: layer.ping_interval.unwrap_or(d.ping_interval),
+            peer_ttl: layer.peer_ttl.unwrap_or(d.peer_ttl),
+            max_connections: layer.max_connections.unwrap_or(d.max_connections),
         };
         config.validate()?;
         Ok(config)
@@ -223,7 +285,129 @@ impl Config {
                 "it must be more than 0 and at most 10m, e.g. \"30s\"",
             ));
         }
+        self.validate_mesh()
+    }
+
+    fn validate_mesh(&self) -> Result<(), Error> {
+        use libp2p::multiaddr::Protocol;
+        if self.p2p_listen.is_empty() {
+            return Err(invalid(
+                "p2p_listen",
+                "[]",
+                "a node needs at least one p2p address, e.g. /ip4/127.0.0.1/tcp/7402",
+            ));
+        }
+        for a in &self.p2p_listen {
+            let mut it = a.iter();
+            let ok = matches!(it.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_)))
+                && matches!(it.next(), Some(Protocol::Tcp(_)))
+                && it.next().is_none();
+            if !ok {
+                return Err(invalid(
+                    "p2p_listen",
+                    &a.to_string(),
+                    "listen on /ip4/<ip>/tcp/<port> or /ip6/<ip>/tcp/<port> (port 0 picks a free one)",
+                ));
+            }
+        }
+        for (key, list) in [
+            ("p2p_announce", &self.p2p_announce),
+            ("bootstrap", &self.bootstrap),
+        ] {
+            for a in list {
+                let mut it = a.iter();
+                let host = matches!(
+                    it.next(),
+                    Some(
+                        Protocol::Ip4(_)
+                            | Protocol::Ip6(_)
+                            | Protocol::Dns(_)
+                            | Protocol::Dns4(_)
+                            | Protocol::Dns6(_)
+                    )
+                );
+                let port = matches!(it.next(), Some(Protocol::Tcp(p)) if p != 0);
+                let rest = match it.next() {
+                    None => true,
+                    Some(Protocol::P2p(_)) => key == "bootstrap" && it.next().is_none(),
+                    Some(_) => false,
+                };
+                if !(host && port && rest) {
+                    return Err(invalid(
+                        key,
+                        &a.to_string(),
+                        "use /ip4/<ip>/tcp/<port>, /ip6/…, or /dns4/<name>/tcp/<port> (bootstrap may end in /p2p/<peer id>)",
+                    ));
+                }
+            }
+        }
+        if !["off", "realistic"].contains(&self.simulated_latency.as_str()) {
+            crate::mesh::Matrix::from_file(Path::new(&self.simulated_latency)).map_err(|e| {
+                invalid(
+                    "simulated_latency",
+                    &self.simulated_latency,
+                    &format!("{e}; or use \"off\" or \"realistic\""),
+                )
+            })?;
+        }
+        for (key, d, min, max) in [
+            (
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                Duration::from_millis(100),
+                Duration::from_secs(60),
+            ),
+            (
+                "ping_interval",
+                self.ping_interval,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            ),
+            (
+                "peer_ttl",
+                self.peer_ttl,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            ),
+        ] {
+            if d < min || d > max {
+                return Err(invalid(
+                    key,
+                    &humantime::format_duration(d).to_string(),
+                    &format!(
+                        "it must be between {} and {}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
+        }
+        if self.peer_ttl < self.heartbeat_interval * 2 {
+            return Err(invalid(
+                "peer_ttl",
+                &humantime::format_duration(self.peer_ttl).to_string(),
+                "it must be at least twice heartbeat_interval, or live peers would be forgotten between heartbeats",
+            ));
+        }
+        if !(2..=65_536).contains(&self.max_connections) {
+            return Err(invalid(
+                "max_connections",
+                &self.max_connections.to_string(),
+                "it must be between 2 and 65536",
+            ));
+        }
         Ok(())
+    }
+
+    /// The simulated latency matrix, if the simulation is on.
+    pub fn latency_matrix(
+        &self,
+    ) -> Result<Option<crate::mesh::Matrix>, crate::mesh::latency::MatrixError> {
+        match self.simulated_latency.as_str() {
+            "off" => Ok(None),
+            "realistic" => Ok(Some(crate::mesh::Matrix::realistic())),
+            path => crate::mesh::Matrix::from_file(Path::new(path)).map(Some),
+        }
     }
 
     /// The configuration as a TOML file that `--config` accepts back.

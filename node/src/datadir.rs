@@ -84,6 +84,10 @@ pub struct Endpoints {
     pub pid: u32,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// libp2p PeerId of the node.
+    pub peer_id: String,
+    /// libp2p listen addresses, ports resolved.
+    pub p2p: Vec<String>,
 }
 
 /// An open, locked data directory. Dropping it releases the lock;
@@ -402,6 +406,8 @@ mod tests {
             pid: 7,
             grpc: "127.0.0.1:1".parse().unwrap(),
             http: "127.0.0.1:2".parse().unwrap(),
+            peer_id: "12D3KooW".into(),
+            p2p: vec!["/ip4/127.0.0.1/tcp/3".into()],
         };
         d.write_endpoints(&e).unwrap();
         assert_eq!(DataDir::read_endpoints(tmp.path()), Some(e));

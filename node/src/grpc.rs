@@ -14,6 +14,8 @@ use trine_proto::v1::inference_server::{Inference, InferenceServer};
 use trine_proto::v1::raft_server::{Raft, RaftServer};
 use trine_proto::{service_names, v1};
 
+use crate::mesh::Mesh;
+
 /// Largest gRPC message the node decodes. Bounds memory per request.
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
@@ -47,8 +49,100 @@ impl Inference for NotYetServed {
     }
 }
 
+/// The Admin service: peers from the mesh; the rest is not served yet.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    mesh: Mesh,
+}
+
+fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_peers(
+        &self,
+        request: Request<v1::ListPeersRequest>,
+    ) -> Reply<v1::ListPeersResponse> {
+        let request_id = request.into_inner().request_id;
+        let snapshot = self
+            .mesh
+            .snapshot()
+            .await
+            .map_err(|e| Status::unavailable(format!("{e}; the node is shutting down")))?;
+        let mut peers: Vec<v1::Peer> = snapshot
+            .peers
+            .into_iter()
+            .map(|p| v1::Peer {
+                peer_id: p.peer_id.to_string(),
+                name: p.name,
+                locality: Some(v1::Locality {
+                    region: p.region,
+                    zone: p.zone,
+                }),
+                addrs: p.addrs.iter().map(ToString::to_string).collect(),
+                connected: p.connected,
+                rtt_seconds: p.rtt.map_or(0.0, |d| d.as_secs_f64()),
+                last_seen: Some(timestamp(p.last_seen)),
+                agent: p.agent,
+                admitted: p.admitted,
+                score: p.score,
+                heartbeat_seq: p.heartbeat_seq,
+            })
+            .collect();
+        peers.sort_by(|a, b| (&a.name, &a.peer_id).cmp(&(&b.name, &b.peer_id)));
+        Ok(Response::new(v1::ListPeersResponse {
+            request_id,
+            local_peer_id: snapshot.local_peer_id.to_string(),
+            peers,
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        r: Request<v1::ClusterStatusRequest>,
+    ) -> Reply<v1::ClusterStatusResponse> {
+        NotYetServed.cluster_status(r).await
+    }
+
+    async fn list_nodes(&self, r: Request<v1::ListNodesRequest>) -> Reply<v1::ListNodesResponse> {
+        NotYetServed.list_nodes(r).await
+    }
+
+    async fn get_placement(
+        &self,
+        r: Request<v1::GetPlacementRequest>,
+    ) -> Reply<v1::GetPlacementResponse> {
+        NotYetServed.get_placement(r).await
+    }
+
+    async fn deploy_model(
+        &self,
+        r: Request<v1::DeployModelRequest>,
+    ) -> Reply<v1::DeployModelResponse> {
+        NotYetServed.deploy_model(r).await
+    }
+
+    async fn chain_head(&self, r: Request<v1::ChainHeadRequest>) -> Reply<v1::ChainHeadResponse> {
+        NotYetServed.chain_head(r).await
+    }
+
+    async fn get_block(&self, r: Request<v1::GetBlockRequest>) -> Reply<v1::GetBlockResponse> {
+        NotYetServed.get_block(r).await
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for NotYetServed {
+    async fn list_peers(&self, _: Request<v1::ListPeersRequest>) -> Reply<v1::ListPeersResponse> {
+        Err(not_served("trine.v1.Admin/ListPeers"))
+    }
+
     async fn cluster_status(
         &self,
         _: Request<v1::ClusterStatusRequest>,
@@ -112,13 +206,14 @@ pub struct Services {
 }
 
 /// Builds every gRPC service of the node.
-pub async fn services() -> Result<Services, tonic_reflection::server::Error> {
+pub async fn services(mesh: Mesh) -> Result<Services, tonic_reflection::server::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in [
-        service_names::INFERENCE,
-        service_names::ADMIN,
-        service_names::RAFT,
-    ] {
+    // Admin answers ListPeers; the rest of it and the other services come
+    // with the control plane and serving.
+    health
+        .set_service_status(service_names::ADMIN, ServingStatus::Serving)
+        .await;
+    for name in [service_names::INFERENCE, service_names::RAFT] {
         health
             .set_service_status(name, ServingStatus::NotServing)
             .await;
@@ -134,7 +229,9 @@ pub async fn services() -> Result<Services, tonic_reflection::server::Error> {
         .add_service(
             InferenceServer::new(NotYetServed).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(AdminServer::new(NotYetServed).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            AdminServer::new(AdminService { mesh }).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .add_service(RaftServer::new(NotYetServed).max_decoding_message_size(MAX_MESSAGE_BYTES));
     Ok(Services { health, router })
 }

@@ -12,6 +12,8 @@
 //! - [`model_cmd`]: `trine model inspect|synth`.
 //! - [`metrics`]: every metric name of this crate, and the exporter.
 //! - [`logging`]: tracing to stderr, text or JSON.
+//! - [`mesh`]: the libp2p mesh: identity, discovery, gossip, stage protocol.
+//! - [`peers_cmd`]: `trine peers`.
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
 //! - [`simd`]: run-time SIMD level detection.
 //! - [`build`]: version, git commit.
@@ -26,8 +28,10 @@ pub mod grpc;
 pub mod http;
 pub mod hub;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
 pub mod model_cmd;
 pub mod node;
+pub mod peers_cmd;
 pub mod shutdown;
 pub mod simd;

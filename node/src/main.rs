@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => exit(trine_node::generate_cmd::run(&args)),
         Command::Perplexity(args) => exit(trine_node::eval_cmd::perplexity(&args)),
         Command::Model(command) => exit(trine_node::model_cmd::run(&command)),
+        Command::Peers(args) => exit(trine_node::peers_cmd::run(&args)),
     }
 }
 

@@ -7,18 +7,73 @@
 
 use std::sync::OnceLock;
 
-use metrics::{describe_gauge, gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Gauge, always 1: `{version, git_sha, simd}` of the running binary.
 pub const BUILD_INFO: &str = "trine_build_info";
 /// Gauge: 1 while the node serves, 0 once it has begun shutting down.
 pub const NODE_UP: &str = "trine_node_up";
-/// Gauge, always 1: `{name, region, zone}` of this node.
+/// Gauge, always 1: `{name, region, zone, peer_id}` of this node.
 pub const NODE_INFO: &str = "trine_node_info";
 
+/// Gauge `{region}`: peers this node knows (connected or heard from lately).
+pub const PEERS: &str = "trine_peers";
+/// Gauge: entries in the Kademlia routing table.
+pub const DHT_PEERS: &str = "trine_dht_peers";
+/// Gauge: peers with at least one open connection.
+pub const P2P_CONNECTED_PEERS: &str = "trine_p2p_connected_peers";
+/// Counter: bytes written to mesh connections (before encryption overhead
+/// is removed, i.e. what goes on the wire).
+pub const P2P_BYTES_SENT: &str = "trine_p2p_bytes_sent_total";
+/// Counter: bytes read from mesh connections.
+pub const P2P_BYTES_RECEIVED: &str = "trine_p2p_bytes_received_total";
+/// Histogram `{peer_region}`: libp2p ping round trips.
+pub const PEER_RTT: &str = "trine_peer_rtt_seconds";
+/// Counter: pings that failed or timed out.
+pub const PING_FAILURES: &str = "trine_p2p_ping_failures_total";
+/// Counter: heartbeats this node published.
+pub const GOSSIP_PUBLISHED: &str = "trine_gossip_messages_published_total";
+/// Counter: valid heartbeats received.
+pub const GOSSIP_RECEIVED: &str = "trine_gossip_messages_received_total";
+/// Counter `{reason}`: heartbeats dropped without penalty (stale, clock).
+pub const GOSSIP_IGNORED: &str = "trine_gossip_messages_ignored_total";
+/// Counter `{reason}`: heartbeats rejected as invalid (the forwarder is
+/// scored down): oversized, malformed, field, rate, unsigned, not_member.
+pub const GOSSIP_INVALID: &str = "trine_gossip_messages_invalid_total";
+/// Counter `{direction, status}`: stage requests answered (in) or sent (out).
+pub const STAGE_REQUESTS: &str = "trine_stage_requests_total";
+/// Counter `{reason}`: stage requests refused before reaching a stage:
+/// oversized, malformed, shape, request_id, model, not_member, failure.
+pub const STAGE_REJECTED: &str = "trine_stage_rejected_total";
+
+/// Bucket bounds of [`PEER_RTT`]: 1 ms to 2 s, dense where regions sit.
+pub const RTT_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3,
+    0.4, 0.5, 0.75, 1.0, 1.5, 2.0,
+];
+
 /// Every name above, for tests and docs that check the contract.
-pub const ALL: &[&str] = &[BUILD_INFO, NODE_UP, NODE_INFO];
+pub const ALL: &[&str] = &[
+    BUILD_INFO,
+    NODE_UP,
+    NODE_INFO,
+    PEERS,
+    DHT_PEERS,
+    P2P_CONNECTED_PEERS,
+    P2P_BYTES_SENT,
+    P2P_BYTES_RECEIVED,
+    PEER_RTT,
+    PING_FAILURES,
+    GOSSIP_PUBLISHED,
+    GOSSIP_RECEIVED,
+    GOSSIP_IGNORED,
+    GOSSIP_INVALID,
+    STAGE_REQUESTS,
+    STAGE_REJECTED,
+];
 
 struct Exporter {
     handle: PrometheusHandle,
@@ -32,7 +87,10 @@ static EXPORTER: OnceLock<Exporter> = OnceLock::new();
 /// inside one test process.
 pub fn install() -> Metrics {
     let exporter = EXPORTER.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(PEER_RTT.to_owned()), RTT_BUCKETS)
+            .expect("RTT_BUCKETS is not empty")
+            .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder is installed; the handle then
         // renders nothing, which the e2e test would catch.
@@ -58,8 +116,106 @@ fn describe() {
     );
     describe_gauge!(
         NODE_INFO,
-        "Name, region and zone of this node (value is always 1)."
+        "Name, region, zone and libp2p peer id of this node (value is always 1)."
     );
+    describe_gauge!(
+        PEERS,
+        "Peers this node knows, by region: connected, or heard from within the peer TTL."
+    );
+    describe_gauge!(DHT_PEERS, "Entries in this node's Kademlia routing table.");
+    describe_gauge!(
+        P2P_CONNECTED_PEERS,
+        "Peers with at least one open mesh connection."
+    );
+    describe_counter!(
+        P2P_BYTES_SENT,
+        metrics::Unit::Bytes,
+        "Bytes written to mesh connections."
+    );
+    describe_counter!(
+        P2P_BYTES_RECEIVED,
+        metrics::Unit::Bytes,
+        "Bytes read from mesh connections."
+    );
+    describe_histogram!(
+        PEER_RTT,
+        metrics::Unit::Seconds,
+        "libp2p ping round-trip time to peers, by the peer's region."
+    );
+    describe_counter!(PING_FAILURES, "libp2p pings that failed or timed out.");
+    describe_counter!(
+        GOSSIP_PUBLISHED,
+        "Health heartbeats this node published on trine/health/1."
+    );
+    describe_counter!(GOSSIP_RECEIVED, "Valid health heartbeats received.");
+    describe_counter!(
+        GOSSIP_IGNORED,
+        "Heartbeats dropped without penalty (stale, clock), by reason."
+    );
+    describe_counter!(
+        GOSSIP_INVALID,
+        "Heartbeats rejected as invalid, by reason; the forwarding peer is scored down."
+    );
+    describe_counter!(
+        STAGE_REQUESTS,
+        "Requests on /trine/stage/1, by direction (in, out) and status."
+    );
+    describe_counter!(
+        STAGE_REJECTED,
+        "Stage requests refused before reaching a stage, by reason."
+    );
+}
+
+pub fn p2p_sent(n: usize) {
+    counter!(P2P_BYTES_SENT).increment(n as u64);
+}
+
+pub fn p2p_received(n: usize) {
+    counter!(P2P_BYTES_RECEIVED).increment(n as u64);
+}
+
+pub fn set_peers(region: &str, n: usize) {
+    gauge!(PEERS, "region" => region.to_owned()).set(n as f64);
+}
+
+pub fn set_dht_peers(n: usize) {
+    gauge!(DHT_PEERS).set(n as f64);
+}
+
+pub fn set_connected_peers(n: usize) {
+    gauge!(P2P_CONNECTED_PEERS).set(n as f64);
+}
+
+pub fn observe_rtt(peer_region: &str, rtt: Duration) {
+    histogram!(PEER_RTT, "peer_region" => peer_region.to_owned()).record(rtt.as_secs_f64());
+}
+
+pub fn ping_failure() {
+    counter!(PING_FAILURES).increment(1);
+}
+
+pub fn gossip_published() {
+    counter!(GOSSIP_PUBLISHED).increment(1);
+}
+
+pub fn gossip_received() {
+    counter!(GOSSIP_RECEIVED).increment(1);
+}
+
+pub fn gossip_ignored(reason: &'static str) {
+    counter!(GOSSIP_IGNORED, "reason" => reason).increment(1);
+}
+
+pub fn gossip_invalid(reason: &'static str) {
+    counter!(GOSSIP_INVALID, "reason" => reason).increment(1);
+}
+
+pub fn stage_request(direction: &'static str, status: &'static str) {
+    counter!(STAGE_REQUESTS, "direction" => direction, "status" => status).increment(1);
+}
+
+pub fn stage_rejected(reason: &'static str) {
+    counter!(STAGE_REJECTED, "reason" => reason).increment(1);
 }
 
 /// Access to the installed exporter.
@@ -76,7 +232,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// Sets the metrics that describe this binary and node.
-    pub fn set_identity(&self, name: &str, region: &str, zone: &str) {
+    pub fn set_identity(&self, name: &str, region: &str, zone: &str, peer_id: &str) {
         gauge!(
             BUILD_INFO,
             "version" => crate::build::VERSION,
@@ -88,7 +244,8 @@ impl Metrics {
             NODE_INFO,
             "name" => name.to_owned(),
             "region" => region.to_owned(),
-            "zone" => zone.to_owned()
+            "zone" => zone.to_owned(),
+            "peer_id" => peer_id.to_owned()
         )
         .set(1.0);
     }
@@ -114,25 +271,54 @@ mod tests {
         for name in ALL {
             assert!(name.starts_with("trine_"), "{name}");
             assert!(
-                name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
                 "{name}"
             );
         }
+        // Counters end in _total, durations in _seconds.
+        for name in [P2P_BYTES_SENT, P2P_BYTES_RECEIVED, PING_FAILURES, GOSSIP_INVALID] {
+            assert!(name.ends_with("_total"), "{name}");
+        }
+        assert!(PEER_RTT.ends_with("_seconds"));
     }
 
     #[test]
     fn render_shows_identity_and_process_metrics() {
         let m = install();
-        m.set_identity("n1", "us-east", "a");
+        m.set_identity("n1", "us-east", "a", "12D3KooWtest");
         m.set_up(true);
+        set_peers("us-west", 2);
+        set_dht_peers(2);
+        set_connected_peers(2);
+        p2p_sent(10);
+        p2p_received(20);
+        observe_rtt("us-west", Duration::from_millis(65));
+        ping_failure();
+        gossip_published();
+        gossip_received();
+        gossip_ignored("stale");
+        gossip_invalid("malformed");
+        stage_request("in", "ok");
+        stage_rejected("oversized");
         let text = m.render();
         assert!(text.contains("# TYPE trine_build_info gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE trine_peer_rtt_seconds histogram"),
+            "{text}"
+        );
+        // The RTT buckets resolve 1 ms through 2 s.
+        for le in ["0.001", "0.06", "0.08", "2"] {
+            let bucket =
+                format!("trine_peer_rtt_seconds_bucket{{peer_region=\"us-west\",le=\"{le}\"}}");
+            assert!(text.contains(&bucket), "{bucket}: {text}");
+        }
         assert!(
             text.contains(&format!("git_sha=\"{}\"", crate::build::GIT_SHA)),
             "{text}"
         );
         assert!(
-            text.contains("trine_node_info{name=\"n1\",region=\"us-east\",zone=\"a\"} 1"),
+            text.contains("trine_node_info{name=\"n1\",region=\"us-east\",zone=\"a\",peer_id=\"12D3KooWtest\"} 1"),
             "{text}"
         );
         assert!(text.contains("process_resident_memory_bytes"), "{text}");

@@ -16,7 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::datadir::{self, DataDir, Endpoints};
-use crate::{grpc, http, metrics};
+use crate::{grpc, http, mesh, metrics};
 
 /// How long the HTTP server may take to finish after gRPC has drained.
 const HTTP_STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,6 +36,10 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the {what} server stopped unexpectedly: {reason}")]
     Server { what: &'static str, reason: String },
+    #[error(transparent)]
+    Mesh(#[from] mesh::Error),
+    #[error(transparent)]
+    Latency(#[from] mesh::latency::MatrixError),
 }
 
 /// The node's bound sockets. Binding is separate from serving so tests can
@@ -94,15 +98,47 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let metrics = metrics::install();
-    metrics.set_identity(&config.name, &config.region, &config.zone);
+    let (key, created) =
+        mesh::identity::load_or_create(data_dir.path()).map_err(mesh::Error::from)?;
+    let peer_id = key.public().to_peer_id();
+    metrics.set_identity(
+        &config.name,
+        &config.region,
+        &config.zone,
+        &peer_id.to_string(),
+    );
+    tracing::info!(%peer_id, new = created, "node identity");
+    let mesh::Started {
+        mesh,
+        stage_requests,
+        task: mesh_task,
+    } = mesh::start(mesh_config(config)?, key).await?;
+    let stage_task = tokio::spawn(answer_stage_requests(stage_requests));
     let ready = Arc::new(AtomicBool::new(false));
     let endpoints = Endpoints {
         pid: std::process::id(),
         grpc: local_addr(&listeners.grpc, "gRPC")?,
         http: local_addr(&listeners.http, "HTTP")?,
+        peer_id: peer_id.to_string(),
+        p2p: mesh
+            .listen_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     };
+    tracing::info!(
+        p2p = ?endpoints.p2p,
+        bootstrap = config.bootstrap.len(),
+        simulated_latency = %config.simulated_latency,
+        filter = if config.open_mesh {
+            "open mesh: every peer may gossip and use the stage protocol"
+        } else {
+            "bootstrap peers only may gossip and use the stage protocol; others may identify, ping and use the DHT"
+        },
+        "mesh listening"
+    );
 
-    let grpc::Services { health, router } = grpc::services().await?;
+    let grpc::Services { health, router } = grpc::services(mesh.clone()).await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
     let mut grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -181,6 +217,9 @@ pub async fn serve(
     {
         http_task.abort();
     }
+    mesh_task.abort();
+    stage_task.abort();
+    drop(mesh);
     data_dir.close();
     match failure {
         None => {
@@ -188,6 +227,38 @@ pub async fn serve(
             Ok(())
         }
         Some(e) => Err(e),
+    }
+}
+
+/// The mesh settings of a node configuration.
+fn mesh_config(config: &Config) -> Result<mesh::Config, Error> {
+    let mut m = mesh::Config::new(&config.name, &config.region, &config.zone);
+    m.listen.clone_from(&config.p2p_listen);
+    m.announce.clone_from(&config.p2p_announce);
+    m.bootstrap.clone_from(&config.bootstrap);
+    m.open = config.open_mesh;
+    m.latency = config.latency_matrix()?.map(Arc::new);
+    m.heartbeat_interval = config.heartbeat_interval;
+    m.ping_interval = config.ping_interval;
+    m.peer_ttl = config.peer_ttl;
+    m.max_connections = config.max_connections;
+    m.target_peers = m.target_peers.min(config.max_connections / 2);
+    Ok(m)
+}
+
+/// No stage runs on a node yet (model serving lands later): every stage
+/// request that passed the mesh's checks is answered NOT_SERVED.
+async fn answer_stage_requests(mut requests: tokio::sync::mpsc::Receiver<mesh::InboundStage>) {
+    while let Some(r) = requests.recv().await {
+        let _ = r.reply.send(trine_proto::v1::StageResponse {
+            request_id: r.request.request_id.clone(),
+            status: trine_proto::v1::StageStatus::NotServed.into(),
+            message: format!(
+                "this node serves no stage of model {:?} (stage {})",
+                r.request.model, r.request.stage
+            ),
+            ..Default::default()
+        });
     }
 }
 

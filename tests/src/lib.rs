@@ -162,6 +162,8 @@ pub struct Endpoints {
     pub pid: u32,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    pub peer_id: String,
+    pub p2p: Vec<String>,
 }
 
 /// A running `trine node` child process. Killed (SIGKILL) on drop if it is
@@ -196,6 +198,7 @@ impl Node {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)
             .stdout(File::create(tmp.path().join("node.out"))?)
             .stderr(File::create(&log_path)?);
