@@ -42,6 +42,9 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// List the libp2p peers a running node knows: region, RTT, last seen,
     /// addresses (asks the node's Admin gRPC service).
     Peers(crate::peers_cmd::PeersArgs),
+    /// System benchmarks (mesh convergence at scale).
+    #[command(subcommand)]
+    Bench(crate::bench_cmd::BenchCommand),
     /// Look inside model files, score token sequences, make synthetic models.
     #[command(subcommand)]
     Model(crate::model_cmd::ModelCommand),

@@ -17,7 +17,9 @@
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
 //! - [`simd`]: run-time SIMD level detection.
 //! - [`build`]: version, git commit.
+//! - [`bench_cmd`]: `trine bench mesh`.
 
+pub mod bench_cmd;
 pub mod build;
 pub mod cli;
 pub mod config;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => exit(trine_node::eval_cmd::perplexity(&args)),
         Command::Model(command) => exit(trine_node::model_cmd::run(&command)),
         Command::Peers(args) => exit(trine_node::peers_cmd::run(&args)),
+        Command::Bench(command) => exit(trine_node::bench_cmd::run(&command)),
     }
 }
 

@@ -277,7 +277,12 @@ mod tests {
             );
         }
         // Counters end in _total, durations in _seconds.
-        for name in [P2P_BYTES_SENT, P2P_BYTES_RECEIVED, PING_FAILURES, GOSSIP_INVALID] {
+        for name in [
+            P2P_BYTES_SENT,
+            P2P_BYTES_RECEIVED,
+            PING_FAILURES,
+            GOSSIP_INVALID,
+        ] {
             assert!(name.ends_with("_total"), "{name}");
         }
         assert!(PEER_RTT.ends_with("_seconds"));

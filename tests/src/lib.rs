@@ -174,7 +174,7 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub endpoints: Endpoints,
     log_path: PathBuf,
-    _tmp: tempfile::TempDir,
+    tmp: Option<tempfile::TempDir>,
 }
 
 impl Node {
@@ -229,7 +229,7 @@ impl Node {
             data_dir,
             endpoints,
             log_path,
-            _tmp: tmp,
+            tmp: Some(tmp),
         };
         let url = node.url("/readyz");
         wait_for("/readyz = 200", START_DEADLINE, || async {
@@ -237,6 +237,12 @@ impl Node {
         })
         .await?;
         Ok(node)
+    }
+
+    /// Takes the temp dir that holds the data dir, so it outlives this
+    /// node (to restart a node on the same data dir after it stopped).
+    pub fn take_dir(&mut self) -> Option<tempfile::TempDir> {
+        self.tmp.take()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -277,6 +283,31 @@ impl Node {
         status.with_context(|| format!("trine node (pid {pid}) did not exit in time"))
     }
 
+    /// The peers the node knows (Admin.ListPeers).
+    pub async fn peers(&self) -> Result<trine_proto::v1::ListPeersResponse> {
+        let mut client = trine_proto::v1::admin_client::AdminClient::new(self.channel().await?);
+        let reply = client
+            .list_peers(trine_proto::v1::ListPeersRequest {
+                request_id: "test".into(),
+            })
+            .await?;
+        Ok(reply.into_inner())
+    }
+
+    /// The node's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let (status, body) = http_get(&self.url("/metrics"))
+            .await
+            .context("no answer from /metrics")?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(body)
+    }
+
+    /// The node's p2p address with its peer id, for `--bootstrap`.
+    pub fn p2p_addr(&self) -> String {
+        format!("{}/p2p/{}", self.endpoints.p2p[0], self.endpoints.peer_id)
+    }
+
     /// Everything the node wrote to stderr so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -290,6 +321,33 @@ impl Drop for Node {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed,
+/// e.g. `trine_peers{region="us-east"}`) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Sum of every sample of metric `name` whose labels contain all `labels`
+/// (each like `region="us-east"`).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let ok = (rest.is_empty() || rest.starts_with('{'))
+                && labels.iter().all(|want| rest.contains(want));
+            if ok { value.parse::<f64>().ok() } else { None }
+        })
+        .sum()
 }
 
 /// Lines of `stderr` that are error reports (start with "error:").

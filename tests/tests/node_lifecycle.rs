@@ -293,7 +293,16 @@ async fn help_lists_only_working_subcommands() -> Result<()> {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     ensure!(
-        commands == ["node", "generate", "perplexity", "peers", "model", "help"],
+        commands
+            == [
+                "node",
+                "generate",
+                "perplexity",
+                "peers",
+                "bench",
+                "model",
+                "help"
+            ],
         "{commands:?}"
     );
     // Each advertised subcommand really runs (here: its config resolves).

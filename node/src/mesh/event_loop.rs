@@ -10,7 +10,7 @@ use futures_util::stream::FuturesUnordered;
 use libp2p::core::ConnectedPoint;
 use libp2p::core::multiaddr::Protocol;
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, InboundFailure, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -66,8 +66,16 @@ fn gossipsub(config: &Config, key: &Keypair) -> Result<gossipsub::Behaviour, Err
     )
     .map_err(|e| err(e.to_owned()))?;
     let topic = gossipsub::IdentTopic::new(health::TOPIC);
+    // Good behaviour earns at most +2 (time in mesh, first deliveries); one
+    // invalid message costs -10, a bad stage message -10: a misbehaving
+    // peer goes negative at once and recovers only as penalties decay.
     let topic_params = gossipsub::TopicScoreParams {
         topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_cap: 10.0,
         // A quiet topic (one message per node per interval): do not punish
         // mesh peers for delivering few messages.
         mesh_message_deliveries_weight: 0.0,
@@ -153,6 +161,7 @@ struct Loop {
     bootstrap_peers: HashSet<PeerId>,
     bootstrap_dials: HashMap<ConnectionId, Multiaddr>,
     penalties: HashMap<PeerId, f64>,
+    offences: HashMap<PeerId, u64>,
     pending_out:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, Error>>>,
     pending_in: FuturesUnordered<PendingReply>,
@@ -248,6 +257,7 @@ pub(super) async fn start(config: Config, key: Keypair) -> Result<Started, Error
         bootstrap_peers: HashSet::new(),
         bootstrap_dials: HashMap::new(),
         penalties: HashMap::new(),
+        offences: HashMap::new(),
         pending_out: HashMap::new(),
         pending_in: FuturesUnordered::new(),
         stage_tx,
@@ -343,15 +353,33 @@ impl Loop {
         }
     }
 
+    /// Scores `peer` down (the application part of its gossipsub score)
+    /// for a bad stage message; bad gossip is scored by gossipsub itself.
     fn penalize(&mut self, peer: PeerId, reason: &'static str) {
-        let p = self.penalties.entry(peer).or_default();
-        *p += PENALTY;
-        let score = -*p;
+        let p = *self
+            .penalties
+            .entry(peer)
+            .and_modify(|p| *p += PENALTY)
+            .or_insert(PENALTY);
         self.swarm
             .behaviour_mut()
             .gossipsub
-            .set_application_score(&peer, score);
-        tracing::warn!(%peer, reason, "peer scored down for an invalid message");
+            .set_application_score(&peer, -p);
+        self.offence(peer, reason);
+    }
+
+    /// Logs the first offence of a peer and every tenfold after; counters
+    /// and the score carry the rest without flooding the log.
+    fn offence(&mut self, peer: PeerId, reason: &'static str) {
+        let n = self.offences.entry(peer).or_default();
+        *n += 1;
+        let mut m = *n;
+        while m.is_multiple_of(10) {
+            m /= 10;
+        }
+        if m == 1 {
+            tracing::warn!(%peer, reason, offences = *n, "peer sent invalid messages; scored down");
+        }
     }
 
     fn apply_filter(&mut self, peer: PeerId) {
@@ -426,6 +454,7 @@ impl Loop {
         for gone in self.table.expire(now) {
             tracing::info!(peer = %gone, "peer gone: disconnected and silent past the TTL");
             self.penalties.remove(&gone);
+            self.offences.remove(&gone);
         }
         for p in self.penalties.values_mut() {
             // Halves in about 11 minutes.
@@ -482,7 +511,11 @@ impl Loop {
                     let _ = reply.send(Err(Error::NotAdmitted { peer }));
                     return;
                 }
-                let id = self.swarm.behaviour_mut().stage.send_request(&peer, body);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .stage
+                    .send_request(&peer, stage::Frame::Body(body));
                 self.pending_out.insert(id, reply);
             }
             Command::Publish { data, reply } => {
@@ -659,7 +692,8 @@ impl Loop {
             }
             Verdict::Reject(reason) => {
                 metrics::gossip_invalid(reason);
-                tracing::warn!(peer = %from, author = ?message.source, reason, bytes = message.data.len(), "invalid heartbeat rejected");
+                tracing::debug!(peer = %from, author = ?message.source, reason, bytes = message.data.len(), "invalid heartbeat rejected");
+                self.offence(from, reason);
                 gossipsub::MessageAcceptance::Reject
             }
         };
@@ -670,7 +704,7 @@ impl Loop {
             .report_message_validation_result(id, &from, acceptance);
     }
 
-    fn on_stage(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_stage(&mut self, event: request_response::Event<stage::Frame, Vec<u8>>) {
         use request_response::{Event, Message};
         match event {
             Event::Message {
@@ -706,22 +740,21 @@ impl Loop {
                     }));
                 }
             }
-            Event::InboundFailure { peer, error, .. } => match error {
-                InboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    metrics::stage_rejected("oversized");
-                    self.penalize(peer, "oversized stage frame");
-                }
-                other => {
-                    metrics::stage_rejected("failure");
-                    tracing::debug!(%peer, error = %other, "inbound stage request failed");
-                }
-            },
+            Event::InboundFailure { peer, error, .. } => {
+                metrics::stage_rejected("failure");
+                tracing::debug!(%peer, %error, "inbound stage request failed");
+            }
             Event::ResponseSent { .. } => {}
         }
     }
 
-    fn on_stage_request(&mut self, peer: PeerId, body: &[u8], channel: ResponseChannel<Vec<u8>>) {
-        match self.accept_stage_request(peer, body) {
+    fn on_stage_request(
+        &mut self,
+        peer: PeerId,
+        frame: &stage::Frame,
+        channel: ResponseChannel<Vec<u8>>,
+    ) {
+        match self.accept_stage_request(peer, frame) {
             Ok((request_id, rx)) => {
                 let timeout = self.config.stage_timeout;
                 self.pending_in.push(Box::pin(async move {
@@ -753,8 +786,23 @@ impl Loop {
     fn accept_stage_request(
         &mut self,
         peer: PeerId,
-        body: &[u8],
+        frame: &stage::Frame,
     ) -> Result<(String, oneshot::Receiver<StageResponse>), StageResponse> {
+        let body = match frame {
+            stage::Frame::Body(b) => b.as_slice(),
+            stage::Frame::Oversized(len) => {
+                metrics::stage_rejected("oversized");
+                self.penalize(peer, "oversized stage frame");
+                return Err(stage_reply(
+                    "",
+                    StageStatus::Invalid,
+                    format!(
+                        "frame of {len} bytes is over the {}-byte limit",
+                        self.config.max_stage_bytes
+                    ),
+                ));
+            }
+        };
         if !self.admitted(&peer) {
             metrics::stage_rejected("not_member");
             tracing::warn!(%peer, "stage request from a peer outside the filter refused");

@@ -1,8 +1,12 @@
 //! `/trine/stage/1`: moves hidden states between pipeline stages over
 //! libp2p request-response. The codec only frames bytes (a big-endian u32
-//! length, then the body) and refuses a frame over the limit before reading
-//! it; the event loop decodes the protobuf body (`trine.v1.StageRequest`,
-//! `StageResponse`) and checks it against the rules in [`check_request`].
+//! length, then the body) and never reads a frame over the limit; the event
+//! loop decodes the protobuf body (`trine.v1.StageRequest`, `StageResponse`)
+//! and checks it against the rules in [`check_request`].
+//!
+//! An oversized request is handed up as [`Frame::Oversized`] rather than as
+//! a read error, because request-response drops read errors silently: this
+//! way the loop learns the sender, counts it, scores it down and answers.
 
 use std::io;
 
@@ -12,6 +16,14 @@ use trine_proto::v1::{StageRequest, StageStatus};
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/trine/stage/1");
 
+/// A received request frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Body(Vec<u8>),
+    /// The peer announced this many bytes, over the limit; none were read.
+    Oversized(u32),
+}
+
 /// Length-prefixed frames of at most `max` bytes each way.
 #[derive(Debug, Clone, Copy)]
 pub struct Codec {
@@ -19,14 +31,25 @@ pub struct Codec {
 }
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(io::Error::new(
+    match read_request_frame(io, max).await? {
+        Frame::Body(b) => Ok(b),
+        Frame::Oversized(len) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("stage frame of {len} bytes is over the {max}-byte limit"),
-        ));
+        )),
+    }
+}
+
+async fn read_request_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+) -> io::Result<Frame> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let announced = u32::from_be_bytes(len);
+    let len = announced as usize;
+    if len > max {
+        return Ok(Frame::Oversized(announced));
     }
     // Read through `take` so the buffer grows with bytes that really
     // arrive, not with the length the peer claims.
@@ -35,7 +58,7 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
     if body.len() != len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    Ok(body)
+    Ok(Frame::Body(body))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
@@ -62,15 +85,15 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
 
 impl libp2p::request_response::Codec for Codec {
     type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
+    type Request = Frame;
     type Response = Vec<u8>;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_frame(io, self.max).await
+    ) -> io::Result<Frame> {
+        read_request_frame(io, self.max).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -85,9 +108,15 @@ impl libp2p::request_response::Codec for Codec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Vec<u8>,
+        req: Frame,
     ) -> io::Result<()> {
-        write_frame(io, &req, self.max).await
+        match req {
+            Frame::Body(b) => write_frame(io, &b, self.max).await,
+            Frame::Oversized(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an oversized frame marker is never sent",
+            )),
+        }
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
@@ -159,6 +188,14 @@ mod tests {
         let mut r = futures_util::io::Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1]);
         let e = read_frame(&mut r, 1 << 20).await.unwrap_err();
         assert!(e.to_string().contains("over the"), "{e}");
+        let mut r = futures_util::io::Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1]);
+        let f = read_request_frame(&mut r, 1 << 20).await.unwrap();
+        assert_eq!(f, Frame::Oversized(u32::MAX));
+        assert_eq!(
+            r.position(),
+            4,
+            "the body of an oversized frame is not read"
+        );
         // A short body is an error too.
         let mut r = futures_util::io::Cursor::new(vec![0, 0, 0, 9, 1]);
         assert!(read_frame(&mut r, 64).await.is_err());
