@@ -47,6 +47,27 @@ pub struct GenerateArgs {
     /// process may use]. The output does not depend on it.
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// Ternary kernel: scalar, avx2, avx-vnni, avx512, avx512-vnni [default:
+    /// the fastest this CPU runs]. The output does not depend on it; this is
+    /// for comparing speeds.
+    #[arg(long)]
+    pub kernel: Option<String>,
+}
+
+/// The kernel called `name`, if this CPU runs it.
+pub fn kernel(name: &str) -> anyhow::Result<trine_engine::kernels::Kernel> {
+    let available = trine_engine::kernels::Kernel::available();
+    available
+        .iter()
+        .copied()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = available.iter().map(|k| k.name()).collect();
+            anyhow::anyhow!(
+                "--kernel {name}: this CPU runs {}; choose one of those",
+                names.join(", ")
+            )
+        })
 }
 
 /// A rayon pool of `threads` workers (default: the CPUs available).
@@ -77,7 +98,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut err = std::io::stderr();
     let _ = writeln!(err, "loading {} ...", args.model.display());
     let started = Instant::now();
-    let (model, tokenizer) = trine_engine::open(&args.model, None)?;
+    let kernel = args.kernel.as_deref().map(kernel).transpose()?;
+    let (mut model, tokenizer) = trine_engine::open(&args.model, None)?;
+    if let Some(k) = kernel {
+        model.kernel = k;
+    }
     let c = &model.config;
     let _ = writeln!(
         err,

@@ -130,11 +130,7 @@ pub async fn serve(
         p2p = ?endpoints.p2p,
         bootstrap = config.bootstrap.len(),
         simulated_latency = %config.simulated_latency,
-        filter = if config.open_mesh {
-            "open mesh: every peer may gossip and use the stage protocol"
-        } else {
-            "bootstrap peers only may gossip and use the stage protocol; others may identify, ping and use the DHT"
-        },
+        filter = mesh::filter::PeerFilter::new(config.open_mesh).describe(),
         "mesh listening"
     );
 

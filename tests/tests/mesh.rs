@@ -166,7 +166,9 @@ async fn seven_nodes_in_four_regions_converge_gossip_and_feel_the_rtt_matrix() -
 async fn a_killed_node_disappears_and_rejoins_with_the_same_peer_id() -> Result<()> {
     let a = start("a", "us-east", &[]).await?;
     let boot = a.p2p_addr();
-    let b = start("b", "us-west", &["--bootstrap", &boot]).await?;
+    // b joins through a DNS name, as compose and Kubernetes nodes do.
+    let dns_boot = boot.replacen("/ip4/127.0.0.1/", "/dns4/localhost/", 1);
+    let b = start("b", "us-west", &["--bootstrap", &dns_boot]).await?;
     let mut c = start("c", "eu-central", &["--bootstrap", &boot]).await?;
     let c_id = c.endpoints.peer_id.clone();
     for node in [&a, &b] {

@@ -20,6 +20,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use trine_proto::v1::{Heartbeat, StageRequest, StageResponse, StageStatus};
 
+use super::filter::PeerFilter;
 use super::health::{self, Verdict};
 use super::peers::{self, Table};
 use super::transport::{self, Simulation};
@@ -157,8 +158,7 @@ struct Loop {
     swarm: Swarm<Behaviour>,
     table: Table,
     topic: gossipsub::IdentTopic,
-    members: HashSet<PeerId>,
-    bootstrap_peers: HashSet<PeerId>,
+    filter: PeerFilter,
     bootstrap_dials: HashMap<ConnectionId, Multiaddr>,
     penalties: HashMap<PeerId, f64>,
     offences: HashMap<PeerId, u64>,
@@ -253,8 +253,7 @@ pub(super) async fn start(config: Config, key: Keypair) -> Result<Started, Error
     let mut this = Loop {
         table: Table::new(config.peer_ttl),
         topic: gossipsub::IdentTopic::new(health::TOPIC),
-        members: HashSet::new(),
-        bootstrap_peers: HashSet::new(),
+        filter: PeerFilter::new(config.open),
         bootstrap_dials: HashMap::new(),
         penalties: HashMap::new(),
         offences: HashMap::new(),
@@ -324,7 +323,7 @@ fn stage_reply(request_id: &str, status: StageStatus, message: impl Into<String>
 
 impl Loop {
     fn admitted(&self, peer: &PeerId) -> bool {
-        self.config.open || self.members.contains(peer) || self.bootstrap_peers.contains(peer)
+        self.filter.admits(peer)
     }
 
     fn dial_bootstrap(&mut self) {
@@ -336,7 +335,7 @@ impl Loop {
             }
             let opts = match id {
                 Some(id) => {
-                    self.bootstrap_peers.insert(id);
+                    self.filter.add_bootstrap(id);
                     self.swarm
                         .behaviour_mut()
                         .kad
@@ -530,7 +529,7 @@ impl Loop {
                 let _ = reply.send(r);
             }
             Command::SetMembers(members) => {
-                self.members = members;
+                self.filter.set_members(members);
                 let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                 for peer in connected {
                     self.apply_filter(peer);
@@ -616,7 +615,7 @@ impl Loop {
             } => {
                 if let Some(addr) = self.bootstrap_dials.remove(&connection_id) {
                     tracing::info!(peer = %peer_id, %addr, "joined through bootstrap node");
-                    self.bootstrap_peers.insert(peer_id);
+                    self.filter.add_bootstrap(peer_id);
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
                 let addr = match &endpoint {

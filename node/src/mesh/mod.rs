@@ -7,9 +7,11 @@
 //! - `health`: the `trine/health/1` heartbeat and its validation rules.
 //! - `stage`: the `/trine/stage/1` request-response framing and rules.
 //! - `peers`: the table of known peers (pure).
+//! - `filter`: which peers may gossip and use the stage protocol.
 //! - `event_loop`: the swarm, its behaviours, timers and metrics.
 
 mod event_loop;
+pub mod filter;
 pub mod health;
 pub mod identity;
 pub mod latency;
@@ -171,7 +173,7 @@ enum Command {
 }
 
 /// Handle to a running mesh. Cheap to clone; the mesh stops when every
-/// handle is dropped (or on [`Mesh::shutdown`]).
+/// handle is dropped or its task is aborted.
 #[derive(Debug, Clone)]
 pub struct Mesh {
     peer_id: PeerId,

@@ -4,6 +4,10 @@
 //! (|pair sum| ≤ 2·2·128 = 512: no i16 saturation), add the four (≤ 2048),
 //! and widen to i32 with `vpmaddwd` every block — bitnet.cpp widens only
 //! every 32 blocks, which can overflow i16.
+//!
+//! [`dot_codes_vnni`] is the same loop for CPUs with AVX-VNNI (Alder Lake
+//! and later, without AVX-512): `vpdpbusd` adds u8·i8 products in groups of
+//! four straight into i32 lanes.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
@@ -39,6 +43,39 @@ pub(super) unsafe fn dot_codes(row: &[u8], q: &[i8]) -> i32 {
         }
     }
     hsum(acc)
+}
+
+/// Σ (t+1)·q with AVX-VNNI. `row.len() * 4 == q.len()`, both whole blocks.
+///
+/// # Safety
+/// The CPU must support AVX2 and AVX-VNNI.
+#[target_feature(enable = "avx2,avxvnni")]
+pub(super) unsafe fn dot_codes_vnni(row: &[u8], q: &[i8]) -> i32 {
+    let blocks = row.len() / 32;
+    assert!(q.len() >= blocks * 128);
+    let mask = _mm256_set1_epi8(3);
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for b in 0..blocks {
+        // SAFETY: as in `dot_codes`.
+        unsafe {
+            let w = _mm256_loadu_si256(row.as_ptr().add(32 * b).cast());
+            let qp = q.as_ptr().add(128 * b);
+            let c = [
+                _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask),
+                _mm256_and_si256(w, mask),
+            ];
+            for g in 0..4 {
+                let a = _mm256_loadu_si256(qp.add(32 * g).cast());
+                acc[g] = _mm256_dpbusd_avx_epi32(acc[g], c[g], a);
+            }
+        }
+    }
+    hsum(_mm256_add_epi32(
+        _mm256_add_epi32(acc[0], acc[1]),
+        _mm256_add_epi32(acc[2], acc[3]),
+    ))
 }
 
 #[target_feature(enable = "avx2")]

@@ -3,12 +3,15 @@
 //! times them is an exact integer sum Σ t·q, computed from the unsigned
 //! codes (t + 1) as Σ (t+1)·q − Σ q, then scaled by β / s_a.
 //!
-//! One scalar reference ([`scalar`]) and one file per instruction set; the
-//! fastest available is chosen once at run time ([`Kernel::best`]). Every
-//! implementation is bit-identical to the reference in i32.
+//! One scalar reference ([`scalar`]) and one file per instruction set
+//! (`avx2.rs`: AVX2 and AVX-VNNI; `avx512.rs`: AVX512-BW and AVX512-VNNI);
+//! the fastest available is chosen once at run time ([`Kernel::best`]).
+//! Every implementation is bit-identical to the reference in i32.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod scalar;
 
 use std::sync::OnceLock;
@@ -49,12 +52,19 @@ impl Activations {
     }
 }
 
-/// An implementation of the ternary dot product.
+/// An implementation of the ternary dot product. Ordered slowest to
+/// fastest; [`Kernel::available`] lists those this CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
     /// AVX2: `vpmaddubsw` on the codes, widened to i32 every block.
     Avx2,
+    /// AVX-VNNI (256-bit `vpdpbusd`, no i16 stage).
+    AvxVnni,
+    /// AVX512-BW: two blocks per `vpmaddubsw` step.
+    Avx512,
+    /// AVX512-VNNI: two blocks per step, `vpdpbusd` into i32.
+    Avx512Vnni,
 }
 
 impl Kernel {
@@ -62,8 +72,20 @@ impl Kernel {
     pub fn available() -> Vec<Kernel> {
         let mut v = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            v.push(Kernel::Avx2);
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") {
+                v.push(Kernel::Avx2);
+                if has!("avxvnni") {
+                    v.push(Kernel::AvxVnni);
+                }
+            }
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                v.push(Kernel::Avx512);
+                if has!("avx512vnni") {
+                    v.push(Kernel::Avx512Vnni);
+                }
+            }
         }
         v
     }
@@ -78,6 +100,9 @@ impl Kernel {
         match self {
             Kernel::Scalar => "scalar",
             Kernel::Avx2 => "avx2",
+            Kernel::AvxVnni => "avx-vnni",
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx512Vnni => "avx512-vnni",
         }
     }
 
@@ -88,14 +113,21 @@ impl Kernel {
         debug_assert_eq!(row.len() * 4, q.len());
         match self {
             Kernel::Scalar => scalar::dot_codes(row, q),
+            // SAFETY (all four arms): each variant is only produced by
+            // `available()` after detecting the features its function
+            // enables; the lengths are whole blocks (checked in debug builds
+            // above, guaranteed by `row_bytes` and `Activations::quantize`,
+            // and asserted again inside each kernel).
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` is only produced by `available()` after
-            // `is_x86_feature_detected!("avx2")`; the lengths are whole
-            // blocks (checked in debug builds above, guaranteed by
-            // `row_bytes` and `Activations::quantize`).
             Kernel::Avx2 => unsafe { avx2::dot_codes(row, q) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => unsafe { avx2::dot_codes_vnni(row, q) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { avx512::dot_codes_bw(row, q) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512::dot_codes_vnni(row, q) },
             #[cfg(not(target_arch = "x86_64"))]
-            Kernel::Avx2 => unreachable!("AVX2 kernel on a non-x86 CPU"),
+            _ => unreachable!("x86 kernel on a non-x86 CPU"),
         }
     }
 

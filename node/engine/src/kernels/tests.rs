@@ -47,11 +47,22 @@ fn available_kernels_include_what_the_cpu_has() {
     let names: Vec<_> = Kernel::available().iter().map(|k| k.name()).collect();
     assert_eq!(names[0], "scalar");
     #[cfg(target_arch = "x86_64")]
-    assert_eq!(
-        names.contains(&"avx2"),
-        std::arch::is_x86_feature_detected!("avx2"),
-        "{names:?}"
-    );
+    {
+        use std::arch::is_x86_feature_detected as has;
+        assert_eq!(names.contains(&"avx2"), has!("avx2"), "{names:?}");
+        assert_eq!(
+            names.contains(&"avx-vnni"),
+            has!("avx2") && has!("avxvnni"),
+            "{names:?}"
+        );
+        let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+        assert_eq!(names.contains(&"avx512"), avx512, "{names:?}");
+        assert_eq!(
+            names.contains(&"avx512-vnni"),
+            avx512 && has!("avx512vnni"),
+            "{names:?}"
+        );
+    }
     println!("kernels tested on this CPU: {names:?}");
 }
 
