@@ -153,6 +153,42 @@ impl Kernel {
                 }
             });
     }
+
+    /// Y = (β·T)·X̂ for a batch of tokens: `out[t * rows + r]` is row r
+    /// times token t. Each weight row is read once for the whole batch (and
+    /// stays in L1 while every token's activations pass it), instead of once
+    /// per token. Every element is computed exactly as [`Kernel::gemv`]
+    /// computes it, so the result is bit-identical to n GEMVs.
+    pub fn gemm(self, w: &Ternary, acts: &[Activations], out: &mut [f32]) {
+        let (rows, n) = (w.rows(), acts.len());
+        assert_eq!(out.len(), n * rows, "output size");
+        if n == 1 {
+            return self.gemv(w, &acts[0], out);
+        }
+        for a in acts {
+            assert_eq!(a.q.len(), row_bytes(w.cols()) * 4, "activation width");
+        }
+        let scales: Vec<f32> = acts.iter().map(|a| w.beta() / a.scale).collect();
+        // Row-major scratch (r * n + t) so that row chunks are contiguous
+        // for the parallel split; transposed into `out` afterwards.
+        let mut by_row = vec![0f32; rows * n];
+        by_row
+            .par_chunks_mut(ROWS_PER_TASK * n)
+            .enumerate()
+            .for_each(|(chunk, ys)| {
+                for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
+                    let row = w.row(chunk * ROWS_PER_TASK + i);
+                    for ((y, a), &s) in yr.iter_mut().zip(acts).zip(&scales) {
+                        *y = self.dot(row, a) as f32 * s;
+                    }
+                }
+            });
+        for (r, yr) in by_row.chunks_exact(n).enumerate() {
+            for (t, &y) in yr.iter().enumerate() {
+                out[t * rows + r] = y;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

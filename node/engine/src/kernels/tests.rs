@@ -147,3 +147,42 @@ fn gemv_is_the_same_on_any_thread_count() {
         .collect();
     assert_eq!(one, serial);
 }
+
+/// A batch through `gemm` equals one `gemv` per token, bit for bit, on
+/// every kernel and thread count.
+#[test]
+fn gemm_equals_gemv_per_token() {
+    let (rows, cols, n) = (150, 300, 5);
+    let trits: Vec<i8> = (0..rows * cols)
+        .map(|i| ((i * 31 + i / 7) % 3) as i8 - 1)
+        .collect();
+    let t = Ternary::from_trits(rows, cols, &trits, 0.7);
+    let acts: Vec<Activations> = (0..n)
+        .map(|k| {
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * (k + 3)) as f32 * 0.11).sin() * (k + 1) as f32)
+                .collect();
+            Activations::quantize(&x)
+        })
+        .collect();
+    for k in Kernel::available() {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut batch = vec![0f32; n * rows];
+            pool.install(|| k.gemm(&t, &acts, &mut batch));
+            for (tok, a) in acts.iter().enumerate() {
+                let mut one = vec![0f32; rows];
+                Kernel::Scalar.gemv(&t, a, &mut one);
+                assert_eq!(
+                    &batch[tok * rows..(tok + 1) * rows],
+                    &one[..],
+                    "{} token {tok}",
+                    k.name()
+                );
+            }
+        }
+    }
+}

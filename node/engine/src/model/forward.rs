@@ -183,11 +183,25 @@ impl Model {
         }
     }
 
-    /// y = BL(x) for a quantized activation row.
-    fn bitlinear(&self, w: &Ternary, acts: &Activations, out: &mut [f32]) {
-        self.kernel.gemv(w, acts, out);
+    /// Y = BL(X) for a batch of quantized activation rows (token-major out).
+    fn bitlinear(&self, w: &Ternary, acts: &[Activations], out: &mut [f32]) {
+        self.kernel.gemm(w, acts, out);
     }
 
+    /// RMSNorm then int8 quantization of each of the `n` rows of `x`.
+    fn norm_quantize(&self, x: &[f32], width: usize, w: &[f32]) -> Vec<Activations> {
+        let mut a = vec![0f32; width];
+        x.chunks_exact(width)
+            .map(|row| {
+                rms_norm(row, w, self.config.eps, &mut a);
+                Activations::quantize(&a)
+            })
+            .collect()
+    }
+
+    /// One decoder layer over `n` tokens at positions `start..start + n`.
+    /// Every projection runs as one batched GEMM over the tokens (each
+    /// weight row read once); attention is per token and causal.
     fn layer(
         &self,
         l: &Layer,
@@ -200,24 +214,15 @@ impl Model {
         let c = &self.config;
         let (hd, kvw) = (c.head_dim, c.kv_width());
         let qw = c.heads * hd;
-        let mut a = vec![0f32; c.hidden];
-        let mut q = vec![0f32; n * qw];
         // q, k, v for every token; k and v go straight into the cache.
+        let acts = self.norm_quantize(h, c.hidden, &l.attn_norm);
+        let mut q = vec![0f32; n * qw];
+        self.bitlinear(&l.q, &acts, &mut q);
+        self.bitlinear(&l.k, &acts, &mut kc[start * kvw..(start + n) * kvw]);
+        self.bitlinear(&l.v, &acts, &mut vc[start * kvw..(start + n) * kvw]);
         for t in 0..n {
-            rms_norm(
-                &h[t * c.hidden..(t + 1) * c.hidden],
-                &l.attn_norm,
-                c.eps,
-                &mut a,
-            );
-            let acts = Activations::quantize(&a);
             let pos = start + t;
-            let qt = &mut q[t * qw..(t + 1) * qw];
-            self.bitlinear(&l.q, &acts, qt);
-            let kt = &mut kc[pos * kvw..(pos + 1) * kvw];
-            self.bitlinear(&l.k, &acts, kt);
-            self.bitlinear(&l.v, &acts, &mut vc[pos * kvw..(pos + 1) * kvw]);
-            for head in qt.chunks_exact_mut(hd) {
+            for head in q[t * qw..(t + 1) * qw].chunks_exact_mut(hd) {
                 rope_neox(head, pos, c.rope_dim, c.rope_theta);
             }
             for head in kc[pos * kvw..(pos + 1) * kvw].chunks_exact_mut(hd) {
@@ -226,12 +231,8 @@ impl Model {
         }
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut o = vec![0f32; qw];
-        let mut normed = vec![0f32; qw];
+        let mut o = vec![0f32; n * qw];
         let mut scores = vec![0f32; start + n];
-        let mut ffn_in = vec![0f32; c.hidden];
-        let (mut gate, mut up, mut m) = (vec![0f32; c.ffn], vec![0f32; c.ffn], vec![0f32; c.ffn]);
-        let mut delta = vec![0f32; c.hidden];
         for t in 0..n {
             let pos = start + t;
             for head in 0..c.heads {
@@ -243,8 +244,7 @@ impl Model {
                     *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                 }
                 softmax(s);
-                let oh = &mut o[head * hd..(head + 1) * hd];
-                oh.fill(0.0);
+                let oh = &mut o[t * qw + head * hd..t * qw + (head + 1) * hd];
                 for (j, &p) in s.iter().enumerate() {
                     let vj = &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
                     for (x, &y) in oh.iter_mut().zip(vj) {
@@ -252,26 +252,21 @@ impl Model {
                     }
                 }
             }
-            rms_norm(&o, &l.attn_sub_norm, c.eps, &mut normed);
-            self.bitlinear(&l.o, &Activations::quantize(&normed), &mut delta);
-            let ht = &mut h[t * c.hidden..(t + 1) * c.hidden];
-            for (x, d) in ht.iter_mut().zip(&delta) {
-                *x += d;
-            }
-            rms_norm(ht, &l.ffn_norm, c.eps, &mut ffn_in);
-            let acts = Activations::quantize(&ffn_in);
-            self.bitlinear(&l.gate, &acts, &mut gate);
-            self.bitlinear(&l.up, &acts, &mut up);
-            for ((x, &g), &u) in m.iter_mut().zip(&gate).zip(&up) {
-                *x = c.activation.apply(g) * u;
-            }
-            // gate is spent: reuse it for the normalized product.
-            rms_norm(&m, &l.ffn_sub_norm, c.eps, &mut gate);
-            self.bitlinear(&l.down, &Activations::quantize(&gate), &mut delta);
-            for (x, d) in ht.iter_mut().zip(&delta) {
-                *x += d;
-            }
         }
+        let mut delta = vec![0f32; n * c.hidden];
+        let acts = self.norm_quantize(&o, qw, &l.attn_sub_norm);
+        self.bitlinear(&l.o, &acts, &mut delta);
+        add(h, &delta);
+        let acts = self.norm_quantize(h, c.hidden, &l.ffn_norm);
+        let (mut gate, mut up) = (vec![0f32; n * c.ffn], vec![0f32; n * c.ffn]);
+        self.bitlinear(&l.gate, &acts, &mut gate);
+        self.bitlinear(&l.up, &acts, &mut up);
+        for (g, &u) in gate.iter_mut().zip(&up) {
+            *g = c.activation.apply(*g) * u;
+        }
+        let acts = self.norm_quantize(&gate, c.ffn, &l.ffn_sub_norm);
+        self.bitlinear(&l.down, &acts, &mut delta);
+        add(h, &delta);
     }
 
     fn logits(&self, h: &[f32], n: usize, which: Logits) -> Vec<f32> {
@@ -290,6 +285,12 @@ impl Model {
             emb.matvec(&x, &mut out[i * c.vocab..(i + 1) * c.vocab]);
         }
         out
+    }
+}
+
+fn add(x: &mut [f32], d: &[f32]) {
+    for (a, b) in x.iter_mut().zip(d) {
+        *a += b;
     }
 }
 
