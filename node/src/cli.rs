@@ -103,7 +103,8 @@ pub struct NodeArgs {
     pub shutdown_timeout: Option<Duration>,
 
     /// libp2p listen addresses, comma-separated; port 0 picks a free port
-    /// (see endpoints.json). [default: /ip4/127.0.0.1/tcp/7402]
+    /// (see endpoints.json). Builds with the `quic` feature also take
+    /// /ip4/<ip>/udp/<port>/quic-v1. [default: /ip4/127.0.0.1/tcp/7402]
     #[arg(
         long,
         env = "TRINE_P2P_LISTEN",

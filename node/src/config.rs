@@ -299,14 +299,16 @@ impl Config {
         }
         for a in &self.p2p_listen {
             let mut it = a.iter();
-            let ok = matches!(it.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_)))
-                && matches!(it.next(), Some(Protocol::Tcp(_)))
-                && it.next().is_none();
+            let ip = matches!(it.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_)));
+            let ok = ip && transport_tail(&mut it, false).is_ok_and(|rest| rest.is_none());
             if !ok {
                 return Err(invalid(
                     "p2p_listen",
                     &a.to_string(),
-                    "listen on /ip4/<ip>/tcp/<port> or /ip6/<ip>/tcp/<port> (port 0 picks a free one)",
+                    &format!(
+                        "listen on /ip4/<ip>/tcp/<port> or /ip6/<ip>/tcp/<port> (port 0 picks a free one){}",
+                        quic_hint(a)
+                    ),
                 ));
             }
         }
@@ -326,17 +328,19 @@ impl Config {
                             | Protocol::Dns6(_)
                     )
                 );
-                let port = matches!(it.next(), Some(Protocol::Tcp(p)) if p != 0);
-                let rest = match it.next() {
-                    None => true,
-                    Some(Protocol::P2p(_)) => key == "bootstrap" && it.next().is_none(),
-                    Some(_) => false,
+                let rest = match transport_tail(&mut it, true) {
+                    Ok(None) => true,
+                    Ok(Some(Protocol::P2p(_))) => key == "bootstrap" && it.next().is_none(),
+                    _ => false,
                 };
-                if !(host && port && rest) {
+                if !(host && rest) {
                     return Err(invalid(
                         key,
                         &a.to_string(),
-                        "use /ip4/<ip>/tcp/<port>, /ip6/…, or /dns4/<name>/tcp/<port> (bootstrap may end in /p2p/<peer id>)",
+                        &format!(
+                            "use /ip4/<ip>/tcp/<port>, /ip6/…, or /dns4/<name>/tcp/<port> (bootstrap may end in /p2p/<peer id>){}",
+                            quic_hint(a)
+                        ),
                     ));
                 }
             }
@@ -419,6 +423,38 @@ impl Config {
     }
 }
 
+/// Reads the transport part of a multiaddr after its host: `/tcp/<port>`,
+/// or `/udp/<port>/quic-v1` in builds with QUIC. Returns what follows.
+fn transport_tail<'a>(
+    it: &mut libp2p::multiaddr::Iter<'a>,
+    nonzero_port: bool,
+) -> Result<Option<libp2p::multiaddr::Protocol<'a>>, ()> {
+    use libp2p::multiaddr::Protocol;
+    let port_ok = |p: u16| !nonzero_port || p != 0;
+    match it.next() {
+        Some(Protocol::Tcp(p)) if port_ok(p) => Ok(it.next()),
+        Some(Protocol::Udp(p)) if crate::mesh::transport::QUIC && port_ok(p) => match it.next() {
+            Some(Protocol::QuicV1) => Ok(it.next()),
+            _ => Err(()),
+        },
+        _ => Err(()),
+    }
+}
+
+/// What to add to an address error when the address is a QUIC one.
+fn quic_hint(a: &Multiaddr) -> &'static str {
+    let quic = a
+        .iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1));
+    match (quic, crate::mesh::transport::QUIC) {
+        (true, false) => {
+            "; this build has no QUIC: rebuild with `cargo build --release --features quic`"
+        }
+        (_, true) => "; or /ip4/<ip>/udp/<port>/quic-v1 for QUIC",
+        (false, false) => "",
+    }
+}
+
 fn invalid(key: &'static str, value: &str, rule: &str) -> Error {
     Error::Invalid {
         key,
@@ -479,6 +515,34 @@ mod tests {
         let c = Config::resolve(Layer::default()).unwrap();
         assert!(c.grpc_addr.ip().is_loopback());
         assert!(c.http_addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn quic_addresses_need_a_quic_build() {
+        let quic: Multiaddr = "/ip4/127.0.0.1/udp/7402/quic-v1".parse().unwrap();
+        let listen = Config {
+            p2p_listen: vec![quic.clone()],
+            ..Config::default()
+        };
+        let boot = Config {
+            bootstrap: vec![quic],
+            ..Config::default()
+        };
+        for c in [listen, boot] {
+            let r = c.validate();
+            if crate::mesh::transport::QUIC {
+                r.unwrap();
+            } else {
+                let e = r.unwrap_err().to_string();
+                assert!(e.contains("--features quic"), "{e}");
+            }
+        }
+        // A UDP address without quic-v1 is never a transport.
+        let udp = Config {
+            p2p_listen: vec!["/ip4/127.0.0.1/udp/7402".parse().unwrap()],
+            ..Config::default()
+        };
+        assert!(udp.validate().is_err());
     }
 
     #[test]

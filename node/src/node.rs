@@ -134,6 +134,11 @@ pub async fn serve(
         "mesh listening"
     );
 
+    if config.simulated_latency != "off" && endpoints.p2p.iter().any(|a| a.contains("/quic-v1")) {
+        tracing::warn!(
+            "QUIC connections are not delayed by --simulated-latency (it wraps TCP byte streams); use TCP addresses to simulate regions"
+        );
+    }
     let grpc::Services { health, router } = grpc::services(mesh.clone()).await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
     let mut grpc_task = tokio::spawn(

@@ -1,6 +1,9 @@
 //! The mesh's transport: TCP (with `/dns4/` and `/dns6/` resolution) or, for
 //! in-process scale runs, libp2p's memory transport; then the optional
-//! simulated-latency preamble, byte counting, noise and yamux.
+//! simulated-latency preamble, byte counting, noise and yamux. Builds with
+//! the `quic` feature add QUIC (`/udp/<port>/quic-v1`, TLS 1.3 and QUIC's
+//! own streams) beside TCP; QUIC datagrams are neither delayed nor counted
+//! (the simulation and the byte counters wrap byte streams).
 
 use std::io;
 use std::pin::Pin;
@@ -39,6 +42,9 @@ pub struct Simulation {
 /// Noise handshake and yamux negotiation must finish within this.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Whether this build speaks QUIC (the `quic` cargo feature).
+pub const QUIC: bool = cfg!(feature = "quic");
+
 pub fn build(
     kind: Kind,
     key: &Keypair,
@@ -54,14 +60,23 @@ pub fn build(
     );
     Ok(match kind {
         Kind::Tcp => {
-            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-            libp2p::dns::tokio::Transport::system(tcp)?
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
                 .and_then(counted(simulation, seed))
                 .upgrade(Version::V1)
                 .authenticate(noise)
                 .multiplex(yamux)
                 .timeout(UPGRADE_TIMEOUT)
-                .boxed()
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+            #[cfg(feature = "quic")]
+            let tcp = {
+                use futures_util::future::Either;
+                let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
+                tcp.or_transport(quic).map(|either, _| match either {
+                    Either::Left(out) => out,
+                    Either::Right((peer, conn)) => (peer, StreamMuxerBox::new(conn)),
+                })
+            };
+            libp2p::dns::tokio::Transport::system(tcp)?.boxed()
         }
         Kind::Memory => MemoryTransport::default()
             .and_then(counted(simulation, seed))
