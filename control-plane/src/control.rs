@@ -1,0 +1,832 @@
+//! A running control plane: the Raft node, its mTLS gRPC server, and the
+//! tasks around it — announcing this node (init or join), the leader's
+//! maintenance (failure detection, voter placement) and metrics.
+//!
+//! Writes from any member reach the leader (forwarded over the Raft port);
+//! reads are local (with a staleness bound) or linearizable (read index).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::ClientTlsConfig;
+use trine_proto::v1 as pb;
+use trine_proto::v1::raft_server::RaftServer;
+
+use crate::command::{Command, NodeRecord, NodeStatus};
+use crate::network::{self, Liveness, Network};
+use crate::store::{self, Reader};
+use crate::tls::NodeTls;
+use crate::types::{Member, NodeId, Raft, Request, Response};
+use crate::voters::{self, Candidate, Rules};
+use crate::{convert, metrics, server};
+
+/// Timeout profile: LAN (one site) or WAN (regions ~200 ms apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    #[default]
+    Lan,
+    Wan,
+}
+
+impl Profile {
+    /// (heartbeat, minimum election timeout).
+    pub fn timeouts(self) -> (Duration, Duration) {
+        match self {
+            Self::Lan => (Duration::from_millis(100), Duration::from_millis(500)),
+            Self::Wan => (Duration::from_millis(300), Duration::from_millis(1500)),
+        }
+    }
+}
+
+/// Everything a control plane needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: NodeId,
+    /// This node as Raft membership records it (announced Raft address).
+    pub member: Member,
+    /// This node as the state machine records it.
+    pub record: NodeRecord,
+    /// Directory of the sled store and snapshot.
+    pub dir: PathBuf,
+    pub tls: NodeTls,
+    pub cluster: String,
+    /// Start a new cluster with this node as its only voter (first start only).
+    pub init: bool,
+    /// Raft addresses of members to join through.
+    pub join: Vec<String>,
+    pub profile: Profile,
+    pub heartbeat: Option<Duration>,
+    pub election_timeout: Option<Duration>,
+    /// A member unanswered this long is marked down.
+    pub down_after: Duration,
+    pub voters: Rules,
+    /// Build a snapshot after this many entries.
+    pub snapshot_every: u64,
+    /// Local reads fail when the leader has not been heard for this long.
+    pub max_staleness: Duration,
+}
+
+impl Config {
+    fn raft_config(&self) -> Result<openraft::Config, Error> {
+        let (hb, election) = self.profile.timeouts();
+        let hb = self.heartbeat.unwrap_or(hb);
+        let election = self.election_timeout.unwrap_or(election);
+        let c = openraft::Config {
+            cluster_name: self.cluster.clone(),
+            heartbeat_interval: hb.as_millis() as u64,
+            election_timeout_min: election.as_millis() as u64,
+            election_timeout_max: election.as_millis() as u64 * 2,
+            install_snapshot_timeout: 30_000,
+            max_payload_entries: 1000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            purge_batch_size: 1024,
+            ..Default::default()
+        };
+        c.validate().map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("raft configuration: {0}")]
+    Config(String),
+    #[error("cannot serve Raft: {0}")]
+    Serve(String),
+    #[error("no leader is known yet (an election may be in progress, or a majority of voters is unreachable); retry shortly")]
+    NoLeader,
+    #[error("the leader did not answer in {0:?}; a majority of voters may be unreachable")]
+    Timeout(Duration),
+    #[error("the leader at {addr} refused or failed: {reason}")]
+    Forward { addr: String, reason: String },
+    #[error("this node's replica is stale: the leader was last heard {since:?} ago (bound {bound:?}); use a linearizable read or ask another node")]
+    Stale { since: Option<Duration>, bound: Duration },
+    #[error("bad request: {0}")]
+    Invalid(String),
+    #[error("membership change failed: {0}")]
+    Membership(String),
+    #[error("Raft has stopped on this node: {0}")]
+    Fatal(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::NoLeader | Error::Timeout(_) | Error::Stale { .. } | Error::Fatal(_) => {
+                tonic::Status::unavailable(msg)
+            }
+            Error::Invalid(_) => tonic::Status::invalid_argument(msg),
+            Error::Membership(_) => tonic::Status::failed_precondition(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
+}
+
+/// How long a write may take before the caller hears `Timeout`.
+const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+const MAINTAIN_EVERY: Duration = Duration::from_millis(500);
+
+/// State shared by the handle, the gRPC service and the tasks.
+pub struct Core {
+    pub(crate) raft: Raft,
+    reader: Reader,
+    id: NodeId,
+    record: Mutex<NodeRecord>,
+    tls: ClientTlsConfig,
+    liveness: Liveness,
+    last_leader_contact: Mutex<Option<Instant>>,
+    config: Config,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// Handle to a running control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    core: Arc<Core>,
+    stop: Arc<watch::Sender<bool>>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What `trine status` shows of this member's view.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub state: ServerState,
+    pub voters: BTreeSet<NodeId>,
+    pub members: BTreeMap<NodeId, Member>,
+    pub last_log_index: u64,
+    pub applied: u64,
+    pub leader_heard: Option<Duration>,
+}
+
+impl ControlPlane {
+    /// Opens the store, starts Raft and its server on `listener`, and the
+    /// background tasks.
+    pub async fn start(config: Config, listener: TcpListener) -> Result<Self, Error> {
+        let raft_config = Arc::new(config.raft_config()?);
+        let (log, sm) = store::open(&config.dir)?;
+        let reader = sm.reader();
+        let liveness = Liveness::default();
+        let tls = config.tls.client();
+        let network = Network {
+            tls: tls.clone(),
+            liveness: liveness.clone(),
+        };
+        let raft = Raft::new(config.id, raft_config, network, log, sm)
+            .await
+            .map_err(|e| Error::Fatal(e.to_string()))?;
+        let core = Arc::new(Core {
+            raft,
+            reader,
+            id: config.id,
+            record: Mutex::new(config.record.clone()),
+            tls,
+            liveness,
+            last_leader_contact: Mutex::new(None),
+            config,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let service = RaftServer::new(server::Service { core: core.clone() })
+            .max_decoding_message_size(network::MAX_MESSAGE)
+            .max_encoding_message_size(network::MAX_MESSAGE);
+        let serve = tonic::transport::Server::builder()
+            .tls_config(core.config.tls.server())
+            .map_err(|e| Error::Serve(e.to_string()))?
+            .tcp_nodelay(true)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "Raft gRPC server failed");
+            }
+        }));
+
+        if core.config.init {
+            let initialized = core
+                .raft
+                .is_initialized()
+                .await
+                .map_err(|e| Error::Fatal(e.to_string()))?;
+            if initialized {
+                tracing::info!("--init ignored: this node already belongs to a cluster (its data dir says so)");
+            } else {
+                let members = BTreeMap::from([(core.id, core.config.member.clone())]);
+                core.raft
+                    .initialize(members)
+                    .await
+                    .map_err(|e| Error::Fatal(e.to_string()))?;
+                tracing::info!(id = core.id, "initialized a new cluster with this node as its first voter");
+            }
+        }
+        tasks.push(tokio::spawn(announce(core.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(maintain(core.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(export_metrics(core.clone(), stop_rx)));
+        Ok(Self {
+            core,
+            stop: Arc::new(stop),
+            tasks: Arc::new(Mutex::new(tasks)),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.core.id
+    }
+
+    pub fn reader(&self) -> &Reader {
+        &self.core.reader
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.core.raft
+    }
+
+    /// Commits `command` (through the leader) and returns the state
+    /// machine's answer.
+    pub async fn propose(&self, principal: &str, command: Command) -> Result<Response, Error> {
+        self.core
+            .propose(Request {
+                time_ms: now_ms(),
+                principal: principal.to_owned(),
+                command,
+            })
+            .await
+    }
+
+    /// A linearizable read point: after this returns, the local replica
+    /// reflects every write acknowledged before the call. Returns the index.
+    pub async fn linearizable(&self) -> Result<u64, Error> {
+        let index = self.core.read_index().await?;
+        self.core
+            .raft
+            .wait(Some(PROPOSE_DEADLINE))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map_err(|_| Error::Timeout(PROPOSE_DEADLINE))?;
+        Ok(index)
+    }
+
+    /// Checks that a local read is within `bound` of the leader; returns the
+    /// applied index it would read at.
+    pub fn local(&self, bound: Option<Duration>) -> Result<u64, Error> {
+        let bound = bound.unwrap_or(self.core.config.max_staleness);
+        let m = self.core.raft.metrics().borrow().clone();
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        if m.state.is_leader() {
+            return Ok(applied);
+        }
+        let since = self.core.leader_heard();
+        match since {
+            Some(s) if s <= bound => Ok(applied),
+            _ => Err(Error::Stale { since, bound }),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let m = self.core.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        Status {
+            id: self.core.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            state: m.state,
+            voters: membership.voter_ids().collect(),
+            members: membership
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied: m.last_applied.map_or(0, |l| l.index),
+            leader_heard: if m.state.is_leader() {
+                Some(Duration::ZERO)
+            } else {
+                self.core.leader_heard()
+            },
+        }
+    }
+
+    /// Marks `id` (this node when `None`) draining, then removes it from
+    /// the cluster: voters give up their seat first.
+    pub async fn leave(&self, id: Option<NodeId>) -> Result<(), Error> {
+        let id = id.unwrap_or(self.core.id);
+        let principal = format!("node:{}", self.core.config.record.name);
+        let _ = self
+            .propose(
+                &principal,
+                Command::SetNodeStatus {
+                    id,
+                    status: NodeStatus::Draining,
+                },
+            )
+            .await?;
+        self.core.leave(id).await
+    }
+
+    /// Updates what this node registers (e.g. its mesh addresses) and
+    /// re-registers it.
+    pub async fn update_record(&self, f: impl FnOnce(&mut NodeRecord)) -> Result<(), Error> {
+        let record = {
+            let mut r = self.core.record.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut r);
+            r.clone()
+        };
+        let principal = format!("node:{}", record.name);
+        self.propose(&principal, Command::RegisterNode(record))
+            .await
+            .map(|_| ())
+    }
+
+    /// Stops the tasks and Raft.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let _ = self.core.raft.shutdown().await;
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+impl Core {
+    pub(crate) fn heard_from_leader(&self) {
+        if let Ok(mut t) = self.last_leader_contact.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    fn leader_heard(&self) -> Option<Duration> {
+        self.last_leader_contact
+            .lock()
+            .ok()?
+            .map(|t| t.elapsed())
+    }
+
+    fn leader_addr(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&leader)?
+            .addr
+            .clone();
+        Some((leader, addr))
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state.is_leader()
+    }
+
+    pub(crate) async fn propose(&self, req: Request) -> Result<Response, Error> {
+        let started = Instant::now();
+        metrics::pending(1.0);
+        let r = tokio::time::timeout(PROPOSE_DEADLINE, self.propose_inner(req)).await;
+        metrics::pending(-1.0);
+        let r = r.unwrap_or(Err(Error::Timeout(PROPOSE_DEADLINE)));
+        if r.is_ok() {
+            metrics::commit(started.elapsed());
+        }
+        r
+    }
+
+    async fn propose_inner(&self, req: Request) -> Result<Response, Error> {
+        loop {
+            match self.raft.client_write(req.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    match f.leader_node {
+                        Some(node) if f.leader_id != Some(self.id) => {
+                            return self.forward_propose(&node.addr, &req).await;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    return Err(Error::Membership(e.to_string()));
+                }
+                Err(RaftError::Fatal(f)) => return Err(Error::Fatal(f.to_string())),
+            }
+        }
+    }
+
+    async fn forward_propose(&self, addr: &str, req: &Request) -> Result<Response, Error> {
+        let fwd = |reason: String| Error::Forward {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let mut c = network::client(addr, &self.tls).map_err(fwd)?;
+        let resp = c
+            .propose(pb::ProposeRequest {
+                request_id: String::new(),
+                request: serde_json::to_vec(req).map_err(|e| fwd(e.to_string()))?,
+            })
+            .await
+            .map_err(|s| fwd(s.message().to_owned()))?
+            .into_inner();
+        serde_json::from_slice(&resp.response).map_err(|e| fwd(format!("response: {e}")))
+    }
+
+    pub(crate) async fn read_index(&self) -> Result<u64, Error> {
+        for _ in 0..100 {
+            match self.raft.ensure_linearizable().await {
+                Ok(l) => return Ok(l.map_or(0, |l| l.index)),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    match f.leader_node {
+                        Some(node) if f.leader_id != Some(self.id) => {
+                            let mut c = network::client(&node.addr, &self.tls).map_err(|reason| {
+                                Error::Forward {
+                                    addr: node.addr.clone(),
+                                    reason,
+                                }
+                            })?;
+                            let r = c
+                                .read_index(pb::ReadIndexRequest::default())
+                                .await
+                                .map_err(|s| Error::Forward {
+                                    addr: node.addr.clone(),
+                                    reason: s.message().to_owned(),
+                                })?;
+                            return Ok(r.into_inner().index);
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                    return Err(Error::Forward {
+                        addr: "(this node)".into(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(RaftError::Fatal(f)) => return Err(Error::Fatal(f.to_string())),
+            }
+        }
+        Err(Error::NoLeader)
+    }
+
+    /// Carried out by the leader; other members forward.
+    pub(crate) async fn join(&self, req: pb::JoinRequest) -> Result<pb::JoinResponse, Error> {
+        if !self.is_leader() {
+            let (_, addr) = self.leader_addr().ok_or(Error::NoLeader)?;
+            let mut c = network::client(&addr, &self.tls).map_err(|reason| Error::Forward {
+                addr: addr.clone(),
+                reason,
+            })?;
+            return Ok(c
+                .join(req)
+                .await
+                .map_err(|s| Error::Forward {
+                    addr,
+                    reason: s.message().to_owned(),
+                })?
+                .into_inner());
+        }
+        let peer = req
+            .peer
+            .ok_or_else(|| Error::Invalid("join: peer is missing".into()))?;
+        let member = convert::peer_from(peer);
+        let record: NodeRecord = serde_json::from_slice(&req.record)
+            .map_err(|e| Error::Invalid(format!("join: record: {e}")))?;
+        if record.id != req.node_id {
+            return Err(Error::Invalid(format!(
+                "join: record id {} is not node id {}",
+                record.id, req.node_id
+            )));
+        }
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        match membership.membership().get_node(&req.node_id) {
+            Some(m) if *m == member => {}
+            Some(_) => {
+                self.raft
+                    .change_membership(
+                        ChangeMembers::SetNodes(BTreeMap::from([(req.node_id, member.clone())])),
+                        true,
+                    )
+                    .await
+                    .map_err(|e| Error::Membership(e.to_string()))?;
+            }
+            None => {
+                self.raft
+                    .add_learner(req.node_id, member.clone(), false)
+                    .await
+                    .map_err(|e| Error::Membership(e.to_string()))?;
+                tracing::info!(node = req.node_id, %member, "added a learner");
+            }
+        }
+        let principal = format!("node:{}", record.name);
+        self.propose(Request {
+            time_ms: now_ms(),
+            principal,
+            command: Command::RegisterNode(record),
+        })
+        .await?;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let state = self.reader.state();
+        Ok(pb::JoinResponse {
+            request_id: req.request_id,
+            members: membership
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, convert::peer_to(n)))
+                .collect(),
+            leader_id: self.id,
+            p2p_bootstrap: state
+                .nodes
+                .values()
+                .flat_map(|n| {
+                    n.p2p_addrs
+                        .iter()
+                        .map(move |a| format!("{a}/p2p/{}", n.peer_id))
+                })
+                .collect(),
+        })
+    }
+
+    /// Removes `id` from the Raft membership and the state (leader only;
+    /// others forward).
+    pub(crate) async fn leave(&self, id: NodeId) -> Result<(), Error> {
+        if !self.is_leader() {
+            let (_, addr) = self.leader_addr().ok_or(Error::NoLeader)?;
+            let mut c = network::client(&addr, &self.tls).map_err(|reason| Error::Forward {
+                addr: addr.clone(),
+                reason,
+            })?;
+            c.leave(pb::LeaveRequest {
+                request_id: String::new(),
+                node_id: id,
+            })
+            .await
+            .map_err(|s| Error::Forward {
+                addr,
+                reason: s.message().to_owned(),
+            })?;
+            return Ok(());
+        }
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let m = membership.membership();
+        if m.voter_ids().any(|v| v == id) {
+            // Hand the seat over first, so the voter count stays odd.
+            let mut voters: BTreeSet<NodeId> = m.voter_ids().filter(|v| *v != id).collect();
+            let spare = m
+                .learner_ids()
+                .find(|l| *l != id && self.liveness.last(*l).is_some_and(|t| t.elapsed() < self.config.down_after));
+            if voters.len() % 2 == 0
+                && let Some(s) = spare
+            {
+                voters.insert(s);
+            }
+            if voters.is_empty() {
+                return Err(Error::Membership(
+                    "the last voter cannot leave; stop the cluster instead".into(),
+                ));
+            }
+            self.raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                .await
+                .map_err(|e| Error::Membership(e.to_string()))?;
+        }
+        if self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
+        {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| Error::Membership(e.to_string()))?;
+        }
+        let _ = self
+            .propose(Request {
+                time_ms: now_ms(),
+                principal: "system".into(),
+                command: Command::RemoveNode { id },
+            })
+            .await?;
+        tracing::info!(node = id, "node left the cluster");
+        Ok(())
+    }
+}
+
+/// Registers this node: through `--join` addresses when it is not a member
+/// yet, else by proposing its record (addresses may have changed). Retries
+/// with backoff until it succeeds.
+async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let member = core
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&core.id)
+            .is_some();
+        let record = core.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = if member {
+            core.propose(Request {
+                time_ms: now_ms(),
+                principal: format!("node:{}", record.name),
+                command: Command::RegisterNode(record),
+            })
+            .await
+            .map(|_| ())
+        } else if core.config.join.is_empty() {
+            tracing::warn!(
+                "this node is not a cluster member: start it with --init (first node) or --join <raft addr of a member>"
+            );
+            return;
+        } else {
+            join_any(&core, &record).await
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(id = core.id, "registered with the cluster");
+                return;
+            }
+            Err(e) => tracing::info!(error = %e, retry_in = ?backoff, "not registered yet"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
+    let mut last = Error::NoLeader;
+    for addr in &core.config.join {
+        let mut c = match network::client(addr, &core.tls) {
+            Ok(c) => c,
+            Err(reason) => {
+                last = Error::Forward {
+                    addr: addr.clone(),
+                    reason,
+                };
+                continue;
+            }
+        };
+        let req = pb::JoinRequest {
+            request_id: String::new(),
+            node_id: core.id,
+            peer: Some(convert::peer_to(&core.config.member)),
+            record: serde_json::to_vec(record).unwrap_or_default(),
+        };
+        match c.join(req).await {
+            Ok(_) => return Ok(()),
+            Err(s) => {
+                last = Error::Forward {
+                    addr: addr.clone(),
+                    reason: format!("{}: {}", s.code(), s.message()),
+                };
+            }
+        }
+    }
+    Err(last)
+}
+
+/// The leader's housekeeping: marks members down or up from RPC liveness,
+/// and keeps the voter set placed by [`voters::plan`].
+async fn maintain(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let mut leader_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(MAINTAIN_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let m = core.raft.metrics().borrow().clone();
+        if m.current_leader != Some(core.id) || !m.state.is_leader() {
+            leader_since = None;
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(Instant::now);
+        if let Err(e) = maintain_once(&core, &m, since).await {
+            tracing::debug!(error = %e, "maintenance step failed; retrying");
+        }
+    }
+}
+
+async fn maintain_once(
+    core: &Core,
+    m: &openraft::RaftMetrics<NodeId, Member>,
+    leader_since: Instant,
+) -> Result<(), Error> {
+    let membership = m.membership_config.membership().clone();
+    let state = core.reader.state();
+    let down_after = core.config.down_after;
+    let last_index = m.last_log_index.unwrap_or(0);
+    let matched: BTreeMap<NodeId, u64> = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .map(|(id, l)| (*id, l.as_ref().map_or(0, |l| l.index)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut candidates = Vec::new();
+    for (id, member) in membership.nodes() {
+        let unanswered = if *id == core.id {
+            Duration::ZERO
+        } else {
+            let last = core
+                .liveness
+                .last(*id)
+                .map_or(leader_since, |t| t.max(leader_since));
+            last.elapsed()
+        };
+        let down = unanswered > down_after;
+        if let Some(rec) = state.nodes.get(id) {
+            let want = match (rec.status, down) {
+                (NodeStatus::Up, true) => Some(NodeStatus::Down),
+                (NodeStatus::Down, false) => Some(NodeStatus::Up),
+                _ => None,
+            };
+            if let Some(status) = want {
+                tracing::info!(node = id, name = %rec.name, status = status.as_str(), unanswered = ?unanswered, "node status changed");
+                core.propose(Request {
+                    time_ms: now_ms(),
+                    principal: "system".into(),
+                    command: Command::SetNodeStatus { id: *id, status },
+                })
+                .await?;
+            }
+        }
+        let lagging = *id != core.id
+            && matched.get(id).copied().unwrap_or(0) + 1000 < last_index;
+        candidates.push(Candidate {
+            id: *id,
+            region: member.region.clone(),
+            down_for: if down {
+                Some(unanswered - down_after)
+            } else if lagging {
+                Some(Duration::ZERO)
+            } else {
+                None
+            },
+            draining: state
+                .nodes
+                .get(id)
+                .is_some_and(|r| r.status == NodeStatus::Draining),
+        });
+    }
+    if membership.get_joint_config().len() > 1 {
+        return Ok(());
+    }
+    let current: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let want = voters::plan(&current, &candidates, core.id, &core.config.voters);
+    if want != current {
+        tracing::info!(from = ?current, to = ?want, "changing voters");
+        core.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(want), true)
+            .await
+            .map_err(|e| Error::Membership(e.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn export_metrics(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let mut rx = core.raft.metrics();
+    loop {
+        {
+            let m = rx.borrow_and_update().clone();
+            metrics::raft(&m, m.last_log_index.unwrap_or(0));
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

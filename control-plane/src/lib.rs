@@ -1,0 +1,31 @@
+//! Trine's control plane: a Raft group (openraft 0.9) whose log and state
+//! machine live in sled, whose RPCs travel over mutual-TLS gRPC, and whose
+//! every applied entry becomes a block of a hash-linked chain.
+//!
+//! - `types`: the openraft type configuration, members, requests, responses.
+//! - `command`: the commands the state machine applies, and their encoding.
+//! - `chain`: blocks, their hashes, and the verifier.
+//! - `store`: the sled log store and state machine (snapshots included).
+//! - `tls`: the cluster CA, node certificates, rustls configurations.
+//! - `convert`: openraft types to and from the `trine.v1` Raft protobufs.
+//! - `network`: the Raft client side (tonic over mTLS), with liveness tracking.
+//! - `server`: the Raft gRPC service (peer-facing, mTLS only).
+//! - `voters`: which members should vote (pure: regions, liveness).
+//! - `control`: the running control plane: start, join, propose, read, maintain.
+//! - `metrics`: every `trine_chain_*` and `trine_raft_*` metric.
+
+pub mod chain;
+pub mod command;
+pub mod control;
+pub mod convert;
+pub mod metrics;
+pub mod network;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod types;
+pub mod voters;
+
+pub use command::{Command, NodeRecord, NodeStatus};
+pub use control::{Config, ControlPlane, Error, Profile};
+pub use types::{Member, NodeId, Request, Response, TypeConfig};

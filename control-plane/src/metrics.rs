@@ -1,0 +1,95 @@
+//! Every metric the control plane sets. Names are a contract
+//! (ARCHITECTURE.md): dashboards, alerts and runbooks use them. The node
+//! installs the recorder and describes them (`trine_node::metrics`).
+
+use std::time::Duration;
+
+pub const CHAIN_HEIGHT: &str = "trine_chain_height";
+pub const CHAIN_SYNC_RATIO: &str = "trine_chain_sync_ratio";
+pub const CHAIN_TXS: &str = "trine_chain_txs_total";
+pub const CHAIN_PENDING_TXS: &str = "trine_chain_pending_txs";
+pub const RAFT_TERM: &str = "trine_raft_term";
+pub const RAFT_IS_LEADER: &str = "trine_raft_is_leader";
+pub const RAFT_COMMIT_DURATION: &str = "trine_raft_commit_duration_seconds";
+pub const RAFT_APPLIED_LAG: &str = "trine_raft_applied_lag";
+pub const RAFT_SNAPSHOTS: &str = "trine_raft_snapshots_total";
+pub const RAFT_VOTERS: &str = "trine_raft_voters";
+pub const RAFT_MEMBERS: &str = "trine_raft_members";
+pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
+
+/// (name, help) of every metric above, for the node to describe.
+pub const DESCRIPTIONS: &[(&str, &str)] = &[
+    (CHAIN_HEIGHT, "Height of the newest block this node has applied"),
+    (
+        CHAIN_SYNC_RATIO,
+        "Applied index over the highest commit index known (1 = in sync)",
+    ),
+    (CHAIN_TXS, "Transactions applied to this node's chain"),
+    (
+        CHAIN_PENDING_TXS,
+        "Commands proposed through this node and not yet applied",
+    ),
+    (RAFT_TERM, "Current Raft term"),
+    (RAFT_IS_LEADER, "1 while this node is the Raft leader"),
+    (
+        RAFT_COMMIT_DURATION,
+        "Time from proposing a command to its application, on the proposing node",
+    ),
+    (
+        RAFT_APPLIED_LAG,
+        "Log entries known committed but not yet applied here",
+    ),
+    (
+        RAFT_SNAPSHOTS,
+        "Snapshots built or installed by this node, by event",
+    ),
+    (RAFT_VOTERS, "Voters in the current Raft membership"),
+    (RAFT_MEMBERS, "Members (voters and learners) in the current Raft membership"),
+    (
+        RAFT_RPC_FAILURES,
+        "Raft RPCs to a peer that failed, by RPC",
+    ),
+];
+
+/// Buckets of the commit-duration histogram: 250 µs … 10 s.
+pub const COMMIT_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub(crate) fn chain_applied(height: u64, txs: u64) {
+    metrics::gauge!(CHAIN_HEIGHT).set(height as f64);
+    metrics::counter!(CHAIN_TXS).increment(txs);
+}
+
+pub(crate) fn snapshot(event: &'static str) {
+    metrics::counter!(RAFT_SNAPSHOTS, "event" => event).increment(1);
+}
+
+pub(crate) fn commit(took: Duration) {
+    metrics::histogram!(RAFT_COMMIT_DURATION).record(took.as_secs_f64());
+}
+
+pub(crate) fn pending(delta: f64) {
+    metrics::gauge!(CHAIN_PENDING_TXS).increment(delta);
+}
+
+pub(crate) fn rpc_failure(rpc: &'static str) {
+    metrics::counter!(RAFT_RPC_FAILURES, "rpc" => rpc).increment(1);
+}
+
+/// From openraft's metrics, after each change.
+pub(crate) fn raft(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>, commit_known: u64) {
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    metrics::gauge!(RAFT_TERM).set(m.current_term as f64);
+    metrics::gauge!(RAFT_IS_LEADER).set(if m.state.is_leader() { 1.0 } else { 0.0 });
+    metrics::gauge!(RAFT_APPLIED_LAG).set(commit_known.saturating_sub(applied) as f64);
+    let ratio = if commit_known == 0 {
+        1.0
+    } else {
+        (applied as f64 / commit_known as f64).min(1.0)
+    };
+    metrics::gauge!(CHAIN_SYNC_RATIO).set(ratio);
+    let membership = m.membership_config.membership();
+    metrics::gauge!(RAFT_VOTERS).set(membership.voter_ids().count() as f64);
+    metrics::gauge!(RAFT_MEMBERS).set(membership.nodes().count() as f64);
+}

@@ -1,0 +1,270 @@
+//! The client side of Raft: one lazily connected tonic channel per peer,
+//! over mutual TLS, with openraft's timeouts. Every successful answer marks
+//! the peer alive in [`Liveness`], the leader's failure detector input.
+//! Snapshots are streamed in chunks on one `InstallSnapshot` call.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{Snapshot, Vote};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use trine_proto::v1 as pb;
+use trine_proto::v1::raft_client::RaftClient;
+
+use crate::convert;
+use crate::metrics;
+use crate::types::{Member, NodeId, TypeConfig};
+
+/// Snapshot bytes per streamed chunk.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Largest gRPC message between members (a batch of entries).
+pub const MAX_MESSAGE: usize = 64 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// When each peer last answered an RPC.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness(Arc<Mutex<HashMap<NodeId, Instant>>>);
+
+impl Liveness {
+    pub fn mark(&self, id: NodeId) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(id, Instant::now());
+        }
+    }
+
+    pub fn last(&self, id: NodeId) -> Option<Instant> {
+        self.0.lock().ok()?.get(&id).copied()
+    }
+}
+
+/// A client for a member's Raft endpoint (mTLS, bounded messages).
+pub fn client(addr: &str, tls: &ClientTlsConfig) -> Result<RaftClient<Channel>, String> {
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| format!("{addr}: {e}"))?
+        .tls_config(tls.clone())
+        .map_err(|e| format!("{addr}: {e}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(RaftClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// openraft's network factory.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub tls: ClientTlsConfig,
+    pub liveness: Liveness,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Conn {
+        Conn {
+            target,
+            addr: node.addr.clone(),
+            tls: self.tls.clone(),
+            client: None,
+            liveness: self.liveness.clone(),
+        }
+    }
+}
+
+/// The connection to one peer.
+#[derive(Debug)]
+pub struct Conn {
+    target: NodeId,
+    addr: String,
+    tls: ClientTlsConfig,
+    client: Option<RaftClient<Channel>>,
+    liveness: Liveness,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Failure(String);
+
+fn unreachable<E: std::error::Error>(e: E) -> Unreachable {
+    Unreachable::new(&Failure(e.to_string()))
+}
+
+/// How a failed call looks to openraft: a peer we could not reach backs
+/// off; anything else is a network error.
+fn status_err<E: std::error::Error>(s: &tonic::Status) -> RPCError<NodeId, Member, E> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+            RPCError::Unreachable(unreachable(s))
+        }
+        _ => RPCError::Network(NetworkError::new(&Failure(format!(
+            "{}: {}",
+            s.code(),
+            s.message()
+        )))),
+    }
+}
+
+fn request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("r{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Conn {
+    fn client<E: std::error::Error>(&mut self) -> Result<RaftClient<Channel>, RPCError<NodeId, Member, E>> {
+        if self.client.is_none() {
+            let c = client(&self.addr, &self.tls)
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;
+            self.client = Some(c);
+        }
+        Ok(self.client.clone().expect("set above"))
+    }
+
+    async fn timed<T, E: std::error::Error>(
+        &self,
+        rpc: &'static str,
+        ttl: Duration,
+        fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, RPCError<NodeId, Member, E>> {
+        let r = match tokio::time::timeout(ttl, fut).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(status_err(&s)),
+            Err(_) => Err(RPCError::Unreachable(Unreachable::new(&Failure(format!(
+                "{rpc} to {} timed out after {ttl:?}",
+                self.addr
+            ))))),
+        };
+        match &r {
+            Ok(_) => self.liveness.mark(self.target),
+            Err(_) => metrics::rpc_failure(rpc),
+        }
+        r
+    }
+}
+
+fn malformed<E: std::error::Error>(e: convert::Malformed) -> RPCError<NodeId, Member, E> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        let mut c = self.client()?;
+        let req = convert::append_to(&rpc, request_id());
+        let resp = self
+            .timed("append_entries", option.hard_ttl(), c.append_entries(req))
+            .await?;
+        convert::append_resp_from(resp).map_err(malformed)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        let mut c = self.client()?;
+        let req = convert::vote_req_to(&rpc, request_id());
+        let resp = self.timed("vote", option.hard_ttl(), c.vote(req)).await?;
+        convert::vote_resp_from(resp).map_err(malformed)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        Err(RPCError::Network(NetworkError::new(&Failure(
+            "chunked install_snapshot is not used: snapshots are streamed by full_snapshot".into(),
+        ))))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let mut c = match self.client::<Fatal<NodeId>>() {
+            Ok(c) => c,
+            Err(e) => return Err(StreamingError::Unreachable(unreachable(&e))),
+        };
+        let data: Vec<u8> = Cursor::into_inner(*snapshot.snapshot);
+        let meta = convert::snapshot_meta_to(&snapshot.meta, data.len() as u64);
+        let id = request_id();
+        let pieces: Vec<&[u8]> = if data.is_empty() {
+            vec![&[][..]]
+        } else {
+            data.chunks(SNAPSHOT_CHUNK).collect()
+        };
+        let last = pieces.len() - 1;
+        let mut offset = 0u64;
+        let chunks: Vec<pb::SnapshotChunk> = pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, piece)| {
+                let chunk = pb::SnapshotChunk {
+                    request_id: id.clone(),
+                    vote: Some(convert::vote_to(&vote)),
+                    meta: (i == 0).then(|| meta.clone()),
+                    offset,
+                    data: piece.to_vec(),
+                    done: i == last,
+                };
+                offset += piece.len() as u64;
+                chunk
+            })
+            .collect();
+        // Large snapshots get time in proportion to their size.
+        let ttl = option.hard_ttl().max(Duration::from_secs(10))
+            + Duration::from_millis(data.len() as u64 / 10_000);
+        let send = c.install_snapshot(tokio_stream::iter(chunks));
+        let resp = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = tokio::time::timeout(ttl, send) => r,
+        };
+        match resp {
+            Ok(Ok(r)) => {
+                self.liveness.mark(self.target);
+                metrics::snapshot("sent");
+                let vote = convert::vote_from(r.into_inner().vote)
+                    .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                Ok(SnapshotResponse { vote })
+            }
+            Ok(Err(s)) => {
+                metrics::rpc_failure("install_snapshot");
+                Err(match s.code() {
+                    tonic::Code::Unavailable => StreamingError::Unreachable(unreachable(&s)),
+                    _ => StreamingError::Network(NetworkError::new(&s)),
+                })
+            }
+            Err(_) => {
+                metrics::rpc_failure("install_snapshot");
+                Err(StreamingError::Unreachable(unreachable(&Failure(format!(
+                    "snapshot to {} timed out after {ttl:?}",
+                    self.addr
+                )))))
+            }
+        }
+    }
+}

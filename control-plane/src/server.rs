@@ -1,0 +1,170 @@
+//! The Raft gRPC service a member serves on its mutual-TLS port: openraft's
+//! three RPCs, plus join, propose, read-index and leave, which any member
+//! accepts and the leader carries out.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use tokio_stream::StreamExt as _;
+use tonic::{Request, Response, Status, Streaming};
+use trine_proto::v1 as pb;
+use trine_proto::v1::raft_server::Raft as RaftRpc;
+
+use crate::control::Core;
+use crate::convert;
+
+/// Largest snapshot a member accepts (the sender states the size first).
+pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub(crate) core: Arc<Core>,
+}
+
+fn invalid(e: convert::Malformed) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn fatal(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("this member's Raft has stopped: {e}"))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for Service {
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.request_id.clone();
+        let rpc = convert::append_from(req).map_err(invalid)?;
+        let resp = self.core.raft.append_entries(rpc).await.map_err(fatal)?;
+        self.core.heard_from_leader();
+        Ok(Response::new(convert::append_resp_to(&resp, id)))
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        let req = request.into_inner();
+        let id = req.request_id.clone();
+        let rpc = convert::vote_req_from(req).map_err(invalid)?;
+        let resp = self.core.raft.vote(rpc).await.map_err(fatal)?;
+        Ok(Response::new(convert::vote_resp_to(&resp, id)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let id = first.request_id.clone();
+        let vote = convert::vote_from(first.vote.clone()).map_err(invalid)?;
+        let meta = first
+            .meta
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("the first snapshot chunk carries no meta"))?;
+        let total = meta.total_bytes;
+        if total > MAX_SNAPSHOT_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "snapshot of {total} bytes is over this member's limit of {MAX_SNAPSHOT_BYTES}"
+            )));
+        }
+        let meta = convert::snapshot_meta_from(meta).map_err(invalid)?;
+        let mut data = Vec::with_capacity(usize::try_from(total.min(64 << 20)).unwrap_or(0));
+        let mut chunk = Some(first);
+        let mut done = false;
+        while let Some(c) = chunk.take() {
+            if c.offset != data.len() as u64 {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk at offset {} after {} bytes",
+                    c.offset,
+                    data.len()
+                )));
+            }
+            if data.len() as u64 + c.data.len() as u64 > total {
+                return Err(Status::invalid_argument(
+                    "snapshot stream is longer than its stated size",
+                ));
+            }
+            data.extend_from_slice(&c.data);
+            if c.done {
+                done = true;
+                break;
+            }
+            chunk = stream.next().await.transpose()?;
+        }
+        if !done || data.len() as u64 != total {
+            return Err(Status::invalid_argument(format!(
+                "snapshot stream ended after {} of {total} bytes",
+                data.len()
+            )));
+        }
+        let snapshot = openraft::Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        };
+        let resp = self
+            .core
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(fatal)?;
+        self.core.heard_from_leader();
+        Ok(Response::new(pb::InstallSnapshotResponse {
+            request_id: id,
+            vote: Some(convert::vote_to(&resp.vote)),
+        }))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = request.into_inner();
+        let resp = self.core.join(req).await.map_err(Status::from)?;
+        Ok(Response::new(resp))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeResponse>, Status> {
+        let req = request.into_inner();
+        let r: crate::Request = serde_json::from_slice(&req.request)
+            .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
+        let resp = self.core.propose(r).await.map_err(Status::from)?;
+        Ok(Response::new(pb::ProposeResponse {
+            request_id: req.request_id,
+            response: serde_json::to_vec(&resp).unwrap_or_default(),
+        }))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<pb::ReadIndexRequest>,
+    ) -> Result<Response<pb::ReadIndexResponse>, Status> {
+        let req = request.into_inner();
+        let index = self.core.read_index().await.map_err(Status::from)?;
+        Ok(Response::new(pb::ReadIndexResponse {
+            request_id: req.request_id,
+            index,
+        }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let req = request.into_inner();
+        self.core.leave(req.node_id).await.map_err(Status::from)?;
+        Ok(Response::new(pb::LeaveResponse {
+            request_id: req.request_id,
+        }))
+    }
+}

@@ -1,0 +1,448 @@
+//! openraft's state machine: the cluster [`State`] (in memory, written
+//! through to the `nodes` tree), the chain (`chain` tree, height → block
+//! JSON), the applied log id and membership (`sm_meta`), and snapshots.
+
+use std::io::{Cursor, Write as _};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{index_of, key};
+use crate::chain::{Block, Tx};
+use crate::command::State;
+use crate::metrics;
+use crate::types::{Member, NodeId, Response, TypeConfig};
+
+type Result<T> = std::result::Result<T, StorageError<NodeId>>;
+type Membership = StoredMembership<NodeId, Member>;
+
+const APPLIED: &[u8] = b"last_applied";
+const MEMBERSHIP: &[u8] = b"membership";
+
+fn io(e: StorageIOError<NodeId>) -> StorageError<NodeId> {
+    StorageError::IO { source: e }
+}
+
+fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    io(StorageIOError::write_state_machine(&e))
+}
+
+/// What the state machine holds in memory.
+#[derive(Debug, Default)]
+struct Inner {
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    state: State,
+    head: Option<Block>,
+}
+
+/// Shared by the state machine, its snapshot builder and every [`Reader`].
+#[derive(Debug)]
+struct Shared {
+    db: sled::Db,
+    chain: sled::Tree,
+    nodes: sled::Tree,
+    meta: sled::Tree,
+    inner: RwLock<Inner>,
+    snapshot_path: PathBuf,
+    /// Serializes snapshot writes (builder and installer).
+    snapshot_lock: tokio::sync::Mutex<u64>,
+}
+
+/// The state machine half of the store.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+/// Read access to the applied state, for the admin API and the maintainer.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    shared: Arc<Shared>,
+}
+
+/// The snapshot's data: everything `apply` built.
+#[derive(Debug, Serialize, Deserialize)]
+struct Image {
+    state: State,
+    chain: Vec<Block>,
+}
+
+impl StateMachine {
+    pub(super) fn open(db: &sled::Db, snapshot_path: PathBuf) -> std::result::Result<Self, String> {
+        let t = |name: &str| db.open_tree(name).map_err(|e| e.to_string());
+        let (chain, nodes, meta) = (t("chain")?, t("nodes")?, t("sm_meta")?);
+        let get = |k: &[u8]| -> std::result::Result<Option<sled::IVec>, String> {
+            meta.get(k).map_err(|e| e.to_string())
+        };
+        let last_applied = match get(APPLIED)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| format!("last_applied: {e}"))?,
+            None => None,
+        };
+        let membership = match get(MEMBERSHIP)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| format!("membership: {e}"))?,
+            None => Membership::default(),
+        };
+        let mut state = State::default();
+        for kv in nodes.iter() {
+            let (_, v) = kv.map_err(|e| e.to_string())?;
+            let n: crate::NodeRecord =
+                serde_json::from_slice(&v).map_err(|e| format!("nodes: {e}"))?;
+            state.nodes.insert(n.id, n);
+        }
+        let head = match chain.last().map_err(|e| e.to_string())? {
+            Some((_, v)) => Some(serde_json::from_slice(&v).map_err(|e| format!("chain head: {e}"))?),
+            None => None,
+        };
+        let shared = Shared {
+            db: db.clone(),
+            chain,
+            nodes,
+            meta,
+            inner: RwLock::new(Inner {
+                last_applied,
+                membership,
+                state,
+                head,
+            }),
+            snapshot_path,
+            snapshot_lock: tokio::sync::Mutex::new(0),
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn reader(&self) -> Reader {
+        Reader {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// The transactions and time of one entry, and its response.
+fn entry_txs(
+    inner: &mut Inner,
+    entry: &openraft::Entry<TypeConfig>,
+) -> (Vec<Tx>, u64, Option<String>, Option<Vec<u64>>) {
+    let prev_time = inner.head.as_ref().map_or(0, |b| b.time_ms);
+    match &entry.payload {
+        EntryPayload::Blank => (Vec::new(), prev_time, None, None),
+        EntryPayload::Normal(req) => {
+            let mut touched = Vec::new();
+            if let crate::Command::RegisterNode(n) = &req.command {
+                touched.push(n.id);
+            }
+            if let crate::Command::SetNodeStatus { id, .. } | crate::Command::RemoveNode { id } =
+                &req.command
+            {
+                touched.push(*id);
+            }
+            let rejected = inner.state.apply(&req.command, req.time_ms).err();
+            let tx = Tx {
+                kind: req.command.kind().into(),
+                summary: req.command.summary(),
+                body: serde_json::to_vec(req).unwrap_or_default(),
+                principal: req.principal.clone(),
+                rejected: rejected.clone(),
+            };
+            (vec![tx], req.time_ms.max(prev_time), rejected, Some(touched))
+        }
+        EntryPayload::Membership(m) => {
+            inner.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+            let voters: Vec<String> = m.voter_ids().map(|v| v.to_string()).collect();
+            let tx = Tx {
+                kind: "membership".into(),
+                summary: format!("voters {}", voters.join(",")),
+                body: serde_json::to_vec(m).unwrap_or_default(),
+                principal: "system".into(),
+                rejected: None,
+            };
+            (vec![tx], prev_time, None, None)
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership)> {
+        let inner = self.shared.inner.read().map_err(|_| poisoned())?;
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let sh = &self.shared;
+        let mut inner = sh.inner.write().map_err(|_| poisoned())?;
+        let mut chain = sled::Batch::default();
+        let mut nodes = sled::Batch::default();
+        let mut responses = Vec::new();
+        let mut txs_total = 0u64;
+        let mut membership_changed = false;
+        for entry in entries {
+            let (txs, time_ms, rejected, touched) = entry_txs(&mut inner, &entry);
+            membership_changed |= matches!(entry.payload, EntryPayload::Membership(_));
+            txs_total += txs.len() as u64;
+            let block = Block::next(
+                inner.head.as_ref(),
+                entry.log_id.index,
+                entry.log_id.leader_id.term,
+                time_ms,
+                txs,
+            );
+            chain.insert(&key(block.height), serde_json::to_vec(&block).map_err(sm_err)?);
+            for id in touched.into_iter().flatten() {
+                match inner.state.nodes.get(&id) {
+                    Some(n) => nodes.insert(&key(id), serde_json::to_vec(n).map_err(sm_err)?),
+                    None => nodes.remove(&key(id)),
+                }
+            }
+            inner.head = Some(block);
+            inner.last_applied = Some(entry.log_id);
+            responses.push(Response {
+                index: entry.log_id.index,
+                rejected,
+            });
+        }
+        sh.chain.apply_batch(chain).map_err(sm_err)?;
+        sh.nodes.apply_batch(nodes).map_err(sm_err)?;
+        // Written last: a crash before this re-applies the same entries,
+        // which rewrites the same blocks and records.
+        sh.meta
+            .insert(APPLIED, serde_json::to_vec(&inner.last_applied).map_err(sm_err)?)
+            .map_err(sm_err)?;
+        if membership_changed {
+            sh.meta
+                .insert(MEMBERSHIP, serde_json::to_vec(&inner.membership).map_err(sm_err)?)
+                .map_err(sm_err)?;
+        }
+        metrics::chain_applied(inner.head.as_ref().map_or(0, |b| b.height), txs_total);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<()> {
+        let data = snapshot.into_inner();
+        let image: Image = serde_json::from_slice(&data)
+            .map_err(|e| io(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
+        let sh = &self.shared;
+        let mut guard = sh.snapshot_lock.lock().await;
+        {
+            let mut inner = sh.inner.write().map_err(|_| poisoned())?;
+            sh.chain.clear().map_err(sm_err)?;
+            sh.nodes.clear().map_err(sm_err)?;
+            let mut chain = sled::Batch::default();
+            for b in &image.chain {
+                chain.insert(&key(b.height), serde_json::to_vec(b).map_err(sm_err)?);
+            }
+            sh.chain.apply_batch(chain).map_err(sm_err)?;
+            let mut nodes = sled::Batch::default();
+            for n in image.state.nodes.values() {
+                nodes.insert(&key(n.id), serde_json::to_vec(n).map_err(sm_err)?);
+            }
+            sh.nodes.apply_batch(nodes).map_err(sm_err)?;
+            inner.state = image.state;
+            inner.head = image.chain.last().cloned();
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership.clone();
+            sh.meta
+                .insert(APPLIED, serde_json::to_vec(&inner.last_applied).map_err(sm_err)?)
+                .map_err(sm_err)?;
+            sh.meta
+                .insert(MEMBERSHIP, serde_json::to_vec(&inner.membership).map_err(sm_err)?)
+                .map_err(sm_err)?;
+            metrics::chain_applied(inner.head.as_ref().map_or(0, |b| b.height), 0);
+        }
+        sh.db.flush_async().await.map_err(sm_err)?;
+        write_snapshot_file(&sh.snapshot_path, meta, &data)
+            .map_err(|e| io(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
+        *guard += 1;
+        metrics::snapshot("installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+        let _guard = self.shared.snapshot_lock.lock().await;
+        read_snapshot_file(&self.shared.snapshot_path)
+            .map_err(|e| io(StorageIOError::read_snapshot(None, &e)))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        let sh = &self.shared;
+        let mut guard = sh.snapshot_lock.lock().await;
+        let (last_applied, membership, state) = {
+            let inner = sh.inner.read().map_err(|_| poisoned())?;
+            (inner.last_applied, inner.membership.clone(), inner.state.clone())
+        };
+        // Blocks up to last_applied never change once written (only an
+        // installed snapshot replaces them, and that holds the same lock).
+        let mut chain = Vec::new();
+        if let Some(last) = last_applied {
+            for kv in sh.chain.range(..=key(last.index)) {
+                let (k, v) = kv.map_err(|e| io(StorageIOError::read_state_machine(&e)))?;
+                debug_assert!(index_of(&k).is_some());
+                chain.push(
+                    serde_json::from_slice(&v)
+                        .map_err(|e| io(StorageIOError::read_state_machine(&e)))?,
+                );
+            }
+        }
+        let data = serde_json::to_vec(&Image { state, chain })
+            .map_err(|e| io(StorageIOError::read_state_machine(&e)))?;
+        *guard += 1;
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id: format!(
+                "{}-{}-{}",
+                last_applied.map_or(0, |l| l.leader_id.term),
+                last_applied.map_or(0, |l| l.index),
+                *guard
+            ),
+        };
+        write_snapshot_file(&sh.snapshot_path, &meta, &data)
+            .map_err(|e| io(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
+        metrics::snapshot("built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+fn poisoned() -> StorageError<NodeId> {
+    io(StorageIOError::read_state_machine(&std::io::Error::other(
+        "state machine lock poisoned by an earlier panic",
+    )))
+}
+
+/// `u32be(meta length) ‖ meta JSON ‖ data`, written to a temp file,
+/// fsynced, then renamed over the old snapshot.
+fn write_snapshot_file(
+    path: &std::path::Path,
+    meta: &SnapshotMeta<NodeId, Member>,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let meta = serde_json::to_vec(meta).map_err(std::io::Error::other)?;
+    let len = u32::try_from(meta.len()).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&len.to_be_bytes())?;
+    f.write_all(&meta)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_snapshot_file(path: &std::path::Path) -> std::io::Result<Option<Snapshot<TypeConfig>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |what: &str| std::io::Error::other(format!("{}: {what}", path.display()));
+    let len = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| bad("shorter than its header"))? as usize;
+    let meta_bytes = bytes.get(4..4 + len).ok_or_else(|| bad("truncated metadata"))?;
+    let meta = serde_json::from_slice(meta_bytes).map_err(|e| bad(&e.to_string()))?;
+    Ok(Some(Snapshot {
+        meta,
+        snapshot: Box::new(Cursor::new(bytes[4 + len..].to_vec())),
+    }))
+}
+
+impl Reader {
+    fn inner(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A poisoned lock means a panic in apply; reading what is there is
+        // still the best answer for an operator.
+        self.shared
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn last_applied(&self) -> Option<LogId<NodeId>> {
+        self.inner().last_applied
+    }
+
+    pub fn membership(&self) -> Membership {
+        self.inner().membership.clone()
+    }
+
+    pub fn state(&self) -> State {
+        self.inner().state.clone()
+    }
+
+    /// The newest block.
+    pub fn head(&self) -> Option<Block> {
+        self.inner().head.clone()
+    }
+
+    pub fn block(&self, height: u64) -> std::result::Result<Option<Block>, String> {
+        match self.shared.chain.get(key(height)).map_err(|e| e.to_string())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| format!("block {height}: {e}")),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` blocks from `from` (inclusive), in height order; an
+    /// unreadable block is an `Err` item naming its height.
+    pub fn blocks(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> impl Iterator<Item = std::result::Result<Block, (u64, String)>> + '_ {
+        self.shared.chain.range(key(from)..).take(limit).map(|kv| {
+            let (k, v) = kv.map_err(|e| (0, e.to_string()))?;
+            let h = index_of(&k).unwrap_or(0);
+            serde_json::from_slice(&v).map_err(|e| (h, e.to_string()))
+        })
+    }
+
+    /// The first block held (0 unless a snapshot started the chain later).
+    pub fn first_height(&self) -> Option<u64> {
+        self.shared
+            .chain
+            .first()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| index_of(&k))
+    }
+
+    /// Bytes the whole database occupies on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared.db.size_on_disk().unwrap_or(0)
+    }
+}

@@ -1,0 +1,68 @@
+//! The openraft type configuration and the data that travels through it.
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::Command;
+
+/// Raft node id: chosen once per node (a hash of its libp2p peer id) and
+/// kept in the data dir.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// Trine's Raft types.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The Raft handle for this configuration.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// What Raft membership records about a member: where its Raft endpoint
+/// is and where it runs (voter placement reads the region).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// host:port of the member's mutual-TLS Raft endpoint.
+    pub addr: String,
+    pub region: String,
+    pub name: String,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{} ({})", self.name, self.addr, self.region)
+    }
+}
+
+/// An application log entry: a command, who asked for it, and when (the
+/// proposing node's clock; the block's time, identical on every replica).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub time_ms: u64,
+    /// A token name, a node ("node:<name>"), or "system".
+    pub principal: String,
+    pub command: Command,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} by {}", self.command.summary(), self.principal)
+    }
+}
+
+/// What applying a request did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Log index (= chain height) of the entry.
+    pub index: u64,
+    /// Why the state machine refused the command; it is still on the chain.
+    pub rejected: Option<String>,
+}
