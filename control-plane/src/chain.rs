@@ -90,20 +90,26 @@ impl Block {
 /// The first problem `verify` found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Broken {
-    #[error("block {height}: its stored hash {stored} is not the hash of its contents ({computed}); the block was altered")]
+    #[error(
+        "block {height}: its stored hash {stored} is not the hash of its contents ({computed}); the block was altered"
+    )]
     Hash {
         height: u64,
         stored: String,
         computed: String,
     },
-    #[error("block {height}: prev_hash {found} is not the hash of block {prev} ({expected}); the chain was altered or spliced")]
+    #[error(
+        "block {height}: prev_hash {found} is not the hash of block {prev} ({expected}); the chain was altered or spliced"
+    )]
     Link {
         height: u64,
         prev: u64,
         found: String,
         expected: String,
     },
-    #[error("block {height}: expected height {expected} (heights must be contiguous, equal to the Raft index)")]
+    #[error(
+        "block {height}: expected height {expected} (heights must be contiguous, equal to the Raft index)"
+    )]
     Gap { height: u64, expected: u64 },
     #[error("block {height}: cannot be read: {reason}")]
     Unreadable { height: u64, reason: String },
@@ -167,10 +173,12 @@ where
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Parses lowercase or uppercase hex.
@@ -268,12 +276,31 @@ mod tests {
         rehashed[6].txs[0].body = b"evil".to_vec();
         rehashed[6].hash = rehashed[6].computed_hash();
         let e = verify(rehashed.into_iter().map(Ok)).unwrap_err();
-        assert!(matches!(e, Broken::Link { height: 7, prev: 6, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Broken::Link {
+                    height: 7,
+                    prev: 6,
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         let mut gap = good;
         gap.remove(4);
         let e = verify(gap.into_iter().map(Ok)).unwrap_err();
-        assert!(matches!(e, Broken::Gap { height: 5, expected: 4 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Broken::Gap {
+                    height: 5,
+                    expected: 4
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

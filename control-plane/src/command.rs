@@ -60,13 +60,20 @@ pub struct NodeRecord {
 pub enum Command {
     /// A node joined or re-registered (addresses, capacity). Keeps the
     /// recorded status unless the node was removed.
-    RegisterNode(NodeRecord),
-    SetNodeStatus { id: NodeId, status: NodeStatus },
+    RegisterNode(Box<NodeRecord>),
+    SetNodeStatus {
+        id: NodeId,
+        status: NodeStatus,
+    },
     /// A node left the cluster for good.
-    RemoveNode { id: NodeId },
+    RemoveNode {
+        id: NodeId,
+    },
     /// A free-form entry (operator annotations, benchmarks); it changes no
     /// state but lands on the chain like any other command.
-    Note { text: String },
+    Note {
+        text: String,
+    },
 }
 
 impl Command {
@@ -111,7 +118,7 @@ impl State {
     pub fn apply(&mut self, command: &Command, time_ms: u64) -> Result<(), String> {
         match command {
             Command::RegisterNode(n) => {
-                let mut n = n.clone();
+                let mut n = (**n).clone();
                 match self.nodes.get(&n.id) {
                     Some(old) => {
                         n.status = old.status;

@@ -70,6 +70,9 @@ pub struct Config {
     pub voters: Rules,
     /// Build a snapshot after this many entries.
     pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot (for followers slightly
+    /// behind); older ones are purged.
+    pub snapshot_keep: u64,
     /// Local reads fail when the leader has not been heard for this long.
     pub max_staleness: Duration,
 }
@@ -87,7 +90,7 @@ impl Config {
             install_snapshot_timeout: 30_000,
             max_payload_entries: 1000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: self.snapshot_keep,
             purge_batch_size: 1024,
             ..Default::default()
         };
@@ -103,14 +106,21 @@ pub enum Error {
     Config(String),
     #[error("cannot serve Raft: {0}")]
     Serve(String),
-    #[error("no leader is known yet (an election may be in progress, or a majority of voters is unreachable); retry shortly")]
+    #[error(
+        "no leader is known yet (an election may be in progress, or a majority of voters is unreachable); retry shortly"
+    )]
     NoLeader,
     #[error("the leader did not answer in {0:?}; a majority of voters may be unreachable")]
     Timeout(Duration),
     #[error("the leader at {addr} refused or failed: {reason}")]
     Forward { addr: String, reason: String },
-    #[error("this node's replica is stale: the leader was last heard {since:?} ago (bound {bound:?}); use a linearizable read or ask another node")]
-    Stale { since: Option<Duration>, bound: Duration },
+    #[error(
+        "this node's replica is stale: the leader was last heard {since:?} ago (bound {bound:?}); use a linearizable read or ask another node"
+    )]
+    Stale {
+        since: Option<Duration>,
+        bound: Duration,
+    },
     #[error("bad request: {0}")]
     Invalid(String),
     #[error("membership change failed: {0}")]
@@ -151,7 +161,9 @@ pub struct Core {
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Core")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -220,7 +232,10 @@ impl ControlPlane {
             .map_err(|e| Error::Serve(e.to_string()))?
             .tcp_nodelay(true)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stopped(stop_rx.clone()),
+            );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "Raft gRPC server failed");
@@ -234,14 +249,19 @@ impl ControlPlane {
                 .await
                 .map_err(|e| Error::Fatal(e.to_string()))?;
             if initialized {
-                tracing::info!("--init ignored: this node already belongs to a cluster (its data dir says so)");
+                tracing::info!(
+                    "--init ignored: this node already belongs to a cluster (its data dir says so)"
+                );
             } else {
                 let members = BTreeMap::from([(core.id, core.config.member.clone())]);
                 core.raft
                     .initialize(members)
                     .await
                     .map_err(|e| Error::Fatal(e.to_string()))?;
-                tracing::info!(id = core.id, "initialized a new cluster with this node as its first voter");
+                tracing::info!(
+                    id = core.id,
+                    "initialized a new cluster with this node as its first voter"
+                );
             }
         }
         tasks.push(tokio::spawn(announce(core.clone(), stop_rx.clone())));
@@ -316,10 +336,7 @@ impl ControlPlane {
             term: m.current_term,
             state: m.state,
             voters: membership.voter_ids().collect(),
-            members: membership
-                .nodes()
-                .map(|(id, n)| (*id, n.clone()))
-                .collect(),
+            members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
             last_log_index: m.last_log_index.unwrap_or(0),
             applied: m.last_applied.map_or(0, |l| l.index),
             leader_heard: if m.state.is_leader() {
@@ -356,7 +373,7 @@ impl ControlPlane {
             r.clone()
         };
         let principal = format!("node:{}", record.name);
-        self.propose(&principal, Command::RegisterNode(record))
+        self.propose(&principal, Command::RegisterNode(Box::new(record)))
             .await
             .map(|_| ())
     }
@@ -365,7 +382,8 @@ impl ControlPlane {
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let _ = self.core.raft.shutdown().await;
-        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             t.abort();
         }
@@ -384,10 +402,7 @@ impl Core {
     }
 
     fn leader_heard(&self) -> Option<Duration> {
-        self.last_leader_contact
-            .lock()
-            .ok()?
-            .map(|t| t.elapsed())
+        self.last_leader_contact.lock().ok()?.map(|t| t.elapsed())
     }
 
     fn leader_addr(&self) -> Option<(NodeId, String)> {
@@ -462,12 +477,13 @@ impl Core {
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                     match f.leader_node {
                         Some(node) if f.leader_id != Some(self.id) => {
-                            let mut c = network::client(&node.addr, &self.tls).map_err(|reason| {
-                                Error::Forward {
-                                    addr: node.addr.clone(),
-                                    reason,
-                                }
-                            })?;
+                            let mut c =
+                                network::client(&node.addr, &self.tls).map_err(|reason| {
+                                    Error::Forward {
+                                        addr: node.addr.clone(),
+                                        reason,
+                                    }
+                                })?;
                             let r = c
                                 .read_index(pb::ReadIndexRequest::default())
                                 .await
@@ -545,7 +561,7 @@ impl Core {
         self.propose(Request {
             time_ms: now_ms(),
             principal,
-            command: Command::RegisterNode(record),
+            command: Command::RegisterNode(Box::new(record)),
         })
         .await?;
         let membership = self.raft.metrics().borrow().membership_config.clone();
@@ -595,10 +611,14 @@ impl Core {
         if m.voter_ids().any(|v| v == id) {
             // Hand the seat over first, so the voter count stays odd.
             let mut voters: BTreeSet<NodeId> = m.voter_ids().filter(|v| *v != id).collect();
-            let spare = m
-                .learner_ids()
-                .find(|l| *l != id && self.liveness.last(*l).is_some_and(|t| t.elapsed() < self.config.down_after));
-            if voters.len() % 2 == 0
+            let spare = m.learner_ids().find(|l| {
+                *l != id
+                    && self
+                        .liveness
+                        .last(*l)
+                        .is_some_and(|t| t.elapsed() < self.config.down_after)
+            });
+            if voters.len().is_multiple_of(2)
                 && let Some(s) = spare
             {
                 voters.insert(s);
@@ -644,6 +664,7 @@ impl Core {
 /// with backoff until it succeeds.
 async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
+    let mut warned = false;
     loop {
         let member = core
             .raft
@@ -653,20 +674,29 @@ async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
             .membership()
             .get_node(&core.id)
             .is_some();
-        let record = core.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let record = core
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let result = if member {
             core.propose(Request {
                 time_ms: now_ms(),
                 principal: format!("node:{}", record.name),
-                command: Command::RegisterNode(record),
+                command: Command::RegisterNode(Box::new(record)),
             })
             .await
             .map(|_| ())
         } else if core.config.join.is_empty() {
-            tracing::warn!(
-                "this node is not a cluster member: start it with --init (first node) or --join <raft addr of a member>"
-            );
-            return;
+            // Metrics may lag a fresh `initialize`; a node that was neither
+            // initialized nor told where to join waits to be added.
+            if !warned && !core.config.init {
+                tracing::warn!(
+                    "this node is not a cluster member: start it with --init (first node) or --join <raft addr of a member>"
+                );
+                warned = true;
+            }
+            Err(Error::NoLeader)
         } else {
             join_any(&core, &record).await
         };
@@ -784,8 +814,7 @@ async fn maintain_once(
                 .await?;
             }
         }
-        let lagging = *id != core.id
-            && matched.get(id).copied().unwrap_or(0) + 1000 < last_index;
+        let lagging = *id != core.id && matched.get(id).copied().unwrap_or(0) + 1000 < last_index;
         candidates.push(Candidate {
             id: *id,
             region: member.region.clone(),

@@ -59,7 +59,10 @@ pub fn opt_log_id_to(l: Option<&LogId<NodeId>>) -> Option<pb::LogId> {
 
 pub fn log_id_from(l: pb::LogId) -> Result<LogId<NodeId>> {
     let leader = need(l.leader_id, "log_id.leader_id")?;
-    Ok(LogId::new(LeaderId::new(leader.term, leader.node_id), l.index))
+    Ok(LogId::new(
+        LeaderId::new(leader.term, leader.node_id),
+        l.index,
+    ))
 }
 
 pub fn opt_log_id_from(l: Option<pb::LogId>) -> Result<Option<LogId<NodeId>>> {
@@ -315,7 +318,9 @@ mod tests {
     #[test]
     fn a_voter_without_an_address_is_malformed() {
         let pb = pb::Membership {
-            configs: vec![pb::NodeIdSet { node_ids: vec![1, 2] }],
+            configs: vec![pb::NodeIdSet {
+                node_ids: vec![1, 2],
+            }],
             nodes: [(1, peer_to(&member(1)))].into(),
         };
         let e = membership_from(pb).unwrap_err();

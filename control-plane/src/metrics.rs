@@ -19,7 +19,10 @@ pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
 
 /// (name, help) of every metric above, for the node to describe.
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
-    (CHAIN_HEIGHT, "Height of the newest block this node has applied"),
+    (
+        CHAIN_HEIGHT,
+        "Height of the newest block this node has applied",
+    ),
     (
         CHAIN_SYNC_RATIO,
         "Applied index over the highest commit index known (1 = in sync)",
@@ -44,11 +47,11 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
         "Snapshots built or installed by this node, by event",
     ),
     (RAFT_VOTERS, "Voters in the current Raft membership"),
-    (RAFT_MEMBERS, "Members (voters and learners) in the current Raft membership"),
     (
-        RAFT_RPC_FAILURES,
-        "Raft RPCs to a peer that failed, by RPC",
+        RAFT_MEMBERS,
+        "Members (voters and learners) in the current Raft membership",
     ),
+    (RAFT_RPC_FAILURES, "Raft RPCs to a peer that failed, by RPC"),
 ];
 
 /// Buckets of the commit-duration histogram: 250 µs … 10 s.

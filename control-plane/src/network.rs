@@ -125,7 +125,9 @@ fn request_id() -> String {
 }
 
 impl Conn {
-    fn client<E: std::error::Error>(&mut self) -> Result<RaftClient<Channel>, RPCError<NodeId, Member, E>> {
+    fn client<E: std::error::Error>(
+        &mut self,
+    ) -> Result<RaftClient<Channel>, RPCError<NodeId, Member, E>> {
         if self.client.is_none() {
             let c = client(&self.addr, &self.tls)
                 .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;
@@ -260,7 +262,7 @@ impl RaftNetwork<TypeConfig> for Conn {
             }
             Err(_) => {
                 metrics::rpc_failure("install_snapshot");
-                Err(StreamingError::Unreachable(unreachable(&Failure(format!(
+                Err(StreamingError::Unreachable(unreachable(Failure(format!(
                     "snapshot to {} timed out after {ttl:?}",
                     self.addr
                 )))))

@@ -64,7 +64,7 @@ impl RaftRpc for Service {
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let id = first.request_id.clone();
-        let vote = convert::vote_from(first.vote.clone()).map_err(invalid)?;
+        let vote = convert::vote_from(first.vote).map_err(invalid)?;
         let meta = first
             .meta
             .clone()

@@ -38,7 +38,9 @@ pub enum Error {
         "{path} is readable by group or others (mode {mode:o}); a private key must be 0600: run `chmod 600 {path}`"
     )]
     KeyMode { path: String, mode: u32 },
-    #[error("{path} already exists; refusing to overwrite a {what} (remove it first if you mean to replace it)")]
+    #[error(
+        "{path} already exists; refusing to overwrite a {what} (remove it first if you mean to replace it)"
+    )]
     Exists { path: String, what: &'static str },
     #[error("no {what} at {path}; {fix}")]
     Missing {
@@ -102,12 +104,25 @@ pub fn init_ca(dir: &Path, cluster: &str) -> Result<PathBuf, Error> {
 /// addresses peers may dial it by) with the CA in `ca_dir`, and writes
 /// `ca.crt`, `node.crt` and `node.key` into `out`.
 pub fn issue_node(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> Result<(), Error> {
-    let ca_pem = read(&ca_dir.join(CA_CERT), "CA certificate", "run `trine certs init` first")?;
-    let ca_key_pem = read_private(&ca_dir.join(CA_KEY), "CA key", "run `trine certs init` first")?;
+    let ca_pem = read(
+        &ca_dir.join(CA_CERT),
+        "CA certificate",
+        "run `trine certs init` first",
+    )?;
+    let ca_key_pem = read_private(
+        &ca_dir.join(CA_KEY),
+        "CA key",
+        "run `trine certs init` first",
+    )?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(gen_err)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(gen_err)?;
 
-    let mut names = vec![NODE_NAME.to_owned(), name.to_owned(), "localhost".into(), "127.0.0.1".into()];
+    let mut names = vec![
+        NODE_NAME.to_owned(),
+        name.to_owned(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
     for s in sans {
         if !names.contains(s) {
             names.push(s.clone());

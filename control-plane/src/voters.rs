@@ -188,7 +188,11 @@ mod tests {
         let rules = Rules::default();
         let v = plan(&[1].into(), &m, 1, &rules);
         let victim = *v.iter().find(|id| **id != 1).unwrap();
-        let spare: Vec<NodeId> = m.iter().map(|c| c.id).filter(|id| !v.contains(id)).collect();
+        let spare: Vec<NodeId> = m
+            .iter()
+            .map(|c| c.id)
+            .filter(|id| !v.contains(id))
+            .collect();
         m.iter_mut().find(|c| c.id == victim).unwrap().down_for = Some(Duration::from_secs(5));
         assert_eq!(plan(&v, &m, 1, &rules), v, "not yet past replace_after");
         m.iter_mut().find(|c| c.id == victim).unwrap().down_for = Some(rules.replace_after);
@@ -210,22 +214,25 @@ mod tests {
     }
 
     fn cluster() -> impl Strategy<Value = (Vec<Candidate>, BTreeSet<NodeId>)> {
-        prop::collection::vec((0usize..5, prop::option::of(0u64..120), any::<bool>()), 1..12)
-            .prop_flat_map(|nodes| {
-                let n = nodes.len();
-                let members: Vec<Candidate> = nodes
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (r, down, drain))| Candidate {
-                        id: i as NodeId + 1,
-                        region: format!("r{r}"),
-                        down_for: down.map(Duration::from_secs),
-                        draining: drain && i > 0,
-                    })
-                    .collect();
-                let current = prop::collection::btree_set(1..=n as NodeId, 1..=n.min(5));
-                (Just(members), current)
-            })
+        prop::collection::vec(
+            (0usize..5, prop::option::of(0u64..120), any::<bool>()),
+            1..12,
+        )
+        .prop_flat_map(|nodes| {
+            let n = nodes.len();
+            let members: Vec<Candidate> = nodes
+                .into_iter()
+                .enumerate()
+                .map(|(i, (r, down, drain))| Candidate {
+                    id: i as NodeId + 1,
+                    region: format!("r{r}"),
+                    down_for: down.map(Duration::from_secs),
+                    draining: drain && i > 0,
+                })
+                .collect();
+            let current = prop::collection::btree_set(1..=n as NodeId, 1..=n.min(5));
+            (Just(members), current)
+        })
     }
 
     proptest! {

@@ -18,6 +18,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Sled {
 }
 
 #[test]
-fn sled_store_passes_openraft_suite() -> Result<(), StorageError<NodeId>> {
-    Suite::test_all(Sled)
+fn sled_store_passes_openraft_suite() {
+    if let Err(e) = Suite::test_all(Sled) {
+        panic!("openraft's storage suite failed on the sled store: {e}");
+    }
 }

@@ -59,17 +59,12 @@ impl LogStore {
         err: fn(std::io::Error) -> StorageIOError<NodeId>,
     ) -> Result<()> {
         let bytes = serde_json::to_vec(v).map_err(|e| io(err(std::io::Error::other(e))))?;
-        self.meta
-            .insert(k, bytes)
-            .map_err(|e| io(err(e.into())))?;
+        self.meta.insert(k, bytes).map_err(|e| io(err(e.into())))?;
         Ok(())
     }
 
     async fn flush(&self, err: fn(std::io::Error) -> StorageIOError<NodeId>) -> Result<()> {
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| io(err(e.into())))?;
+        self.db.flush_async().await.map_err(|e| io(err(e.into())))?;
         Ok(())
     }
 

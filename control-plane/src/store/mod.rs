@@ -25,7 +25,9 @@ const CACHE_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open the Raft store in {path}: {reason}; if another trine process uses this data dir, stop it first")]
+    #[error(
+        "cannot open the Raft store in {path}: {reason}; if another trine process uses this data dir, stop it first"
+    )]
     Open { path: String, reason: String },
     #[error("Raft store in {path} is damaged: {reason}")]
     Damaged { path: String, reason: String },

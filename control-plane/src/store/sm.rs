@@ -97,7 +97,9 @@ impl StateMachine {
             state.nodes.insert(n.id, n);
         }
         let head = match chain.last().map_err(|e| e.to_string())? {
-            Some((_, v)) => Some(serde_json::from_slice(&v).map_err(|e| format!("chain head: {e}"))?),
+            Some((_, v)) => {
+                Some(serde_json::from_slice(&v).map_err(|e| format!("chain head: {e}"))?)
+            }
             None => None,
         };
         let shared = Shared {
@@ -152,7 +154,12 @@ fn entry_txs(
                 principal: req.principal.clone(),
                 rejected: rejected.clone(),
             };
-            (vec![tx], req.time_ms.max(prev_time), rejected, Some(touched))
+            (
+                vec![tx],
+                req.time_ms.max(prev_time),
+                rejected,
+                Some(touched),
+            )
         }
         EntryPayload::Membership(m) => {
             inner.membership = StoredMembership::new(Some(entry.log_id), m.clone());
@@ -200,7 +207,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 time_ms,
                 txs,
             );
-            chain.insert(&key(block.height), serde_json::to_vec(&block).map_err(sm_err)?);
+            chain.insert(
+                &key(block.height),
+                serde_json::to_vec(&block).map_err(sm_err)?,
+            );
             for id in touched.into_iter().flatten() {
                 match inner.state.nodes.get(&id) {
                     Some(n) => nodes.insert(&key(id), serde_json::to_vec(n).map_err(sm_err)?),
@@ -219,11 +229,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Written last: a crash before this re-applies the same entries,
         // which rewrites the same blocks and records.
         sh.meta
-            .insert(APPLIED, serde_json::to_vec(&inner.last_applied).map_err(sm_err)?)
+            .insert(
+                APPLIED,
+                serde_json::to_vec(&inner.last_applied).map_err(sm_err)?,
+            )
             .map_err(sm_err)?;
         if membership_changed {
             sh.meta
-                .insert(MEMBERSHIP, serde_json::to_vec(&inner.membership).map_err(sm_err)?)
+                .insert(
+                    MEMBERSHIP,
+                    serde_json::to_vec(&inner.membership).map_err(sm_err)?,
+                )
                 .map_err(sm_err)?;
         }
         metrics::chain_applied(inner.head.as_ref().map_or(0, |b| b.height), txs_total);
@@ -267,10 +283,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
             sh.meta
-                .insert(APPLIED, serde_json::to_vec(&inner.last_applied).map_err(sm_err)?)
+                .insert(
+                    APPLIED,
+                    serde_json::to_vec(&inner.last_applied).map_err(sm_err)?,
+                )
                 .map_err(sm_err)?;
             sh.meta
-                .insert(MEMBERSHIP, serde_json::to_vec(&inner.membership).map_err(sm_err)?)
+                .insert(
+                    MEMBERSHIP,
+                    serde_json::to_vec(&inner.membership).map_err(sm_err)?,
+                )
                 .map_err(sm_err)?;
             metrics::chain_applied(inner.head.as_ref().map_or(0, |b| b.height), 0);
         }
@@ -295,7 +317,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let mut guard = sh.snapshot_lock.lock().await;
         let (last_applied, membership, state) = {
             let inner = sh.inner.read().map_err(|_| poisoned())?;
-            (inner.last_applied, inner.membership.clone(), inner.state.clone())
+            (
+                inner.last_applied,
+                inner.membership.clone(),
+                inner.state.clone(),
+            )
         };
         // Blocks up to last_applied never change once written (only an
         // installed snapshot replaces them, and that holds the same lock).
@@ -373,7 +399,9 @@ fn read_snapshot_file(path: &std::path::Path) -> std::io::Result<Option<Snapshot
         .and_then(|b| b.try_into().ok())
         .map(u32::from_be_bytes)
         .ok_or_else(|| bad("shorter than its header"))? as usize;
-    let meta_bytes = bytes.get(4..4 + len).ok_or_else(|| bad("truncated metadata"))?;
+    let meta_bytes = bytes
+        .get(4..4 + len)
+        .ok_or_else(|| bad("truncated metadata"))?;
     let meta = serde_json::from_slice(meta_bytes).map_err(|e| bad(&e.to_string()))?;
     Ok(Some(Snapshot {
         meta,
@@ -409,7 +437,12 @@ impl Reader {
     }
 
     pub fn block(&self, height: u64) -> std::result::Result<Option<Block>, String> {
-        match self.shared.chain.get(key(height)).map_err(|e| e.to_string())? {
+        match self
+            .shared
+            .chain
+            .get(key(height))
+            .map_err(|e| e.to_string())?
+        {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| format!("block {height}: {e}")),
