@@ -115,6 +115,18 @@ pub enum Broken {
     Unreadable { height: u64, reason: String },
 }
 
+impl Broken {
+    /// The height of the first bad block.
+    pub fn height(&self) -> u64 {
+        match self {
+            Self::Hash { height, .. }
+            | Self::Link { height, .. }
+            | Self::Gap { height, .. }
+            | Self::Unreadable { height, .. } => *height,
+        }
+    }
+}
+
 /// What a full verification saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {

@@ -88,25 +88,40 @@ pub fn plan(
         target -= 1;
     }
 
-    // Fill: healthy learners in the least-represented regions first.
+    // Fill: healthy learners in the least-represented regions first, in
+    // the order they would be added.
     let mut chosen: BTreeSet<NodeId> = keep.iter().map(|c| c.id).collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for c in &keep {
         *counts.entry(c.region.as_str()).or_default() += 1;
     }
-    while chosen.len() < target {
+    let mut fill = Vec::new();
+    let mut fill_counts = counts.clone();
+    loop {
         let next = eligible
             .iter()
-            .filter(|c| healthy(c) && !chosen.contains(&c.id))
-            .filter(|c| counts.get(c.region.as_str()).copied().unwrap_or(0) < rules.max_per_region)
-            .min_by_key(|c| (counts.get(c.region.as_str()).copied().unwrap_or(0), c.id));
+            .filter(|c| healthy(c) && !chosen.contains(&c.id) && !fill.contains(&c.id))
+            .filter(|c| {
+                fill_counts.get(c.region.as_str()).copied().unwrap_or(0) < rules.max_per_region
+            })
+            .min_by_key(|c| (fill_counts.get(c.region.as_str()).copied().unwrap_or(0), c.id));
         let Some(c) = next else { break };
-        chosen.insert(c.id);
-        *counts.entry(c.region.as_str()).or_default() += 1;
+        fill.push(c.id);
+        *fill_counts.entry(c.region.as_str()).or_default() += 1;
     }
-    // Too many (members left, or an even count): drop from the most
-    // represented region, unhealthy first, never the leader.
-    while chosen.len() > target || (chosen.len() > 1 && chosen.len().is_multiple_of(2)) {
+    // The final size: the target, or what keep + fill can reach, odd.
+    let mut size = target.min(chosen.len() + fill.len()).max(1);
+    if size.is_multiple_of(2) {
+        size -= 1;
+    }
+    if size >= chosen.len() {
+        for id in fill.into_iter().take(size - chosen.len()) {
+            chosen.insert(id);
+        }
+    }
+    // Too many (members left, seats lost): drop from the most represented
+    // region, unhealthy first, never the leader.
+    while chosen.len() > size {
         let drop = chosen
             .iter()
             .filter(|id| **id != leader)

@@ -42,6 +42,18 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// List the libp2p peers a running node knows: region, RTT, last seen,
     /// addresses (asks the node's Admin gRPC service).
     Peers(crate::peers_cmd::PeersArgs),
+    /// The cluster at a glance: every node with its region, Raft role,
+    /// status, chain height, mesh peers and RTT to the leader.
+    Status(crate::cluster_cmd::StatusArgs),
+    /// The cluster's nodes as the control plane records them.
+    Nodes(crate::cluster_cmd::NodesArgs),
+    /// The hash-linked chain of every applied command: head, one block,
+    /// full verification.
+    #[command(subcommand)]
+    Chain(crate::cluster_cmd::ChainCommand),
+    /// Create the cluster CA and node certificates (mutual TLS on the Raft port).
+    #[command(subcommand)]
+    Certs(crate::cluster_cmd::CertsCommand),
     /// System benchmarks (mesh convergence at scale).
     #[command(subcommand)]
     Bench(crate::bench_cmd::BenchCommand),
@@ -51,7 +63,11 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct NodeArgs {
+    #[command(subcommand)]
+    pub action: Option<NodeAction>,
+
     /// TOML config file whose keys are the long flag names with '_' for '-'
     /// (data_dir, grpc_addr, ...). Unknown keys are refused.
     #[arg(long, short = 'c', env = "TRINE_CONFIG", value_name = "FILE")]
@@ -168,6 +184,75 @@ pub struct NodeArgs {
     /// Most established mesh connections in total (2 per peer). [default: 256]
     #[arg(long, env = "TRINE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<u32>,
+
+    /// Mutual-TLS Raft listen address, for other members only.
+    /// [default: 127.0.0.1:7403]
+    #[arg(long, env = "TRINE_RAFT_ADDR", value_name = "IP:PORT")]
+    pub raft_addr: Option<SocketAddr>,
+
+    /// host:port other members dial for Raft, when it differs from
+    /// --raft-addr (containers, Kubernetes). It must be a name or address in
+    /// this node's certificate. [default: the listen address]
+    #[arg(long, env = "TRINE_RAFT_ANNOUNCE", value_name = "HOST:PORT")]
+    pub raft_announce: Option<String>,
+
+    /// Start a new cluster with this node as its first voter (first start
+    /// only; later starts read the data dir). Without certificates in the
+    /// TLS dir it creates a cluster CA in <data-dir>/ca and a node
+    /// certificate from it.
+    #[arg(long, env = "TRINE_INIT")]
+    pub init: bool,
+
+    /// Join an existing cluster through any member's Raft address
+    /// (host:port, comma-separated); the request is forwarded to the leader.
+    /// Needs a certificate from the cluster CA in the TLS dir.
+    #[arg(long, env = "TRINE_JOIN", value_name = "HOST:PORT", value_delimiter = ',')]
+    pub join: Option<Vec<String>>,
+
+    /// Directory with ca.crt, node.crt and node.key (from `trine certs
+    /// issue`). [default: <data-dir>/tls]
+    #[arg(long, env = "TRINE_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Cluster name. [default: trine]
+    #[arg(long, env = "TRINE_CLUSTER")]
+    pub cluster: Option<String>,
+
+    /// Raft timeouts: lan (heartbeat 100 ms, election 0.5-1 s) or wan
+    /// (heartbeat 300 ms, election 1.5-3 s, for regions ~200 ms apart).
+    /// [default: lan]
+    #[arg(long, env = "TRINE_RAFT_PROFILE", value_enum)]
+    pub raft_profile: Option<config::RaftProfile>,
+
+    /// A member that has not answered the leader for this long is marked
+    /// down. [default: 3s]
+    #[arg(long, env = "TRINE_DOWN_AFTER", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub down_after: Option<Duration>,
+
+    /// A voter down this long gives its seat to a healthy learner.
+    /// [default: 30s]
+    #[arg(long, env = "TRINE_VOTER_REPLACE_AFTER", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub voter_replace_after: Option<Duration>,
+
+    /// Raft entries between snapshots; the log behind a snapshot is purged.
+    /// [default: 10000]
+    #[arg(long, env = "TRINE_SNAPSHOT_EVERY", value_name = "N")]
+    pub snapshot_every: Option<u64>,
+}
+
+/// What `trine node` does besides running a node.
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// Drain a node and remove it from the cluster (a voter hands its seat
+    /// to a healthy learner first); then it can be stopped for good.
+    Leave {
+        #[command(flatten)]
+        target: crate::cluster_cmd::Target,
+        /// The node to remove, by Raft id (see `trine nodes`); the node
+        /// asked (--node / --data-dir) when absent.
+        #[arg(long, value_name = "ID")]
+        node_id: Option<u64>,
+    },
 }
 
 impl NodeArgs {
@@ -192,6 +277,16 @@ impl NodeArgs {
             ping_interval: self.ping_interval,
             peer_ttl: self.peer_ttl,
             max_connections: self.max_connections,
+            raft_addr: self.raft_addr,
+            raft_announce: self.raft_announce.clone(),
+            init: self.init.then_some(true),
+            join: self.join.clone(),
+            tls_dir: self.tls_dir.clone(),
+            cluster: self.cluster.clone(),
+            raft_profile: self.raft_profile,
+            down_after: self.down_after,
+            voter_replace_after: self.voter_replace_after,
+            snapshot_every: self.snapshot_every,
         }
     }
 

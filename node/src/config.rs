@@ -73,6 +73,40 @@ pub struct Config {
     pub peer_ttl: Duration,
     /// Most established mesh connections.
     pub max_connections: u32,
+    /// Mutual-TLS Raft listen address (peer-facing only).
+    pub raft_addr: SocketAddr,
+    /// host:port other members should dial for Raft; empty means raft_addr.
+    pub raft_announce: String,
+    /// Start a new cluster with this node as its first voter (first start).
+    pub init: bool,
+    /// Raft addresses (host:port) of members to join through.
+    pub join: Vec<String>,
+    /// Directory with ca.crt, node.crt and node.key; empty means
+    /// <data_dir>/tls.
+    pub tls_dir: PathBuf,
+    /// Cluster name (in the CA and Raft's config).
+    pub cluster: String,
+    /// Raft timeouts: "lan" or "wan" (regions ~200 ms apart).
+    pub raft_profile: RaftProfile,
+    /// A member unanswered this long is marked down.
+    #[serde(with = "humantime_serde")]
+    pub down_after: Duration,
+    /// A voter down this long gives its seat to a healthy learner.
+    #[serde(with = "humantime_serde")]
+    pub voter_replace_after: Duration,
+    /// Raft entries between snapshots (the log is purged behind them).
+    pub snapshot_every: u64,
+}
+
+/// Raft timeout profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RaftProfile {
+    /// One site: heartbeat 100 ms, election timeout 500-1000 ms.
+    #[default]
+    Lan,
+    /// Regions ~200 ms apart: heartbeat 300 ms, election timeout 1.5-3 s.
+    Wan,
 }
 
 /// One layer of configuration: every key optional. Deserialized from the
@@ -102,6 +136,18 @@ pub struct Layer {
     #[serde(default, with = "humantime_serde")]
     pub peer_ttl: Option<Duration>,
     pub max_connections: Option<u32>,
+    pub raft_addr: Option<SocketAddr>,
+    pub raft_announce: Option<String>,
+    pub init: Option<bool>,
+    pub join: Option<Vec<String>>,
+    pub tls_dir: Option<PathBuf>,
+    pub cluster: Option<String>,
+    pub raft_profile: Option<RaftProfile>,
+    #[serde(default, with = "humantime_serde")]
+    pub down_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub voter_replace_after: Option<Duration>,
+    pub snapshot_every: Option<u64>,
 }
 
 /// Why a configuration could not be loaded or is not valid. Each message is
@@ -155,6 +201,16 @@ impl Default for Config {
             ping_interval: Duration::from_secs(5),
             peer_ttl: Duration::from_secs(15),
             max_connections: 256,
+            raft_addr: SocketAddr::from(([127, 0, 0, 1], 7403)),
+            raft_announce: String::new(),
+            init: false,
+            join: Vec::new(),
+            tls_dir: PathBuf::new(),
+            cluster: "trine".into(),
+            raft_profile: RaftProfile::Lan,
+            down_after: Duration::from_secs(3),
+            voter_replace_after: Duration::from_secs(30),
+            snapshot_every: 10_000,
         }
     }
 }
@@ -218,6 +274,16 @@ impl Layer {
             ping_interval: over.ping_interval.or(self.ping_interval),
             peer_ttl: over.peer_ttl.or(self.peer_ttl),
             max_connections: over.max_connections.or(self.max_connections),
+            raft_addr: over.raft_addr.or(self.raft_addr),
+            raft_announce: over.raft_announce.or(self.raft_announce),
+            init: over.init.or(self.init),
+            join: over.join.or(self.join),
+            tls_dir: over.tls_dir.or(self.tls_dir),
+            cluster: over.cluster.or(self.cluster),
+            raft_profile: over.raft_profile.or(self.raft_profile),
+            down_after: over.down_after.or(self.down_after),
+            voter_replace_after: over.voter_replace_after.or(self.voter_replace_after),
+            snapshot_every: over.snapshot_every.or(self.snapshot_every),
         }
     }
 }
@@ -245,6 +311,16 @@ impl Config {
             ping_interval: layer.ping_interval.unwrap_or(d.ping_interval),
             peer_ttl: layer.peer_ttl.unwrap_or(d.peer_ttl),
             max_connections: layer.max_connections.unwrap_or(d.max_connections),
+            raft_addr: layer.raft_addr.unwrap_or(d.raft_addr),
+            raft_announce: layer.raft_announce.unwrap_or(d.raft_announce),
+            init: layer.init.unwrap_or(d.init),
+            join: layer.join.unwrap_or(d.join),
+            tls_dir: layer.tls_dir.unwrap_or(d.tls_dir),
+            cluster: layer.cluster.unwrap_or(d.cluster),
+            raft_profile: layer.raft_profile.unwrap_or(d.raft_profile),
+            down_after: layer.down_after.unwrap_or(d.down_after),
+            voter_replace_after: layer.voter_replace_after.unwrap_or(d.voter_replace_after),
+            snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
         };
         config.validate()?;
         Ok(config)
@@ -285,7 +361,75 @@ impl Config {
                 "it must be more than 0 and at most 10m, e.g. \"30s\"",
             ));
         }
-        self.validate_mesh()
+        self.validate_mesh()?;
+        self.validate_raft()
+    }
+
+    fn validate_raft(&self) -> Result<(), Error> {
+        let listeners = [
+            ("grpc_addr", self.grpc_addr),
+            ("http_addr", self.http_addr),
+        ];
+        for (key, addr) in listeners {
+            if self.raft_addr.port() != 0 && addr == self.raft_addr {
+                return Err(invalid(
+                    "raft_addr",
+                    &self.raft_addr.to_string(),
+                    &format!("{key} uses the same address; give the Raft port its own (--raft-addr)"),
+                ));
+            }
+        }
+        let host_port = |key: &'static str, v: &str| -> Result<(), Error> {
+            match v.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
+                _ => Err(invalid(key, v, "use host:port, e.g. 10.0.0.5:7403 or trine-0.trine:7403")),
+            }
+        };
+        if !self.raft_announce.is_empty() {
+            host_port("raft_announce", &self.raft_announce)?;
+        }
+        for j in &self.join {
+            host_port("join", j)?;
+        }
+        if self.init && !self.join.is_empty() {
+            return Err(invalid(
+                "init",
+                "true",
+                "--init starts a new cluster and --join joins an existing one; give only one",
+            ));
+        }
+        check_label("cluster", &self.cluster, false)?;
+        if self.down_after < Duration::from_millis(500) || self.down_after > Duration::from_secs(600) {
+            return Err(invalid(
+                "down_after",
+                &humantime::format_duration(self.down_after).to_string(),
+                "it must be between 500ms and 10m, e.g. \"3s\"",
+            ));
+        }
+        if self.voter_replace_after < self.down_after {
+            return Err(invalid(
+                "voter_replace_after",
+                &humantime::format_duration(self.voter_replace_after).to_string(),
+                "it must be at least down_after",
+            ));
+        }
+        if !(100..=10_000_000).contains(&self.snapshot_every) {
+            return Err(invalid(
+                "snapshot_every",
+                &self.snapshot_every.to_string(),
+                "it must be between 100 and 10000000 entries",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The TLS directory: `tls_dir`, or `<data_dir>/tls`.
+    pub fn tls_dir(&self) -> PathBuf {
+        if self.tls_dir.as_os_str().is_empty() {
+            self.data_dir.join("tls")
+        } else {
+            self.tls_dir.clone()
+        }
     }
 
     fn validate_mesh(&self) -> Result<(), Error> {

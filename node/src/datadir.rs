@@ -88,6 +88,12 @@ pub struct Endpoints {
     pub peer_id: String,
     /// libp2p listen addresses, ports resolved.
     pub p2p: Vec<String>,
+    /// Mutual-TLS Raft address (bound), and the Raft node id, when the node
+    /// is a cluster member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
 }
 
 /// An open, locked data directory. Dropping it releases the lock;
@@ -408,6 +414,8 @@ mod tests {
             http: "127.0.0.1:2".parse().unwrap(),
             peer_id: "12D3KooW".into(),
             p2p: vec!["/ip4/127.0.0.1/tcp/3".into()],
+            raft: Some("127.0.0.1:4".parse().unwrap()),
+            node_id: Some(9),
         };
         d.write_endpoints(&e).unwrap();
         assert_eq!(DataDir::read_endpoints(tmp.path()), Some(e));

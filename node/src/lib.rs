@@ -19,9 +19,12 @@
 //! - [`build`]: version, git commit.
 //! - [`bench_cmd`]: `trine bench mesh`.
 
+pub mod admin;
 pub mod bench_cmd;
 pub mod build;
 pub mod cli;
+pub mod cluster;
+pub mod cluster_cmd;
 pub mod config;
 pub mod datadir;
 pub mod eval_cmd;

@@ -9,7 +9,14 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. `level` was validated with the config.
 /// A second call (several nodes in one test process) keeps the first.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // openraft narrates every election and replication error at info/warn;
+    // a node's log keeps its errors unless the filter names openraft.
+    let level = if level.contains("openraft") {
+        level.to_owned()
+    } else {
+        format!("{level},openraft=error")
+    };
+    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -12,7 +12,16 @@ const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     match cli::parse().command {
-        Command::Node(args) => run_node(&args),
+        Command::Node(args) => match &args.action {
+            Some(cli::NodeAction::Leave { target, node_id }) => {
+                exit(trine_node::cluster_cmd::leave(target, *node_id))
+            }
+            None => run_node(&args),
+        },
+        Command::Status(args) => exit(trine_node::cluster_cmd::status(&args)),
+        Command::Nodes(args) => exit(trine_node::cluster_cmd::nodes(&args)),
+        Command::Chain(command) => exit(trine_node::cluster_cmd::chain(&command)),
+        Command::Certs(command) => exit(trine_node::cluster_cmd::certs(&command)),
         Command::Generate(args) => exit(trine_node::generate_cmd::run(&args)),
         Command::Perplexity(args) => exit(trine_node::eval_cmd::perplexity(&args)),
         Command::Model(command) => exit(trine_node::model_cmd::run(&command)),

@@ -90,6 +90,11 @@ pub fn install() -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(PEER_RTT.to_owned()), RTT_BUCKETS)
             .expect("RTT_BUCKETS is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(trine_control::metrics::RAFT_COMMIT_DURATION.to_owned()),
+                trine_control::metrics::COMMIT_BUCKETS,
+            )
+            .expect("COMMIT_BUCKETS is not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder is installed; the handle then
@@ -106,6 +111,17 @@ pub fn install() -> Metrics {
 }
 
 fn describe() {
+    // The control plane's metrics (trine-control sets them).
+    for (name, help) in trine_control::metrics::DESCRIPTIONS {
+        let name = *name;
+        if name.ends_with("_total") {
+            describe_counter!(name, *help);
+        } else if name.ends_with("_seconds") {
+            describe_histogram!(name, metrics::Unit::Seconds, *help);
+        } else {
+            describe_gauge!(name, *help);
+        }
+    }
     describe_gauge!(
         BUILD_INFO,
         "Build of the running trine binary (value is always 1)."

@@ -16,7 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::datadir::{self, DataDir, Endpoints};
-use crate::{grpc, http, mesh, metrics};
+use crate::{cluster, grpc, http, mesh, metrics};
 
 /// How long the HTTP server may take to finish after gRPC has drained.
 const HTTP_STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,6 +40,12 @@ pub enum Error {
     Mesh(#[from] mesh::Error),
     #[error(transparent)]
     Latency(#[from] mesh::latency::MatrixError),
+    #[error(transparent)]
+    Tls(#[from] trine_control::tls::Error),
+    #[error(transparent)]
+    Control(#[from] trine_control::Error),
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// The node's bound sockets. Binding is separate from serving so tests can
@@ -48,6 +54,7 @@ pub enum Error {
 pub struct Listeners {
     pub grpc: TcpListener,
     pub http: TcpListener,
+    pub raft: TcpListener,
 }
 
 impl Listeners {
@@ -55,6 +62,7 @@ impl Listeners {
         Ok(Self {
             grpc: bind("gRPC", config.grpc_addr, "--grpc-addr").await?,
             http: bind("HTTP", config.http_addr, "--http-addr").await?,
+            raft: bind("Raft", config.raft_addr, "--raft-addr").await?,
         })
     }
 }
@@ -115,7 +123,7 @@ pub async fn serve(
     } = mesh::start(mesh_config(config)?, key).await?;
     let stage_task = tokio::spawn(answer_stage_requests(stage_requests));
     let ready = Arc::new(AtomicBool::new(false));
-    let endpoints = Endpoints {
+    let mut endpoints = Endpoints {
         pid: std::process::id(),
         grpc: local_addr(&listeners.grpc, "gRPC")?,
         http: local_addr(&listeners.http, "HTTP")?,
@@ -125,6 +133,8 @@ pub async fn serve(
             .iter()
             .map(ToString::to_string)
             .collect(),
+        raft: None,
+        node_id: None,
     };
     tracing::info!(
         p2p = ?endpoints.p2p,
@@ -139,7 +149,14 @@ pub async fn serve(
             "QUIC connections are not delayed by --simulated-latency (it wraps TCP byte streams); use TCP addresses to simulate regions"
         );
     }
-    let grpc::Services { health, router } = grpc::services(mesh.clone()).await?;
+    let raft_addr = local_addr(&listeners.raft, "Raft")?;
+    let control = cluster::start(config, &data_dir, &endpoints, peer_id, listeners.raft).await?;
+    let members_task = control.as_ref().map(|c| {
+        endpoints.raft = Some(raft_addr);
+        endpoints.node_id = Some(c.id());
+        tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
+    });
+    let grpc::Services { health, router } = grpc::services(mesh.clone(), control.clone()).await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
     let mut grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -217,6 +234,12 @@ pub async fn serve(
             .is_err()
     {
         http_task.abort();
+    }
+    if let Some(c) = &control {
+        c.shutdown().await;
+    }
+    if let Some(t) = members_task {
+        t.abort();
     }
     mesh_task.abort();
     stage_task.abort();

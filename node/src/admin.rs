@@ -1,0 +1,323 @@
+//! The Admin gRPC service: peers from the mesh; cluster status, nodes and
+//! the chain from the control plane (local reads with a staleness bound,
+//! or linearizable ones); draining a node.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use trine_control::chain::Block;
+use trine_control::{ControlPlane, NodeRecord, NodeStatus};
+use trine_proto::v1;
+use trine_proto::v1::admin_server::Admin;
+
+use crate::grpc::{NotYetServed, timestamp};
+use crate::mesh::Mesh;
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// The Admin service of a node.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    pub mesh: Mesh,
+    pub control: Option<ControlPlane>,
+}
+
+impl AdminService {
+    fn control(&self) -> Result<&ControlPlane, Status> {
+        self.control.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this node is not part of a cluster: start the first node with --init and the others with --join <raft addr of a member> (see `trine node --help`)",
+            )
+        })
+    }
+
+    /// Applies the requested read consistency; returns the index read at.
+    async fn read_point(&self, consistency: i32, max_staleness_ms: u32) -> Result<u64, Status> {
+        let control = self.control()?;
+        match v1::ReadConsistency::try_from(consistency).unwrap_or_default() {
+            v1::ReadConsistency::Linearizable => Ok(control.linearizable().await?),
+            _ => {
+                let bound = (max_staleness_ms > 0)
+                    .then(|| Duration::from_millis(u64::from(max_staleness_ms)));
+                Ok(control.local(bound)?)
+            }
+        }
+    }
+}
+
+fn role_of(control: &ControlPlane, id: u64) -> v1::RaftRole {
+    let s = control.status();
+    if s.leader == Some(id) {
+        v1::RaftRole::Leader
+    } else if s.voters.contains(&id) {
+        v1::RaftRole::Voter
+    } else if s.members.contains_key(&id) {
+        v1::RaftRole::Learner
+    } else {
+        v1::RaftRole::Unspecified
+    }
+}
+
+pub fn status_to(s: NodeStatus) -> v1::NodeStatus {
+    match s {
+        NodeStatus::Up => v1::NodeStatus::Up,
+        NodeStatus::Down => v1::NodeStatus::Down,
+        NodeStatus::Draining => v1::NodeStatus::Draining,
+    }
+}
+
+fn node_to(n: &NodeRecord, role: v1::RaftRole) -> v1::Node {
+    v1::Node {
+        node_id: n.id,
+        name: n.name.clone(),
+        peer_id: n.peer_id.clone(),
+        locality: Some(v1::Locality {
+            region: n.region.clone(),
+            zone: n.zone.clone(),
+        }),
+        status: status_to(n.status).into(),
+        role: role.into(),
+        grpc_addr: n.grpc_addr.clone(),
+        http_addr: n.http_addr.clone(),
+        p2p_addrs: n.p2p_addrs.clone(),
+        capacity: Some(v1::Capacity {
+            cpu_cores: n.cpu_cores,
+            simd: n.simd.clone(),
+            memory_bytes: n.memory_bytes,
+            gpus: Vec::new(),
+        }),
+        version: n.version.clone(),
+        raft_addr: n.raft_addr.clone(),
+        status_since: Some(timestamp(
+            std::time::UNIX_EPOCH + Duration::from_millis(n.status_since_ms),
+        )),
+    }
+}
+
+pub fn header_to(b: &Block) -> v1::BlockHeader {
+    v1::BlockHeader {
+        height: b.height,
+        hash: b.hash.to_vec(),
+        prev_hash: b.prev_hash.to_vec(),
+        term: b.term,
+        index: b.index,
+        time: Some(timestamp(
+            std::time::UNIX_EPOCH + Duration::from_millis(b.time_ms),
+        )),
+        tx_count: u32::try_from(b.txs.len()).unwrap_or(u32::MAX),
+    }
+}
+
+pub fn block_to(b: &Block) -> v1::Block {
+    v1::Block {
+        header: Some(header_to(b)),
+        txs: b
+            .txs
+            .iter()
+            .map(|t| v1::Transaction {
+                kind: t.kind.clone(),
+                summary: t.summary.clone(),
+                body: t.body.clone(),
+                principal: t.principal.clone(),
+                rejected: t.rejected.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_peers(
+        &self,
+        request: Request<v1::ListPeersRequest>,
+    ) -> Reply<v1::ListPeersResponse> {
+        crate::grpc::list_peers(&self.mesh, request.into_inner().request_id).await
+    }
+
+    async fn cluster_status(
+        &self,
+        r: Request<v1::ClusterStatusRequest>,
+    ) -> Reply<v1::ClusterStatusResponse> {
+        let r = r.into_inner();
+        self.read_point(r.consistency, r.max_staleness_ms).await?;
+        let control = self.control()?;
+        let s = control.status();
+        let state = control.reader().state();
+        let head = control.reader().head();
+        let (peers, leader_rtt) = match self.mesh.snapshot().await {
+            Ok(snap) => {
+                let leader_peer = s
+                    .leader
+                    .and_then(|l| state.nodes.get(&l))
+                    .map(|n| n.peer_id.clone());
+                let rtt = snap
+                    .peers
+                    .iter()
+                    .find(|p| Some(p.peer_id.to_string()) == leader_peer)
+                    .and_then(|p| p.rtt)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                (snap.peers.iter().filter(|p| p.connected).count(), rtt)
+            }
+            Err(_) => (0, 0.0),
+        };
+        let name = state
+            .nodes
+            .get(&s.id)
+            .map(|n| n.name.clone())
+            .unwrap_or_default();
+        Ok(Response::new(v1::ClusterStatusResponse {
+            request_id: r.request_id,
+            cluster_id: String::new(),
+            leader_id: s.leader.unwrap_or(0),
+            term: s.term,
+            commit_index: s.last_log_index,
+            voters: s.voters.iter().copied().collect(),
+            learners: s
+                .members
+                .keys()
+                .filter(|id| !s.voters.contains(id))
+                .copied()
+                .collect(),
+            nodes_up: state
+                .nodes
+                .values()
+                .filter(|n| n.status == NodeStatus::Up)
+                .count() as u32,
+            nodes_total: state.nodes.len() as u32,
+            chain_height: head.map_or(0, |b| b.height),
+            answered_by: s.id,
+            applied_index: s.applied,
+            role: role_of(control, s.id).into(),
+            name,
+            peers: peers as u32,
+            leader_rtt_seconds: leader_rtt,
+            last_log_index: s.last_log_index,
+            leader_heard_seconds: s.leader_heard.map_or(-1.0, |d| d.as_secs_f64()),
+        }))
+    }
+
+    async fn list_nodes(&self, r: Request<v1::ListNodesRequest>) -> Reply<v1::ListNodesResponse> {
+        let r = r.into_inner();
+        let as_of = self.read_point(r.consistency, r.max_staleness_ms).await?;
+        let control = self.control()?;
+        let nodes = control
+            .reader()
+            .state()
+            .nodes
+            .values()
+            .filter(|n| r.region.is_empty() || n.region == r.region)
+            .map(|n| node_to(n, role_of(control, n.id)))
+            .collect();
+        Ok(Response::new(v1::ListNodesResponse {
+            request_id: r.request_id,
+            nodes,
+            as_of_index: as_of,
+        }))
+    }
+
+    async fn get_placement(
+        &self,
+        r: Request<v1::GetPlacementRequest>,
+    ) -> Reply<v1::GetPlacementResponse> {
+        NotYetServed.get_placement(r).await
+    }
+
+    async fn deploy_model(
+        &self,
+        r: Request<v1::DeployModelRequest>,
+    ) -> Reply<v1::DeployModelResponse> {
+        NotYetServed.deploy_model(r).await
+    }
+
+    async fn chain_head(&self, r: Request<v1::ChainHeadRequest>) -> Reply<v1::ChainHeadResponse> {
+        let r = r.into_inner();
+        self.read_point(r.consistency, r.max_staleness_ms).await?;
+        let head = self.control()?.reader().head();
+        Ok(Response::new(v1::ChainHeadResponse {
+            request_id: r.request_id,
+            head: head.as_ref().map(header_to),
+        }))
+    }
+
+    async fn get_block(&self, r: Request<v1::GetBlockRequest>) -> Reply<v1::GetBlockResponse> {
+        let r = r.into_inner();
+        let reader = self.control()?.reader().clone();
+        let block = match r.selector {
+            Some(v1::get_block_request::Selector::Height(h)) => reader
+                .block(h)
+                .map_err(Status::data_loss)?
+                .ok_or_else(|| {
+                    let head = reader.head().map_or(0, |b| b.height);
+                    let first = reader.first_height().unwrap_or(0);
+                    Status::not_found(format!(
+                        "no block at height {h}: this node holds heights {first}..={head}"
+                    ))
+                })?,
+            Some(v1::get_block_request::Selector::Hash(hex)) => {
+                let want = trine_control::chain::unhex(&hex)
+                    .filter(|b| b.len() == 32)
+                    .ok_or_else(|| Status::invalid_argument("hash must be 64 hex digits"))?;
+                tokio::task::spawn_blocking(move || {
+                    reader
+                        .blocks(reader.first_height().unwrap_or(0), usize::MAX)
+                        .filter_map(Result::ok)
+                        .find(|b| b.hash.as_slice() == want.as_slice())
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .ok_or_else(|| Status::not_found(format!("no block has hash {hex}")))?
+            }
+            None => return Err(Status::invalid_argument("give a height or a hash")),
+        };
+        Ok(Response::new(v1::GetBlockResponse {
+            request_id: r.request_id,
+            block: Some(block_to(&block)),
+        }))
+    }
+
+    async fn verify_chain(
+        &self,
+        r: Request<v1::VerifyChainRequest>,
+    ) -> Reply<v1::VerifyChainResponse> {
+        let r = r.into_inner();
+        let reader = self.control()?.reader().clone();
+        let first = reader.first_height().unwrap_or(0);
+        let result = tokio::task::spawn_blocking(move || {
+            trine_control::chain::verify(reader.blocks(first, usize::MAX))
+                .map(|v| (v, reader.head()))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(match result {
+            Ok((v, head)) => v1::VerifyChainResponse {
+                request_id: r.request_id,
+                ok: true,
+                blocks: v.blocks,
+                first_height: first,
+                head: head.as_ref().map(header_to),
+                problem: String::new(),
+                bad_height: 0,
+            },
+            Err(e) => v1::VerifyChainResponse {
+                request_id: r.request_id,
+                ok: false,
+                blocks: 0,
+                first_height: first,
+                head: None,
+                bad_height: e.height(),
+                problem: e.to_string(),
+            },
+        }))
+    }
+
+    async fn drain_node(&self, r: Request<v1::DrainNodeRequest>) -> Reply<v1::DrainNodeResponse> {
+        let r = r.into_inner();
+        let control = self.control()?;
+        let id = if r.node_id == 0 { control.id() } else { r.node_id };
+        control.leave(Some(id)).await?;
+        Ok(Response::new(v1::DrainNodeResponse {
+            request_id: r.request_id,
+            node_id: id,
+        }))
+    }
+}

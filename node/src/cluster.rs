@@ -1,0 +1,171 @@
+//! The node's side of the control plane: when and how it starts (certificates,
+//! `--init`, `--join`), the node's record, and feeding the mesh's peer filter
+//! with the cluster's members.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use trine_control::tls::{self, NodeTls};
+use trine_control::voters::Rules;
+use trine_control::{ControlPlane, Member, NodeRecord, NodeStatus, Profile};
+
+use crate::config::{Config, RaftProfile};
+use crate::datadir::{DataDir, Endpoints};
+use crate::mesh::Mesh;
+use crate::node::Error;
+
+/// The Raft node id of a libp2p identity: the first 8 bytes of the SHA-256
+/// of the peer id, top bit cleared, never 0. Stable across restarts (the
+/// key is in the data dir).
+pub fn node_id(peer: &PeerId) -> u64 {
+    let d = Sha256::digest(peer.to_bytes());
+    let id = u64::from_be_bytes(d[..8].try_into().unwrap_or_default()) & (u64::MAX >> 1);
+    id.max(1)
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Starts the control plane when the node is (or is becoming) a member;
+/// `None` for a mesh-only node.
+pub async fn start(
+    config: &Config,
+    data_dir: &DataDir,
+    endpoints: &Endpoints,
+    peer_id: PeerId,
+    listener: TcpListener,
+) -> Result<Option<ControlPlane>, Error> {
+    let tls_dir = config.tls_dir();
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Cluster(format!("Raft listener: {e}")))?;
+    let announce = if config.raft_announce.is_empty() {
+        bound.to_string()
+    } else {
+        config.raft_announce.clone()
+    };
+    let raft_dir = data_dir.path().join("raft");
+    if !NodeTls::present(&tls_dir) {
+        if config.init {
+            let ca = data_dir.path().join("ca");
+            if !ca.join(tls::CA_CERT).exists() {
+                tls::init_ca(&ca, &config.cluster)?;
+            }
+            let host = announce
+                .rsplit_once(':')
+                .map_or(announce.as_str(), |(h, _)| h)
+                .to_owned();
+            tls::issue_node(&ca, &config.name, &[host], &tls_dir)?;
+            tracing::info!(
+                ca = %ca.display(),
+                "created a cluster CA and this node's certificate; give other nodes certificates with `trine certs issue --ca-dir {} --name <name> --out <their tls dir>`",
+                ca.display()
+            );
+        } else if !config.join.is_empty() || raft_dir.exists() {
+            return Err(Error::Cluster(format!(
+                "no node certificate in {}: a cluster member needs one from the cluster CA; run `trine certs issue --ca-dir <CA dir> --name {} --out {}` (or set --tls-dir)",
+                tls_dir.display(),
+                config.name,
+                tls_dir.display()
+            )));
+        } else {
+            tracing::info!(
+                tls_dir = %tls_dir.display(),
+                "not a cluster member (no certificate, no --init or --join): this node runs the mesh only"
+            );
+            return Ok(None);
+        }
+    }
+    let tls = NodeTls::load(&tls_dir)?;
+    let id = node_id(&peer_id);
+    let p2p: Vec<String> = if config.p2p_announce.is_empty() {
+        endpoints.p2p.clone()
+    } else {
+        config.p2p_announce.iter().map(ToString::to_string).collect()
+    };
+    let record = NodeRecord {
+        id,
+        name: config.name.clone(),
+        region: config.region.clone(),
+        zone: config.zone.clone(),
+        raft_addr: announce.clone(),
+        grpc_addr: endpoints.grpc.to_string(),
+        http_addr: endpoints.http.to_string(),
+        peer_id: peer_id.to_string(),
+        p2p_addrs: p2p,
+        cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        simd: crate::simd::Level::detect().to_string(),
+        memory_bytes: memory_bytes(),
+        version: crate::build::VERSION.to_owned(),
+        status: NodeStatus::Up,
+        status_since_ms: 0,
+    };
+    let cp = trine_control::Config {
+        id,
+        member: Member {
+            addr: announce.clone(),
+            region: config.region.clone(),
+            name: config.name.clone(),
+        },
+        record,
+        dir: raft_dir,
+        tls,
+        cluster: config.cluster.clone(),
+        init: config.init,
+        join: config.join.clone(),
+        profile: match config.raft_profile {
+            RaftProfile::Lan => Profile::Lan,
+            RaftProfile::Wan => Profile::Wan,
+        },
+        heartbeat: None,
+        election_timeout: None,
+        down_after: config.down_after,
+        voters: Rules {
+            replace_after: config.voter_replace_after,
+            ..Rules::default()
+        },
+        snapshot_every: config.snapshot_every,
+        snapshot_keep: 1000,
+        max_staleness: Duration::from_secs(10),
+    };
+    let control = ControlPlane::start(cp, listener).await?;
+    tracing::info!(
+        node_id = id,
+        raft = %bound,
+        announce = %announce,
+        profile = ?config.raft_profile,
+        "control plane started (mutual TLS)"
+    );
+    Ok(Some(control))
+}
+
+/// Keeps the mesh's peer filter equal to the cluster's members.
+pub async fn feed_mesh(control: ControlPlane, mesh: Mesh) {
+    let mut last: HashSet<PeerId> = HashSet::new();
+    loop {
+        let members: HashSet<PeerId> = control
+            .reader()
+            .state()
+            .nodes
+            .values()
+            .filter_map(|n| n.peer_id.parse().ok())
+            .collect();
+        if members != last {
+            if mesh.set_members(members.clone()).await.is_err() {
+                return;
+            }
+            last = members;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,554 @@
+//! Cluster commands: `trine certs init|issue`, `trine status`, `trine nodes`,
+//! `trine chain head|show|verify`, `trine node leave`. They talk to a running
+//! node's Admin gRPC service (plain gRPC on its client port), except
+//! `certs` and `chain verify --offline`, which work on files.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+use trine_proto::v1;
+use trine_proto::v1::admin_client::AdminClient;
+
+use crate::datadir::DataDir;
+
+/// Which node a command asks.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// gRPC address of the node to ask (host:port).
+    #[arg(long, env = "TRINE_NODE", default_value = "127.0.0.1:7400", conflicts_with = "data_dir")]
+    pub node: String,
+    /// Ask the node running on this data dir (reads its endpoints.json).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+impl Target {
+    fn uri(&self) -> Result<String> {
+        if let Some(dir) = &self.data_dir {
+            let e = DataDir::read_endpoints(dir).with_context(|| {
+                format!(
+                    "no running node on data dir {} (no endpoints.json); start one with `trine node --data-dir {}`",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
+            return Ok(format!("http://{}", e.grpc));
+        }
+        Ok(if self.node.contains("://") {
+            self.node.clone()
+        } else {
+            format!("http://{}", self.node)
+        })
+    }
+
+    async fn admin(&self) -> Result<AdminClient<Channel>> {
+        connect(&self.uri()?, self.timeout).await
+    }
+}
+
+async fn connect(uri: &str, timeout: Duration) -> Result<AdminClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(uri.to_owned())
+        .with_context(|| format!("{uri} is not a valid address; use host:port"))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach a trine node at {uri}; is it running? (--node or --data-dir choose which)"))?;
+    Ok(AdminClient::new(channel))
+}
+
+fn answered(uri: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
+    move |s| anyhow::anyhow!("{uri} answered {:?}: {}", s.code(), s.message())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+// ---------------------------------------------------------------- certs
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a cluster CA: ca.crt and ca.key (0600) in --ca-dir.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Cluster name, recorded in the CA's subject.
+        #[arg(long, default_value = "trine")]
+        cluster: String,
+    },
+    /// Issue a node certificate signed by the CA: writes ca.crt, node.crt
+    /// and node.key (0600) into --out (a node's --tls-dir).
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Node name (also a subject alternative name).
+        #[arg(long)]
+        name: String,
+        /// Output directory, e.g. <data-dir>/tls.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// More host names or IP addresses peers dial the node by
+        /// (repeatable); localhost and 127.0.0.1 are always included.
+        #[arg(long = "san", value_name = "HOST")]
+        sans: Vec<String>,
+    },
+}
+
+pub fn certs(command: &CertsCommand) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        CertsCommand::Init { ca_dir, cluster } => {
+            trine_control::tls::init_ca(ca_dir, cluster)?;
+            writeln!(
+                out,
+                "cluster CA written to {}/ca.crt (key ca.key, 0600); issue node certificates with `trine certs issue --ca-dir {} --name <node> --out <tls dir>`",
+                ca_dir.display(),
+                ca_dir.display()
+            )?;
+        }
+        CertsCommand::Issue {
+            ca_dir,
+            name,
+            out: dir,
+            sans,
+        } => {
+            trine_control::tls::issue_node(ca_dir, name, sans, dir)?;
+            writeln!(
+                out,
+                "certificate for {name} written to {} (ca.crt, node.crt, node.key); start the node with --tls-dir {}",
+                dir.display(),
+                dir.display()
+            )?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- status
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+fn role_name(r: i32) -> &'static str {
+    match v1::RaftRole::try_from(r).unwrap_or_default() {
+        v1::RaftRole::Leader => "leader",
+        v1::RaftRole::Voter => "voter",
+        v1::RaftRole::Learner => "learner",
+        v1::RaftRole::Unspecified => "-",
+    }
+}
+
+fn status_name(s: i32) -> &'static str {
+    match v1::NodeStatus::try_from(s).unwrap_or_default() {
+        v1::NodeStatus::Up => "up",
+        v1::NodeStatus::Down => "down",
+        v1::NodeStatus::Draining => "draining",
+        v1::NodeStatus::Unspecified => "-",
+    }
+}
+
+/// Every node of the cluster and what each says of itself.
+pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::ClusterStatusResponse>)>> {
+    let uri = target.uri()?;
+    let mut admin = target.admin().await?;
+    let nodes = admin
+        .list_nodes(v1::ListNodesRequest::default())
+        .await
+        .map_err(answered(&uri))?
+        .into_inner()
+        .nodes;
+    let mut out = Vec::new();
+    for n in nodes {
+        let uri = format!("http://{}", n.grpc_addr);
+        let own = match connect(&uri, Duration::from_secs(2)).await {
+            Ok(mut c) => c
+                .cluster_status(v1::ClusterStatusRequest {
+                    max_staleness_ms: 60_000,
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .map(tonic::Response::into_inner),
+            Err(_) => None,
+        };
+        out.push((n, own));
+    }
+    out.sort_by(|a, b| {
+        let key = |n: &v1::Node| (n.locality.clone().unwrap_or_default().region, n.name.clone());
+        key(&a.0).cmp(&key(&b.0))
+    });
+    Ok(out)
+}
+
+pub fn write_status_table(
+    out: &mut dyn std::io::Write,
+    rows: &[(v1::Node, Option<v1::ClusterStatusResponse>)],
+) -> Result<()> {
+    writeln!(
+        out,
+        "{:<14} {:<14} {:<8} {:<9} {:>7} {:>6} {:>10}  {:<21} {:<21}",
+        "NODE", "REGION", "ROLE", "STATUS", "HEIGHT", "PEERS", "RTT→LEADER", "GRPC", "RAFT"
+    )?;
+    for (n, s) in rows {
+        let region = n.locality.clone().unwrap_or_default().region;
+        let (role, height, peers, rtt) = match s {
+            Some(s) => (
+                role_name(s.role),
+                s.chain_height.to_string(),
+                s.peers.to_string(),
+                if s.role == v1::RaftRole::Leader as i32 {
+                    "-".into()
+                } else if s.leader_rtt_seconds > 0.0 {
+                    format!("{:.1}ms", s.leader_rtt_seconds * 1e3)
+                } else {
+                    "?".into()
+                },
+            ),
+            None => (role_name(n.role), "unreachable".into(), "-".into(), "-".into()),
+        };
+        writeln!(
+            out,
+            "{:<14} {:<14} {:<8} {:<9} {:>7} {:>6} {:>10}  {:<21} {:<21}",
+            n.name,
+            region,
+            role,
+            status_name(n.status),
+            height,
+            peers,
+            rtt,
+            n.grpc_addr,
+            n.raft_addr
+        )?;
+    }
+    Ok(())
+}
+
+pub fn status(args: &StatusArgs) -> Result<()> {
+    let rows = runtime()?.block_on(gather(&args.target))?;
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Table => write_status_table(&mut out, &rows)?,
+        Output::Json => {
+            for (n, s) in &rows {
+                let line = serde_json::json!({
+                    "node_id": n.node_id,
+                    "name": n.name,
+                    "region": n.locality.clone().unwrap_or_default().region,
+                    "role": s.as_ref().map_or(role_name(n.role), |s| role_name(s.role)),
+                    "status": status_name(n.status),
+                    "reachable": s.is_some(),
+                    "chain_height": s.as_ref().map(|s| s.chain_height),
+                    "applied_index": s.as_ref().map(|s| s.applied_index),
+                    "term": s.as_ref().map(|s| s.term),
+                    "leader_id": s.as_ref().map(|s| s.leader_id),
+                    "peers": s.as_ref().map(|s| s.peers),
+                    "leader_rtt_seconds": s.as_ref().map(|s| s.leader_rtt_seconds),
+                    "grpc_addr": n.grpc_addr,
+                    "raft_addr": n.raft_addr,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- nodes
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Only nodes in this region.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Read through the leader (read index) instead of the node's replica.
+    #[arg(long)]
+    pub linearizable: bool,
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+pub fn nodes(args: &NodesArgs) -> Result<()> {
+    let uri = args.target.uri()?;
+    let resp = runtime()?.block_on(async {
+        let mut admin = args.target.admin().await?;
+        let consistency = if args.linearizable {
+            v1::ReadConsistency::Linearizable
+        } else {
+            v1::ReadConsistency::Local
+        };
+        admin
+            .list_nodes(v1::ListNodesRequest {
+                region: args.region.clone().unwrap_or_default(),
+                consistency: consistency.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(answered(&uri))
+            .map(tonic::Response::into_inner)
+    })?;
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Table => {
+            writeln!(out, "as of index {}", resp.as_of_index)?;
+            writeln!(
+                out,
+                "{:<20} {:<14} {:<14} {:<8} {:<9} {:<12} {:>5} {:>9}  {:<21} {:<21}",
+                "ID", "NAME", "REGION", "ROLE", "STATUS", "SIMD", "CORES", "MEMORY", "GRPC", "RAFT"
+            )?;
+            for n in &resp.nodes {
+                let cap = n.capacity.clone().unwrap_or_default();
+                writeln!(
+                    out,
+                    "{:<20} {:<14} {:<14} {:<8} {:<9} {:<12} {:>5} {:>7.1}Gi  {:<21} {:<21}",
+                    n.node_id,
+                    n.name,
+                    n.locality.clone().unwrap_or_default().region,
+                    role_name(n.role),
+                    status_name(n.status),
+                    cap.simd,
+                    cap.cpu_cores,
+                    cap.memory_bytes as f64 / (1u64 << 30) as f64,
+                    n.grpc_addr,
+                    n.raft_addr
+                )?;
+            }
+        }
+        Output::Json => {
+            for n in &resp.nodes {
+                let cap = n.capacity.clone().unwrap_or_default();
+                let line = serde_json::json!({
+                    "node_id": n.node_id,
+                    "name": n.name,
+                    "peer_id": n.peer_id,
+                    "region": n.locality.clone().unwrap_or_default().region,
+                    "zone": n.locality.clone().unwrap_or_default().zone,
+                    "role": role_name(n.role),
+                    "status": status_name(n.status),
+                    "grpc_addr": n.grpc_addr,
+                    "http_addr": n.http_addr,
+                    "raft_addr": n.raft_addr,
+                    "p2p_addrs": n.p2p_addrs,
+                    "simd": cap.simd,
+                    "cpu_cores": cap.cpu_cores,
+                    "memory_bytes": cap.memory_bytes,
+                    "version": n.version,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- chain
+
+#[derive(Debug, Subcommand)]
+pub enum ChainCommand {
+    /// The newest block: height, hash, time, transactions.
+    Head {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// One block as JSON, by height or hash (64 hex digits).
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// Height or hex hash.
+        block: String,
+    },
+    /// Recompute every block hash from the first block and check every
+    /// link; reports the first bad height. Exit status 1 when broken.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+        /// Verify the chain in this (stopped) node's data dir directly,
+        /// without asking a running node.
+        #[arg(long, value_name = "DATA_DIR")]
+        offline: Option<PathBuf>,
+    },
+}
+
+fn unix(ts: Option<&prost_types::Timestamp>) -> String {
+    let Some(ts) = ts else { return "-".into() };
+    let t = UNIX_EPOCH + Duration::new(ts.seconds.max(0) as u64, ts.nanos.max(0) as u32);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn hex(b: &[u8]) -> String {
+    trine_control::chain::hex(b)
+}
+
+pub fn chain(command: &ChainCommand) -> Result<()> {
+    match command {
+        ChainCommand::Head { target } => {
+            let uri = target.uri()?;
+            let head = runtime()?.block_on(async {
+                let mut admin = target.admin().await?;
+                admin
+                    .chain_head(v1::ChainHeadRequest::default())
+                    .await
+                    .map_err(answered(&uri))
+                    .map(|r| r.into_inner().head)
+            })?;
+            let h = head.context("the chain is empty")?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "height  {}", h.height)?;
+            writeln!(out, "hash    {}", hex(&h.hash))?;
+            writeln!(out, "prev    {}", hex(&h.prev_hash))?;
+            writeln!(out, "term    {}  index {}", h.term, h.index)?;
+            writeln!(out, "time    {}", unix(h.time.as_ref()))?;
+            writeln!(out, "txs     {}", h.tx_count)?;
+        }
+        ChainCommand::Show { target, block } => {
+            let uri = target.uri()?;
+            let selector = match block.parse::<u64>() {
+                Ok(h) => v1::get_block_request::Selector::Height(h),
+                Err(_) => v1::get_block_request::Selector::Hash(block.clone()),
+            };
+            let b = runtime()?.block_on(async {
+                let mut admin = target.admin().await?;
+                admin
+                    .get_block(v1::GetBlockRequest {
+                        selector: Some(selector),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(answered(&uri))
+                    .map(|r| r.into_inner().block)
+            })?;
+            let b = b.context("no block in the answer")?;
+            let h = b.header.unwrap_or_default();
+            let txs: Vec<serde_json::Value> = b
+                .txs
+                .iter()
+                .map(|t| {
+                    let body = serde_json::from_slice::<serde_json::Value>(&t.body)
+                        .unwrap_or_else(|_| serde_json::Value::String(hex(&t.body)));
+                    serde_json::json!({
+                        "kind": t.kind,
+                        "summary": t.summary,
+                        "principal": t.principal,
+                        "rejected": (!t.rejected.is_empty()).then_some(&t.rejected),
+                        "body": body,
+                    })
+                })
+                .collect();
+            let json = serde_json::json!({
+                "height": h.height,
+                "hash": hex(&h.hash),
+                "prev_hash": hex(&h.prev_hash),
+                "term": h.term,
+                "index": h.index,
+                "time": unix(h.time.as_ref()),
+                "txs": txs,
+            });
+            writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&json)?)?;
+        }
+        ChainCommand::Verify { target, offline } => match offline {
+            Some(dir) => verify_offline(dir)?,
+            None => {
+                let uri = target.uri()?;
+                let r = runtime()?.block_on(async {
+                    let mut admin = target.admin().await?;
+                    admin
+                        .verify_chain(v1::VerifyChainRequest::default())
+                        .await
+                        .map_err(answered(&uri))
+                        .map(tonic::Response::into_inner)
+                })?;
+                if !r.ok {
+                    bail!("chain broken at height {}: {}", r.bad_height, r.problem);
+                }
+                let head = r.head.unwrap_or_default();
+                writeln!(
+                    std::io::stdout().lock(),
+                    "ok: {} blocks from height {} to {} verified; head {}",
+                    r.blocks,
+                    r.first_height,
+                    head.height,
+                    hex(&head.hash)
+                )?;
+            }
+        },
+    }
+    Ok(())
+}
+
+fn verify_offline(data_dir: &std::path::Path) -> Result<()> {
+    let raft = data_dir.join("raft");
+    if !raft.exists() {
+        bail!(
+            "{} holds no Raft store (no raft/ directory); is it a cluster member's data dir?",
+            data_dir.display()
+        );
+    }
+    let (_, sm) = trine_control::store::open(&raft).with_context(|| {
+        format!(
+            "opening {} (stop the node that uses it first, or verify through it without --offline)",
+            raft.display()
+        )
+    })?;
+    let reader = sm.reader();
+    let first = reader.first_height().unwrap_or(0);
+    match trine_control::chain::verify(reader.blocks(first, usize::MAX)) {
+        Ok(v) => {
+            let (h, hash) = v.head.unwrap_or((0, [0; 32]));
+            writeln!(
+                std::io::stdout().lock(),
+                "ok: {} blocks from height {first} to {h} verified; head {}",
+                v.blocks,
+                hex(&hash)
+            )?;
+            Ok(())
+        }
+        Err(e) => bail!("chain broken at height {}: {e}", e.height()),
+    }
+}
+
+// ---------------------------------------------------------------- leave
+
+pub fn leave(target: &Target, node_id: Option<u64>) -> Result<()> {
+    let uri = target.uri()?;
+    let r = runtime()?.block_on(async {
+        let mut admin = target.admin().await?;
+        admin
+            .drain_node(v1::DrainNodeRequest {
+                node_id: node_id.unwrap_or(0),
+                ..Default::default()
+            })
+            .await
+            .map_err(answered(&uri))
+            .map(tonic::Response::into_inner)
+    })?;
+    writeln!(
+        std::io::stdout().lock(),
+        "node {} drained and removed from the cluster; it can be stopped now",
+        r.node_id
+    )?;
+    let _ = SystemTime::now();
+    Ok(())
+}
