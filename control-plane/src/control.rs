@@ -21,7 +21,7 @@ use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::RaftServer;
 
 use crate::command::{Command, NodeRecord, NodeStatus};
-use crate::network::{self, Liveness, Network};
+use crate::network::{self, Faults, Liveness, Network};
 use crate::store::{self, Reader};
 use crate::tls::NodeTls;
 use crate::types::{Member, NodeId, Raft, Request, Response};
@@ -156,6 +156,7 @@ pub struct Core {
     tls: ClientTlsConfig,
     liveness: Liveness,
     last_leader_contact: Mutex<Option<Instant>>,
+    faults: Faults,
     config: Config,
 }
 
@@ -204,9 +205,11 @@ impl ControlPlane {
         let reader = sm.reader();
         let liveness = Liveness::default();
         let tls = config.tls.client();
+        let faults = Faults::default();
         let network = Network {
             tls: tls.clone(),
             liveness: liveness.clone(),
+            faults: faults.clone(),
         };
         let raft = Raft::new(config.id, raft_config, network, log, sm)
             .await
@@ -219,6 +222,7 @@ impl ControlPlane {
             tls,
             liveness,
             last_leader_contact: Mutex::new(None),
+            faults,
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -284,6 +288,11 @@ impl ControlPlane {
 
     pub fn raft(&self) -> &Raft {
         &self.core.raft
+    }
+
+    /// The in-node fault layer (tests, chaos): cut this node off from peers.
+    pub fn faults(&self) -> &Faults {
+        &self.core.faults
     }
 
     /// Commits `command` (through the leader) and returns the state
@@ -439,7 +448,10 @@ impl Core {
                 Ok(r) => return Ok(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     match f.leader_node {
-                        Some(node) if f.leader_id != Some(self.id) => {
+                        Some(node)
+                            if f.leader_id != Some(self.id)
+                                && !f.leader_id.is_some_and(|l| self.faults.blocked(l)) =>
+                        {
                             return self.forward_propose(&node.addr, &req).await;
                         }
                         _ => tokio::time::sleep(Duration::from_millis(50)).await,

@@ -49,6 +49,29 @@ impl Liveness {
     }
 }
 
+/// An in-node fault layer for tests and chaos runs: RPCs to the listed
+/// members fail as if the network dropped them (both ways when both sides
+/// are told). Empty in normal operation.
+#[derive(Debug, Clone, Default)]
+pub struct Faults(Arc<Mutex<std::collections::HashSet<NodeId>>>);
+
+impl Faults {
+    /// Cuts this node off from `peers` (replacing any earlier cut).
+    pub fn isolate(&self, peers: impl IntoIterator<Item = NodeId>) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = peers.into_iter().collect();
+        }
+    }
+
+    pub fn heal(&self) {
+        self.isolate([]);
+    }
+
+    pub fn blocked(&self, peer: NodeId) -> bool {
+        self.0.lock().is_ok_and(|s| s.contains(&peer))
+    }
+}
+
 /// A client for a member's Raft endpoint (mTLS, bounded messages).
 pub fn client(addr: &str, tls: &ClientTlsConfig) -> Result<RaftClient<Channel>, String> {
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))
@@ -69,6 +92,7 @@ pub fn client(addr: &str, tls: &ClientTlsConfig) -> Result<RaftClient<Channel>, 
 pub struct Network {
     pub tls: ClientTlsConfig,
     pub liveness: Liveness,
+    pub faults: Faults,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -81,6 +105,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             tls: self.tls.clone(),
             client: None,
             liveness: self.liveness.clone(),
+            faults: self.faults.clone(),
         }
     }
 }
@@ -93,6 +118,7 @@ pub struct Conn {
     tls: ClientTlsConfig,
     client: Option<RaftClient<Channel>>,
     liveness: Liveness,
+    faults: Faults,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +154,12 @@ impl Conn {
     fn client<E: std::error::Error>(
         &mut self,
     ) -> Result<RaftClient<Channel>, RPCError<NodeId, Member, E>> {
+        if self.faults.blocked(self.target) {
+            return Err(RPCError::Unreachable(Unreachable::new(&Failure(format!(
+                "{} is cut off by fault injection",
+                self.addr
+            )))));
+        }
         if self.client.is_none() {
             let c = client(&self.addr, &self.tls)
                 .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;

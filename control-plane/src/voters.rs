@@ -104,7 +104,12 @@ pub fn plan(
             .filter(|c| {
                 fill_counts.get(c.region.as_str()).copied().unwrap_or(0) < rules.max_per_region
             })
-            .min_by_key(|c| (fill_counts.get(c.region.as_str()).copied().unwrap_or(0), c.id));
+            .min_by_key(|c| {
+                (
+                    fill_counts.get(c.region.as_str()).copied().unwrap_or(0),
+                    c.id,
+                )
+            });
         let Some(c) = next else { break };
         fill.push(c.id);
         *fill_counts.entry(c.region.as_str()).or_default() += 1;

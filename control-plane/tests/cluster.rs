@@ -203,11 +203,21 @@ async fn note(c: &ControlPlane, text: &str) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_voters_survive_the_leader_and_agree_on_the_chain() -> Result<()> {
-    let mut cluster = Cluster::new(&["a", "b", "c"]).await?;
+    survive_the_leader(&["a", "b", "c"]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_voters_survive_the_leader_and_agree_on_the_chain() -> Result<()> {
+    survive_the_leader(&["a", "b", "c", "d", "e"]).await
+}
+
+async fn survive_the_leader(regions: &[&str]) -> Result<()> {
+    let mut cluster = Cluster::new(regions).await?;
+    assert_eq!(cluster.any().status().voters.len(), regions.len());
     // Writes through every node (followers forward to the leader).
     let mut acked = Vec::new();
     for (id, (c, _)) in &cluster.nodes {
-        for i in 0..20 {
+        for i in 0..10 {
             acked.push(note(c, &format!("{id}-{i}")).await?);
         }
     }
@@ -338,5 +348,97 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
     assert!(!members.contains_key(&9), "intruder joined: {members:?}");
     assert!(!cluster.any().reader().state().nodes.contains_key(&9));
     intruder.shutdown().await;
+    Ok(())
+}
+
+/// Cuts `alone` off from everyone else, both ways.
+fn partition(cluster: &Cluster, alone: u64) {
+    let others: Vec<u64> = cluster
+        .nodes
+        .keys()
+        .copied()
+        .filter(|id| *id != alone)
+        .collect();
+    for (id, (c, _)) in &cluster.nodes {
+        if *id == alone {
+            c.faults().isolate(others.clone());
+        } else {
+            c.faults().isolate([alone]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -> Result<()> {
+    let cluster = Cluster::new(&["a", "b", "c"]).await?;
+    note(cluster.any(), "before").await?;
+    let old = cluster.leader().context("a leader")?;
+    let (old_leader, _) = &cluster.nodes[&old];
+    let before = old_leader.status().last_log_index;
+    partition(&cluster, old);
+
+    // The majority elects a new leader and commits.
+    let majority: Vec<&ControlPlane> = cluster
+        .nodes
+        .iter()
+        .filter(|(id, _)| **id != old)
+        .map(|(_, (c, _))| c)
+        .collect();
+    let committed = wait_for(
+        "a commit on the majority side",
+        Duration::from_secs(15),
+        async || note(majority[0], "majority").await.ok(),
+    )
+    .await?;
+    // The isolated old leader cannot commit: its write times out, and its
+    // applied index stays where it was when it was cut off.
+    let applied_before = old_leader.status().applied;
+    let minority_write = tokio::time::timeout(
+        Duration::from_secs(3),
+        old_leader.propose(
+            "test",
+            Command::Note {
+                text: "minority".into(),
+            },
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(minority_write, Ok(Ok(_))),
+        "the minority committed: {minority_write:?}"
+    );
+    assert_eq!(old_leader.status().applied, applied_before);
+    assert!(old_leader.status().applied <= before.max(applied_before));
+
+    // Heal: the old leader rejoins as a follower, drops its uncommitted
+    // entry, and every chain agrees.
+    for (c, _) in cluster.nodes.values() {
+        c.faults().heal();
+    }
+    let last = note(majority[0], "after heal").await?;
+    wait_for(
+        "everyone applied the post-heal write",
+        Duration::from_secs(15),
+        async || {
+            cluster
+                .nodes
+                .values()
+                .all(|(c, _)| c.status().applied >= last)
+                .then_some(())
+        },
+    )
+    .await?;
+    assert!(last > committed);
+    cluster.chains_agree()?;
+    // The minority's write never reached any chain.
+    for (c, _) in cluster.nodes.values() {
+        let r = c.reader();
+        let found = r
+            .blocks(0, usize::MAX)
+            .filter_map(Result::ok)
+            .flat_map(|b| b.txs)
+            .any(|t| t.summary.contains("minority"));
+        assert!(!found, "an uncommitted write reached a chain");
+    }
     Ok(())
 }

@@ -15,6 +15,9 @@ use crate::mesh::Mesh;
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// Longest operator note.
+pub const MAX_NOTE_BYTES: usize = 4096;
+
 /// The Admin service of a node.
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -243,16 +246,15 @@ impl Admin for AdminService {
         let r = r.into_inner();
         let reader = self.control()?.reader().clone();
         let block = match r.selector {
-            Some(v1::get_block_request::Selector::Height(h)) => reader
-                .block(h)
-                .map_err(Status::data_loss)?
-                .ok_or_else(|| {
+            Some(v1::get_block_request::Selector::Height(h)) => {
+                reader.block(h).map_err(Status::data_loss)?.ok_or_else(|| {
                     let head = reader.head().map_or(0, |b| b.height);
                     let first = reader.first_height().unwrap_or(0);
                     Status::not_found(format!(
                         "no block at height {h}: this node holds heights {first}..={head}"
                     ))
-                })?,
+                })?
+            }
             Some(v1::get_block_request::Selector::Hash(hex)) => {
                 let want = trine_control::chain::unhex(&hex)
                     .filter(|b| b.len() == 32)
@@ -310,10 +312,35 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn append_note(
+        &self,
+        r: Request<v1::AppendNoteRequest>,
+    ) -> Reply<v1::AppendNoteResponse> {
+        let r = r.into_inner();
+        if r.text.is_empty() || r.text.len() > MAX_NOTE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "a note has 1 to {MAX_NOTE_BYTES} bytes, not {}",
+                r.text.len()
+            )));
+        }
+        let resp = self
+            .control()?
+            .propose("admin", trine_control::Command::Note { text: r.text })
+            .await?;
+        Ok(Response::new(v1::AppendNoteResponse {
+            request_id: r.request_id,
+            height: resp.index,
+        }))
+    }
+
     async fn drain_node(&self, r: Request<v1::DrainNodeRequest>) -> Reply<v1::DrainNodeResponse> {
         let r = r.into_inner();
         let control = self.control()?;
-        let id = if r.node_id == 0 { control.id() } else { r.node_id };
+        let id = if r.node_id == 0 {
+            control.id()
+        } else {
+            r.node_id
+        };
         control.leave(Some(id)).await?;
         Ok(Response::new(v1::DrainNodeResponse {
             request_id: r.request_id,

@@ -42,6 +42,10 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// List the libp2p peers a running node knows: region, RTT, last seen,
     /// addresses (asks the node's Admin gRPC service).
     Peers(crate::peers_cmd::PeersArgs),
+    /// Start a local multi-region cluster of real nodes on loopback (7 nodes
+    /// in 4 regions by default), wait until it is healthy, show it, and stop
+    /// it on Ctrl-C.
+    Testnet(crate::testnet_cmd::TestnetArgs),
     /// The cluster at a glance: every node with its region, Raft role,
     /// status, chain height, mesh peers and RTT to the leader.
     Status(crate::cluster_cmd::StatusArgs),
@@ -206,7 +210,12 @@ pub struct NodeArgs {
     /// Join an existing cluster through any member's Raft address
     /// (host:port, comma-separated); the request is forwarded to the leader.
     /// Needs a certificate from the cluster CA in the TLS dir.
-    #[arg(long, env = "TRINE_JOIN", value_name = "HOST:PORT", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TRINE_JOIN",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
     pub join: Option<Vec<String>>,
 
     /// Directory with ca.crt, node.crt and node.key (from `trine certs

@@ -91,7 +91,11 @@ pub async fn start(
     let p2p: Vec<String> = if config.p2p_announce.is_empty() {
         endpoints.p2p.clone()
     } else {
-        config.p2p_announce.iter().map(ToString::to_string).collect()
+        config
+            .p2p_announce
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     };
     let record = NodeRecord {
         id,

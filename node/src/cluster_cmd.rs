@@ -19,7 +19,12 @@ use crate::datadir::DataDir;
 #[derive(Debug, Clone, Args)]
 pub struct Target {
     /// gRPC address of the node to ask (host:port).
-    #[arg(long, env = "TRINE_NODE", default_value = "127.0.0.1:7400", conflicts_with = "data_dir")]
+    #[arg(
+        long,
+        env = "TRINE_NODE",
+        default_value = "127.0.0.1:7400",
+        conflicts_with = "data_dir"
+    )]
     pub node: String,
     /// Ask the node running on this data dir (reads its endpoints.json).
     #[arg(long, value_name = "DIR")]
@@ -196,7 +201,12 @@ pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::Cluster
         out.push((n, own));
     }
     out.sort_by(|a, b| {
-        let key = |n: &v1::Node| (n.locality.clone().unwrap_or_default().region, n.name.clone());
+        let key = |n: &v1::Node| {
+            (
+                n.locality.clone().unwrap_or_default().region,
+                n.name.clone(),
+            )
+        };
         key(&a.0).cmp(&key(&b.0))
     });
     Ok(out)
@@ -226,7 +236,12 @@ pub fn write_status_table(
                     "?".into()
                 },
             ),
-            None => (role_name(n.role), "unreachable".into(), "-".into(), "-".into()),
+            None => (
+                role_name(n.role),
+                "unreachable".into(),
+                "-".into(),
+                "-".into(),
+            ),
         };
         writeln!(
             out,
@@ -380,6 +395,13 @@ pub enum ChainCommand {
         /// Height or hex hash.
         block: String,
     },
+    /// Append an operator's note to the chain (committed through the leader).
+    Note {
+        #[command(flatten)]
+        target: Target,
+        /// The note, up to 4096 bytes.
+        text: String,
+    },
     /// Recompute every block hash from the first block and check every
     /// link; reports the first bad height. Exit status 1 when broken.
     Verify {
@@ -466,7 +488,26 @@ pub fn chain(command: &ChainCommand) -> Result<()> {
                 "time": unix(h.time.as_ref()),
                 "txs": txs,
             });
-            writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&json)?)?;
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&json)?
+            )?;
+        }
+        ChainCommand::Note { target, text } => {
+            let uri = target.uri()?;
+            let r = runtime()?.block_on(async {
+                let mut admin = target.admin().await?;
+                admin
+                    .append_note(v1::AppendNoteRequest {
+                        text: text.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(answered(&uri))
+                    .map(tonic::Response::into_inner)
+            })?;
+            writeln!(std::io::stdout().lock(), "committed at height {}", r.height)?;
         }
         ChainCommand::Verify { target, offline } => match offline {
             Some(dir) => verify_offline(dir)?,

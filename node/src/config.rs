@@ -366,23 +366,30 @@ impl Config {
     }
 
     fn validate_raft(&self) -> Result<(), Error> {
-        let listeners = [
-            ("grpc_addr", self.grpc_addr),
-            ("http_addr", self.http_addr),
-        ];
+        let listeners = [("grpc_addr", self.grpc_addr), ("http_addr", self.http_addr)];
         for (key, addr) in listeners {
             if self.raft_addr.port() != 0 && addr == self.raft_addr {
                 return Err(invalid(
                     "raft_addr",
                     &self.raft_addr.to_string(),
-                    &format!("{key} uses the same address; give the Raft port its own (--raft-addr)"),
+                    &format!(
+                        "{key} uses the same address; give the Raft port its own (--raft-addr)"
+                    ),
                 ));
             }
         }
         let host_port = |key: &'static str, v: &str| -> Result<(), Error> {
             match v.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
-                _ => Err(invalid(key, v, "use host:port, e.g. 10.0.0.5:7403 or trine-0.trine:7403")),
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    Ok(())
+                }
+                _ => Err(invalid(
+                    key,
+                    v,
+                    "use host:port, e.g. 10.0.0.5:7403 or trine-0.trine:7403",
+                )),
             }
         };
         if !self.raft_announce.is_empty() {
@@ -399,7 +406,9 @@ impl Config {
             ));
         }
         check_label("cluster", &self.cluster, false)?;
-        if self.down_after < Duration::from_millis(500) || self.down_after > Duration::from_secs(600) {
+        if self.down_after < Duration::from_millis(500)
+            || self.down_after > Duration::from_secs(600)
+        {
             return Err(invalid(
                 "down_after",
                 &humantime::format_duration(self.down_after).to_string(),

@@ -140,6 +140,13 @@ impl Admin for NotYetServed {
     async fn drain_node(&self, _: Request<v1::DrainNodeRequest>) -> Reply<v1::DrainNodeResponse> {
         Err(not_served("trine.v1.Admin/DrainNode"))
     }
+
+    async fn append_note(
+        &self,
+        _: Request<v1::AppendNoteRequest>,
+    ) -> Reply<v1::AppendNoteResponse> {
+        Err(not_served("trine.v1.Admin/AppendNote"))
+    }
 }
 
 /// The services and the health reporter the node drives.

@@ -40,3 +40,4 @@ pub mod node;
 pub mod peers_cmd;
 pub mod shutdown;
 pub mod simd;
+pub mod testnet_cmd;

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             }
             None => run_node(&args),
         },
+        Command::Testnet(args) => exit(trine_node::testnet_cmd::run(&args)),
         Command::Status(args) => exit(trine_node::cluster_cmd::status(&args)),
         Command::Nodes(args) => exit(trine_node::cluster_cmd::nodes(&args)),
         Command::Chain(command) => exit(trine_node::cluster_cmd::chain(&command)),
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
 }
 
 fn run_node(args: &NodeArgs) -> ExitCode {
+    trine_node::testnet_cmd::tie_to_parent();
     let config = match args.resolve() {
         Ok(config) => config,
         Err(e) => return fail(&e, EXIT_CONFIG),
