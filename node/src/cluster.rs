@@ -36,6 +36,15 @@ fn memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Whether the node is, or is becoming, a cluster member (and so needs its
+/// Raft port).
+pub fn wants_raft(config: &Config) -> bool {
+    config.init
+        || !config.join.is_empty()
+        || NodeTls::present(&config.tls_dir())
+        || config.data_dir.join("raft").exists()
+}
+
 /// Starts the control plane when the node is (or is becoming) a member;
 /// `None` for a mesh-only node.
 pub async fn start(
@@ -79,10 +88,6 @@ pub async fn start(
                 tls_dir.display()
             )));
         } else {
-            tracing::info!(
-                tls_dir = %tls_dir.display(),
-                "not a cluster member (no certificate, no --init or --join): this node runs the mesh only"
-            );
             return Ok(None);
         }
     }

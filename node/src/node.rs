@@ -54,7 +54,8 @@ pub enum Error {
 pub struct Listeners {
     pub grpc: TcpListener,
     pub http: TcpListener,
-    pub raft: TcpListener,
+    /// Bound only for a cluster member (or a node becoming one).
+    pub raft: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -62,7 +63,11 @@ impl Listeners {
         Ok(Self {
             grpc: bind("gRPC", config.grpc_addr, "--grpc-addr").await?,
             http: bind("HTTP", config.http_addr, "--http-addr").await?,
-            raft: bind("Raft", config.raft_addr, "--raft-addr").await?,
+            raft: if cluster::wants_raft(config) {
+                Some(bind("Raft", config.raft_addr, "--raft-addr").await?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -149,10 +154,21 @@ pub async fn serve(
             "QUIC connections are not delayed by --simulated-latency (it wraps TCP byte streams); use TCP addresses to simulate regions"
         );
     }
-    let raft_addr = local_addr(&listeners.raft, "Raft")?;
-    let control = cluster::start(config, &data_dir, &endpoints, peer_id, listeners.raft).await?;
+    let raft_addr = match &listeners.raft {
+        Some(l) => Some(local_addr(l, "Raft")?),
+        None => None,
+    };
+    let control = match listeners.raft {
+        Some(l) => cluster::start(config, &data_dir, &endpoints, peer_id, l).await?,
+        None => {
+            tracing::info!(
+                "not a cluster member (no certificate, no --init or --join): this node runs the mesh only"
+            );
+            None
+        }
+    };
     let members_task = control.as_ref().map(|c| {
-        endpoints.raft = Some(raft_addr);
+        endpoints.raft = raft_addr;
         endpoints.node_id = Some(c.id());
         tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
     });

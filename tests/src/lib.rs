@@ -164,6 +164,11 @@ pub struct Endpoints {
     pub http: SocketAddr,
     pub peer_id: String,
     pub p2p: Vec<String>,
+    /// Mutual-TLS Raft address and Raft node id, for cluster members.
+    #[serde(default)]
+    pub raft: Option<SocketAddr>,
+    #[serde(default)]
+    pub node_id: Option<u64>,
 }
 
 /// A running `trine node` child process. Killed (SIGKILL) on drop if it is
@@ -357,4 +362,154 @@ pub fn error_lines(stderr: &[u8]) -> Vec<String> {
         .filter(|l| l.starts_with("error:"))
         .map(str::to_owned)
         .collect()
+}
+
+/// A running `trine testnet` (a child process with its own node children).
+/// SIGKILLed on drop if still running; its nodes then get SIGTERM from the
+/// kernel (parent-death signal).
+#[derive(Debug)]
+pub struct Testnet {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub base_port: u16,
+    out_path: PathBuf,
+}
+
+/// One node of a testnet as `trine status -o json` shows it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusRow {
+    pub node_id: u64,
+    pub name: String,
+    pub region: String,
+    pub role: String,
+    pub status: String,
+    pub reachable: bool,
+    pub chain_height: Option<u64>,
+    pub grpc_addr: String,
+}
+
+impl Testnet {
+    /// Starts `trine testnet` with `extra` flags on a port range picked for
+    /// this test process, and waits until it reports a healthy cluster.
+    pub async fn start(extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        // 100 ports per test process, below the ephemeral range.
+        let base_port = 12_000 + (std::process::id() % 150) as u16 * 100;
+        let out_path = dir.path().join("testnet.out");
+        let mut cmd = trine();
+        cmd.arg("testnet")
+            .arg("--data-dir")
+            .arg(dir.path().join("net"))
+            .args(["--base-port", &base_port.to_string()])
+            .args(extra)
+            .stdout(File::create(&out_path)?)
+            .stderr(File::create(dir.path().join("testnet.err"))?);
+        let child = cmd.spawn().context("spawning trine testnet")?;
+        let mut t = Self {
+            child,
+            dir,
+            base_port,
+            out_path,
+        };
+        let out = t.out_path.clone();
+        wait_for(
+            "the testnet to report a healthy cluster",
+            Duration::from_secs(90),
+            || {
+                let exited = t.child.try_wait().ok().flatten();
+                let text = std::fs::read_to_string(&out).unwrap_or_default();
+                async move {
+                    if exited.is_some() {
+                        return Some(false);
+                    }
+                    text.contains("press Ctrl-C").then_some(true)
+                }
+            },
+        )
+        .await
+        .and_then(|ok| {
+            if ok {
+                Ok(())
+            } else {
+                bail!("trine testnet exited early:\n{}", t.stderr())
+            }
+        })?;
+        Ok(t)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("testnet.err")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out_path).unwrap_or_default()
+    }
+
+    /// gRPC address of node `i` (base + 10i).
+    pub fn grpc(&self, i: u16) -> String {
+        format!("127.0.0.1:{}", self.base_port + 10 * i)
+    }
+
+    /// The endpoints a node of the testnet wrote.
+    pub fn endpoints(&self, name: &str) -> Result<Endpoints> {
+        let path = self
+            .dir
+            .path()
+            .join("net")
+            .join(name)
+            .join("data")
+            .join("endpoints.json");
+        Ok(serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("{}", path.display()))?,
+        )?)
+    }
+
+    /// `trine status -o json` asked through `node`.
+    pub fn status(&self, node: &str) -> Result<Vec<StatusRow>> {
+        let mut c = trine();
+        c.args(["status", "--node", node, "-o", "json"]);
+        let out = run(c, Duration::from_secs(20))?;
+        if !out.status.success() {
+            bail!(
+                "trine status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8(out.stdout)?
+            .lines()
+            .map(|l| Ok(serde_json::from_str(l)?))
+            .collect()
+    }
+
+    /// Stops the testnet with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let pid = Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, Signal::SIGTERM)?;
+        wait_exit(&mut self.child, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Testnet {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `trine chain note` through `node`; the height on success.
+pub fn chain_note(node: &str, text: &str) -> Result<u64> {
+    let mut c = trine();
+    c.args(["chain", "note", "--node", node, text]);
+    let out = run(c, Duration::from_secs(20))?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8(out.stdout)?;
+    text.trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|h| h.parse().ok())
+        .with_context(|| format!("unexpected output {text:?}"))
 }

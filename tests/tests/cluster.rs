@@ -1,0 +1,276 @@
+//! The control plane between real `trine` processes: the 7-node, 4-region
+//! testnet loses its leader or a whole region's voters and keeps
+//! committing; acknowledged writes survive; chains agree; a block altered
+//! on disk is caught by `trine chain verify`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use trine_proto::v1;
+use trine_proto::v1::admin_client::AdminClient;
+use trine_tests::{Node, StatusRow, Testnet, chain_note, run, trine, wait_for};
+
+async fn block_hash(grpc: &str, height: u64) -> Result<Vec<u8>> {
+    let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
+    let b = admin
+        .get_block(v1::GetBlockRequest {
+            selector: Some(v1::get_block_request::Selector::Height(height)),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .block
+        .context("no block")?;
+    Ok(b.header.context("no header")?.hash)
+}
+
+async fn block_summaries(grpc: &str, height: u64) -> Result<Vec<String>> {
+    let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
+    let b = admin
+        .get_block(v1::GetBlockRequest {
+            selector: Some(v1::get_block_request::Selector::Height(height)),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .block
+        .context("no block")?;
+    Ok(b.txs.into_iter().map(|t| t.summary).collect())
+}
+
+fn kill9(net: &Testnet, name: &str) -> Result<()> {
+    let pid = net.endpoints(name)?.pid;
+    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
+    Ok(())
+}
+
+/// Retries a note through any of `nodes` until one commits.
+async fn commit_through(
+    nodes: &[String],
+    text: &str,
+    deadline: Duration,
+) -> Result<(u64, Duration)> {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    loop {
+        for n in nodes {
+            match chain_note(n, text) {
+                Ok(h) => return Ok((h, t0.elapsed())),
+                Err(e) => last = format!("{e:#}"),
+            }
+        }
+        if t0.elapsed() > deadline {
+            bail!("no commit within {deadline:?}; last error: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every surviving node holds the same hash at every height in `heights`.
+async fn chains_agree(rows: &[StatusRow], heights: &[u64]) -> Result<()> {
+    for h in heights {
+        let mut seen: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
+        for r in rows {
+            let hash = wait_for(
+                &format!("{} holds block {h}", r.name),
+                Duration::from_secs(20),
+                || async { block_hash(&r.grpc_addr, *h).await.ok() },
+            )
+            .await?;
+            seen.entry(hash).or_default().push(r.name.clone());
+        }
+        ensure!(seen.len() == 1, "nodes disagree at height {h}: {seen:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_new_leader_commits_and_no_acked_write_is_lost() -> Result<()> {
+    let mut net = Testnet::start(&[]).await?;
+    let rows = net.status(&net.grpc(0))?;
+    ensure!(rows.len() == 7, "{rows:?}");
+    let voters = rows
+        .iter()
+        .filter(|r| r.role == "voter" || r.role == "leader")
+        .count();
+    ensure!(voters == 5, "5 voters expected: {rows:?}");
+
+    let mut acked = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        for k in 0..3 {
+            acked.push((
+                chain_note(&r.grpc_addr, &format!("acked {i}.{k}"))?,
+                format!("acked {i}.{k}"),
+            ));
+        }
+    }
+    let leader = rows
+        .iter()
+        .find(|r| r.role == "leader")
+        .context("a leader")?
+        .clone();
+    kill9(&net, &leader.name)?;
+    let survivors: Vec<StatusRow> = rows
+        .iter()
+        .filter(|r| r.name != leader.name)
+        .cloned()
+        .collect();
+    let addrs: Vec<String> = survivors.iter().map(|r| r.grpc_addr.clone()).collect();
+    let (after, took) =
+        commit_through(&addrs, "after the leader died", Duration::from_secs(30)).await?;
+    eprintln!("kill -9 of the leader to the next commit: {took:?} (WAN profile)");
+
+    // Every acknowledged write is on every survivor, at its height.
+    for (h, text) in &acked {
+        for r in &survivors {
+            let summaries = wait_for("the acked block", Duration::from_secs(20), || async {
+                block_summaries(&r.grpc_addr, *h).await.ok()
+            })
+            .await?;
+            ensure!(
+                summaries.iter().any(|s| s.contains(text.as_str())),
+                "{}: block {h} holds {summaries:?}, not {text:?}",
+                r.name
+            );
+        }
+    }
+    let mut heights: Vec<u64> = acked.iter().map(|(h, _)| *h).collect();
+    heights.push(after);
+    chains_agree(&survivors, &heights).await?;
+    let new_leader = net.status(&addrs[0])?;
+    ensure!(
+        new_leader
+            .iter()
+            .any(|r| r.role == "leader" && r.name != leader.name),
+        "{new_leader:?}"
+    );
+    let status = net.stop()?;
+    ensure!(status.success(), "testnet exit {status}: {}", net.stderr());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_both_voters_of_a_region_keeps_the_testnet_writable() -> Result<()> {
+    let mut net = Testnet::start(&[]).await?;
+    let rows = net.status(&net.grpc(0))?;
+    let mut by_region: BTreeMap<String, Vec<&StatusRow>> = BTreeMap::new();
+    for r in &rows {
+        if r.role == "voter" || r.role == "leader" {
+            by_region.entry(r.region.clone()).or_default().push(r);
+        }
+    }
+    ensure!(
+        by_region.len() == 4,
+        "voters should span 4 regions: {by_region:?}"
+    );
+    let (region, victims) = by_region
+        .iter()
+        .find(|(_, v)| v.len() == 2)
+        .context("a region with two voters")?;
+    let victims: Vec<String> = victims.iter().map(|r| r.name.clone()).collect();
+    for v in &victims {
+        kill9(&net, v)?;
+    }
+    let survivors: Vec<StatusRow> = rows
+        .iter()
+        .filter(|r| !victims.contains(&r.name))
+        .cloned()
+        .collect();
+    let addrs: Vec<String> = survivors.iter().map(|r| r.grpc_addr.clone()).collect();
+    let (h, took) = commit_through(
+        &addrs,
+        &format!("{region} is gone"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    eprintln!("lost {region} ({victims:?}); next commit after {took:?}");
+    chains_agree(&survivors, &[h]).await?;
+    // Every node of the testnet is stopped with it (none orphaned).
+    let pids: Vec<u32> = survivors
+        .iter()
+        .filter_map(|r| net.endpoints(&r.name).ok().map(|e| e.pid))
+        .collect();
+    net.stop()?;
+    for pid in pids {
+        let alive = kill(Pid::from_raw(i32::try_from(pid)?), None).is_ok();
+        ensure!(!alive, "node process {pid} outlived the testnet");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_verify_detects_a_block_altered_on_disk() -> Result<()> {
+    let raft_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let raft = format!("127.0.0.1:{raft_port}");
+    let mut node = Node::start(&["--init", "--raft-addr", &raft]).await?;
+    let grpc = node.endpoints.grpc.to_string();
+    let mut heights = Vec::new();
+    for i in 0..5 {
+        heights.push(
+            wait_for("a commit", Duration::from_secs(20), || async {
+                chain_note(&grpc, &format!("note {i}")).ok()
+            })
+            .await?,
+        );
+    }
+    let verify = |args: &[&str]| {
+        let mut c = trine();
+        c.args(["chain", "verify"]).args(args);
+        run(c, Duration::from_secs(30))
+    };
+    let ok = verify(&["--node", &grpc])?;
+    ensure!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&ok.stdout).starts_with("ok:"));
+
+    node.signal(Signal::SIGTERM)?;
+    node.wait_exit(Duration::from_secs(20)).await?;
+    let dir = node.take_dir().context("data dir")?;
+    let data = node.data_dir.clone();
+
+    // Alter the transaction body of the middle note's block, in place.
+    let target = heights[2];
+    {
+        let db = sled::open(data.join("raft").join("db"))?;
+        let chain = db.open_tree("chain")?;
+        let key = target.to_be_bytes();
+        let raw = chain.get(key)?.context("block on disk")?;
+        let mut block: serde_json::Value = serde_json::from_slice(&raw)?;
+        let body = block["txs"][0]["body"]
+            .as_str()
+            .context("hex body")?
+            .to_owned();
+        let text = String::from_utf8(hex::decode(&body)?)?;
+        let forged = text.replace("note 2", "note X");
+        ensure!(forged != text);
+        block["txs"][0]["body"] = serde_json::Value::String(hex::encode(forged));
+        chain.insert(key, serde_json::to_vec(&block)?)?;
+        db.flush()?;
+    }
+
+    let offline = verify(&["--offline", &data.display().to_string()])?;
+    ensure!(!offline.status.success(), "verify accepted a forged block");
+    let err = String::from_utf8_lossy(&offline.stderr);
+    ensure!(err.contains(&format!("height {target}")), "{err}");
+
+    // The restarted node reports the same through its API.
+    let node = Node::start_in(dir, data, &["--raft-addr", &raft]).await?;
+    let grpc = node.endpoints.grpc.to_string();
+    let online = verify(&["--node", &grpc])?;
+    ensure!(!online.status.success());
+    ensure!(
+        String::from_utf8_lossy(&online.stderr).contains(&format!("height {target}")),
+        "{}",
+        String::from_utf8_lossy(&online.stderr)
+    );
+    Ok(())
+}
