@@ -24,7 +24,7 @@ use crate::command::{Command, NodeRecord, NodeStatus};
 use crate::network::{self, Faults, Liveness, Network};
 use crate::store::{self, Reader};
 use crate::tls::NodeTls;
-use crate::types::{Member, NodeId, Raft, Request, Response};
+use crate::types::{Batch, Member, NodeId, Raft, Request, Response};
 use crate::voters::{self, Candidate, Rules};
 use crate::{convert, metrics, server};
 
@@ -40,7 +40,7 @@ impl Profile {
     /// (heartbeat, minimum election timeout).
     pub fn timeouts(self) -> (Duration, Duration) {
         match self {
-            Self::Lan => (Duration::from_millis(100), Duration::from_millis(500)),
+            Self::Lan => (Duration::from_millis(100), Duration::from_millis(400)),
             Self::Wan => (Duration::from_millis(300), Duration::from_millis(1500)),
         }
     }
@@ -98,7 +98,7 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -145,6 +145,18 @@ impl From<Error> for tonic::Status {
 
 /// How long a write may take before the caller hears `Timeout`.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+/// Most commands grouped into one Raft entry (one chain block).
+pub const MAX_BATCH: usize = 1024;
+/// Groups in flight at once; the next group forms while these commit.
+const BATCHES_IN_FLIGHT: usize = 4;
+/// Commands waiting for a group; proposers wait when it is full.
+const PROPOSAL_QUEUE: usize = 16_384;
+
+/// A command waiting to be grouped, and where its answer goes.
+struct Pending {
+    req: Request,
+    reply: tokio::sync::oneshot::Sender<Result<Response, Error>>,
+}
 const MAINTAIN_EVERY: Duration = Duration::from_millis(500);
 
 /// State shared by the handle, the gRPC service and the tasks.
@@ -157,6 +169,7 @@ pub struct Core {
     liveness: Liveness,
     last_leader_contact: Mutex<Option<Instant>>,
     faults: Faults,
+    proposals: tokio::sync::mpsc::Sender<Pending>,
     config: Config,
 }
 
@@ -206,6 +219,7 @@ impl ControlPlane {
         let liveness = Liveness::default();
         let tls = config.tls.client();
         let faults = Faults::default();
+        let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let network = Network {
             tls: tls.clone(),
             liveness: liveness.clone(),
@@ -223,6 +237,7 @@ impl ControlPlane {
             liveness,
             last_leader_contact: Mutex::new(None),
             faults,
+            proposals,
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -268,6 +283,11 @@ impl ControlPlane {
                 );
             }
         }
+        tasks.push(tokio::spawn(group_commit(
+            core.clone(),
+            proposal_rx,
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(announce(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(maintain(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(export_metrics(core.clone(), stop_rx)));
@@ -430,10 +450,20 @@ impl Core {
         self.raft.metrics().borrow().state.is_leader()
     }
 
+    /// Queues `req` for the next group and waits for its answer.
     pub(crate) async fn propose(&self, req: Request) -> Result<Response, Error> {
         let started = Instant::now();
         metrics::pending(1.0);
-        let r = tokio::time::timeout(PROPOSE_DEADLINE, self.propose_inner(req)).await;
+        let r = tokio::time::timeout(PROPOSE_DEADLINE, async {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            self.proposals
+                .send(Pending { req, reply })
+                .await
+                .map_err(|_| Error::Fatal("the control plane has stopped".into()))?;
+            rx.await
+                .map_err(|_| Error::Fatal("the control plane has stopped".into()))?
+        })
+        .await;
         metrics::pending(-1.0);
         let r = r.unwrap_or(Err(Error::Timeout(PROPOSE_DEADLINE)));
         if r.is_ok() {
@@ -442,17 +472,44 @@ impl Core {
         r
     }
 
-    async fn propose_inner(&self, req: Request) -> Result<Response, Error> {
+    /// Commits one group as one entry, here or through the leader.
+    pub(crate) async fn propose_batch(&self, batch: Batch) -> Result<Vec<Response>, Error> {
+        self.propose_while(batch, || true).await
+    }
+
+    /// Like [`Core::propose_batch`], but gives up (without retrying or
+    /// forwarding again) once `wanted` says no caller waits any more: a
+    /// caller that timed out must not see its command committed later by a
+    /// retry it no longer knows about.
+    async fn propose_while(
+        &self,
+        batch: Batch,
+        wanted: impl Fn() -> bool,
+    ) -> Result<Vec<Response>, Error> {
+        tokio::time::timeout(PROPOSE_DEADLINE, self.propose_inner(batch, wanted))
+            .await
+            .unwrap_or(Err(Error::Timeout(PROPOSE_DEADLINE)))
+    }
+
+    async fn propose_inner(
+        &self,
+        batch: Batch,
+        wanted: impl Fn() -> bool,
+    ) -> Result<Vec<Response>, Error> {
         loop {
-            match self.raft.client_write(req.clone()).await {
+            if !wanted() {
+                return Err(Error::Timeout(PROPOSE_DEADLINE));
+            }
+            match self.raft.client_write(batch.clone()).await {
                 Ok(r) => return Ok(r.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     match f.leader_node {
+                        _ if !wanted() => return Err(Error::Timeout(PROPOSE_DEADLINE)),
                         Some(node)
                             if f.leader_id != Some(self.id)
                                 && !f.leader_id.is_some_and(|l| self.faults.blocked(l)) =>
                         {
-                            return self.forward_propose(&node.addr, &req).await;
+                            return self.forward_propose(&node.addr, &batch).await;
                         }
                         _ => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
@@ -465,7 +522,7 @@ impl Core {
         }
     }
 
-    async fn forward_propose(&self, addr: &str, req: &Request) -> Result<Response, Error> {
+    async fn forward_propose(&self, addr: &str, batch: &Batch) -> Result<Vec<Response>, Error> {
         let fwd = |reason: String| Error::Forward {
             addr: addr.to_owned(),
             reason,
@@ -474,12 +531,21 @@ impl Core {
         let resp = c
             .propose(pb::ProposeRequest {
                 request_id: String::new(),
-                request: serde_json::to_vec(req).map_err(|e| fwd(e.to_string()))?,
+                request: serde_json::to_vec(batch).map_err(|e| fwd(e.to_string()))?,
             })
             .await
             .map_err(|s| fwd(s.message().to_owned()))?
             .into_inner();
-        serde_json::from_slice(&resp.response).map_err(|e| fwd(format!("response: {e}")))
+        let responses: Vec<Response> =
+            serde_json::from_slice(&resp.response).map_err(|e| fwd(format!("response: {e}")))?;
+        if responses.len() != batch.requests.len() {
+            return Err(fwd(format!(
+                "{} answers for {} commands",
+                responses.len(),
+                batch.requests.len()
+            )));
+        }
+        Ok(responses)
     }
 
     pub(crate) async fn read_index(&self) -> Result<u64, Error> {
@@ -668,6 +734,53 @@ impl Core {
             .await?;
         tracing::info!(node = id, "node left the cluster");
         Ok(())
+    }
+}
+
+/// Group commit: takes every command waiting (up to [`MAX_BATCH`]) as one
+/// entry, with up to [`BATCHES_IN_FLIGHT`] entries committing at once.
+async fn group_commit(
+    core: Arc<Core>,
+    mut rx: tokio::sync::mpsc::Receiver<Pending>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = tokio::select! {
+            p = rx.recv() => match p { Some(p) => p, None => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => group.push(p),
+                Err(_) => break,
+            }
+        }
+        let core = core.clone();
+        tokio::spawn(async move {
+            let batch = Batch {
+                requests: group.iter().map(|p| p.req.clone()).collect(),
+            };
+            let wanted = || group.iter().any(|p| !p.reply.is_closed());
+            let result = core.propose_while(batch, wanted).await;
+            match result {
+                Ok(responses) => {
+                    for (p, r) in group.into_iter().zip(responses) {
+                        let _ = p.reply.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    for p in group {
+                        let _ = p.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
     }
 }
 

@@ -268,7 +268,7 @@ pub fn snapshot_meta_from(m: pb::SnapshotMeta) -> Result<SnapshotMeta<NodeId, Me
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Command, Request};
+    use crate::{Batch, Command, Request};
 
     fn member(i: u64) -> Member {
         Member {
@@ -295,10 +295,12 @@ mod tests {
                 },
                 openraft::Entry {
                     log_id: lid(5, 2, 11),
-                    payload: EntryPayload::Normal(Request {
-                        time_ms: 7,
-                        principal: "system".into(),
-                        command: Command::Note { text: "x".into() },
+                    payload: EntryPayload::Normal(Batch {
+                        requests: vec![Request {
+                            time_ms: 7,
+                            principal: "system".into(),
+                            command: Command::Note { text: "x".into() },
+                        }],
                     }),
                 },
                 openraft::Entry {

@@ -12,6 +12,7 @@
 //! - `server`: the Raft gRPC service (peer-facing, mTLS only).
 //! - `voters`: which members should vote (pure: regions, liveness).
 //! - `control`: the running control plane: start, join, propose, read, maintain.
+//! - `local`: a whole cluster in one process (benchmarks, tests).
 //! - `metrics`: every `trine_chain_*` and `trine_raft_*` metric.
 
 // openraft's error types (StorageError, RPCError) are large by design and
@@ -22,6 +23,7 @@ pub mod chain;
 pub mod command;
 pub mod control;
 pub mod convert;
+pub mod local;
 pub mod metrics;
 pub mod network;
 pub mod server;
@@ -32,4 +34,4 @@ pub mod voters;
 
 pub use command::{Command, NodeRecord, NodeStatus};
 pub use control::{Config, ControlPlane, Error, Profile};
-pub use types::{Member, NodeId, Request, Response, TypeConfig};
+pub use types::{Batch, Member, NodeId, Request, Response, TypeConfig};

@@ -136,9 +136,16 @@ impl RaftRpc for Service {
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
         let req = request.into_inner();
-        let r: crate::Request = serde_json::from_slice(&req.request)
+        let batch: crate::Batch = serde_json::from_slice(&req.request)
             .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
-        let resp = self.core.propose(r).await.map_err(Status::from)?;
+        if batch.requests.is_empty() || batch.requests.len() > crate::control::MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a proposal carries 1 to {} commands, not {}",
+                crate::control::MAX_BATCH,
+                batch.requests.len()
+            )));
+        }
+        let resp = self.core.propose_batch(batch).await.map_err(Status::from)?;
         Ok(Response::new(pb::ProposeResponse {
             request_id: req.request_id,
             response: serde_json::to_vec(&resp).unwrap_or_default(),

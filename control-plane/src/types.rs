@@ -14,8 +14,8 @@ pub type NodeId = u64;
 openraft::declare_raft_types!(
     /// Trine's Raft types.
     pub TypeConfig:
-        D = Request,
-        R = Response,
+        D = Batch,
+        R = Vec<Response>,
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
@@ -58,11 +58,22 @@ impl fmt::Display for Request {
     }
 }
 
+/// One Raft log entry of application commands: the proposer groups the
+/// requests that arrive while the previous group commits (group commit),
+/// so one fsync and one replication round carry many commands. The entry
+/// becomes one chain block whose transactions are these requests, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub requests: Vec<Request>,
+}
+
 /// What applying a request did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
-    /// Log index (= chain height) of the entry.
+    /// Log index (= chain height) of the entry, and the request's position
+    /// among the block's transactions.
     pub index: u64,
+    pub tx: u32,
     /// Why the state machine refused the command; it is still on the chain.
     pub rejected: Option<String>,
 }

@@ -15,6 +15,47 @@ pub enum BenchCommand {
     /// transport), all joining through the first, and report the time until
     /// every node has a heartbeat from every other, plus memory per node.
     Mesh(MeshArgs),
+    /// Raft write throughput and commit latency: a cluster of --voters
+    /// members in this process (real sled stores, mutual TLS over loopback
+    /// gRPC), --clients writers proposing through the leader for --duration.
+    Raft(RaftArgs),
+    /// Leader failover: repeatedly stop the leader of a fresh cluster and
+    /// time until the survivors commit again.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RaftArgs {
+    /// Voters (1, 3 or 5), each in its own region.
+    #[arg(long, default_value_t = 3)]
+    pub voters: usize,
+    /// Concurrent writers (openraft batches what arrives together).
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Target total rate in commands/s (0: as fast as they commit).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Print one JSON object instead of a line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProfileArg {
+    Lan,
+    Wan,
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    #[arg(long, default_value_t = 3)]
+    pub voters: usize,
+    #[arg(long, value_enum, default_value = "lan")]
+    pub profile: ProfileArg,
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -157,6 +198,8 @@ pub async fn converge(
 
 pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
+        BenchCommand::Raft(args) => raft_bench(args),
+        BenchCommand::Failover(args) => failover_bench(args),
         BenchCommand::Mesh(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -188,6 +231,180 @@ pub fn run(command: &BenchCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn regions(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("r{i}")).collect()
+}
+
+fn quiet_runtime() -> Result<tokio::runtime::Runtime> {
+    crate::metrics::install();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn raft_bench(args: &RaftArgs) -> Result<()> {
+    use trine_control::local::{LocalCluster, Tuning, note};
+    if ![1, 3, 5].contains(&args.voters) || args.clients == 0 {
+        bail!("--voters is 1, 3 or 5 and --clients at least 1");
+    }
+    let runtime = quiet_runtime()?;
+    let regions = regions(args.voters);
+    let refs: Vec<&str> = regions.iter().map(String::as_str).collect();
+    let (committed, mut latencies, elapsed, disk) = runtime.block_on(async {
+        let cluster = LocalCluster::start(&refs, Tuning::default()).await?;
+        let leader_id = cluster.leader().context("no leader")?;
+        let leader = cluster.nodes[&leader_id].clone();
+        let stop = Instant::now() + args.duration;
+        let per_client_gap = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
+        let mut tasks = Vec::new();
+        for c in 0..args.clients {
+            let leader = leader.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = 0u64;
+                let mut next = Instant::now();
+                while Instant::now() < stop {
+                    if let Some(gap) = per_client_gap {
+                        tokio::time::sleep_until(next.into()).await;
+                        next += gap;
+                    }
+                    let t = Instant::now();
+                    if leader
+                        .propose("bench", note(format!("c{c} #{i}")))
+                        .await
+                        .is_ok()
+                    {
+                        lat.push(t.elapsed());
+                    }
+                    i += 1;
+                }
+                lat
+            }));
+        }
+        let t0 = Instant::now();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await?);
+        }
+        let elapsed = t0.elapsed();
+        let disk = leader.reader().disk_bytes();
+        for c in cluster.nodes.values() {
+            c.shutdown().await;
+        }
+        anyhow::Ok((all.len(), all, elapsed, disk))
+    })?;
+    latencies.sort_unstable();
+    let rate = committed as f64 / elapsed.as_secs_f64();
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    #[allow(clippy::print_stdout)]
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "voters": args.voters, "clients": args.clients, "target_rate": args.rate,
+                "committed": committed, "seconds": elapsed.as_secs_f64(),
+                "commands_per_second": rate,
+                "p50_ms": p50.as_secs_f64() * 1e3, "p99_ms": p99.as_secs_f64() * 1e3,
+                "leader_disk_bytes": disk,
+            })
+        );
+    } else {
+        println!(
+            "voters {}  clients {}  committed {committed} in {:.1}s  {rate:.0} commands/s  p50 {:.2}ms  p99 {:.2}ms  leader sled {:.1} MiB",
+            args.voters,
+            args.clients,
+            elapsed.as_secs_f64(),
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            disk as f64 / (1 << 20) as f64
+        );
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+fn failover_bench(args: &FailoverArgs) -> Result<()> {
+    use trine_control::local::{LocalCluster, Tuning, note};
+    if ![3, 5].contains(&args.voters) {
+        bail!("--voters is 3 or 5");
+    }
+    let runtime = quiet_runtime()?;
+    let regions = regions(args.voters);
+    let refs: Vec<&str> = regions.iter().map(String::as_str).collect();
+    let profile = match args.profile {
+        ProfileArg::Lan => trine_control::Profile::Lan,
+        ProfileArg::Wan => trine_control::Profile::Wan,
+    };
+    let mut times = Vec::new();
+    for round in 0..args.rounds {
+        let took = runtime.block_on(async {
+            let mut cluster = LocalCluster::start(
+                &refs,
+                Tuning {
+                    profile,
+                    ..Tuning::default()
+                },
+            )
+            .await?;
+            let leader = cluster.leader().context("no leader")?;
+            let survivor = cluster
+                .nodes
+                .iter()
+                .find(|(id, _)| **id != leader)
+                .map(|(_, c)| c.clone())
+                .context("a survivor")?;
+            survivor.propose("bench", note("warm")).await?;
+            let t0 = Instant::now();
+            cluster.stop(leader).await;
+            loop {
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    survivor.propose("bench", note("after")),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => break,
+                    _ if t0.elapsed() > Duration::from_secs(60) => {
+                        bail!("no commit 60 s after the leader stopped")
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+            let took = t0.elapsed();
+            for c in cluster.nodes.values() {
+                c.shutdown().await;
+            }
+            anyhow::Ok(took)
+        })?;
+        eprintln!("round {}: {:.0} ms", round + 1, took.as_secs_f64() * 1e3);
+        times.push(took);
+    }
+    times.sort_unstable();
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "failover ({:?}, {} voters, {} rounds): median {:.0} ms  min {:.0} ms  max {:.0} ms",
+            args.profile,
+            args.voters,
+            args.rounds,
+            percentile(&times, 0.5).as_secs_f64() * 1e3,
+            times[0].as_secs_f64() * 1e3,
+            times[times.len() - 1].as_secs_f64() * 1e3
+        );
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -58,7 +58,8 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// Create the cluster CA and node certificates (mutual TLS on the Raft port).
     #[command(subcommand)]
     Certs(crate::cluster_cmd::CertsCommand),
-    /// System benchmarks (mesh convergence at scale).
+    /// System benchmarks: mesh convergence at scale, Raft throughput and
+    /// commit latency, leader failover.
     #[command(subcommand)]
     Bench(crate::bench_cmd::BenchCommand),
     /// Look inside model files, score token sequences, make synthetic models.
@@ -227,7 +228,7 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_CLUSTER")]
     pub cluster: Option<String>,
 
-    /// Raft timeouts: lan (heartbeat 100 ms, election 0.5-1 s) or wan
+    /// Raft timeouts: lan (heartbeat 100 ms, election 0.4-0.8 s) or wan
     /// (heartbeat 300 ms, election 1.5-3 s, for regions ~200 ms apart).
     /// [default: lan]
     #[arg(long, env = "TRINE_RAFT_PROFILE", value_enum)]

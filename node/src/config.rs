@@ -102,7 +102,7 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RaftProfile {
-    /// One site: heartbeat 100 ms, election timeout 500-1000 ms.
+    /// One site: heartbeat 100 ms, election timeout 400-800 ms.
     #[default]
     Lan,
     /// Regions ~200 ms apart: heartbeat 300 ms, election timeout 1.5-3 s.

@@ -298,6 +298,7 @@ async fn help_lists_only_working_subcommands() -> Result<()> {
                 "generate",
                 "perplexity",
                 "peers",
+                "testnet",
                 "status",
                 "nodes",
                 "chain",

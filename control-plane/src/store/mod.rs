@@ -23,7 +23,7 @@ pub use sm::{Reader, StateMachine};
 /// sled's page cache: the state is small; the chain is read by range.
 const CACHE_BYTES: u64 = 64 << 20;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error(
         "cannot open the Raft store in {path}: {reason}; if another trine process uses this data dir, stop it first"

@@ -128,50 +128,73 @@ impl StateMachine {
     }
 }
 
-/// The transactions and time of one entry, and its response.
-fn entry_txs(
-    inner: &mut Inner,
-    entry: &openraft::Entry<TypeConfig>,
-) -> (Vec<Tx>, u64, Option<String>, Option<Vec<u64>>) {
+/// What one entry adds: its transactions, its block time, the responses
+/// of its requests, and the nodes it changed.
+struct Applied {
+    txs: Vec<Tx>,
+    time_ms: u64,
+    responses: Vec<Response>,
+    touched: Vec<u64>,
+}
+
+fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied {
     let prev_time = inner.head.as_ref().map_or(0, |b| b.time_ms);
+    let index = entry.log_id.index;
     match &entry.payload {
-        EntryPayload::Blank => (Vec::new(), prev_time, None, None),
-        EntryPayload::Normal(req) => {
-            let mut touched = Vec::new();
-            if let crate::Command::RegisterNode(n) = &req.command {
-                touched.push(n.id);
-            }
-            if let crate::Command::SetNodeStatus { id, .. } | crate::Command::RemoveNode { id } =
-                &req.command
-            {
-                touched.push(*id);
-            }
-            let rejected = inner.state.apply(&req.command, req.time_ms).err();
-            let tx = Tx {
-                kind: req.command.kind().into(),
-                summary: req.command.summary(),
-                body: serde_json::to_vec(req).unwrap_or_default(),
-                principal: req.principal.clone(),
-                rejected: rejected.clone(),
+        EntryPayload::Blank => Applied {
+            txs: Vec::new(),
+            time_ms: prev_time,
+            responses: Vec::new(),
+            touched: Vec::new(),
+        },
+        EntryPayload::Normal(batch) => {
+            let mut a = Applied {
+                txs: Vec::with_capacity(batch.requests.len()),
+                time_ms: prev_time,
+                responses: Vec::with_capacity(batch.requests.len()),
+                touched: Vec::new(),
             };
-            (
-                vec![tx],
-                req.time_ms.max(prev_time),
-                rejected,
-                Some(touched),
-            )
+            for (i, req) in batch.requests.iter().enumerate() {
+                match &req.command {
+                    crate::Command::RegisterNode(n) => a.touched.push(n.id),
+                    crate::Command::SetNodeStatus { id, .. }
+                    | crate::Command::RemoveNode { id } => {
+                        a.touched.push(*id);
+                    }
+                    crate::Command::Note { .. } => {}
+                }
+                let rejected = inner.state.apply(&req.command, req.time_ms).err();
+                a.time_ms = a.time_ms.max(req.time_ms);
+                a.txs.push(Tx {
+                    kind: req.command.kind().into(),
+                    summary: req.command.summary(),
+                    body: serde_json::to_vec(req).unwrap_or_default(),
+                    principal: req.principal.clone(),
+                    rejected: rejected.clone(),
+                });
+                a.responses.push(Response {
+                    index,
+                    tx: u32::try_from(i).unwrap_or(u32::MAX),
+                    rejected,
+                });
+            }
+            a
         }
         EntryPayload::Membership(m) => {
             inner.membership = StoredMembership::new(Some(entry.log_id), m.clone());
             let voters: Vec<String> = m.voter_ids().map(|v| v.to_string()).collect();
-            let tx = Tx {
-                kind: "membership".into(),
-                summary: format!("voters {}", voters.join(",")),
-                body: serde_json::to_vec(m).unwrap_or_default(),
-                principal: "system".into(),
-                rejected: None,
-            };
-            (vec![tx], prev_time, None, None)
+            Applied {
+                txs: vec![Tx {
+                    kind: "membership".into(),
+                    summary: format!("voters {}", voters.join(",")),
+                    body: serde_json::to_vec(m).unwrap_or_default(),
+                    principal: "system".into(),
+                    rejected: None,
+                }],
+                time_ms: prev_time,
+                responses: Vec::new(),
+                touched: Vec::new(),
+            }
         }
     }
 }
@@ -184,7 +207,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((inner.last_applied, inner.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Response>>>
     where
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -197,7 +220,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut txs_total = 0u64;
         let mut membership_changed = false;
         for entry in entries {
-            let (txs, time_ms, rejected, touched) = entry_txs(&mut inner, &entry);
+            let Applied {
+                txs,
+                time_ms,
+                responses: entry_responses,
+                touched,
+            } = entry_txs(&mut inner, &entry);
             membership_changed |= matches!(entry.payload, EntryPayload::Membership(_));
             txs_total += txs.len() as u64;
             let block = Block::next(
@@ -211,7 +239,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 &key(block.height),
                 serde_json::to_vec(&block).map_err(sm_err)?,
             );
-            for id in touched.into_iter().flatten() {
+            for id in touched {
                 match inner.state.nodes.get(&id) {
                     Some(n) => nodes.insert(&key(id), serde_json::to_vec(n).map_err(sm_err)?),
                     None => nodes.remove(&key(id)),
@@ -219,10 +247,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             inner.head = Some(block);
             inner.last_applied = Some(entry.log_id);
-            responses.push(Response {
-                index: entry.log_id.index,
-                rejected,
-            });
+            responses.push(entry_responses);
         }
         sh.chain.apply_batch(chain).map_err(sm_err)?;
         sh.nodes.apply_batch(nodes).map_err(sm_err)?;
