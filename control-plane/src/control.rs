@@ -40,8 +40,8 @@ impl Profile {
     /// (heartbeat, minimum election timeout).
     pub fn timeouts(self) -> (Duration, Duration) {
         match self {
-            Self::Lan => (Duration::from_millis(100), Duration::from_millis(400)),
-            Self::Wan => (Duration::from_millis(300), Duration::from_millis(1500)),
+            Self::Lan => (Duration::from_millis(100), Duration::from_millis(300)),
+            Self::Wan => (Duration::from_millis(300), Duration::from_millis(1000)),
         }
     }
 }
@@ -446,6 +446,24 @@ impl Core {
         Some((leader, addr))
     }
 
+    /// A client for the current leader's Raft endpoint, and its address.
+    fn leader_client(
+        &self,
+    ) -> Result<
+        (
+            String,
+            trine_proto::v1::raft_client::RaftClient<tonic::transport::Channel>,
+        ),
+        Error,
+    > {
+        let (_, addr) = self.leader_addr().ok_or(Error::NoLeader)?;
+        let c = network::client(&addr, &self.tls).map_err(|reason| Error::Forward {
+            addr: addr.clone(),
+            reason,
+        })?;
+        Ok((addr, c))
+    }
+
     fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state.is_leader()
     }
@@ -589,11 +607,7 @@ impl Core {
     /// Carried out by the leader; other members forward.
     pub(crate) async fn join(&self, req: pb::JoinRequest) -> Result<pb::JoinResponse, Error> {
         if !self.is_leader() {
-            let (_, addr) = self.leader_addr().ok_or(Error::NoLeader)?;
-            let mut c = network::client(&addr, &self.tls).map_err(|reason| Error::Forward {
-                addr: addr.clone(),
-                reason,
-            })?;
+            let (addr, mut c) = self.leader_client()?;
             return Ok(c
                 .join(req)
                 .await
@@ -668,11 +682,7 @@ impl Core {
     /// others forward).
     pub(crate) async fn leave(&self, id: NodeId) -> Result<(), Error> {
         if !self.is_leader() {
-            let (_, addr) = self.leader_addr().ok_or(Error::NoLeader)?;
-            let mut c = network::client(&addr, &self.tls).map_err(|reason| Error::Forward {
-                addr: addr.clone(),
-                reason,
-            })?;
+            let (addr, mut c) = self.leader_client()?;
             c.leave(pb::LeaveRequest {
                 request_id: String::new(),
                 node_id: id,

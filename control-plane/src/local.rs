@@ -79,19 +79,26 @@ fn record(id: u64, name: &str, region: &str, addr: &str) -> NodeRecord {
     }
 }
 
-async fn start_member(
+/// Starts member `id` with its files under `root` (a CA in `root/ca`),
+/// on `listener` or a fresh loopback port; `join` is a member's address,
+/// `None` to initialize a new cluster.
+pub async fn start_member(
     root: &Path,
     id: u64,
     region: &str,
     join: Option<String>,
     tuning: &Tuning,
+    listener: Option<TcpListener>,
 ) -> Result<ControlPlane, LocalError> {
     let name = format!("n{id}");
     let certs = root.join(&name).join("tls");
     if !certs.exists() {
         tls::issue_node(&root.join("ca"), &name, &[], &certs).map_err(setup)?;
     }
-    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind("127.0.0.1:0").await.map_err(setup)?,
+    };
     let addr = listener.local_addr().map_err(setup)?.to_string();
     let config = Config {
         id,
@@ -144,7 +151,7 @@ impl LocalCluster {
         let dir = tempfile::tempdir().map_err(setup)?;
         tls::init_ca(&dir.path().join("ca"), "local").map_err(setup)?;
         let mut nodes = BTreeMap::new();
-        let first = start_member(dir.path(), 1, regions[0], None, &tuning).await?;
+        let first = start_member(dir.path(), 1, regions[0], None, &tuning, None).await?;
         let seed = first.status().members.get(&1).map(|m| m.addr.clone());
         let seed = match seed {
             Some(s) => s,
@@ -158,7 +165,7 @@ impl LocalCluster {
         nodes.insert(1, first);
         for (i, r) in regions.iter().enumerate().skip(1) {
             let id = i as u64 + 1;
-            let c = start_member(dir.path(), id, r, Some(seed.clone()), &tuning).await?;
+            let c = start_member(dir.path(), id, r, Some(seed.clone()), &tuning, None).await?;
             nodes.insert(id, c);
         }
         let c = Self { dir, nodes, tuning };
@@ -213,6 +220,54 @@ impl LocalCluster {
 
     pub fn tuning(&self) -> &Tuning {
         &self.tuning
+    }
+
+    /// The Raft address member `id` serves on.
+    pub fn addr(&self, id: u64) -> Option<String> {
+        let any = self.any()?;
+        any.status().members.get(&id).map(|m| m.addr.clone())
+    }
+
+    /// Starts stopped member `id` again from its files, on `addr`.
+    pub async fn restart(&mut self, id: u64, region: &str, addr: &str) -> Result<(), LocalError> {
+        let listener = TcpListener::bind(addr).await.map_err(setup)?;
+        let c = start_member(
+            self.dir.path(),
+            id,
+            region,
+            None,
+            &self.tuning,
+            Some(listener),
+        )
+        .await?;
+        self.nodes.insert(id, c);
+        Ok(())
+    }
+
+    /// Every pair of members agrees on every block both hold, and every
+    /// member's chain verifies. Returns the lowest head height.
+    pub fn chains_agree(&self) -> Result<u64, LocalError> {
+        let readers: Vec<_> = self.nodes.values().map(|c| c.reader().clone()).collect();
+        let min_head = readers
+            .iter()
+            .map(|r| r.head().map_or(0, |b| b.height))
+            .min()
+            .unwrap_or(0);
+        for h in 0..=min_head {
+            let mut hashes = readers
+                .iter()
+                .filter_map(|r| r.block(h).ok().flatten().map(|b| b.hash));
+            if let Some(first) = hashes.next()
+                && hashes.any(|other| other != first)
+            {
+                return Err(LocalError::Setup(format!("members disagree at height {h}")));
+            }
+        }
+        for r in &readers {
+            crate::chain::verify(r.blocks(r.first_height().unwrap_or(0), usize::MAX))
+                .map_err(setup)?;
+        }
+        Ok(min_head)
     }
 }
 

@@ -3,90 +3,31 @@
 //! commits; every chain agrees at every common height; a node outside the
 //! CA is refused.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use tempfile::TempDir;
-use tokio::net::TcpListener;
-use trine_control::tls::{self, NodeTls};
-use trine_control::voters::Rules;
-use trine_control::{Command, ControlPlane, Member, NodeRecord, NodeStatus, Profile};
+use trine_control::local::{LocalCluster, Tuning, start_member};
+use trine_control::tls;
+use trine_control::{Command, ControlPlane};
 
-struct Cluster {
-    dir: TempDir,
-    nodes: BTreeMap<u64, (ControlPlane, String)>,
-}
-
-fn record(id: u64, name: &str, region: &str, addr: &str) -> NodeRecord {
-    NodeRecord {
-        id,
-        name: name.into(),
-        region: region.into(),
-        zone: String::new(),
-        raft_addr: addr.into(),
-        grpc_addr: String::new(),
-        http_addr: String::new(),
-        peer_id: String::new(),
-        p2p_addrs: Vec::new(),
-        cpu_cores: 1,
-        simd: "scalar".into(),
-        memory_bytes: 0,
-        version: "test".into(),
-        status: NodeStatus::Up,
-        status_since_ms: 0,
+/// Fast timeouts and frequent snapshots, so the tests see elections and
+/// snapshot installs within seconds.
+fn tuning() -> Tuning {
+    Tuning {
+        heartbeat: Some(Duration::from_millis(100)),
+        election_timeout: Some(Duration::from_millis(600)),
+        snapshot_every: 50,
+        snapshot_keep: 10,
+        ..Tuning::default()
     }
 }
 
-async fn start(
-    root: &Path,
-    id: u64,
-    region: &str,
-    init: bool,
-    join: Vec<String>,
-    listener: Option<TcpListener>,
-) -> Result<(ControlPlane, String)> {
+async fn cluster(regions: &[&str]) -> Result<LocalCluster> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let name = format!("n{id}");
-    let certs = root.join(&name).join("tls");
-    if !certs.exists() {
-        tls::issue_node(&root.join("ca"), &name, &[], &certs)?;
-    }
-    let listener = match listener {
-        Some(l) => l,
-        None => TcpListener::bind("127.0.0.1:0").await?,
-    };
-    let addr = listener.local_addr()?.to_string();
-    let config = trine_control::Config {
-        id,
-        member: Member {
-            addr: addr.clone(),
-            region: region.into(),
-            name: name.clone(),
-        },
-        record: record(id, &name, region, &addr),
-        dir: root.join(&name).join("raft"),
-        tls: NodeTls::load(&certs)?,
-        cluster: "test".into(),
-        init,
-        join,
-        profile: Profile::Lan,
-        heartbeat: Some(Duration::from_millis(100)),
-        election_timeout: Some(Duration::from_millis(600)),
-        down_after: Duration::from_secs(2),
-        voters: Rules {
-            replace_after: Duration::from_secs(4),
-            ..Rules::default()
-        },
-        snapshot_every: 50,
-        snapshot_keep: 10,
-        max_staleness: Duration::from_secs(5),
-    };
-    Ok((ControlPlane::start(config, listener).await?, addr))
+    Ok(LocalCluster::start(regions, tuning()).await?)
 }
 
 async fn wait_for<T>(
@@ -103,94 +44,6 @@ async fn wait_for<T>(
             bail!("timed out after {deadline:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-impl Cluster {
-    async fn new(regions: &[&str]) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        tls::init_ca(&dir.path().join("ca"), "test")?;
-        let mut nodes = BTreeMap::new();
-        let first = start(dir.path(), 1, regions[0], true, vec![], None).await?;
-        let seed = first.1.clone();
-        nodes.insert(1, first);
-        for (i, r) in regions.iter().enumerate().skip(1) {
-            let id = i as u64 + 1;
-            nodes.insert(
-                id,
-                start(dir.path(), id, r, false, vec![seed.clone()], None).await?,
-            );
-        }
-        let c = Self { dir, nodes };
-        let n = regions.len();
-        let want_voters = if n >= 5 {
-            5
-        } else if n >= 3 {
-            3
-        } else {
-            1
-        };
-        c.wait_voters(want_voters, Duration::from_secs(30)).await?;
-        Ok(c)
-    }
-
-    fn any(&self) -> &ControlPlane {
-        &self.nodes.values().next().expect("a node").0
-    }
-
-    async fn wait_voters(&self, n: usize, deadline: Duration) -> Result<()> {
-        wait_for(
-            &format!("{n} voters and every node registered"),
-            deadline,
-            async || {
-                let s = self.any().status();
-                let registered = self.any().reader().state().nodes.len();
-                (s.voters.len() == n && s.leader.is_some() && registered == self.nodes.len())
-                    .then_some(())
-            },
-        )
-        .await
-    }
-
-    fn leader(&self) -> Option<u64> {
-        let ids: Vec<u64> = self
-            .nodes
-            .values()
-            .filter(|(c, _)| c.status().state.is_leader())
-            .map(|(c, _)| c.id())
-            .collect();
-        (ids.len() == 1).then(|| ids[0])
-    }
-
-    /// Every pair of live nodes agrees on every block both hold.
-    fn chains_agree(&self) -> Result<u64> {
-        let heads: Vec<_> = self
-            .nodes
-            .values()
-            .map(|(c, _)| c.reader().clone())
-            .collect();
-        let min_head = heads
-            .iter()
-            .map(|r| r.head().map_or(0, |b| b.height))
-            .min()
-            .unwrap_or(0);
-        for h in 0..=min_head {
-            let mut hashes = heads
-                .iter()
-                .filter_map(|r| r.block(h).ok().flatten().map(|b| b.hash));
-            if let Some(first) = hashes.next() {
-                for other in hashes {
-                    if other != first {
-                        bail!("nodes disagree at height {h}");
-                    }
-                }
-            }
-        }
-        for r in &heads {
-            trine_control::chain::verify(r.blocks(r.first_height().unwrap_or(0), usize::MAX))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        Ok(min_head)
     }
 }
 
@@ -212,21 +65,22 @@ async fn five_voters_survive_the_leader_and_agree_on_the_chain() -> Result<()> {
 }
 
 async fn survive_the_leader(regions: &[&str]) -> Result<()> {
-    let mut cluster = Cluster::new(regions).await?;
-    assert_eq!(cluster.any().status().voters.len(), regions.len());
+    let mut cluster = cluster(regions).await?;
+    assert_eq!(
+        cluster.any().context("a member")?.status().voters.len(),
+        regions.len()
+    );
     // Writes through every node (followers forward to the leader).
     let mut acked = Vec::new();
-    for (id, (c, _)) in &cluster.nodes {
+    for (id, c) in &cluster.nodes {
         for i in 0..10 {
             acked.push(note(c, &format!("{id}-{i}")).await?);
         }
     }
     let old = cluster.leader().context("one leader")?;
-    let (leader, _) = cluster.nodes.remove(&old).context("leader present")?;
     let stopped = Instant::now();
-    leader.shutdown().await;
-    drop(leader);
-    let survivor = cluster.any().clone();
+    cluster.stop(old).await.context("leader present")?;
+    let survivor = cluster.any().context("a survivor")?.clone();
     let index = wait_for(
         "a commit after the leader stopped",
         Duration::from_secs(10),
@@ -247,12 +101,12 @@ async fn survive_the_leader(regions: &[&str]) -> Result<()> {
             cluster
                 .nodes
                 .values()
-                .all(|(c, _)| c.status().applied >= index)
+                .all(|c| c.status().applied >= index)
                 .then_some(())
         },
     )
     .await?;
-    for (c, _) in cluster.nodes.values() {
+    for c in cluster.nodes.values() {
         let reader = c.reader();
         let mut seen = 0;
         for i in &acked {
@@ -271,28 +125,27 @@ async fn survive_the_leader(regions: &[&str]) -> Result<()> {
     let follower = cluster
         .nodes
         .values()
-        .find(|(c, _)| !c.status().state.is_leader())
+        .find(|c| !c.status().state.is_leader())
         .context("a follower")?;
-    let read_at = follower.0.linearizable().await?;
+    let read_at = follower.linearizable().await?;
     assert!(read_at >= index);
-    drop(cluster.dir);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_catches_up_and_a_far_behind_one_by_snapshot() -> Result<()> {
-    let mut cluster = Cluster::new(&["a", "b", "c"]).await?;
+    let mut cluster = cluster(&["a", "b", "c"]).await?;
+    let leader = cluster.leader();
     let victim = *cluster
         .nodes
         .keys()
-        .find(|id| Some(**id) != cluster.leader())
+        .find(|id| Some(**id) != leader)
         .context("a follower")?;
-    let (c, addr) = cluster.nodes.remove(&victim).context("present")?;
-    c.shutdown().await;
-    drop(c);
+    let addr = cluster.addr(victim).context("its address")?;
+    cluster.stop(victim).await;
     // Far behind: more entries than the snapshot interval, so the log it
     // needs is purged on the others and only a snapshot can catch it up.
-    let live = cluster.any().clone();
+    let live = cluster.any().context("a member")?.clone();
     let mut last = 0;
     for i in 0..300 {
         last = note(&live, &format!("while down {i}")).await?;
@@ -311,18 +164,8 @@ async fn a_restarted_node_catches_up_and_a_far_behind_one_by_snapshot() -> Resul
     )
     .await?;
     // Restart from its data dir, same address.
-    let listener = TcpListener::bind(&addr).await?;
-    let back = start(
-        cluster.dir.path(),
-        victim,
-        "x",
-        false,
-        vec![],
-        Some(listener),
-    )
-    .await?;
-    cluster.nodes.insert(victim, back);
-    let (c, _) = &cluster.nodes[&victim];
+    cluster.restart(victim, "x", &addr).await?;
+    let c = cluster.nodes[&victim].clone();
     wait_for(
         "the restarted node caught up",
         Duration::from_secs(20),
@@ -338,28 +181,29 @@ async fn a_restarted_node_catches_up_and_a_far_behind_one_by_snapshot() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
-    let cluster = Cluster::new(&["a"]).await?;
-    let seed = cluster.nodes[&1].1.clone();
+    let cluster = cluster(&["a"]).await?;
+    let seed = cluster.addr(1).context("the seed's address")?;
     let other = tempfile::tempdir()?;
     tls::init_ca(&other.path().join("ca"), "intruders")?;
-    let (intruder, _) = start(other.path(), 9, "x", false, vec![seed], None).await?;
+    let intruder = start_member(other.path(), 9, "x", Some(seed), &tuning(), None).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let members = cluster.any().status().members;
+    let any = cluster.any().context("a member")?;
+    let members = any.status().members;
     assert!(!members.contains_key(&9), "intruder joined: {members:?}");
-    assert!(!cluster.any().reader().state().nodes.contains_key(&9));
+    assert!(!any.reader().state().nodes.contains_key(&9));
     intruder.shutdown().await;
     Ok(())
 }
 
 /// Cuts `alone` off from everyone else, both ways.
-fn partition(cluster: &Cluster, alone: u64) {
+fn partition(cluster: &LocalCluster, alone: u64) {
     let others: Vec<u64> = cluster
         .nodes
         .keys()
         .copied()
         .filter(|id| *id != alone)
         .collect();
-    for (id, (c, _)) in &cluster.nodes {
+    for (id, c) in &cluster.nodes {
         if *id == alone {
             c.faults().isolate(others.clone());
         } else {
@@ -370,10 +214,10 @@ fn partition(cluster: &Cluster, alone: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -> Result<()> {
-    let cluster = Cluster::new(&["a", "b", "c"]).await?;
-    note(cluster.any(), "before").await?;
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    note(cluster.any().context("a member")?, "before").await?;
     let old = cluster.leader().context("a leader")?;
-    let (old_leader, _) = &cluster.nodes[&old];
+    let old_leader = &cluster.nodes[&old];
     let before = old_leader.status().last_log_index;
     partition(&cluster, old);
 
@@ -382,7 +226,7 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
         .nodes
         .iter()
         .filter(|(id, _)| **id != old)
-        .map(|(_, (c, _))| c)
+        .map(|(_, c)| c)
         .collect();
     let committed = wait_for(
         "a commit on the majority side",
@@ -412,7 +256,7 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
 
     // Heal: the old leader rejoins as a follower, drops its uncommitted
     // entry, and every chain agrees.
-    for (c, _) in cluster.nodes.values() {
+    for c in cluster.nodes.values() {
         c.faults().heal();
     }
     let last = note(majority[0], "after heal").await?;
@@ -423,7 +267,7 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
             cluster
                 .nodes
                 .values()
-                .all(|(c, _)| c.status().applied >= last)
+                .all(|c| c.status().applied >= last)
                 .then_some(())
         },
     )
@@ -431,7 +275,7 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
     assert!(last > committed);
     cluster.chains_agree()?;
     // The minority's write never reached any chain.
-    for (c, _) in cluster.nodes.values() {
+    for c in cluster.nodes.values() {
         let r = c.reader();
         let found: Vec<(u64, u64)> = r
             .blocks(0, usize::MAX)

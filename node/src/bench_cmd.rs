@@ -40,6 +40,24 @@ pub struct RaftArgs {
     /// Print one JSON object instead of a line.
     #[arg(long)]
     pub json: bool,
+    /// Also print a line every interval (rate, p99, disk, RSS): a soak.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub report_every: Option<Duration>,
+}
+
+/// Bytes under `dir` (files only).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -267,9 +285,11 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
         let stop = Instant::now() + args.duration;
         let per_client_gap = (args.rate > 0)
             .then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
+        let committed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::new();
         for c in 0..args.clients {
             let leader = leader.clone();
+            let committed = committed.clone();
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut i = 0u64;
@@ -286,6 +306,7 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
                         .is_ok()
                     {
                         lat.push(t.elapsed());
+                        committed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     i += 1;
                 }
@@ -293,6 +314,34 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
             }));
         }
         let t0 = Instant::now();
+        if let Some(every) = args.report_every {
+            let reader = leader.reader().clone();
+            let committed = committed.clone();
+            let raft_dir = cluster
+                .dir
+                .path()
+                .join(format!("n{leader_id}"))
+                .join("raft");
+            tokio::spawn(async move {
+                let mut last = (Instant::now(), 0u64);
+                eprintln!(
+                    "elapsed_s  committed  commands/s  chain_height  leader_raft_dir_MiB  rss_MiB"
+                );
+                while Instant::now() < stop {
+                    tokio::time::sleep(every).await;
+                    let n = committed.load(std::sync::atomic::Ordering::Relaxed);
+                    let h = reader.head().map_or(0, |b| b.height);
+                    let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
+                    last = (Instant::now(), n);
+                    eprintln!(
+                        "{:>9.0}  {n:>9}  {rate:>10.0}  {h:>12}  {:>19.1}  {:>7.1}",
+                        t0.elapsed().as_secs_f64(),
+                        dir_bytes(&raft_dir) as f64 / (1 << 20) as f64,
+                        rss_bytes() as f64 / (1 << 20) as f64
+                    );
+                }
+            });
+        }
         let mut all = Vec::new();
         for t in tasks {
             all.extend(t.await?);

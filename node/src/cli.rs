@@ -228,8 +228,8 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_CLUSTER")]
     pub cluster: Option<String>,
 
-    /// Raft timeouts: lan (heartbeat 100 ms, election 0.4-0.8 s) or wan
-    /// (heartbeat 300 ms, election 1.5-3 s, for regions ~200 ms apart).
+    /// Raft timeouts: lan (heartbeat 100 ms, election 0.3-0.6 s) or wan
+    /// (heartbeat 300 ms, election 1-2 s, for regions ~200 ms apart).
     /// [default: lan]
     #[arg(long, env = "TRINE_RAFT_PROFILE", value_enum)]
     pub raft_profile: Option<config::RaftProfile>,

@@ -36,13 +36,15 @@ pub struct Target {
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum Output {
+    /// Aligned rows for people.
     #[default]
     Table,
+    /// One JSON object per line.
     Json,
 }
 
 impl Target {
-    fn uri(&self) -> Result<String> {
+    pub fn uri(&self) -> Result<String> {
         if let Some(dir) = &self.data_dir {
             let e = DataDir::read_endpoints(dir).with_context(|| {
                 format!(
@@ -60,7 +62,7 @@ impl Target {
         })
     }
 
-    async fn admin(&self) -> Result<AdminClient<Channel>> {
+    pub async fn admin(&self) -> Result<AdminClient<Channel>> {
         connect(&self.uri()?, self.timeout).await
     }
 }

@@ -102,10 +102,10 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RaftProfile {
-    /// One site: heartbeat 100 ms, election timeout 400-800 ms.
+    /// One site: heartbeat 100 ms, election timeout 300-600 ms.
     #[default]
     Lan,
-    /// Regions ~200 ms apart: heartbeat 300 ms, election timeout 1.5-3 s.
+    /// Regions ~200 ms apart: heartbeat 300 ms, election timeout 1-2 s.
     Wan,
 }
 

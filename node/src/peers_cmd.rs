@@ -2,66 +2,22 @@
 //! gRPC service (`ListPeers`).
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result};
-use clap::{Args, ValueEnum};
-use trine_proto::v1::admin_client::AdminClient;
+use anyhow::Result;
+use clap::Args;
 use trine_proto::v1::{ListPeersRequest, Peer};
 
-use crate::datadir::DataDir;
-
-#[derive(Debug, Clone, Copy, Default, ValueEnum)]
-pub enum Output {
-    /// One aligned row per peer.
-    #[default]
-    Table,
-    /// One JSON object per peer, one per line.
-    Json,
-}
+use crate::cluster_cmd::{Output, Target};
 
 #[derive(Debug, Args)]
 pub struct PeersArgs {
-    /// gRPC address of the node to ask (host:port or http://host:port).
-    #[arg(
-        long,
-        env = "TRINE_NODE",
-        default_value = "127.0.0.1:7400",
-        conflicts_with = "data_dir"
-    )]
-    pub node: String,
-
-    /// Ask the node running on this data dir (reads its endpoints.json),
-    /// instead of --node.
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: Target,
 
     /// Output format.
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,
-
-    /// Give up after this long.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-}
-
-fn endpoint(args: &PeersArgs) -> Result<String> {
-    if let Some(dir) = &args.data_dir {
-        let e = DataDir::read_endpoints(dir).with_context(|| {
-            format!(
-                "no running node on data dir {} (no endpoints.json); start one with `trine node --data-dir {}`",
-                dir.display(),
-                dir.display()
-            )
-        })?;
-        return Ok(format!("http://{}", e.grpc));
-    }
-    Ok(if args.node.contains("://") {
-        args.node.clone()
-    } else {
-        format!("http://{}", args.node)
-    })
 }
 
 fn age(peer: &Peer) -> String {
@@ -84,21 +40,15 @@ fn rtt(peer: &Peer) -> String {
 }
 
 pub fn run(args: &PeersArgs) -> Result<()> {
-    let uri = endpoint(args)?;
+    let uri = args.target.uri()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let response = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(uri.clone())
-            .with_context(|| format!("{uri} is not a valid address; use host:port"))?
-            .connect_timeout(args.timeout)
-            .timeout(args.timeout)
-            .connect()
-            .await
-            .with_context(|| {
-                format!("cannot reach a trine node at {uri}; is it running? (--node or --data-dir choose which)")
-            })?;
-        let reply = AdminClient::new(channel)
+        let reply = args
+            .target
+            .admin()
+            .await?
             .list_peers(ListPeersRequest {
                 request_id: format!("peers-{}", std::process::id()),
             })

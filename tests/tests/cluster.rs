@@ -13,9 +13,9 @@ use trine_proto::v1;
 use trine_proto::v1::admin_client::AdminClient;
 use trine_tests::{Node, StatusRow, Testnet, chain_note, run, trine, wait_for};
 
-async fn block_hash(grpc: &str, height: u64) -> Result<Vec<u8>> {
+async fn block(grpc: &str, height: u64) -> Result<v1::Block> {
     let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
-    let b = admin
+    admin
         .get_block(v1::GetBlockRequest {
             selector: Some(v1::get_block_request::Selector::Height(height)),
             ..Default::default()
@@ -23,22 +23,20 @@ async fn block_hash(grpc: &str, height: u64) -> Result<Vec<u8>> {
         .await?
         .into_inner()
         .block
-        .context("no block")?;
-    Ok(b.header.context("no header")?.hash)
+        .context("no block")
+}
+
+async fn block_hash(grpc: &str, height: u64) -> Result<Vec<u8>> {
+    Ok(block(grpc, height).await?.header.context("no header")?.hash)
 }
 
 async fn block_summaries(grpc: &str, height: u64) -> Result<Vec<String>> {
-    let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
-    let b = admin
-        .get_block(v1::GetBlockRequest {
-            selector: Some(v1::get_block_request::Selector::Height(height)),
-            ..Default::default()
-        })
+    Ok(block(grpc, height)
         .await?
-        .into_inner()
-        .block
-        .context("no block")?;
-    Ok(b.txs.into_iter().map(|t| t.summary).collect())
+        .txs
+        .into_iter()
+        .map(|t| t.summary)
+        .collect())
 }
 
 fn kill9(net: &Testnet, name: &str) -> Result<()> {
