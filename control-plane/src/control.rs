@@ -91,7 +91,8 @@ impl Config {
             max_payload_entries: 1000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.snapshot_keep,
-            purge_batch_size: 1024,
+            // Purge in steps of a tenth of the snapshot interval.
+            purge_batch_size: (self.snapshot_every / 10).clamp(1, 1024),
             ..Default::default()
         };
         c.validate().map_err(|e| Error::Config(e.to_string()))

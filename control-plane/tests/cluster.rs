@@ -142,6 +142,7 @@ async fn a_restarted_node_catches_up_and_a_far_behind_one_by_snapshot() -> Resul
         .find(|id| Some(**id) != leader)
         .context("a follower")?;
     let addr = cluster.addr(victim).context("its address")?;
+    let victim_applied = cluster.nodes[&victim].status().applied;
     cluster.stop(victim).await;
     // Far behind: more entries than the snapshot interval, so the log it
     // needs is purged on the others and only a snapshot can catch it up.
@@ -150,15 +151,22 @@ async fn a_restarted_node_catches_up_and_a_far_behind_one_by_snapshot() -> Resul
     for i in 0..300 {
         last = note(&live, &format!("while down {i}")).await?;
     }
+    // Every member purges the entries the stopped node still needs (a
+    // replication stream may hold them back for a while).
     wait_for(
-        "a snapshot on the leader",
-        Duration::from_secs(10),
+        "the log it needs purged everywhere",
+        Duration::from_secs(20),
         async || {
-            live.raft()
-                .metrics()
-                .borrow()
-                .snapshot
-                .is_some()
+            cluster
+                .nodes
+                .values()
+                .all(|c| {
+                    c.raft()
+                        .metrics()
+                        .borrow()
+                        .purged
+                        .is_some_and(|p| p.index > victim_applied)
+                })
                 .then_some(())
         },
     )

@@ -18,7 +18,7 @@ mod sm;
 use std::path::{Path, PathBuf};
 
 pub use log::LogStore;
-pub use sm::{Reader, StateMachine};
+pub use sm::{Reader, SNAPSHOT_CHAIN_TAIL, StateMachine};
 
 /// sled's page cache: the state is small; the chain is read by range.
 const CACHE_BYTES: u64 = 64 << 20;

@@ -23,6 +23,8 @@ type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, Member>;
 
 const APPLIED: &[u8] = b"last_applied";
+/// Newest blocks a snapshot carries.
+pub const SNAPSHOT_CHAIN_TAIL: u64 = 10_000;
 const MEMBERSHIP: &[u8] = b"membership";
 
 fn io(e: StorageIOError<NodeId>) -> StorageError<NodeId> {
@@ -350,9 +352,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         // Blocks up to last_applied never change once written (only an
         // installed snapshot replaces them, and that holds the same lock).
+        // Only the chain's tail travels: a snapshot's size (and the memory
+        // to build or install it) stays bounded however long the chain
+        // grows. Members that catch up by snapshot hold the chain from
+        // there on; every original member keeps it whole.
         let mut chain = Vec::new();
         if let Some(last) = last_applied {
-            for kv in sh.chain.range(..=key(last.index)) {
+            let from = last.index.saturating_sub(SNAPSHOT_CHAIN_TAIL - 1);
+            for kv in sh.chain.range(key(from)..=key(last.index)) {
                 let (k, v) = kv.map_err(|e| io(StorageIOError::read_state_machine(&e)))?;
                 debug_assert!(index_of(&k).is_some());
                 chain.push(
