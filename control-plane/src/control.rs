@@ -679,6 +679,27 @@ impl Core {
         })
     }
 
+    /// A membership change, waiting (up to the write deadline) for one
+    /// already in progress (e.g. the maintainer placing voters) to finish.
+    async fn change_membership(
+        &self,
+        changes: ChangeMembers<NodeId, Member>,
+        retain: bool,
+    ) -> Result<(), Error> {
+        let until = Instant::now() + PROPOSE_DEADLINE;
+        loop {
+            match self.raft.change_membership(changes.clone(), retain).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(Error::Membership(e.to_string())),
+            }
+        }
+    }
+
     /// Removes `id` from the Raft membership and the state (leader only;
     /// others forward).
     pub(crate) async fn leave(&self, id: NodeId) -> Result<(), Error> {
@@ -700,13 +721,22 @@ impl Core {
         if m.voter_ids().any(|v| v == id) {
             // Hand the seat over first, so the voter count stays odd.
             let mut voters: BTreeSet<NodeId> = m.voter_ids().filter(|v| *v != id).collect();
-            let spare = m.learner_ids().find(|l| {
-                *l != id
-                    && self
-                        .liveness
-                        .last(*l)
-                        .is_some_and(|t| t.elapsed() < self.config.down_after)
-            });
+            // The seat goes where the planner would put it: a live learner
+            // in the region with the fewest voters (then the lowest id).
+            let region_of =
+                |n: &NodeId| m.get_node(n).map(|x| x.region.clone()).unwrap_or_default();
+            let in_region = |r: &str| voters.iter().filter(|v| region_of(v) == r).count();
+            let spare = m
+                .learner_ids()
+                .filter(|l| {
+                    *l != id
+                        && self
+                            .liveness
+                            .last(*l)
+                            .is_some_and(|t| t.elapsed() < self.config.down_after)
+                })
+                .filter(|l| in_region(&region_of(l)) < self.config.voters.max_per_region)
+                .min_by_key(|l| (in_region(&region_of(l)), *l));
             if voters.len().is_multiple_of(2)
                 && let Some(s) = spare
             {
@@ -717,10 +747,8 @@ impl Core {
                     "the last voter cannot leave; stop the cluster instead".into(),
                 ));
             }
-            self.raft
-                .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
-                .await
-                .map_err(|e| Error::Membership(e.to_string()))?;
+            self.change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                .await?;
         }
         if self
             .raft
@@ -731,10 +759,8 @@ impl Core {
             .get_node(&id)
             .is_some()
         {
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| Error::Membership(e.to_string()))?;
+            self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await?;
         }
         let _ = self
             .propose(Request {

@@ -298,3 +298,61 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_that_leaves_hands_its_seat_to_the_emptiest_region() -> Result<()> {
+    let regions = [
+        "us-east",
+        "us-east",
+        "us-west",
+        "us-west",
+        "eu-central",
+        "eu-central",
+        "ap-southeast",
+    ];
+    let cluster = cluster(&regions).await?;
+    let any = cluster.any().context("a member")?.clone();
+    let status = any.status();
+    assert_eq!(status.voters.len(), 5);
+    let region = |id: &u64| status.members[id].region.clone();
+    // The only voter of its region (not the leader) leaves.
+    let leaver = *status
+        .voters
+        .iter()
+        .find(|v| {
+            Some(**v) != status.leader
+                && status
+                    .voters
+                    .iter()
+                    .filter(|w| region(w) == region(v))
+                    .count()
+                    == 1
+        })
+        .context("a voter alone in its region")?;
+    let through = cluster
+        .nodes
+        .values()
+        .find(|c| c.id() != leaver)
+        .context("another member")?;
+    through.leave(Some(leaver)).await?;
+    let after = wait_for("the leaver gone", Duration::from_secs(15), async || {
+        let s = any.status();
+        (!s.members.contains_key(&leaver) && s.voters.len() == 5).then_some(s)
+    })
+    .await?;
+    assert!(!any.reader().state().nodes.contains_key(&leaver));
+    let mut per_region = std::collections::BTreeMap::<String, usize>::new();
+    for v in &after.voters {
+        *per_region
+            .entry(after.members[v].region.clone())
+            .or_default() += 1;
+    }
+    assert!(per_region.values().all(|n| *n <= 2), "{per_region:?}");
+    // Losing any one region still leaves a quorum (3 of 5).
+    assert!(per_region.values().all(|n| 5 - n >= 3), "{per_region:?}");
+    assert!(
+        per_region.len() >= 3,
+        "voters should span 3+ regions: {per_region:?}"
+    );
+    Ok(())
+}
