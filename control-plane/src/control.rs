@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
@@ -165,7 +165,6 @@ pub struct Core {
     pub(crate) raft: Raft,
     reader: Reader,
     id: NodeId,
-    record: Mutex<NodeRecord>,
     tls: ClientTlsConfig,
     liveness: Liveness,
     last_leader_contact: Mutex<Option<Instant>>,
@@ -188,12 +187,6 @@ pub struct ControlPlane {
     core: Arc<Core>,
     stop: Arc<watch::Sender<bool>>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What `trine status` shows of this member's view.
@@ -233,7 +226,6 @@ impl ControlPlane {
             raft,
             reader,
             id: config.id,
-            record: Mutex::new(config.record.clone()),
             tls,
             liveness,
             last_leader_contact: Mutex::new(None),
@@ -319,13 +311,7 @@ impl ControlPlane {
     /// Commits `command` (through the leader) and returns the state
     /// machine's answer.
     pub async fn propose(&self, principal: &str, command: Command) -> Result<Response, Error> {
-        self.core
-            .propose(Request {
-                time_ms: now_ms(),
-                principal: principal.to_owned(),
-                command,
-            })
-            .await
+        self.core.propose(Request::now(principal, command)).await
     }
 
     /// A linearizable read point: after this returns, the local replica
@@ -392,20 +378,6 @@ impl ControlPlane {
             )
             .await?;
         self.core.leave(id).await
-    }
-
-    /// Updates what this node registers (e.g. its mesh addresses) and
-    /// re-registers it.
-    pub async fn update_record(&self, f: impl FnOnce(&mut NodeRecord)) -> Result<(), Error> {
-        let record = {
-            let mut r = self.core.record.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut r);
-            r.clone()
-        };
-        let principal = format!("node:{}", record.name);
-        self.propose(&principal, Command::RegisterNode(Box::new(record)))
-            .await
-            .map(|_| ())
     }
 
     /// Stops the tasks and Raft.
@@ -651,11 +623,10 @@ impl Core {
             }
         }
         let principal = format!("node:{}", record.name);
-        self.propose(Request {
-            time_ms: now_ms(),
+        self.propose(Request::now(
             principal,
-            command: Command::RegisterNode(Box::new(record)),
-        })
+            Command::RegisterNode(Box::new(record)),
+        ))
         .await?;
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let state = self.reader.state();
@@ -763,11 +734,7 @@ impl Core {
                 .await?;
         }
         let _ = self
-            .propose(Request {
-                time_ms: now_ms(),
-                principal: "system".into(),
-                command: Command::RemoveNode { id },
-            })
+            .propose(Request::now("system", Command::RemoveNode { id }))
             .await?;
         tracing::info!(node = id, "node left the cluster");
         Ok(())
@@ -836,17 +803,12 @@ async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
             .membership()
             .get_node(&core.id)
             .is_some();
-        let record = core
-            .record
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let record = core.config.record.clone();
         let result = if member {
-            core.propose(Request {
-                time_ms: now_ms(),
-                principal: format!("node:{}", record.name),
-                command: Command::RegisterNode(Box::new(record)),
-            })
+            core.propose(Request::now(
+                format!("node:{}", record.name),
+                Command::RegisterNode(Box::new(record)),
+            ))
             .await
             .map(|_| ())
         } else if core.config.join.is_empty() {
@@ -968,11 +930,10 @@ async fn maintain_once(
             };
             if let Some(status) = want {
                 tracing::info!(node = id, name = %rec.name, status = status.as_str(), unanswered = ?unanswered, "node status changed");
-                core.propose(Request {
-                    time_ms: now_ms(),
-                    principal: "system".into(),
-                    command: Command::SetNodeStatus { id: *id, status },
-                })
+                core.propose(Request::now(
+                    "system",
+                    Command::SetNodeStatus { id: *id, status },
+                ))
                 .await?;
             }
         }
@@ -1013,7 +974,7 @@ async fn export_metrics(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     loop {
         {
             let m = rx.borrow_and_update().clone();
-            metrics::raft(&m, m.last_log_index.unwrap_or(0));
+            metrics::raft(&m);
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },

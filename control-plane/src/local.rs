@@ -53,6 +53,10 @@ pub enum LocalError {
     Control(#[from] Error),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    #[error("members disagree on the block at height {0}")]
+    Disagree(u64),
+    #[error(transparent)]
+    Broken(#[from] crate::chain::Broken),
 }
 
 fn setup(e: impl std::fmt::Display) -> LocalError {
@@ -169,15 +173,7 @@ impl LocalCluster {
             nodes.insert(id, c);
         }
         let c = Self { dir, nodes, tuning };
-        let distinct: std::collections::BTreeSet<&&str> = regions.iter().collect();
-        let seats: usize = distinct
-            .iter()
-            .map(|r| regions.iter().filter(|x| x == r).count().min(2))
-            .sum();
-        let mut want = seats.clamp(1, 5);
-        if want.is_multiple_of(2) {
-            want -= 1;
-        }
+        let want = crate::voters::voter_count(regions.iter().copied(), &Rules::default());
         let n = regions.len();
         wait_for(
             "voters in place and every member registered",
@@ -218,10 +214,6 @@ impl LocalCluster {
         self.nodes.values().next()
     }
 
-    pub fn tuning(&self) -> &Tuning {
-        &self.tuning
-    }
-
     /// The Raft address member `id` serves on.
     pub fn addr(&self, id: u64) -> Option<String> {
         let any = self.any()?;
@@ -260,12 +252,11 @@ impl LocalCluster {
             if let Some(first) = hashes.next()
                 && hashes.any(|other| other != first)
             {
-                return Err(LocalError::Setup(format!("members disagree at height {h}")));
+                return Err(LocalError::Disagree(h));
             }
         }
         for r in &readers {
-            crate::chain::verify(r.blocks(r.first_height().unwrap_or(0), usize::MAX))
-                .map_err(setup)?;
+            crate::chain::verify(r.blocks(r.first_height().unwrap_or(0), usize::MAX))?;
         }
         Ok(min_head)
     }

@@ -80,9 +80,11 @@ pub(crate) fn rpc_failure(rpc: &'static str) {
     metrics::counter!(RAFT_RPC_FAILURES, "rpc" => rpc).increment(1);
 }
 
-/// From openraft's metrics, after each change.
-pub(crate) fn raft(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>, commit_known: u64) {
+/// From openraft's metrics, after each change. openraft 0.9 does not
+/// expose the commit index on followers: the last log index stands in.
+pub(crate) fn raft(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>) {
     let applied = m.last_applied.map_or(0, |l| l.index);
+    let commit_known = m.last_log_index.unwrap_or(0);
     metrics::gauge!(RAFT_TERM).set(m.current_term as f64);
     metrics::gauge!(RAFT_IS_LEADER).set(if m.state.is_leader() { 1.0 } else { 0.0 });
     metrics::gauge!(RAFT_APPLIED_LAG).set(commit_known.saturating_sub(applied) as f64);

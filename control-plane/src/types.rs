@@ -52,9 +52,16 @@ pub struct Request {
     pub command: Command,
 }
 
-impl fmt::Display for Request {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} by {}", self.command.summary(), self.principal)
+impl Request {
+    /// `command` by `principal`, stamped with this node's clock.
+    pub fn now(principal: impl Into<String>, command: Command) -> Self {
+        Self {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            principal: principal.into(),
+            command,
+        }
     }
 }
 

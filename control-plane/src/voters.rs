@@ -46,6 +46,21 @@ impl Default for Rules {
     }
 }
 
+/// How many voters members in these regions (one item per member) get:
+/// every region's members up to the cap, at most `max_voters`, odd.
+pub fn voter_count<'a>(regions: impl IntoIterator<Item = &'a str>, rules: &Rules) -> usize {
+    let mut capacity: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in regions {
+        let n = capacity.entry(r).or_default();
+        *n = (*n + 1).min(rules.max_per_region);
+    }
+    let mut n = capacity.values().sum::<usize>().clamp(1, rules.max_voters);
+    if n.is_multiple_of(2) {
+        n -= 1;
+    }
+    n
+}
+
 /// The voter set the cluster should have. Returns `current` itself when
 /// nothing needs to change.
 pub fn plan(
@@ -77,16 +92,7 @@ pub fn plan(
 
     // Seats that can exist: members not evicted, within region caps.
     let eligible: Vec<&Candidate> = members.iter().filter(|c| !evict(c)).collect();
-    let mut capacity: BTreeMap<&str, usize> = BTreeMap::new();
-    for c in &eligible {
-        let n = capacity.entry(c.region.as_str()).or_default();
-        *n = (*n + 1).min(rules.max_per_region);
-    }
-    let reachable: usize = capacity.values().sum();
-    let mut target = reachable.min(rules.max_voters).max(1);
-    if target.is_multiple_of(2) {
-        target -= 1;
-    }
+    let target = voter_count(eligible.iter().map(|c| c.region.as_str()), rules);
 
     // Fill: healthy learners in the least-represented regions first, in
     // the order they would be added.

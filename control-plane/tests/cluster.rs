@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use trine_control::local::{LocalCluster, Tuning, start_member};
-use trine_control::tls;
+use trine_control::tls::{self, NodeTls};
 use trine_control::{Command, ControlPlane};
 
 /// Fast timeouts and frequent snapshots, so the tests see elections and
@@ -200,6 +200,24 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
     assert!(!members.contains_key(&9), "intruder joined: {members:?}");
     assert!(!any.reader().state().nodes.contains_key(&9));
     intruder.shutdown().await;
+
+    // The same call succeeds with a member's certificate and fails in the
+    // TLS handshake with the intruder's.
+    let ask = |dir: std::path::PathBuf, seed: String| async move {
+        let tls = NodeTls::load(&dir)?;
+        let mut c =
+            trine_control::network::client(&seed, &tls.client()).map_err(anyhow::Error::msg)?;
+        anyhow::Ok(
+            c.read_index(trine_proto::v1::ReadIndexRequest::default())
+                .await,
+        )
+    };
+    let seed = cluster.addr(1).context("the seed's address")?;
+    let member = ask(cluster.dir.path().join("n1").join("tls"), seed.clone()).await?;
+    assert!(member.is_ok(), "a member was refused: {member:?}");
+    let refused = ask(other.path().join("n9").join("tls"), seed).await?;
+    let e = refused.expect_err("a certificate from another CA was accepted");
+    assert!(e.message().contains("certificate"), "{e:?}");
     Ok(())
 }
 

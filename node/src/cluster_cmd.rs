@@ -5,7 +5,7 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
@@ -64,6 +64,23 @@ impl Target {
 
     pub async fn admin(&self) -> Result<AdminClient<Channel>> {
         connect(&self.uri()?, self.timeout).await
+    }
+
+    /// Runs one Admin call on the node, on a runtime of its own, and
+    /// returns the answer; a refusal names the node and the status.
+    pub fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let uri = self.uri()?;
+        runtime()?.block_on(async {
+            let admin = self.admin().await?;
+            f(admin)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(answered(&uri))
+        })
     }
 }
 
@@ -309,24 +326,19 @@ pub struct NodesArgs {
 }
 
 pub fn nodes(args: &NodesArgs) -> Result<()> {
-    let uri = args.target.uri()?;
-    let resp = runtime()?.block_on(async {
-        let mut admin = args.target.admin().await?;
-        let consistency = if args.linearizable {
-            v1::ReadConsistency::Linearizable
-        } else {
-            v1::ReadConsistency::Local
-        };
-        admin
-            .list_nodes(v1::ListNodesRequest {
-                region: args.region.clone().unwrap_or_default(),
-                consistency: consistency.into(),
-                ..Default::default()
-            })
-            .await
-            .map_err(answered(&uri))
-            .map(tonic::Response::into_inner)
-    })?;
+    let consistency = if args.linearizable {
+        v1::ReadConsistency::Linearizable
+    } else {
+        v1::ReadConsistency::Local
+    };
+    let req = v1::ListNodesRequest {
+        region: args.region.clone().unwrap_or_default(),
+        consistency: consistency.into(),
+        ..Default::default()
+    };
+    let resp = args
+        .target
+        .call(|mut a| async move { a.list_nodes(req).await })?;
     let mut out = std::io::stdout().lock();
     match args.output {
         Output::Table => {
@@ -429,16 +441,10 @@ fn hex(b: &[u8]) -> String {
 pub fn chain(command: &ChainCommand) -> Result<()> {
     match command {
         ChainCommand::Head { target } => {
-            let uri = target.uri()?;
-            let head = runtime()?.block_on(async {
-                let mut admin = target.admin().await?;
-                admin
-                    .chain_head(v1::ChainHeadRequest::default())
-                    .await
-                    .map_err(answered(&uri))
-                    .map(|r| r.into_inner().head)
-            })?;
-            let h = head.context("the chain is empty")?;
+            let h = target
+                .call(|mut a| async move { a.chain_head(v1::ChainHeadRequest::default()).await })?
+                .head
+                .context("the chain is empty")?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "height  {}", h.height)?;
             writeln!(out, "hash    {}", hex(&h.hash))?;
@@ -448,23 +454,18 @@ pub fn chain(command: &ChainCommand) -> Result<()> {
             writeln!(out, "txs     {}", h.tx_count)?;
         }
         ChainCommand::Show { target, block } => {
-            let uri = target.uri()?;
             let selector = match block.parse::<u64>() {
                 Ok(h) => v1::get_block_request::Selector::Height(h),
                 Err(_) => v1::get_block_request::Selector::Hash(block.clone()),
             };
-            let b = runtime()?.block_on(async {
-                let mut admin = target.admin().await?;
-                admin
-                    .get_block(v1::GetBlockRequest {
-                        selector: Some(selector),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(answered(&uri))
-                    .map(|r| r.into_inner().block)
-            })?;
-            let b = b.context("no block in the answer")?;
+            let req = v1::GetBlockRequest {
+                selector: Some(selector),
+                ..Default::default()
+            };
+            let b = target
+                .call(|mut a| async move { a.get_block(req).await })?
+                .block
+                .context("no block in the answer")?;
             let h = b.header.unwrap_or_default();
             let txs: Vec<serde_json::Value> = b
                 .txs
@@ -497,31 +498,18 @@ pub fn chain(command: &ChainCommand) -> Result<()> {
             )?;
         }
         ChainCommand::Note { target, text } => {
-            let uri = target.uri()?;
-            let r = runtime()?.block_on(async {
-                let mut admin = target.admin().await?;
-                admin
-                    .append_note(v1::AppendNoteRequest {
-                        text: text.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(answered(&uri))
-                    .map(tonic::Response::into_inner)
-            })?;
+            let req = v1::AppendNoteRequest {
+                text: text.clone(),
+                ..Default::default()
+            };
+            let r = target.call(|mut a| async move { a.append_note(req).await })?;
             writeln!(std::io::stdout().lock(), "committed at height {}", r.height)?;
         }
         ChainCommand::Verify { target, offline } => match offline {
             Some(dir) => verify_offline(dir)?,
             None => {
-                let uri = target.uri()?;
-                let r = runtime()?.block_on(async {
-                    let mut admin = target.admin().await?;
-                    admin
-                        .verify_chain(v1::VerifyChainRequest::default())
-                        .await
-                        .map_err(answered(&uri))
-                        .map(tonic::Response::into_inner)
+                let r = target.call(|mut a| async move {
+                    a.verify_chain(v1::VerifyChainRequest::default()).await
                 })?;
                 if !r.ok {
                     bail!("chain broken at height {}: {}", r.bad_height, r.problem);
@@ -575,23 +563,15 @@ fn verify_offline(data_dir: &std::path::Path) -> Result<()> {
 // ---------------------------------------------------------------- leave
 
 pub fn leave(target: &Target, node_id: Option<u64>) -> Result<()> {
-    let uri = target.uri()?;
-    let r = runtime()?.block_on(async {
-        let mut admin = target.admin().await?;
-        admin
-            .drain_node(v1::DrainNodeRequest {
-                node_id: node_id.unwrap_or(0),
-                ..Default::default()
-            })
-            .await
-            .map_err(answered(&uri))
-            .map(tonic::Response::into_inner)
-    })?;
+    let req = v1::DrainNodeRequest {
+        node_id: node_id.unwrap_or(0),
+        ..Default::default()
+    };
+    let r = target.call(|mut a| async move { a.drain_node(req).await })?;
     writeln!(
         std::io::stdout().lock(),
         "node {} drained and removed from the cluster; it can be stopped now",
         r.node_id
     )?;
-    let _ = SystemTime::now();
     Ok(())
 }

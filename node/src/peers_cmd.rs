@@ -40,22 +40,12 @@ fn rtt(peer: &Peer) -> String {
 }
 
 pub fn run(args: &PeersArgs) -> Result<()> {
-    let uri = args.target.uri()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let response = runtime.block_on(async {
-        let reply = args
-            .target
-            .admin()
-            .await?
-            .list_peers(ListPeersRequest {
-                request_id: format!("peers-{}", std::process::id()),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("{uri} answered {:?}: {}", s.code(), s.message()))?;
-        anyhow::Ok(reply.into_inner())
-    })?;
+    let req = ListPeersRequest {
+        request_id: format!("peers-{}", std::process::id()),
+    };
+    let response = args
+        .target
+        .call(|mut a| async move { a.list_peers(req).await })?;
     let mut out = std::io::stdout().lock();
     match args.output {
         Output::Json => {

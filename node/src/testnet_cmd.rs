@@ -252,33 +252,30 @@ fn stop_all(running: &mut [Running]) {
 
 /// Healthy: every node registered and reachable, all report the same
 /// leader, and the voter count is what the voter rules give.
-async fn healthy(target: &Target, n: usize) -> Result<Option<Vec<String>>> {
+async fn healthy(target: &Target, n: usize) -> Result<bool> {
     let rows = gather(target).await?;
     if rows.len() < n {
-        return Ok(None);
+        return Ok(false);
     }
     let mut leaders = std::collections::BTreeSet::new();
     let mut voters = 0;
     for (node, s) in &rows {
-        let Some(s) = s else { return Ok(None) };
+        let Some(s) = s else { return Ok(false) };
         if s.leader_id == 0 || node.status != trine_proto::v1::NodeStatus::Up as i32 {
-            return Ok(None);
+            return Ok(false);
         }
         leaders.insert(s.leader_id);
         voters = s.voters.len();
     }
-    let regions: std::collections::BTreeMap<String, usize> =
-        rows.iter().fold(Default::default(), |mut m, (n, _)| {
-            *m.entry(n.locality.clone().unwrap_or_default().region)
-                .or_default() += 1;
-            m
-        });
-    let seats: usize = regions.values().map(|c| (*c).min(2)).sum();
-    let mut want = seats.clamp(1, 5);
-    if want.is_multiple_of(2) {
-        want -= 1;
-    }
-    Ok((leaders.len() == 1 && voters == want).then(Vec::new))
+    let regions: Vec<String> = rows
+        .iter()
+        .map(|(n, _)| n.locality.clone().unwrap_or_default().region)
+        .collect();
+    let want = trine_control::voters::voter_count(
+        regions.iter().map(String::as_str),
+        &trine_control::voters::Rules::default(),
+    );
+    Ok(leaders.len() == 1 && voters == want)
 }
 
 pub fn run(args: &TestnetArgs) -> Result<()> {
@@ -355,14 +352,9 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
                 }
             }
             match healthy(&target, n).await {
-                Ok(Some(_)) => break,
-                Ok(None) => {}
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    if msg != last {
-                        last = msg;
-                    }
-                }
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() > deadline {
                 bail!(
