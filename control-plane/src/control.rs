@@ -111,6 +111,10 @@ pub enum Error {
         "no leader is known yet (an election may be in progress, or a majority of voters is unreachable); retry shortly"
     )]
     NoLeader,
+    #[error(
+        "the leader cannot confirm its leadership with a majority of voters ({0}); check that the voters are up and reachable (`trine status`)"
+    )]
+    NoQuorum(String),
     #[error("the leader did not answer in {0:?}; a majority of voters may be unreachable")]
     Timeout(Duration),
     #[error("the leader at {addr} refused or failed: {reason}")]
@@ -134,9 +138,11 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         let msg = e.to_string();
         match e {
-            Error::NoLeader | Error::Timeout(_) | Error::Stale { .. } | Error::Fatal(_) => {
-                tonic::Status::unavailable(msg)
-            }
+            Error::NoLeader
+            | Error::NoQuorum(_)
+            | Error::Timeout(_)
+            | Error::Stale { .. }
+            | Error::Fatal(_) => tonic::Status::unavailable(msg),
             Error::Invalid(_) => tonic::Status::invalid_argument(msg),
             Error::Membership(_) => tonic::Status::failed_precondition(msg),
             _ => tonic::Status::internal(msg),
@@ -566,10 +572,7 @@ impl Core {
                     }
                 }
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                    return Err(Error::Forward {
-                        addr: "(this node)".into(),
-                        reason: e.to_string(),
-                    });
+                    return Err(Error::NoQuorum(e.to_string()));
                 }
                 Err(RaftError::Fatal(f)) => return Err(Error::Fatal(f.to_string())),
             }

@@ -360,8 +360,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         if let Some(last) = last_applied {
             let from = last.index.saturating_sub(SNAPSHOT_CHAIN_TAIL - 1);
             for kv in sh.chain.range(key(from)..=key(last.index)) {
-                let (k, v) = kv.map_err(|e| io(StorageIOError::read_state_machine(&e)))?;
-                debug_assert!(index_of(&k).is_some());
+                let (_, v) = kv.map_err(|e| io(StorageIOError::read_state_machine(&e)))?;
                 chain.push(
                     serde_json::from_slice(&v)
                         .map_err(|e| io(StorageIOError::read_state_machine(&e)))?,
