@@ -21,7 +21,7 @@ use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::RaftServer;
 
 use crate::command::{Command, NodeRecord, NodeStatus};
-use crate::network::{self, Faults, Liveness, Network};
+use crate::network::{self, Delays, Faults, Liveness, Network};
 use crate::store::{self, Reader};
 use crate::tls::NodeTls;
 use crate::types::{Batch, Member, NodeId, Raft, Request, Response};
@@ -75,6 +75,8 @@ pub struct Config {
     pub snapshot_keep: u64,
     /// Local reads fail when the leader has not been heard for this long.
     pub max_staleness: Duration,
+    /// Simulated inter-region delay on every Raft RPC (testnets).
+    pub delays: Delays,
 }
 
 impl Config {
@@ -224,6 +226,7 @@ impl ControlPlane {
             tls: tls.clone(),
             liveness: liveness.clone(),
             faults: faults.clone(),
+            delays: config.delays.clone(),
         };
         let raft = Raft::new(config.id, raft_config, network, log, sm)
             .await
@@ -413,34 +416,29 @@ impl Core {
         self.last_leader_contact.lock().ok()?.map(|t| t.elapsed())
     }
 
-    fn leader_addr(&self) -> Option<(NodeId, String)> {
+    fn leader_member(&self) -> Option<(NodeId, Member)> {
         let m = self.raft.metrics().borrow().clone();
         let leader = m.current_leader?;
-        let addr = m
-            .membership_config
-            .membership()
-            .get_node(&leader)?
-            .addr
-            .clone();
-        Some((leader, addr))
+        let member = m.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, member))
     }
 
-    /// A client for the current leader's Raft endpoint, and its address.
+    /// A client for the current leader's Raft endpoint, and the leader.
     fn leader_client(
         &self,
     ) -> Result<
         (
-            String,
+            Member,
             trine_proto::v1::raft_client::RaftClient<tonic::transport::Channel>,
         ),
         Error,
     > {
-        let (_, addr) = self.leader_addr().ok_or(Error::NoLeader)?;
-        let c = network::client(&addr, &self.tls).map_err(|reason| Error::Forward {
-            addr: addr.clone(),
+        let (_, member) = self.leader_member().ok_or(Error::NoLeader)?;
+        let c = network::client(&member.addr, &self.tls).map_err(|reason| Error::Forward {
+            addr: member.addr.clone(),
             reason,
         })?;
-        Ok((addr, c))
+        Ok((member, c))
     }
 
     fn is_leader(&self) -> bool {
@@ -506,7 +504,7 @@ impl Core {
                             if f.leader_id != Some(self.id)
                                 && !f.leader_id.is_some_and(|l| self.faults.blocked(l)) =>
                         {
-                            return self.forward_propose(&node.addr, &batch).await;
+                            return self.forward_propose(&node, &batch).await;
                         }
                         _ => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
@@ -519,17 +517,21 @@ impl Core {
         }
     }
 
-    async fn forward_propose(&self, addr: &str, batch: &Batch) -> Result<Vec<Response>, Error> {
+    async fn forward_propose(&self, to: &Member, batch: &Batch) -> Result<Vec<Response>, Error> {
+        let addr = &to.addr;
         let fwd = |reason: String| Error::Forward {
             addr: addr.to_owned(),
             reason,
         };
         let mut c = network::client(addr, &self.tls).map_err(fwd)?;
-        let resp = c
-            .propose(pb::ProposeRequest {
-                request_id: String::new(),
-                request: serde_json::to_vec(batch).map_err(|e| fwd(e.to_string()))?,
-            })
+        let request = pb::ProposeRequest {
+            request_id: String::new(),
+            request: serde_json::to_vec(batch).map_err(|e| fwd(e.to_string()))?,
+        };
+        let resp = self
+            .config
+            .delays
+            .around(&to.region, c.propose(request))
             .await
             .map_err(|s| fwd(s.message().to_owned()))?
             .into_inner();
@@ -559,8 +561,10 @@ impl Core {
                                         reason,
                                     }
                                 })?;
-                            let r = c
-                                .read_index(pb::ReadIndexRequest::default())
+                            let r = self
+                                .config
+                                .delays
+                                .around(&node.region, c.read_index(pb::ReadIndexRequest::default()))
                                 .await
                                 .map_err(|s| Error::Forward {
                                     addr: node.addr.clone(),
@@ -583,12 +587,14 @@ impl Core {
     /// Carried out by the leader; other members forward.
     pub(crate) async fn join(&self, req: pb::JoinRequest) -> Result<pb::JoinResponse, Error> {
         if !self.is_leader() {
-            let (addr, mut c) = self.leader_client()?;
-            return Ok(c
-                .join(req)
+            let (leader, mut c) = self.leader_client()?;
+            return Ok(self
+                .config
+                .delays
+                .around(&leader.region, c.join(req))
                 .await
                 .map_err(|s| Error::Forward {
-                    addr,
+                    addr: leader.addr,
                     reason: s.message().to_owned(),
                 })?
                 .into_inner());
@@ -678,16 +684,19 @@ impl Core {
     /// others forward).
     pub(crate) async fn leave(&self, id: NodeId) -> Result<(), Error> {
         if !self.is_leader() {
-            let (addr, mut c) = self.leader_client()?;
-            c.leave(pb::LeaveRequest {
+            let (leader, mut c) = self.leader_client()?;
+            let req = pb::LeaveRequest {
                 request_id: String::new(),
                 node_id: id,
-            })
-            .await
-            .map_err(|s| Error::Forward {
-                addr,
-                reason: s.message().to_owned(),
-            })?;
+            };
+            self.config
+                .delays
+                .around(&leader.region, c.leave(req))
+                .await
+                .map_err(|s| Error::Forward {
+                    addr: leader.addr,
+                    reason: s.message().to_owned(),
+                })?;
             return Ok(());
         }
         let membership = self.raft.metrics().borrow().membership_config.clone();

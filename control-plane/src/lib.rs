@@ -32,6 +32,6 @@ pub mod tls;
 pub mod types;
 pub mod voters;
 
-pub use command::{Command, NodeRecord, NodeStatus};
+pub use command::{Command, ModelRecord, NodeRecord, NodeStatus, Placement, State, TokenRecord};
 pub use control::{Config, ControlPlane, Error, Profile};
 pub use types::{Batch, Member, NodeId, Request, Response, TypeConfig};

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::command::{Command, NodeRecord, NodeStatus};
 use crate::control::{Config, ControlPlane, Error, Profile};
+use crate::network::RttMatrix;
 use crate::tls::{self, NodeTls};
 use crate::types::Member;
 use crate::voters::Rules;
@@ -23,6 +24,8 @@ pub struct Tuning {
     pub election_timeout: Option<Duration>,
     pub snapshot_every: u64,
     pub snapshot_keep: u64,
+    /// Simulated inter-region round trips on every Raft RPC.
+    pub rtt: Option<RttMatrix>,
 }
 
 impl Default for Tuning {
@@ -33,6 +36,7 @@ impl Default for Tuning {
             election_timeout: None,
             snapshot_every: 10_000,
             snapshot_keep: 1000,
+            rtt: None,
         }
     }
 }
@@ -125,6 +129,11 @@ pub async fn start_member(
         snapshot_every: tuning.snapshot_every,
         snapshot_keep: tuning.snapshot_keep,
         max_staleness: Duration::from_secs(5),
+        delays: tuning
+            .rtt
+            .as_ref()
+            .map(|m| m.from_region(region))
+            .unwrap_or_default(),
     };
     Ok(ControlPlane::start(config, listener).await?)
 }

@@ -72,6 +72,81 @@ impl Faults {
     }
 }
 
+/// Simulated network delay to other regions, for testnets on one machine
+/// (no `tc netem` there): every Raft RPC to a member waits half the
+/// round-trip time to its region before it is sent and half after its
+/// answer arrives, so each call costs the full RTT. Off (zero) by default.
+#[derive(Clone, Default)]
+pub struct Delays(Option<Arc<RttTo>>);
+
+/// The RTT from this node to a region.
+type RttTo = dyn Fn(&str) -> Duration + Send + Sync;
+/// The RTT between two regions.
+type RttBetween = dyn Fn(&str, &str) -> Duration + Send + Sync;
+
+impl std::fmt::Debug for Delays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Delays(simulated)"
+        } else {
+            "Delays(off)"
+        })
+    }
+}
+
+impl Delays {
+    /// `rtt(region)` is this node's round-trip time to a member in `region`
+    /// (it may add jitter per call).
+    pub fn simulated(rtt: impl Fn(&str) -> Duration + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(rtt)))
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// One RPC's round trip to `region`.
+    pub fn rtt(&self, region: &str) -> Duration {
+        self.0.as_ref().map_or(Duration::ZERO, |f| f(region))
+    }
+
+    /// Runs `call` as if it crossed the network to `region` and back.
+    pub async fn around<T>(&self, region: &str, call: impl Future<Output = T>) -> T {
+        let half = self.rtt(region) / 2;
+        if !half.is_zero() {
+            tokio::time::sleep(half).await;
+        }
+        let out = call.await;
+        if !half.is_zero() {
+            tokio::time::sleep(half).await;
+        }
+        out
+    }
+}
+
+/// Round-trip times between regions (symmetric; jitter allowed), from
+/// which each member gets its [`Delays`].
+#[derive(Clone)]
+pub struct RttMatrix(Arc<RttBetween>);
+
+impl std::fmt::Debug for RttMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RttMatrix")
+    }
+}
+
+impl RttMatrix {
+    pub fn new(rtt: impl Fn(&str, &str) -> Duration + Send + Sync + 'static) -> Self {
+        Self(Arc::new(rtt))
+    }
+
+    /// The delays of a member in `region`.
+    pub fn from_region(&self, region: &str) -> Delays {
+        let (m, own) = (self.0.clone(), region.to_owned());
+        Delays::simulated(move |to| m(&own, to))
+    }
+}
+
 /// A client for a member's Raft endpoint (mTLS, bounded messages).
 pub fn client(addr: &str, tls: &ClientTlsConfig) -> Result<RaftClient<Channel>, String> {
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))
@@ -93,6 +168,7 @@ pub struct Network {
     pub tls: ClientTlsConfig,
     pub liveness: Liveness,
     pub faults: Faults,
+    pub delays: Delays,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -102,10 +178,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Conn {
             target,
             addr: node.addr.clone(),
+            region: node.region.clone(),
             tls: self.tls.clone(),
             client: None,
             liveness: self.liveness.clone(),
             faults: self.faults.clone(),
+            delays: self.delays.clone(),
         }
     }
 }
@@ -115,10 +193,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Conn {
     target: NodeId,
     addr: String,
+    region: String,
     tls: ClientTlsConfig,
     client: Option<RaftClient<Channel>>,
     liveness: Liveness,
     faults: Faults,
+    delays: Delays,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +254,7 @@ impl Conn {
         ttl: Duration,
         fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, RPCError<NodeId, Member, E>> {
-        let r = match tokio::time::timeout(ttl, fut).await {
+        let r = match tokio::time::timeout(ttl, self.delays.around(&self.region, fut)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(status_err(&s)),
             Err(_) => Err(RPCError::Unreachable(Unreachable::new(&Failure(format!(

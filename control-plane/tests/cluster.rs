@@ -374,3 +374,48 @@ async fn a_voter_that_leaves_hands_its_seat_to_the_emptiest_region() -> Result<(
     );
     Ok(())
 }
+
+/// With a simulated RTT between regions, every Raft round trip pays it: a
+/// commit on the leader waits for one follower's answer (one RTT), and one
+/// proposed through a follower also crosses to the leader and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_region_latency_delays_raft_round_trips() -> Result<()> {
+    const RTT: Duration = Duration::from_millis(150);
+    let rtt =
+        trine_control::network::RttMatrix::new(|a, b| if a == b { Duration::ZERO } else { RTT });
+    let c = LocalCluster::start(
+        &["a", "b", "c"],
+        Tuning {
+            heartbeat: Some(Duration::from_millis(300)),
+            election_timeout: Some(Duration::from_millis(1500)),
+            rtt: Some(rtt),
+            ..Tuning::default()
+        },
+    )
+    .await?;
+    let leader_id = c.leader().context("a leader")?;
+    let leader = c.nodes[&leader_id].clone();
+    let follower = c
+        .nodes
+        .iter()
+        .find(|(id, _)| **id != leader_id)
+        .map(|(_, n)| n.clone())
+        .context("a follower")?;
+    for i in 0..3 {
+        let t = Instant::now();
+        note(&leader, &format!("on the leader {i}")).await?;
+        let took = t.elapsed();
+        anyhow::ensure!(took >= RTT, "a commit took {took:?}, less than one RTT");
+        let t = Instant::now();
+        note(&follower, &format!("through a follower {i}")).await?;
+        let took = t.elapsed();
+        anyhow::ensure!(
+            took >= 2 * RTT,
+            "a forwarded commit took {took:?}, less than two RTTs"
+        );
+    }
+    for n in c.nodes.values() {
+        n.shutdown().await;
+    }
+    Ok(())
+}

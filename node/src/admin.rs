@@ -34,6 +34,19 @@ impl AdminService {
         })
     }
 
+    /// Commits `command` as the admin; a refusal by the state machine is
+    /// FAILED_PRECONDITION with its reason. Returns the block height.
+    async fn commit(&self, command: trine_control::Command) -> Result<u64, Status> {
+        let resp = self.control()?.propose("admin", command).await?;
+        match resp.rejected {
+            Some(reason) => Err(Status::failed_precondition(format!(
+                "{reason} (the refusal is recorded in block {})",
+                resp.index
+            ))),
+            None => Ok(resp.index),
+        }
+    }
+
     /// Applies the requested read consistency; returns the index read at.
     async fn read_point(&self, consistency: i32, max_staleness_ms: u32) -> Result<u64, Status> {
         let control = self.control()?;
@@ -222,7 +235,38 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::GetPlacementRequest>,
     ) -> Reply<v1::GetPlacementResponse> {
-        NotYetServed.get_placement(r).await
+        let r = r.into_inner();
+        let as_of = self.read_point(r.consistency, r.max_staleness_ms).await?;
+        let state = self.control()?.reader().state();
+        if !r.model.is_empty() && !state.models.contains_key(&r.model) {
+            return Err(Status::not_found(format!(
+                "model {} is not deployed (deployed: {})",
+                r.model,
+                state.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let assignments = state
+            .placements
+            .values()
+            .filter(|p| r.model.is_empty() || p.model == r.model)
+            .map(|p| v1::StageAssignment {
+                model: p.model.clone(),
+                replica: p.replica,
+                stage: p.stage,
+                layer_start: p.layer_start,
+                layer_end: p.layer_end,
+                node_id: p.node,
+                // What the control plane decided; loading is reported by
+                // the executor on each node.
+                state: v1::StageState::Assigned.into(),
+                generation: p.generation,
+            })
+            .collect();
+        Ok(Response::new(v1::GetPlacementResponse {
+            request_id: r.request_id,
+            assignments,
+            as_of_index: as_of,
+        }))
     }
 
     async fn deploy_model(
@@ -330,6 +374,68 @@ impl Admin for AdminService {
         Ok(Response::new(v1::AppendNoteResponse {
             request_id: r.request_id,
             height: resp.index,
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        r: Request<v1::CreateTokenRequest>,
+    ) -> Reply<v1::CreateTokenResponse> {
+        let r = r.into_inner();
+        let command = trine_control::Command::AddToken(Box::new(trine_control::TokenRecord {
+            name: r.name,
+            sha256: r.sha256,
+            requests_per_minute: r.requests_per_minute,
+            tokens_per_minute: r.tokens_per_minute,
+            created_ms: 0,
+        }));
+        let height = self.commit(command).await?;
+        Ok(Response::new(v1::CreateTokenResponse {
+            request_id: r.request_id,
+            height,
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        r: Request<v1::RevokeTokenRequest>,
+    ) -> Reply<v1::RevokeTokenResponse> {
+        let r = r.into_inner();
+        let height = self
+            .commit(trine_control::Command::RevokeToken { name: r.name })
+            .await?;
+        Ok(Response::new(v1::RevokeTokenResponse {
+            request_id: r.request_id,
+            height,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        r: Request<v1::ListTokensRequest>,
+    ) -> Reply<v1::ListTokensResponse> {
+        let r = r.into_inner();
+        let as_of = self.read_point(r.consistency, r.max_staleness_ms).await?;
+        let tokens = self
+            .control()?
+            .reader()
+            .state()
+            .tokens
+            .into_values()
+            .map(|t| v1::ApiToken {
+                name: t.name,
+                sha256: t.sha256,
+                requests_per_minute: t.requests_per_minute,
+                tokens_per_minute: t.tokens_per_minute,
+                created: Some(timestamp(
+                    std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms),
+                )),
+            })
+            .collect();
+        Ok(Response::new(v1::ListTokensResponse {
+            request_id: r.request_id,
+            tokens,
+            as_of_index: as_of,
         }))
     }
 

@@ -26,7 +26,7 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct RaftArgs {
-    /// Voters (1, 3 or 5), each in its own region.
+    /// Voters (1, 3 or 5), each in its own region (the fifth shares us-west).
     #[arg(long, default_value_t = 3)]
     pub voters: usize,
     /// Concurrent writers (openraft batches what arrives together).
@@ -43,6 +43,10 @@ pub struct RaftArgs {
     /// Also print a line every interval (rate, p99, disk, RSS): a soak.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub report_every: Option<Duration>,
+    /// Simulated inter-region RTT on every Raft RPC (the testnet's matrix;
+    /// the first voter, in us-east, starts as leader).
+    #[arg(long, value_enum, default_value = "none")]
+    pub latency: LatencyArg,
 }
 
 /// Bytes under `dir` (files only).
@@ -70,10 +74,34 @@ pub enum ProfileArg {
 pub struct FailoverArgs {
     #[arg(long, default_value_t = 3)]
     pub voters: usize,
+    /// Simulated inter-region RTT on every Raft RPC (the testnet's matrix;
+    /// voters sit in distinct regions).
+    #[arg(long, value_enum, default_value = "none")]
+    pub latency: LatencyArg,
     #[arg(long, value_enum, default_value = "lan")]
     pub profile: ProfileArg,
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LatencyArg {
+    None,
+    /// us-east, us-west, eu-central, ap-southeast at public-cloud medians
+    /// (65-215 ms RTT), as `trine testnet --latency realistic`.
+    Realistic,
+}
+
+impl LatencyArg {
+    fn rtt(self) -> Option<trine_control::network::RttMatrix> {
+        match self {
+            Self::None => None,
+            Self::Realistic => Some(crate::cluster::rtt_matrix(
+                mesh::Matrix::realistic(),
+                "bench",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -251,8 +279,21 @@ pub fn run(command: &BenchCommand) -> Result<()> {
     }
 }
 
+/// The voters' regions: the testnet's, one voter each, the fifth sharing
+/// us-west (at most two per region).
 fn regions(n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("r{i}")).collect()
+    [
+        "us-east",
+        "us-west",
+        "eu-central",
+        "ap-southeast",
+        "us-west",
+    ]
+    .iter()
+    .cycle()
+    .take(n)
+    .map(|r| (*r).to_owned())
+    .collect()
 }
 
 fn quiet_runtime() -> Result<tokio::runtime::Runtime> {
@@ -279,7 +320,14 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
     let regions = regions(args.voters);
     let refs: Vec<&str> = regions.iter().map(String::as_str).collect();
     let (committed, mut latencies, elapsed, disk) = runtime.block_on(async {
-        let cluster = LocalCluster::start(&refs, Tuning::default()).await?;
+        let cluster = LocalCluster::start(
+            &refs,
+            Tuning {
+                rtt: args.latency.rtt(),
+                ..Tuning::default()
+            },
+        )
+        .await?;
         let leader_id = cluster.leader().context("no leader")?;
         let leader = cluster.nodes[&leader_id].clone();
         let stop = Instant::now() + args.duration;
@@ -325,7 +373,7 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
             tokio::spawn(async move {
                 let mut last = (Instant::now(), 0u64);
                 eprintln!(
-                    "elapsed_s  committed  commands/s  chain_height  leader_raft_dir_MiB  rss_MiB"
+                    "elapsed_s  committed  commands/s  chain_height  leader_sled_MiB  leader_archive_MiB  rss_MiB"
                 );
                 while Instant::now() < stop {
                     tokio::time::sleep(every).await;
@@ -334,9 +382,10 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
                     let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
                     last = (Instant::now(), n);
                     eprintln!(
-                        "{:>9.0}  {n:>9}  {rate:>10.0}  {h:>12}  {:>19.1}  {:>7.1}",
+                        "{:>9.0}  {n:>9}  {rate:>10.0}  {h:>12}  {:>15.1}  {:>18.1}  {:>7.1}",
                         t0.elapsed().as_secs_f64(),
-                        dir_bytes(&raft_dir) as f64 / (1 << 20) as f64,
+                        dir_bytes(&raft_dir.join("db")) as f64 / (1 << 20) as f64,
+                        dir_bytes(&raft_dir.join("chain")) as f64 / (1 << 20) as f64,
                         rss_bytes() as f64 / (1 << 20) as f64
                     );
                 }
@@ -402,6 +451,7 @@ fn failover_bench(args: &FailoverArgs) -> Result<()> {
                 &refs,
                 Tuning {
                     profile,
+                    rtt: args.latency.rtt(),
                     ..Tuning::default()
                 },
             )

@@ -55,6 +55,13 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// full verification.
     #[command(subcommand)]
     Chain(crate::cluster_cmd::ChainCommand),
+    /// Where each stage of each deployed model runs: model, replica, stage,
+    /// layers, node, region, state and fencing generation.
+    Placement(crate::cluster_cmd::PlacementArgs),
+    /// API tokens for the client API: create (prints the secret once),
+    /// list, revoke. The cluster stores only each secret's SHA-256.
+    #[command(subcommand)]
+    Token(crate::token_cmd::TokenCommand),
     /// Create the cluster CA and node certificates (mutual TLS on the Raft port).
     #[command(subcommand)]
     Certs(crate::cluster_cmd::CertsCommand),

@@ -6,8 +6,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use libp2p::PeerId;
+use rand::SeedableRng as _;
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
+use trine_control::network::{Delays, RttMatrix};
 use trine_control::tls::{self, NodeTls};
 use trine_control::voters::Rules;
 use trine_control::{ControlPlane, Member, NodeRecord, NodeStatus, Profile};
@@ -146,13 +148,16 @@ pub async fn start(
         snapshot_every: config.snapshot_every,
         snapshot_keep: 1000,
         max_staleness: Duration::from_secs(10),
+        delays: raft_delays(config)?,
     };
+    let simulated = cp.delays.is_on();
     let control = ControlPlane::start(cp, listener).await?;
     tracing::info!(
         node_id = id,
         raft = %bound,
         announce = %announce,
         profile = ?config.raft_profile,
+        simulated_latency = simulated,
         "control plane started (mutual TLS)"
     );
     Ok(Some(control))
@@ -177,4 +182,33 @@ pub async fn feed_mesh(control: ControlPlane, mesh: Mesh) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The simulated inter-region RTT on Raft RPCs: the same matrix (and
+/// jitter) the mesh uses, from this node's region.
+fn raft_delays(config: &Config) -> Result<Delays, Error> {
+    Ok(config
+        .latency_matrix()
+        .map_err(|e| Error::Cluster(e.to_string()))?
+        .map(|m| rtt_matrix(m, &config.region).from_region(&config.region))
+        .unwrap_or_default())
+}
+
+/// The mesh's latency matrix as Raft's: a pair the matrix does not name
+/// gets the intra-region RTT; every call adds uniform jitter.
+pub fn rtt_matrix(matrix: crate::mesh::Matrix, seed: &str) -> RttMatrix {
+    let seed = seed.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let rng = std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    RttMatrix::new(move |a, b| {
+        let rtt = matrix.rtt(a, b).unwrap_or(matrix.intra_region);
+        let jitter = match rng.lock() {
+            Ok(mut r) if !matrix.jitter.is_zero() => {
+                matrix.jitter.mul_f64(rand::Rng::random::<f64>(&mut *r))
+            }
+            _ => Duration::ZERO,
+        };
+        rtt + jitter
+    })
 }

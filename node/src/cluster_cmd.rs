@@ -428,7 +428,7 @@ pub enum ChainCommand {
     },
 }
 
-fn unix(ts: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn unix(ts: Option<&prost_types::Timestamp>) -> String {
     let Some(ts) = ts else { return "-".into() };
     let t = UNIX_EPOCH + Duration::new(ts.seconds.max(0) as u64, ts.nanos.max(0) as u32);
     humantime::format_rfc3339_millis(t).to_string()
@@ -436,6 +436,107 @@ fn unix(ts: Option<&prost_types::Timestamp>) -> String {
 
 fn hex(b: &[u8]) -> String {
     trine_control::chain::hex(b)
+}
+
+#[derive(Debug, Args)]
+pub struct PlacementArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Only this model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Read through the leader (read index) instead of the node's replica.
+    #[arg(long)]
+    pub linearizable: bool,
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// `trine placement`: model → replica → stage → node, with the layers and
+/// the fencing generation of each slot.
+pub fn placement(args: &PlacementArgs) -> Result<()> {
+    let consistency = if args.linearizable {
+        v1::ReadConsistency::Linearizable
+    } else {
+        v1::ReadConsistency::Local
+    };
+    let req = v1::GetPlacementRequest {
+        model: args.model.clone().unwrap_or_default(),
+        consistency: consistency.into(),
+        ..Default::default()
+    };
+    let resp = args
+        .target
+        .call(|mut a| async move { a.get_placement(req).await })?;
+    let nodes_req = v1::ListNodesRequest::default();
+    let nodes = args
+        .target
+        .call(|mut a| async move { a.list_nodes(nodes_req).await })?;
+    let name_of = |id: u64| {
+        nodes
+            .nodes
+            .iter()
+            .find(|n| n.node_id == id)
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    n.locality.clone().unwrap_or_default().region,
+                )
+            })
+            .unwrap_or_else(|| ("(removed)".into(), "-".into()))
+    };
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Output::Table => {
+            writeln!(out, "as of index {}", resp.as_of_index)?;
+            writeln!(
+                out,
+                "{:<20} {:>7} {:>5} {:>9}  {:<14} {:<14} {:<9} {:>10}",
+                "MODEL", "REPLICA", "STAGE", "LAYERS", "NODE", "REGION", "STATE", "GENERATION"
+            )?;
+            for a in &resp.assignments {
+                let (name, region) = name_of(a.node_id);
+                writeln!(
+                    out,
+                    "{:<20} {:>7} {:>5} {:>9}  {:<14} {:<14} {:<9} {:>10}",
+                    a.model,
+                    a.replica,
+                    a.stage,
+                    format!("{}..{}", a.layer_start, a.layer_end),
+                    name,
+                    region,
+                    stage_state_name(a.state),
+                    a.generation
+                )?;
+            }
+            if resp.assignments.is_empty() {
+                writeln!(out, "(no stage is placed)")?;
+            }
+        }
+        Output::Json => {
+            for a in &resp.assignments {
+                let (name, region) = name_of(a.node_id);
+                let line = serde_json::json!({
+                    "model": a.model, "replica": a.replica, "stage": a.stage,
+                    "layer_start": a.layer_start, "layer_end": a.layer_end,
+                    "node_id": a.node_id, "node": name, "region": region,
+                    "state": stage_state_name(a.state), "generation": a.generation,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stage_state_name(s: i32) -> &'static str {
+    match v1::StageState::try_from(s).unwrap_or_default() {
+        v1::StageState::Unspecified => "unknown",
+        v1::StageState::Assigned => "assigned",
+        v1::StageState::Loading => "loading",
+        v1::StageState::Ready => "ready",
+        v1::StageState::Failed => "failed",
+    }
 }
 
 pub fn chain(command: &ChainCommand) -> Result<()> {

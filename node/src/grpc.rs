@@ -126,6 +126,27 @@ impl Admin for NotYetServed {
         Err(not_served("trine.v1.Admin/ChainHead"))
     }
 
+    async fn create_token(
+        &self,
+        _: Request<v1::CreateTokenRequest>,
+    ) -> Reply<v1::CreateTokenResponse> {
+        Err(not_served("trine.v1.Admin/CreateToken"))
+    }
+
+    async fn revoke_token(
+        &self,
+        _: Request<v1::RevokeTokenRequest>,
+    ) -> Reply<v1::RevokeTokenResponse> {
+        Err(not_served("trine.v1.Admin/RevokeToken"))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<v1::ListTokensRequest>,
+    ) -> Reply<v1::ListTokensResponse> {
+        Err(not_served("trine.v1.Admin/ListTokens"))
+    }
+
     async fn get_block(&self, _: Request<v1::GetBlockRequest>) -> Reply<v1::GetBlockResponse> {
         Err(not_served("trine.v1.Admin/GetBlock"))
     }

@@ -41,3 +41,4 @@ pub mod peers_cmd;
 pub mod shutdown;
 pub mod simd;
 pub mod testnet_cmd;
+pub mod token_cmd;

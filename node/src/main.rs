@@ -7,6 +7,13 @@ use std::time::Duration;
 use trine_node::cli::{self, Command, NodeArgs};
 use trine_node::{logging, node, shutdown};
 
+/// jemalloc, as TiKV and CockroachDB use: with glibc's malloc, the
+/// threads' arenas kept freed memory and a node's RSS rose to several times
+/// its live heap over a soak (BENCHMARKS.md); jemalloc returns idle pages
+/// to the system.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// sysexits' EX_CONFIG: supervisors can tell "fix the config" from "retry".
 const EXIT_CONFIG: u8 = 78;
 
@@ -22,6 +29,8 @@ fn main() -> ExitCode {
         Command::Status(args) => exit(trine_node::cluster_cmd::status(&args)),
         Command::Nodes(args) => exit(trine_node::cluster_cmd::nodes(&args)),
         Command::Chain(command) => exit(trine_node::cluster_cmd::chain(&command)),
+        Command::Placement(args) => exit(trine_node::cluster_cmd::placement(&args)),
+        Command::Token(command) => exit(trine_node::token_cmd::run(&command)),
         Command::Certs(command) => exit(trine_node::cluster_cmd::certs(&command)),
         Command::Generate(args) => exit(trine_node::generate_cmd::run(&args)),
         Command::Perplexity(args) => exit(trine_node::eval_cmd::perplexity(&args)),

@@ -1,17 +1,21 @@
 //! The Raft log and state machine on sled, in one database under the node's
-//! data dir (`raft/db`), plus the current snapshot (`raft/snapshot.bin`).
+//! data dir (`raft/db`), plus the current snapshot (`raft/snapshot.bin`) and
+//! the chain's archived segments (`raft/chain/`).
 //!
 //! - `log`: [`LogStore`], openraft's `RaftLogStorage` (entries, vote,
 //!   committed id, purge point). Appends and votes are fsynced before they
 //!   are acknowledged.
 //! - `sm`: [`StateMachine`], openraft's `RaftStateMachine` (cluster state
 //!   and chain), its snapshots, and [`Reader`] for everyone else.
+//! - `archive`: old chain blocks, moved out of sled in compressed segments
+//!   so sled stays the size of the newest blocks however long the chain.
 //!
 //! Durability: the state machine is written without fsync (the log is the
 //! source of truth and re-applying is idempotent), but the database is
 //! fsynced before any log entry is purged, so a purge never outruns the
 //! applied state that replaces it.
 
+mod archive;
 mod log;
 mod sm;
 
@@ -19,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 pub use log::LogStore;
 pub use sm::{Reader, SNAPSHOT_CHAIN_TAIL, StateMachine};
+/// Blocks per archived chain segment.
+pub const CHAIN_SEGMENT_BLOCKS: u64 = archive::SEGMENT_BLOCKS;
 
 /// sled's page cache: the state is small; the chain is read by range.
 const CACHE_BYTES: u64 = 64 << 20;
@@ -50,7 +56,8 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
             reason: e.to_string(),
         })?;
     let log = LogStore::new(&db).map_err(|e| damaged(&db_path, &e))?;
-    let sm = StateMachine::open(&db, snapshot_path(dir)).map_err(|e| damaged(&db_path, &e))?;
+    let sm = StateMachine::open(&db, snapshot_path(dir), dir.join("chain"))
+        .map_err(|e| damaged(&db_path, &e))?;
     Ok((log, sm))
 }
 

@@ -1,6 +1,7 @@
 //! openraft's state machine: the cluster [`State`] (in memory, written
-//! through to the `nodes` tree), the chain (`chain` tree, height → block
-//! JSON), the applied log id and membership (`sm_meta`), and snapshots.
+//! through to the `nodes` tree), the chain (its newest blocks in the `chain`
+//! tree, height → block JSON; older ones in the [`Archive`]), the applied
+//! log id and membership (`sm_meta`), and snapshots.
 
 use std::io::{Cursor, Write as _};
 use std::path::PathBuf;
@@ -13,9 +14,10 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::archive::{Archive, SEGMENT_BLOCKS};
 use super::{index_of, key};
 use crate::chain::{Block, Tx};
-use crate::command::State;
+use crate::command::{Row, State};
 use crate::metrics;
 use crate::types::{Member, NodeId, Response, TypeConfig};
 
@@ -25,6 +27,10 @@ type Membership = StoredMembership<NodeId, Member>;
 const APPLIED: &[u8] = b"last_applied";
 /// Newest blocks a snapshot carries.
 pub const SNAPSHOT_CHAIN_TAIL: u64 = 10_000;
+/// Newest blocks always kept in sled (at least the snapshot's tail, so
+/// building a snapshot never reads the archive); older ones are archived
+/// in whole segments when a snapshot is built.
+const HOT_BLOCKS: u64 = SNAPSHOT_CHAIN_TAIL;
 const MEMBERSHIP: &[u8] = b"membership";
 
 fn io(e: StorageIOError<NodeId>) -> StorageError<NodeId> {
@@ -49,9 +55,11 @@ struct Inner {
 struct Shared {
     db: sled::Db,
     chain: sled::Tree,
-    nodes: sled::Tree,
+    /// The [`State`]'s rows (see [`State::row_bytes`]).
+    rows: sled::Tree,
     meta: sled::Tree,
     inner: RwLock<Inner>,
+    archive: Archive,
     snapshot_path: PathBuf,
     /// Serializes snapshot writes (builder and installer).
     snapshot_lock: tokio::sync::Mutex<u64>,
@@ -77,9 +85,14 @@ struct Image {
 }
 
 impl StateMachine {
-    pub(super) fn open(db: &sled::Db, snapshot_path: PathBuf) -> std::result::Result<Self, String> {
+    pub(super) fn open(
+        db: &sled::Db,
+        snapshot_path: PathBuf,
+        archive_dir: PathBuf,
+    ) -> std::result::Result<Self, String> {
+        let archive = Archive::open(archive_dir)?;
         let t = |name: &str| db.open_tree(name).map_err(|e| e.to_string());
-        let (chain, nodes, meta) = (t("chain")?, t("nodes")?, t("sm_meta")?);
+        let (chain, rows, meta) = (t("chain")?, t("state")?, t("sm_meta")?);
         let get = |k: &[u8]| -> std::result::Result<Option<sled::IVec>, String> {
             meta.get(k).map_err(|e| e.to_string())
         };
@@ -92,22 +105,23 @@ impl StateMachine {
             None => Membership::default(),
         };
         let mut state = State::default();
-        for kv in nodes.iter() {
-            let (_, v) = kv.map_err(|e| e.to_string())?;
-            let n: crate::NodeRecord =
-                serde_json::from_slice(&v).map_err(|e| format!("nodes: {e}"))?;
-            state.nodes.insert(n.id, n);
+        for kv in rows.iter() {
+            let (k, v) = kv.map_err(|e| e.to_string())?;
+            state.load_row(&k, &v)?;
         }
         let head = match chain.last().map_err(|e| e.to_string())? {
             Some((_, v)) => {
                 Some(serde_json::from_slice(&v).map_err(|e| format!("chain head: {e}"))?)
             }
-            None => None,
+            None => match archive.last() {
+                Some(h) => archive.block(h)?,
+                None => None,
+            },
         };
         let shared = Shared {
             db: db.clone(),
             chain,
-            nodes,
+            rows,
             meta,
             inner: RwLock::new(Inner {
                 last_applied,
@@ -115,6 +129,7 @@ impl StateMachine {
                 state,
                 head,
             }),
+            archive,
             snapshot_path,
             snapshot_lock: tokio::sync::Mutex::new(0),
         };
@@ -131,12 +146,12 @@ impl StateMachine {
 }
 
 /// What one entry adds: its transactions, its block time, the responses
-/// of its requests, and the nodes it changed.
+/// of its requests, and the state rows it changed.
 struct Applied {
     txs: Vec<Tx>,
     time_ms: u64,
     responses: Vec<Response>,
-    touched: Vec<u64>,
+    touched: Vec<Row>,
 }
 
 fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied {
@@ -157,14 +172,7 @@ fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied 
                 touched: Vec::new(),
             };
             for (i, req) in batch.requests.iter().enumerate() {
-                match &req.command {
-                    crate::Command::RegisterNode(n) => a.touched.push(n.id),
-                    crate::Command::SetNodeStatus { id, .. }
-                    | crate::Command::RemoveNode { id } => {
-                        a.touched.push(*id);
-                    }
-                    crate::Command::Note { .. } => {}
-                }
+                a.touched.extend(req.command.touches(&inner.state));
                 let rejected = inner.state.apply(&req.command, req.time_ms).err();
                 a.time_ms = a.time_ms.max(req.time_ms);
                 a.txs.push(Tx {
@@ -217,7 +225,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sh = &self.shared;
         let mut inner = sh.inner.write().map_err(|_| poisoned())?;
         let mut chain = sled::Batch::default();
-        let mut nodes = sled::Batch::default();
+        let mut rows = sled::Batch::default();
         let mut responses = Vec::new();
         let mut txs_total = 0u64;
         let mut membership_changed = false;
@@ -241,10 +249,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 &key(block.height),
                 serde_json::to_vec(&block).map_err(sm_err)?,
             );
-            for id in touched {
-                match inner.state.nodes.get(&id) {
-                    Some(n) => nodes.insert(&key(id), serde_json::to_vec(n).map_err(sm_err)?),
-                    None => nodes.remove(&key(id)),
+            for row in touched {
+                match inner.state.row_bytes(&row).map_err(sm_err)? {
+                    (k, Some(v)) => rows.insert(k, v),
+                    (k, None) => rows.remove(k),
                 }
             }
             inner.head = Some(block);
@@ -252,7 +260,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             responses.push(entry_responses);
         }
         sh.chain.apply_batch(chain).map_err(sm_err)?;
-        sh.nodes.apply_batch(nodes).map_err(sm_err)?;
+        sh.rows.apply_batch(rows).map_err(sm_err)?;
         // Written last: a crash before this re-applies the same entries,
         // which rewrites the same blocks and records.
         sh.meta
@@ -294,17 +302,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         {
             let mut inner = sh.inner.write().map_err(|_| poisoned())?;
             sh.chain.clear().map_err(sm_err)?;
-            sh.nodes.clear().map_err(sm_err)?;
+            sh.archive.clear().map_err(sm_err)?;
+            sh.rows.clear().map_err(sm_err)?;
             let mut chain = sled::Batch::default();
             for b in &image.chain {
                 chain.insert(&key(b.height), serde_json::to_vec(b).map_err(sm_err)?);
             }
             sh.chain.apply_batch(chain).map_err(sm_err)?;
-            let mut nodes = sled::Batch::default();
-            for n in image.state.nodes.values() {
-                nodes.insert(&key(n.id), serde_json::to_vec(n).map_err(sm_err)?);
+            let mut rows = sled::Batch::default();
+            for row in image.state.rows() {
+                if let (k, Some(v)) = image.state.row_bytes(&row).map_err(sm_err)? {
+                    rows.insert(k, v);
+                }
             }
-            sh.nodes.apply_batch(nodes).map_err(sm_err)?;
+            sh.rows.apply_batch(rows).map_err(sm_err)?;
             inner.state = image.state;
             inner.head = image.chain.last().cloned();
             inner.last_applied = meta.last_log_id;
@@ -383,10 +394,69 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         write_snapshot_file(&sh.snapshot_path, &meta, &data)
             .map_err(|e| io(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
         metrics::snapshot("built");
+        if let Some(last) = last_applied {
+            // Still under the snapshot lock: no install replaces the chain
+            // while blocks move.
+            let shared = self.shared.clone();
+            match tokio::task::spawn_blocking(move || archive_old(&shared, last.index)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::debug!(segments = n, "archived old chain blocks"),
+                Ok(Err(e)) => tracing::warn!(
+                    "chain blocks stay in sled for now: {e}; run `trine chain verify` on this node"
+                ),
+                Err(e) => tracing::warn!("chain archiving stopped: {e}"),
+            }
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+}
+
+/// Moves whole segments of blocks older than the hot window from sled
+/// into the archive; returns how many segments it wrote. Each segment is
+/// durable before its blocks leave sled.
+fn archive_old(sh: &Shared, applied: u64) -> std::result::Result<usize, String> {
+    let cutoff = applied.saturating_sub(HOT_BLOCKS) / SEGMENT_BLOCKS * SEGMENT_BLOCKS;
+    let mut written = 0;
+    loop {
+        let Some((k, _)) = sh.chain.first().map_err(|e| e.to_string())? else {
+            return Ok(written);
+        };
+        let start = index_of(&k).ok_or("a chain key is not a height")?;
+        if start >= cutoff {
+            return Ok(written);
+        }
+        let end = ((start / SEGMENT_BLOCKS + 1) * SEGMENT_BLOCKS).min(cutoff);
+        let archived = sh
+            .archive
+            .segment_of(start)
+            .is_some_and(|(_, last)| last + 1 >= end);
+        if !archived {
+            let mut blocks = Vec::new();
+            for kv in sh.chain.range(key(start)..key(end)) {
+                let (k, v) = kv.map_err(|e| e.to_string())?;
+                let h = index_of(&k).ok_or("a chain key is not a height")?;
+                let b: Block = serde_json::from_slice(&v).map_err(|e| format!("block {h}: {e}"))?;
+                if b.height != start + blocks.len() as u64 {
+                    return Err(format!(
+                        "block {} is missing from sled",
+                        start + blocks.len() as u64
+                    ));
+                }
+                blocks.push(b);
+            }
+            sh.archive
+                .write(&blocks)
+                .map_err(|e| format!("writing a chain segment: {e}"))?;
+            written += 1;
+        }
+        let mut batch = sled::Batch::default();
+        for h in start..end {
+            batch.remove(&key(h));
+        }
+        sh.chain.apply_batch(batch).map_err(|e| e.to_string())?;
     }
 }
 
@@ -468,35 +538,40 @@ impl Reader {
     }
 
     pub fn block(&self, height: u64) -> std::result::Result<Option<Block>, String> {
-        match self
-            .shared
-            .chain
-            .get(key(height))
-            .map_err(|e| e.to_string())?
-        {
+        let sh = &self.shared;
+        match sh.chain.get(key(height)).map_err(|e| e.to_string())? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| format!("block {height}: {e}")),
-            None => Ok(None),
+            None => sh.archive.block(height),
         }
     }
 
-    /// Up to `limit` blocks from `from` (inclusive), in height order; an
-    /// unreadable block is an `Err` item naming its height.
+    /// Up to `limit` blocks from `from` (inclusive), in height order,
+    /// archived ones first; an unreadable block is an `Err` item naming its
+    /// height. A missing height is skipped (so `verify` sees the gap).
     pub fn blocks(
         &self,
         from: u64,
         limit: usize,
-    ) -> impl Iterator<Item = std::result::Result<Block, (u64, String)>> + '_ {
-        self.shared.chain.range(key(from)..).take(limit).map(|kv| {
-            let (k, v) = kv.map_err(|e| (0, e.to_string()))?;
-            let h = index_of(&k).unwrap_or(0);
-            serde_json::from_slice(&v).map_err(|e| (h, e.to_string()))
-        })
+    ) -> impl Iterator<Item = std::result::Result<Block, (u64, String)>> + Send + 'static {
+        Blocks {
+            shared: self.shared.clone(),
+            next: Some(from),
+            left: limit,
+        }
     }
 
     /// The first block held (0 unless a snapshot started the chain later).
     pub fn first_height(&self) -> Option<u64> {
+        match (self.shared.archive.first(), self.hot_first_height()) {
+            (Some(a), Some(h)) => Some(a.min(h)),
+            (a, h) => a.or(h),
+        }
+    }
+
+    /// The oldest block still in sled (newer than everything archived).
+    pub fn hot_first_height(&self) -> Option<u64> {
         self.shared
             .chain
             .first()
@@ -505,8 +580,68 @@ impl Reader {
             .and_then(|(k, _)| index_of(&k))
     }
 
-    /// Bytes the whole database occupies on disk.
+    /// Bytes the chain archive's segment files occupy, and their count.
+    pub fn archive_bytes(&self) -> (u64, usize) {
+        (
+            self.shared.archive.disk_bytes(),
+            self.shared.archive.segment_count(),
+        )
+    }
+
+    /// Bytes the sled database occupies on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.shared.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// [`Reader::blocks`]: walks heights one by one, from sled or the archive,
+/// so blocks moving between them mid-walk are neither lost nor repeated.
+struct Blocks {
+    shared: Arc<Shared>,
+    next: Option<u64>,
+    left: usize,
+}
+
+impl Iterator for Blocks {
+    type Item = std::result::Result<Block, (u64, String)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        let sh = &self.shared;
+        let h = self.next?;
+        let item = match sh.chain.get(key(h)) {
+            Err(e) => Err((h, e.to_string())),
+            Ok(Some(v)) => serde_json::from_slice(&v).map_err(|e| (h, e.to_string())),
+            Ok(None) => match sh.archive.block(h) {
+                Ok(Some(b)) => Ok(b),
+                Err(e) => {
+                    // The whole segment is unreadable: report it once.
+                    let last = sh.archive.segment_of(h).map_or(h, |(_, l)| l);
+                    self.next = last.checked_add(1);
+                    self.left -= 1;
+                    return Some(Err((h, e)));
+                }
+                Ok(None) => {
+                    // A hole: go on at the next held height, if any.
+                    let hot = sh
+                        .chain
+                        .range(key(h)..)
+                        .next()
+                        .and_then(|kv| kv.ok())
+                        .and_then(|(k, _)| index_of(&k));
+                    let cold = sh.archive.next_held(h);
+                    self.next = match (hot, cold) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    return self.next();
+                }
+            },
+        };
+        self.next = h.checked_add(1);
+        self.left -= 1;
+        Some(item)
     }
 }
