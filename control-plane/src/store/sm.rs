@@ -13,6 +13,8 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
+use sled::Transactional as _;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::archive::{Archive, SEGMENT_BLOCKS};
 use super::{index_of, key};
@@ -259,24 +261,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner.last_applied = Some(entry.log_id);
             responses.push(entry_responses);
         }
-        sh.chain.apply_batch(chain).map_err(sm_err)?;
-        sh.rows.apply_batch(rows).map_err(sm_err)?;
-        // Written last: a crash before this re-applies the same entries,
-        // which rewrites the same blocks and records.
-        sh.meta
-            .insert(
-                APPLIED,
-                serde_json::to_vec(&inner.last_applied).map_err(sm_err)?,
-            )
-            .map_err(sm_err)?;
-        if membership_changed {
-            sh.meta
-                .insert(
-                    MEMBERSHIP,
-                    serde_json::to_vec(&inner.membership).map_err(sm_err)?,
-                )
-                .map_err(sm_err)?;
-        }
+        // One transaction: the blocks, the state rows and the applied id
+        // persist together or not at all, so a crash never leaves state
+        // that re-applying the same entries would change twice (placement
+        // generations count).
+        let applied = serde_json::to_vec(&inner.last_applied).map_err(sm_err)?;
+        let membership = if membership_changed {
+            Some(serde_json::to_vec(&inner.membership).map_err(sm_err)?)
+        } else {
+            None
+        };
+        (&sh.chain, &sh.rows, &sh.meta)
+            .transaction(|(c, r, m)| {
+                c.apply_batch(&chain)?;
+                r.apply_batch(&rows)?;
+                m.insert(APPLIED, applied.as_slice())?;
+                if let Some(v) = &membership {
+                    m.insert(MEMBERSHIP, v.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_err)?;
         metrics::chain_applied(inner.head.as_ref().map_or(0, |b| b.height), txs_total);
         Ok(responses)
     }
@@ -301,37 +306,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut guard = sh.snapshot_lock.lock().await;
         {
             let mut inner = sh.inner.write().map_err(|_| poisoned())?;
-            sh.chain.clear().map_err(sm_err)?;
+            // The archive goes first: a crash after it leaves the old state
+            // and applied id, and the leader sends the snapshot again.
             sh.archive.clear().map_err(sm_err)?;
-            sh.rows.clear().map_err(sm_err)?;
             let mut chain = sled::Batch::default();
+            for kv in sh.chain.iter().keys() {
+                chain.remove(kv.map_err(sm_err)?);
+            }
             for b in &image.chain {
                 chain.insert(&key(b.height), serde_json::to_vec(b).map_err(sm_err)?);
             }
-            sh.chain.apply_batch(chain).map_err(sm_err)?;
             let mut rows = sled::Batch::default();
+            for kv in sh.rows.iter().keys() {
+                rows.remove(kv.map_err(sm_err)?);
+            }
             for row in image.state.rows() {
                 if let (k, Some(v)) = image.state.row_bytes(&row).map_err(sm_err)? {
                     rows.insert(k, v);
                 }
             }
-            sh.rows.apply_batch(rows).map_err(sm_err)?;
+            let applied = serde_json::to_vec(&meta.last_log_id).map_err(sm_err)?;
+            let membership = serde_json::to_vec(&meta.last_membership).map_err(sm_err)?;
+            (&sh.chain, &sh.rows, &sh.meta)
+                .transaction(|(c, r, m)| {
+                    c.apply_batch(&chain)?;
+                    r.apply_batch(&rows)?;
+                    m.insert(APPLIED, applied.as_slice())?;
+                    m.insert(MEMBERSHIP, membership.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                })
+                .map_err(tx_err)?;
             inner.state = image.state;
             inner.head = image.chain.last().cloned();
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
-            sh.meta
-                .insert(
-                    APPLIED,
-                    serde_json::to_vec(&inner.last_applied).map_err(sm_err)?,
-                )
-                .map_err(sm_err)?;
-            sh.meta
-                .insert(
-                    MEMBERSHIP,
-                    serde_json::to_vec(&inner.membership).map_err(sm_err)?,
-                )
-                .map_err(sm_err)?;
             metrics::chain_applied(inner.head.as_ref().map_or(0, |b| b.height), 0);
         }
         sh.db.flush_async().await.map_err(sm_err)?;
@@ -457,6 +465,13 @@ fn archive_old(sh: &Shared, applied: u64) -> std::result::Result<usize, String> 
             batch.remove(&key(h));
         }
         sh.chain.apply_batch(batch).map_err(|e| e.to_string())?;
+    }
+}
+
+fn tx_err(e: TransactionError<()>) -> StorageError<NodeId> {
+    match e {
+        TransactionError::Storage(e) => sm_err(e),
+        TransactionError::Abort(()) => sm_err(std::io::Error::other("transaction aborted")),
     }
 }
 
