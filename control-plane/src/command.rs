@@ -98,7 +98,39 @@ pub struct Placement {
     /// stale.
     pub generation: u64,
     pub since_ms: u64,
+    /// What the node last reported for this generation.
+    #[serde(default)]
+    pub state: StageState,
+    /// The node's words with that report (why it failed, load time…).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
+
+/// Where a placed stage is on its node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    /// Placed; the node has not reported yet.
+    #[default]
+    Assigned,
+    Loading,
+    Ready,
+    Failed,
+}
+
+impl StageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Assigned => "assigned",
+            Self::Loading => "loading",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// The most bytes of a stage report's detail.
+pub const MAX_DETAIL: usize = 1024;
 
 /// The key of a placement slot.
 pub type SlotKey = (String, u32, u32);
@@ -161,6 +193,17 @@ pub enum Command {
         replica: u32,
         stage: u32,
     },
+    /// A node says where its stage is. Fenced: refused unless the slot is
+    /// still this node's at this generation.
+    StageReport {
+        model: String,
+        replica: u32,
+        stage: u32,
+        node: NodeId,
+        generation: u64,
+        state: StageState,
+        detail: String,
+    },
     AddToken(Box<TokenRecord>),
     RevokeToken {
         name: String,
@@ -174,7 +217,7 @@ impl Command {
             Self::RegisterNode(_) | Self::SetNodeStatus { .. } | Self::RemoveNode { .. } => "node",
             Self::Note { .. } => "note",
             Self::DeployModel(_) | Self::UndeployModel { .. } => "model",
-            Self::Place { .. } | Self::Unplace { .. } => "placement",
+            Self::Place { .. } | Self::Unplace { .. } | Self::StageReport { .. } => "placement",
             Self::AddToken(_) | Self::RevokeToken { .. } => "token",
         }
     }
@@ -218,6 +261,18 @@ impl Command {
                 replica,
                 stage,
             } => format!("unplace {model} replica {replica} stage {stage}"),
+            Self::StageReport {
+                model,
+                replica,
+                stage,
+                node,
+                generation,
+                state,
+                ..
+            } => format!(
+                "node {node}: {model} replica {replica} stage {stage} (generation {generation}) is {}",
+                state.as_str()
+            ),
             Self::AddToken(t) => format!("add API token {}", t.name),
             Self::RevokeToken { name } => format!("revoke API token {name}"),
         }
@@ -258,6 +313,12 @@ impl Command {
                 Row::Placement((model.clone(), *replica, *stage)),
                 Row::Generation,
             ],
+            Self::StageReport {
+                model,
+                replica,
+                stage,
+                ..
+            } => vec![Row::Placement((model.clone(), *replica, *stage))],
             Self::AddToken(t) => vec![Row::Token(t.name.clone())],
             Self::RevokeToken { name } => vec![Row::Token(name.clone())],
         }
@@ -453,8 +514,35 @@ impl State {
                         node: *node,
                         generation: self.generation,
                         since_ms: time_ms,
+                        state: StageState::Assigned,
+                        detail: String::new(),
                     },
                 );
+                Ok(())
+            }
+            Command::StageReport {
+                model,
+                replica,
+                stage,
+                node,
+                generation,
+                state,
+                detail,
+            } => {
+                let p = self
+                    .placements
+                    .get_mut(&(model.clone(), *replica, *stage))
+                    .ok_or_else(|| {
+                        format!("{model} replica {replica} stage {stage} is not placed")
+                    })?;
+                if p.node != *node || p.generation != *generation {
+                    return Err(format!(
+                        "stale report from node {node} for generation {generation}: {model} replica {replica} stage {stage} is node {}'s at generation {}",
+                        p.node, p.generation
+                    ));
+                }
+                p.state = *state;
+                p.detail = detail.chars().take(MAX_DETAIL).collect();
                 Ok(())
             }
             Command::Unplace {
@@ -678,6 +766,43 @@ mod tests {
     }
 
     #[test]
+    fn stage_reports_are_fenced_by_generation() {
+        let mut s = State::default();
+        for c in [node(1), node(2), model("m", 'a', 1, 1)] {
+            s.apply(&c, 1).expect("apply");
+        }
+        s.apply(&place("m", 0, 0, 1), 2).expect("place");
+        let report = |node, generation| Command::StageReport {
+            model: "m".into(),
+            replica: 0,
+            stage: 0,
+            node,
+            generation,
+            state: StageState::Ready,
+            detail: String::new(),
+        };
+        s.apply(&report(1, 1), 3).expect("the holder reports");
+        assert_eq!(
+            s.placements[&("m".to_owned(), 0, 0)].state,
+            StageState::Ready
+        );
+        s.apply(&place("m", 0, 0, 2), 4).expect("move");
+        assert_eq!(
+            s.placements[&("m".to_owned(), 0, 0)].state,
+            StageState::Assigned
+        );
+        let e = s
+            .apply(&report(1, 1), 5)
+            .expect_err("the old holder is fenced");
+        assert!(e.contains("stale report"), "{e}");
+        assert!(
+            s.apply(&report(2, 1), 5).is_err(),
+            "right node, old generation"
+        );
+        s.apply(&report(2, 2), 5).expect("the new holder reports");
+    }
+
+    #[test]
     fn bad_commands_are_refused_and_change_nothing() {
         let mut s = State::default();
         for c in [node(1), node(2), model("m", 'a', 2, 1), token("ci", 'b')] {
@@ -756,6 +881,21 @@ mod tests {
                 .prop_map(|(n, c)| token(n, c)),
             prop::sample::select(vec!["a", "b"])
                 .prop_map(|n| Command::RevokeToken { name: n.into() }),
+            (
+                prop::sample::select(vec!["m", "n"]),
+                0u32..2,
+                1u64..4,
+                0u64..6
+            )
+                .prop_map(|(m, r, node, generation)| Command::StageReport {
+                    model: m.into(),
+                    replica: r,
+                    stage: 0,
+                    node,
+                    generation,
+                    state: StageState::Ready,
+                    detail: "loaded".into(),
+                }),
         ]
     }
 

@@ -26,7 +26,7 @@ use crate::store::{self, Reader};
 use crate::tls::NodeTls;
 use crate::types::{Batch, Member, NodeId, Raft, Request, Response};
 use crate::voters::{self, Candidate, Rules};
-use crate::{convert, metrics, server};
+use crate::{convert, metrics, planner, server};
 
 /// Timeout profile: LAN (one site) or WAN (regions ~200 ms apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -965,6 +965,16 @@ async fn maintain_once(
                 .get(id)
                 .is_some_and(|r| r.status == NodeStatus::Draining),
         });
+    }
+    // Placement: re-plan from the state as it is now (statuses included).
+    let state = core.reader.state();
+    let changes = planner::plan(&state, &planner::Health::from_state(&state));
+    if !changes.is_empty() {
+        tracing::info!(changes = changes.len(), "placement changes");
+        for c in changes {
+            metrics::placement_change(&c, &state);
+            core.propose(Request::now("planner", c)).await?;
+        }
     }
     if membership.get_joint_config().len() > 1 {
         return Ok(());

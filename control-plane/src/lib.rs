@@ -26,12 +26,15 @@ pub mod convert;
 pub mod local;
 pub mod metrics;
 pub mod network;
+pub mod planner;
 pub mod server;
 pub mod store;
 pub mod tls;
 pub mod types;
 pub mod voters;
 
-pub use command::{Command, ModelRecord, NodeRecord, NodeStatus, Placement, State, TokenRecord};
+pub use command::{
+    Command, ModelRecord, NodeRecord, NodeStatus, Placement, StageState, State, TokenRecord,
+};
 pub use control::{Config, ControlPlane, Error, Profile};
 pub use types::{Batch, Member, NodeId, Request, Response, TypeConfig};

@@ -16,6 +16,7 @@ pub const RAFT_SNAPSHOTS: &str = "trine_raft_snapshots_total";
 pub const RAFT_VOTERS: &str = "trine_raft_voters";
 pub const RAFT_MEMBERS: &str = "trine_raft_members";
 pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
+pub const PLACEMENT_MOVES: &str = "trine_placement_moves_total";
 
 /// (name, help) of every metric above, for the node to describe.
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
@@ -52,6 +53,10 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
         "Members (voters and learners) in the current Raft membership",
     ),
     (RAFT_RPC_FAILURES, "Raft RPCs to a peer that failed, by RPC"),
+    (
+        PLACEMENT_MOVES,
+        "Placement changes the leader's planner committed, by kind (place: a new slot; move: a slot to another node; unplace: a slot left empty)",
+    ),
 ];
 
 /// Buckets of the commit-duration histogram: 250 µs … 10 s.
@@ -97,4 +102,25 @@ pub(crate) fn raft(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>) {
     let membership = m.membership_config.membership();
     metrics::gauge!(RAFT_VOTERS).set(membership.voter_ids().count() as f64);
     metrics::gauge!(RAFT_MEMBERS).set(membership.nodes().count() as f64);
+}
+
+/// Counts one planner command, classified against the state it changes.
+pub fn placement_change(command: &crate::Command, state: &crate::State) {
+    let kind = match command {
+        crate::Command::Place {
+            model,
+            replica,
+            stage,
+            ..
+        } if state
+            .placements
+            .contains_key(&(model.clone(), *replica, *stage)) =>
+        {
+            "move"
+        }
+        crate::Command::Place { .. } => "place",
+        crate::Command::Unplace { .. } => "unplace",
+        _ => "other",
+    };
+    metrics::counter!(PLACEMENT_MOVES, "kind" => kind).increment(1);
 }

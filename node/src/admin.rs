@@ -10,7 +10,7 @@ use trine_control::{ControlPlane, NodeRecord, NodeStatus};
 use trine_proto::v1;
 use trine_proto::v1::admin_server::Admin;
 
-use crate::grpc::{NotYetServed, timestamp};
+use crate::grpc::timestamp;
 use crate::mesh::Mesh;
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -256,9 +256,13 @@ impl Admin for AdminService {
                 layer_start: p.layer_start,
                 layer_end: p.layer_end,
                 node_id: p.node,
-                // What the control plane decided; loading is reported by
-                // the executor on each node.
-                state: v1::StageState::Assigned.into(),
+                state: match p.state {
+                    trine_control::StageState::Assigned => v1::StageState::Assigned,
+                    trine_control::StageState::Loading => v1::StageState::Loading,
+                    trine_control::StageState::Ready => v1::StageState::Ready,
+                    trine_control::StageState::Failed => v1::StageState::Failed,
+                }
+                .into(),
                 generation: p.generation,
             })
             .collect();
@@ -273,7 +277,50 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::DeployModelRequest>,
     ) -> Reply<v1::DeployModelResponse> {
-        NotYetServed.deploy_model(r).await
+        let r = r.into_inner();
+        if r.source.is_empty() || r.source.len() > 4096 {
+            return Err(Status::invalid_argument(
+                "source: give the model's path on the nodes or its hub repository (up to 4096 bytes)",
+            ));
+        }
+        if r.regions.len() > 64 || r.regions.iter().any(|g| g.is_empty() || g.len() > 63) {
+            return Err(Status::invalid_argument(
+                "regions: up to 64 region names of 1-63 characters",
+            ));
+        }
+        let sha256 = r.sha256.clone();
+        let command = trine_control::Command::DeployModel(Box::new(trine_control::ModelRecord {
+            name: r.name,
+            source: r.source,
+            sha256: r.sha256,
+            layers: r.layers,
+            bytes_per_layer: r.bytes_per_layer,
+            fixed_bytes: r.fixed_bytes,
+            stages: r.stages,
+            replicas: r.replicas,
+            regions: r.regions,
+            deployed_ms: 0,
+        }));
+        let log_index = self.commit(command).await?;
+        Ok(Response::new(v1::DeployModelResponse {
+            request_id: r.request_id,
+            sha256,
+            log_index,
+        }))
+    }
+
+    async fn undeploy_model(
+        &self,
+        r: Request<v1::UndeployModelRequest>,
+    ) -> Reply<v1::UndeployModelResponse> {
+        let r = r.into_inner();
+        let log_index = self
+            .commit(trine_control::Command::UndeployModel { name: r.name })
+            .await?;
+        Ok(Response::new(v1::UndeployModelResponse {
+            request_id: r.request_id,
+            log_index,
+        }))
     }
 
     async fn chain_head(&self, r: Request<v1::ChainHeadRequest>) -> Reply<v1::ChainHeadResponse> {

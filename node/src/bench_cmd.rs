@@ -303,6 +303,11 @@ fn quiet_runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Commit latencies in µs, 1 µs to 10 min, 3 significant digits.
+fn latency_histogram() -> Result<hdrhistogram::Histogram<u64>> {
+    Ok(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)?)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -319,7 +324,7 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
     let runtime = quiet_runtime()?;
     let regions = regions(args.voters);
     let refs: Vec<&str> = regions.iter().map(String::as_str).collect();
-    let (committed, mut latencies, elapsed, disk) = runtime.block_on(async {
+    let (committed, latencies, elapsed, disk) = runtime.block_on(async {
         let cluster = LocalCluster::start(
             &refs,
             Tuning {
@@ -339,7 +344,9 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
             let leader = leader.clone();
             let committed = committed.clone();
             tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
+                // A fixed-size histogram (µs, 3 significant digits): a soak
+                // must not measure its own growing sample list.
+                let mut lat = latency_histogram()?;
                 let mut i = 0u64;
                 let mut next = Instant::now();
                 while Instant::now() < stop {
@@ -353,12 +360,12 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
                         .await
                         .is_ok()
                     {
-                        lat.push(t.elapsed());
+                        lat.saturating_record(t.elapsed().as_micros() as u64);
                         committed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     i += 1;
                 }
-                lat
+                anyhow::Ok(lat)
             }));
         }
         let t0 = Instant::now();
@@ -375,8 +382,12 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
                 eprintln!(
                     "elapsed_s  committed  commands/s  chain_height  leader_sled_MiB  leader_archive_MiB  rss_MiB"
                 );
-                while Instant::now() < stop {
+                loop {
                     tokio::time::sleep(every).await;
+                    if Instant::now() > stop + Duration::from_millis(100) {
+                        // The cluster is shutting down and its files go.
+                        break;
+                    }
                     let n = committed.load(std::sync::atomic::Ordering::Relaxed);
                     let h = reader.head().map_or(0, |b| b.height);
                     let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
@@ -391,9 +402,9 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
                 }
             });
         }
-        let mut all = Vec::new();
+        let mut all = latency_histogram()?;
         for t in tasks {
-            all.extend(t.await?);
+            all.add(t.await??)?;
         }
         let elapsed = t0.elapsed();
         let disk = leader.reader().disk_bytes();
@@ -402,9 +413,9 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
         }
         anyhow::Ok((all.len(), all, elapsed, disk))
     })?;
-    latencies.sort_unstable();
     let rate = committed as f64 / elapsed.as_secs_f64();
-    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    let at = |q: f64| Duration::from_micros(latencies.value_at_quantile(q));
+    let (p50, p99) = (at(0.5), at(0.99));
     #[allow(clippy::print_stdout)]
     if args.json {
         println!(

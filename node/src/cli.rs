@@ -55,6 +55,12 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// full verification.
     #[command(subcommand)]
     Chain(crate::cluster_cmd::ChainCommand),
+    /// Deploy a model to the cluster: reads its shape and SHA-256 here,
+    /// records the spec on the chain; the leader's planner places every
+    /// stage of every replica (see `trine placement`).
+    Deploy(crate::deploy_cmd::DeployArgs),
+    /// Remove a deployed model and all its placements.
+    Undeploy(crate::deploy_cmd::UndeployArgs),
     /// Where each stage of each deployed model runs: model, replica, stage,
     /// layers, node, region, state and fencing generation.
     Placement(crate::cluster_cmd::PlacementArgs),

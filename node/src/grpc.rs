@@ -126,6 +126,13 @@ impl Admin for NotYetServed {
         Err(not_served("trine.v1.Admin/ChainHead"))
     }
 
+    async fn undeploy_model(
+        &self,
+        _: Request<v1::UndeployModelRequest>,
+    ) -> Reply<v1::UndeployModelResponse> {
+        Err(not_served("trine.v1.Admin/UndeployModel"))
+    }
+
     async fn create_token(
         &self,
         _: Request<v1::CreateTokenRequest>,

@@ -29,6 +29,8 @@ fn main() -> ExitCode {
         Command::Status(args) => exit(trine_node::cluster_cmd::status(&args)),
         Command::Nodes(args) => exit(trine_node::cluster_cmd::nodes(&args)),
         Command::Chain(command) => exit(trine_node::cluster_cmd::chain(&command)),
+        Command::Deploy(args) => exit(trine_node::deploy_cmd::deploy(&args)),
+        Command::Undeploy(args) => exit(trine_node::deploy_cmd::undeploy(&args)),
         Command::Placement(args) => exit(trine_node::cluster_cmd::placement(&args)),
         Command::Token(command) => exit(trine_node::token_cmd::run(&command)),
         Command::Certs(command) => exit(trine_node::cluster_cmd::certs(&command)),

@@ -48,6 +48,8 @@ pub const STAGE_REQUESTS: &str = "trine_stage_requests_total";
 /// Counter `{reason}`: stage requests refused before reaching a stage:
 /// oversized, malformed, shape, request_id, model, not_member, failure.
 pub const STAGE_REJECTED: &str = "trine_stage_rejected_total";
+/// Gauge `{model,stage}`: replicas of that stage placed on this node.
+pub const STAGE_ASSIGNED: &str = "trine_stage_assigned";
 
 /// Bucket bounds of [`PEER_RTT`]: 1 ms to 2 s, dense where regions sit.
 pub const RTT_BUCKETS: &[f64] = &[
@@ -73,6 +75,7 @@ pub const ALL: &[&str] = &[
     GOSSIP_INVALID,
     STAGE_REQUESTS,
     STAGE_REJECTED,
+    STAGE_ASSIGNED,
 ];
 
 struct Exporter {
@@ -180,6 +183,10 @@ fn describe() {
         STAGE_REJECTED,
         "Stage requests refused before reaching a stage, by reason."
     );
+    describe_gauge!(
+        STAGE_ASSIGNED,
+        "Replicas of a model's stage placed on this node, by model and stage."
+    );
 }
 
 pub fn p2p_sent(n: usize) {
@@ -228,6 +235,11 @@ pub fn gossip_invalid(reason: &'static str) {
 
 pub fn stage_request(direction: &'static str, status: &'static str) {
     counter!(STAGE_REQUESTS, "direction" => direction, "status" => status).increment(1);
+}
+
+pub fn stage_assigned(model: &str, stage: u32, replicas: usize) {
+    metrics::gauge!(STAGE_ASSIGNED, "model" => model.to_owned(), "stage" => stage.to_string())
+        .set(replicas as f64);
 }
 
 pub fn stage_rejected(reason: &'static str) {
@@ -322,6 +334,7 @@ mod tests {
         gossip_invalid("malformed");
         stage_request("in", "ok");
         stage_rejected("oversized");
+        stage_assigned("tiny", 0, 1);
         let text = m.render();
         assert!(text.contains("# TYPE trine_build_info gauge"), "{text}");
         assert!(

@@ -172,6 +172,15 @@ pub async fn serve(
         endpoints.node_id = Some(c.id());
         tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
     });
+    let stages = crate::executor::Stages::default();
+    let (executor_stop, executor_stop_rx) = watch::channel(false);
+    let executor_task = control.as_ref().map(|c| {
+        tokio::spawn(crate::executor::run(
+            c.clone(),
+            stages.clone(),
+            executor_stop_rx,
+        ))
+    });
     let grpc::Services { health, router } = grpc::services(mesh.clone(), control.clone()).await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
     let mut grpc_task = tokio::spawn(
@@ -250,6 +259,10 @@ pub async fn serve(
             .is_err()
     {
         http_task.abort();
+    }
+    let _ = executor_stop.send(true);
+    if let Some(t) = executor_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     if let Some(c) = &control {
         c.shutdown().await;

@@ -1,0 +1,272 @@
+//! The placement executor: each node watches its replica of the state
+//! machine and loads the stages assigned to it (checking the model's
+//! SHA-256 first), drops the ones taken away, and reports every step as a
+//! fenced `StageReport` on the chain, so `trine placement` shows
+//! assigned → loading → ready (or failed, with the reason).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use trine_control::command::SlotKey;
+use trine_control::{Command, ControlPlane, Placement, StageState, State};
+
+/// How often the node looks at its assignments.
+const EVERY: Duration = Duration::from_millis(500);
+/// A failed load is tried again after this long (the file may appear).
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A stage this node holds, ready to serve.
+#[derive(Debug)]
+pub struct Loaded {
+    pub generation: u64,
+    pub model: Arc<trine_engine::model::Model>,
+    pub tokenizer: Arc<trine_engine::tokenizer::Tokenizer>,
+}
+
+/// The stages this node serves, by slot (what the serving path reads).
+#[derive(Debug, Clone, Default)]
+pub struct Stages(Arc<Mutex<BTreeMap<SlotKey, Arc<Loaded>>>>);
+
+impl Stages {
+    pub fn get(&self, slot: &SlotKey) -> Option<Arc<Loaded>> {
+        self.0.lock().ok()?.get(slot).cloned()
+    }
+
+    pub fn slots(&self) -> Vec<(SlotKey, u64)> {
+        self.0.lock().map_or_else(
+            |_| Vec::new(),
+            |m| m.iter().map(|(k, v)| (k.clone(), v.generation)).collect(),
+        )
+    }
+}
+
+/// Digests already computed, by (path, size, mtime): hashing a 1 GB file
+/// once per stage would be wasteful.
+type Digests = Arc<Mutex<BTreeMap<(PathBuf, u64, SystemTime), String>>>;
+
+/// What the loop knows beyond the state: loads in flight, failures.
+#[derive(Debug, Default)]
+struct Attempts {
+    /// slot → generation being loaded.
+    loading: BTreeMap<SlotKey, u64>,
+    /// slot → (generation, when it failed).
+    failed: BTreeMap<SlotKey, (u64, Instant)>,
+}
+
+/// Runs until `stop` turns true.
+pub async fn run(control: ControlPlane, stages: Stages, mut stop: watch::Receiver<bool>) {
+    let me = control.id();
+    let digests: Digests = Arc::default();
+    let attempts = Arc::new(Mutex::new(Attempts::default()));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Done>(16);
+    let mut published = BTreeMap::new();
+    loop {
+        let done = tokio::select! {
+            () = tokio::time::sleep(EVERY) => None,
+            Some(done) = done_rx.recv() => Some(done),
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        if let Some((slot, generation, result, took)) = done {
+            finish(&control, &stages, &attempts, slot, generation, result, took).await;
+            continue;
+        }
+        let state = control.reader().state();
+        let mine: BTreeMap<SlotKey, Placement> = state
+            .placements
+            .iter()
+            .filter(|(_, p)| p.node == me)
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        publish(&state, me, &mut published);
+        // Drop what is no longer ours (moved, undeployed, or re-placed
+        // under a newer generation).
+        if let Ok(mut held) = stages.0.lock() {
+            held.retain(|slot, l| {
+                let keep = mine.get(slot).is_some_and(|p| p.generation == l.generation);
+                if !keep {
+                    tracing::info!(model = %slot.0, replica = slot.1, stage = slot.2, "stage dropped");
+                }
+                keep
+            });
+        }
+        for (slot, p) in mine {
+            if stages
+                .get(&slot)
+                .is_some_and(|l| l.generation == p.generation)
+            {
+                continue;
+            }
+            {
+                let Ok(mut a) = attempts.lock() else { continue };
+                if a.loading.get(&slot) == Some(&p.generation) {
+                    continue;
+                }
+                if let Some((g, at)) = a.failed.get(&slot)
+                    && *g == p.generation
+                    && at.elapsed() < RETRY_AFTER
+                {
+                    continue;
+                }
+                a.loading.insert(slot.clone(), p.generation);
+            }
+            let Some(model) = state.models.get(&p.model).cloned() else {
+                continue;
+            };
+            report(
+                &control,
+                &p,
+                StageState::Loading,
+                format!("loading from {}", model.source),
+            )
+            .await;
+            let (tx, digests, slot) = (done_tx.clone(), digests.clone(), slot.clone());
+            let generation = p.generation;
+            let range = p.layer_start as usize..p.layer_end as usize;
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                let result = load(&model, range, &digests);
+                let _ = tx.blocking_send((slot, generation, result, t.elapsed()));
+            });
+        }
+    }
+}
+
+/// A finished load: slot, generation, result, time taken.
+type Done = (SlotKey, u64, Result<Opened, String>, Duration);
+type Opened = (
+    trine_engine::model::Model,
+    trine_engine::tokenizer::Tokenizer,
+);
+
+/// Records a finished load (if the slot is still ours at that generation)
+/// and reports it.
+async fn finish(
+    control: &ControlPlane,
+    stages: &Stages,
+    attempts: &Mutex<Attempts>,
+    slot: SlotKey,
+    generation: u64,
+    result: Result<Opened, String>,
+    took: Duration,
+) {
+    if let Ok(mut a) = attempts.lock() {
+        a.loading.remove(&slot);
+    }
+    let state = control.reader().state();
+    let Some(p) = state.placements.get(&slot).cloned() else {
+        return;
+    };
+    if p.node != control.id() || p.generation != generation {
+        // Moved while loading: the result is stale.
+        return;
+    }
+    match result {
+        Ok((model, tokenizer)) => {
+            let loaded = Loaded {
+                generation,
+                model: Arc::new(model),
+                tokenizer: Arc::new(tokenizer),
+            };
+            if let Ok(mut held) = stages.0.lock() {
+                held.insert(slot.clone(), Arc::new(loaded));
+            }
+            tracing::info!(model = %slot.0, replica = slot.1, stage = slot.2, generation, took = ?took, "stage ready");
+            report(
+                control,
+                &p,
+                StageState::Ready,
+                format!("loaded in {} ms", took.as_millis()),
+            )
+            .await;
+        }
+        Err(e) => {
+            if let Ok(mut a) = attempts.lock() {
+                a.failed.insert(slot.clone(), (generation, Instant::now()));
+            }
+            tracing::warn!(model = %slot.0, replica = slot.1, stage = slot.2, error = %e, "stage failed to load; retrying in 30 s");
+            report(control, &p, StageState::Failed, e).await;
+        }
+    }
+}
+
+/// Checks the model file's digest and opens the stage's layers.
+fn load(
+    model: &trine_control::ModelRecord,
+    range: std::ops::Range<usize>,
+    digests: &Digests,
+) -> Result<Opened, String> {
+    let path = PathBuf::from(&model.source);
+    let meta = std::fs::metadata(&path).map_err(|e| {
+        format!(
+            "{}: {e}; put the model at this path on the node (or deploy with --source naming where nodes find it)",
+            path.display()
+        )
+    })?;
+    let key = (
+        path.clone(),
+        meta.len(),
+        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    );
+    let cached = digests.lock().ok().and_then(|d| d.get(&key).cloned());
+    let digest = match cached {
+        Some(d) => d,
+        None => {
+            let d = crate::deploy_cmd::digest(&path, false).map_err(|e| format!("{e:#}"))?;
+            if let Ok(mut m) = digests.lock() {
+                m.insert(key, d.clone());
+            }
+            d
+        }
+    };
+    if digest != model.sha256 {
+        return Err(format!(
+            "{} has sha256 {digest}, but {} was deployed from {}; copy the deployed file here or redeploy",
+            path.display(),
+            model.name,
+            model.sha256
+        ));
+    }
+    trine_engine::open(&path, Some(range)).map_err(|e| e.to_string())
+}
+
+async fn report(control: &ControlPlane, p: &Placement, state: StageState, detail: String) {
+    let command = Command::StageReport {
+        model: p.model.clone(),
+        replica: p.replica,
+        stage: p.stage,
+        node: p.node,
+        generation: p.generation,
+        state,
+        detail,
+    };
+    match control.propose(&format!("node:{}", p.node), command).await {
+        Ok(r) if r.rejected.is_some() => {
+            tracing::debug!(reason = ?r.rejected, "stage report refused (the slot moved on)");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot report a stage's state; will report the next change")
+        }
+    }
+}
+
+/// `trine_stage_assigned{model,stage}`: how many replicas of that stage
+/// are placed on this node (series that drop to none go to 0).
+fn publish(state: &State, me: u64, published: &mut BTreeMap<(String, u32), usize>) {
+    let mut now: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    for p in state.placements.values().filter(|p| p.node == me) {
+        *now.entry((p.model.clone(), p.stage)).or_default() += 1;
+    }
+    for key in published.keys() {
+        if !now.contains_key(key) {
+            crate::metrics::stage_assigned(&key.0, key.1, 0);
+        }
+    }
+    for ((model, stage), n) in &now {
+        crate::metrics::stage_assigned(model, *stage, *n);
+    }
+    *published = now;
+}

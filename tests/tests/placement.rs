@@ -1,0 +1,181 @@
+//! Placement between real `trine` processes: a model deployed on the
+//! 7-node, 4-region testnet gets every stage of every replica placed, its
+//! replicas in distinct regions; when a node holding a stage is killed,
+//! the leader marks it down and moves that stage (and only that one) to a
+//! live node under a higher fencing generation, which loads it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use trine_tests::{Testnet, run, trine, wait_for};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+struct Slot {
+    model: String,
+    replica: u32,
+    stage: u32,
+    node: String,
+    region: String,
+    generation: u64,
+    layer_start: u32,
+    layer_end: u32,
+    state: String,
+}
+
+impl Slot {
+    /// The slot without its load state (what placement decides).
+    fn assignment(&self) -> (String, u32, u32, String, u64) {
+        (
+            self.model.clone(),
+            self.replica,
+            self.stage,
+            self.node.clone(),
+            self.generation,
+        )
+    }
+}
+
+fn placement(node: &str) -> Result<Vec<Slot>> {
+    let mut c = trine();
+    c.args(["placement", "--node", node, "--linearizable", "-o", "json"]);
+    let out = run(c, Duration::from_secs(20))?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployed_model_is_placed_and_a_dead_nodes_stage_moves() -> Result<()> {
+    let mut net = Testnet::start(&[]).await?;
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("tiny.gguf");
+    let mut c = trine();
+    c.args([
+        "model", "synth", "--preset", "tiny", "--format", "i2_s", "--out",
+    ])
+    .arg(&model);
+    let out = run(c, Duration::from_secs(120))?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let grpc = net.grpc(0);
+    let mut c = trine();
+    c.args([
+        "deploy",
+        "--node",
+        &grpc,
+        "--name",
+        "tiny",
+        "--stages",
+        "2",
+        "--replicas",
+        "3",
+    ])
+    .arg(&model);
+    let out = run(c, Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("deployed tiny"));
+
+    // Every stage is placed, and each node loads its own (same machine:
+    // the file is at the deployed path for every node) and reports ready.
+    let slots = wait_for("6 slots ready", Duration::from_secs(60), || {
+        let grpc = grpc.clone();
+        async move {
+            placement(&grpc)
+                .ok()
+                .filter(|s| s.len() == 6 && s.iter().all(|s| s.state == "ready"))
+        }
+    })
+    .await?;
+    let regions: BTreeSet<&str> = slots
+        .iter()
+        .filter(|s| s.stage == 0)
+        .map(|s| s.region.as_str())
+        .collect();
+    ensure!(regions.len() == 3, "replicas share regions: {slots:?}");
+    for s in &slots {
+        ensure!(
+            s.model == "tiny" && s.layer_end == s.layer_start + 1,
+            "{s:?}"
+        );
+    }
+
+    // Kill a node that holds a stage (not the leader, to keep this about
+    // placement; leader loss is the cluster test's subject).
+    let status = net.status(&grpc)?;
+    let leader = status
+        .iter()
+        .find(|r| r.role == "leader")
+        .context("a leader")?
+        .name
+        .clone();
+    let victim = slots
+        .iter()
+        .map(|s| s.node.clone())
+        .find(|n| *n != leader)
+        .context("a non-leader holding a stage")?;
+    let pid = net.endpoints(&victim)?.pid;
+    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
+    let ask = status
+        .iter()
+        .find(|r| r.name != victim)
+        .context("a survivor")?
+        .grpc_addr
+        .clone();
+    let before: BTreeMap<(u32, u32), Slot> = slots
+        .iter()
+        .map(|s| ((s.replica, s.stage), s.clone()))
+        .collect();
+    let after = wait_for(
+        "the dead node's stage to move and load",
+        Duration::from_secs(60),
+        || {
+            let ask = ask.clone();
+            let victim = victim.clone();
+            async move {
+                placement(&ask).ok().filter(|s| {
+                    s.len() == 6 && s.iter().all(|s| s.node != victim && s.state == "ready")
+                })
+            }
+        },
+    )
+    .await?;
+    for s in &after {
+        let old = &before[&(s.replica, s.stage)];
+        if old.node == victim {
+            ensure!(
+                s.generation > old.generation,
+                "{s:?} kept generation {}",
+                old.generation
+            );
+        } else {
+            ensure!(
+                s.assignment() == old.assignment(),
+                "{old:?} moved to {s:?} though its node lives"
+            );
+        }
+    }
+    let stopped = net.stop()?;
+    ensure!(
+        stopped.success(),
+        "testnet exit {stopped}: {}",
+        net.stderr()
+    );
+    Ok(())
+}
