@@ -5,7 +5,7 @@
 //! Writes from any member reach the leader (forwarded over the Raft port);
 //! reads are local (with a staleness bound) or linearizable (read index).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,6 +67,9 @@ pub struct Config {
     pub election_timeout: Option<Duration>,
     /// A member unanswered this long is marked down.
     pub down_after: Duration,
+    /// A down member must answer this long without a gap before it is
+    /// marked up again (damping: a flapping node stays down).
+    pub up_after: Duration,
     pub voters: Rules,
     /// Build a snapshot after this many entries.
     pub snapshot_every: u64,
@@ -176,6 +179,9 @@ pub struct Core {
     tls: ClientTlsConfig,
     liveness: Liveness,
     last_leader_contact: Mutex<Option<Instant>>,
+    /// Since when each member has answered without a gap longer than
+    /// `down_after` (leader's view; for damping).
+    answering_since: Mutex<HashMap<NodeId, Instant>>,
     faults: Faults,
     proposals: tokio::sync::mpsc::Sender<Pending>,
     config: Config,
@@ -238,6 +244,7 @@ impl ControlPlane {
             tls,
             liveness,
             last_leader_contact: Mutex::new(None),
+            answering_since: Mutex::new(HashMap::new()),
             faults,
             proposals,
             config,
@@ -934,10 +941,20 @@ async fn maintain_once(
             last.elapsed()
         };
         let down = unanswered > down_after;
+        let steady_for = match core.answering_since.lock() {
+            Ok(mut since) if down => {
+                since.remove(id);
+                Duration::ZERO
+            }
+            Ok(mut since) => since.entry(*id).or_insert_with(Instant::now).elapsed(),
+            Err(_) => Duration::MAX,
+        };
         if let Some(rec) = state.nodes.get(id) {
             let want = match (rec.status, down) {
                 (NodeStatus::Up, true) => Some(NodeStatus::Down),
-                (NodeStatus::Down, false) => Some(NodeStatus::Up),
+                (NodeStatus::Down, false) if steady_for >= core.config.up_after => {
+                    Some(NodeStatus::Up)
+                }
                 _ => None,
             };
             if let Some(status) = want {

@@ -125,6 +125,7 @@ pub async fn start_member(
         heartbeat: tuning.heartbeat,
         election_timeout: tuning.election_timeout,
         down_after: Duration::from_secs(3),
+        up_after: Duration::from_secs(6),
         voters: Rules::default(),
         snapshot_every: tuning.snapshot_every,
         snapshot_keep: tuning.snapshot_keep,

@@ -419,3 +419,64 @@ async fn simulated_region_latency_delays_raft_round_trips() -> Result<()> {
     }
     Ok(())
 }
+
+/// A member cut off past `down_after` is marked down; once it answers
+/// again it stays down until it has answered for `up_after` without a gap
+/// (6 s here), so a flapping member does not bounce between up and down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_member_is_marked_up_only_after_answering_steadily() -> Result<()> {
+    use trine_control::NodeStatus;
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    note(cluster.any().context("a member")?, "before").await?;
+    let leader = cluster.leader().context("a leader")?;
+    let flaky = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader)
+        .context("a follower")?;
+    let status = |c: &LocalCluster| {
+        c.nodes
+            .values()
+            .filter_map(|n| n.reader().state().nodes.get(&flaky).map(|r| r.status))
+            .max()
+    };
+    for round in 0..2 {
+        partition(&cluster, flaky);
+        // Longer than down_after (3 s): the leader's view of a steady
+        // member restarts from zero.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        wait_for(
+            "the member marked down",
+            Duration::from_secs(15),
+            async || (status(&cluster) == Some(NodeStatus::Down)).then_some(()),
+        )
+        .await?;
+        for c in cluster.nodes.values() {
+            c.faults().heal();
+        }
+        let healed = Instant::now();
+        if round == 0 {
+            // A short return: not long enough to count as up.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            anyhow::ensure!(
+                status(&cluster) == Some(NodeStatus::Down),
+                "marked up {:?} after answering again",
+                healed.elapsed()
+            );
+        }
+    }
+    let healed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    anyhow::ensure!(
+        status(&cluster) == Some(NodeStatus::Down),
+        "marked up 3 s after answering again"
+    );
+    wait_for(
+        "the member marked up",
+        Duration::from_secs(20),
+        async || (status(&cluster) == Some(NodeStatus::Up)).then_some(()),
+    )
+    .await?;
+    eprintln!("marked up {:?} after it answered again", healed.elapsed());
+    Ok(())
+}

@@ -159,6 +159,20 @@ pub struct Report {
     pub connections_per_node: f64,
 }
 
+/// jemalloc's (allocated, resident) bytes: the live heap, and what the
+/// allocator holds from the system. Zero when jemalloc is not the
+/// allocator (library tests).
+fn heap_bytes() -> (u64, u64) {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    if epoch::advance().is_err() {
+        return (0, 0);
+    }
+    (
+        stats::allocated::read().map_or(0, |b| b as u64),
+        stats::resident::read().map_or(0, |b| b as u64),
+    )
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
@@ -369,6 +383,7 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
             }));
         }
         let t0 = Instant::now();
+        let mut report = None;
         if let Some(every) = args.report_every {
             let reader = leader.reader().clone();
             let committed = committed.clone();
@@ -377,34 +392,38 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
                 .path()
                 .join(format!("n{leader_id}"))
                 .join("raft");
-            tokio::spawn(async move {
+            report = Some(tokio::spawn(async move {
                 let mut last = (Instant::now(), 0u64);
                 eprintln!(
-                    "elapsed_s  committed  commands/s  chain_height  leader_sled_MiB  leader_archive_MiB  rss_MiB"
+                    "elapsed_s  committed  commands/s  chain_height  leader_sled_MiB  leader_archive_MiB  rss_MiB  heap_MiB  jemalloc_resident_MiB"
                 );
                 loop {
                     tokio::time::sleep(every).await;
-                    if Instant::now() > stop + Duration::from_millis(100) {
-                        // The cluster is shutting down and its files go.
-                        break;
-                    }
                     let n = committed.load(std::sync::atomic::Ordering::Relaxed);
                     let h = reader.head().map_or(0, |b| b.height);
+                    let heap = heap_bytes();
                     let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
                     last = (Instant::now(), n);
                     eprintln!(
-                        "{:>9.0}  {n:>9}  {rate:>10.0}  {h:>12}  {:>15.1}  {:>18.1}  {:>7.1}",
+                        "{:>9.0}  {n:>9}  {rate:>10.0}  {h:>12}  {:>15.1}  {:>18.1}  {:>7.1}  {:>8.1}  {:>21.1}",
                         t0.elapsed().as_secs_f64(),
                         dir_bytes(&raft_dir.join("db")) as f64 / (1 << 20) as f64,
                         dir_bytes(&raft_dir.join("chain")) as f64 / (1 << 20) as f64,
-                        rss_bytes() as f64 / (1 << 20) as f64
+                        rss_bytes() as f64 / (1 << 20) as f64,
+                        heap.0 as f64 / (1 << 20) as f64,
+                        heap.1 as f64 / (1 << 20) as f64
                     );
                 }
-            });
+            }));
         }
         let mut all = latency_histogram()?;
         for t in tasks {
             all.add(t.await??)?;
+        }
+        // Stop reporting before the members' files go away.
+        if let Some(r) = report {
+            r.abort();
+            let _ = r.await;
         }
         let elapsed = t0.elapsed();
         let disk = leader.reader().disk_bytes();

@@ -248,7 +248,8 @@ pub struct NodeArgs {
     pub raft_profile: Option<config::RaftProfile>,
 
     /// A member that has not answered the leader for this long is marked
-    /// down. [default: 3s]
+    /// down; a down member must answer for twice this long before it is
+    /// marked up again (a flapping node stays down). [default: 3s]
     #[arg(long, env = "TRINE_DOWN_AFTER", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub down_after: Option<Duration>,
 

@@ -141,6 +141,7 @@ pub async fn start(
         heartbeat: None,
         election_timeout: None,
         down_after: config.down_after,
+        up_after: config.down_after * 2,
         voters: Rules {
             replace_after: config.voter_replace_after,
             ..Rules::default()
