@@ -47,6 +47,9 @@ pub struct RaftArgs {
     /// the first voter, in us-east, starts as leader).
     #[arg(long, value_enum, default_value = "none")]
     pub latency: LatencyArg,
+    /// Raft timeouts (use wan with --latency realistic).
+    #[arg(long, value_enum, default_value = "lan")]
+    pub profile: ProfileArg,
 }
 
 /// Bytes under `dir` (files only).
@@ -343,6 +346,10 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
             &refs,
             Tuning {
                 rtt: args.latency.rtt(),
+                profile: match args.profile {
+                    ProfileArg::Lan => trine_control::Profile::Lan,
+                    ProfileArg::Wan => trine_control::Profile::Wan,
+                },
                 ..Tuning::default()
             },
         )
