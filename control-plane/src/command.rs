@@ -678,23 +678,12 @@ mod tests {
     use super::*;
 
     fn node(id: NodeId) -> Command {
-        Command::RegisterNode(Box::new(NodeRecord {
+        Command::RegisterNode(Box::new(crate::local::record(
             id,
-            name: format!("n{id}"),
-            region: "r".into(),
-            zone: String::new(),
-            raft_addr: format!("127.0.0.1:{id}"),
-            grpc_addr: String::new(),
-            http_addr: String::new(),
-            peer_id: String::new(),
-            p2p_addrs: Vec::new(),
-            cpu_cores: 2,
-            simd: "scalar".into(),
-            memory_bytes: 1 << 30,
-            version: "test".into(),
-            status: NodeStatus::Up,
-            status_since_ms: 0,
-        }))
+            &format!("n{id}"),
+            "r",
+            "",
+        )))
     }
 
     fn model(name: &str, sha: char, stages: u32, replicas: u32) -> Command {

@@ -67,7 +67,8 @@ fn setup(e: impl std::fmt::Display) -> LocalError {
     LocalError::Setup(e.to_string())
 }
 
-fn record(id: u64, name: &str, region: &str, addr: &str) -> NodeRecord {
+/// A node record with only identity and address set (capacity zero).
+pub(crate) fn record(id: u64, name: &str, region: &str, addr: &str) -> NodeRecord {
     NodeRecord {
         id,
         name: name.into(),

@@ -202,21 +202,8 @@ mod tests {
 
     fn node(id: NodeId, region: &str, memory: u64) -> NodeRecord {
         NodeRecord {
-            id,
-            name: format!("n{id}"),
-            region: region.into(),
-            zone: String::new(),
-            raft_addr: String::new(),
-            grpc_addr: String::new(),
-            http_addr: String::new(),
-            peer_id: String::new(),
-            p2p_addrs: Vec::new(),
-            cpu_cores: 2,
-            simd: "scalar".into(),
             memory_bytes: memory,
-            version: "test".into(),
-            status: NodeStatus::Up,
-            status_since_ms: 0,
+            ..crate::local::record(id, &format!("n{id}"), region, "")
         }
     }
 

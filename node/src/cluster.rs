@@ -198,9 +198,12 @@ fn raft_delays(config: &Config) -> Result<Delays, Error> {
 /// The mesh's latency matrix as Raft's: a pair the matrix does not name
 /// gets the intra-region RTT; every call adds uniform jitter.
 pub fn rtt_matrix(matrix: crate::mesh::Matrix, seed: &str) -> RttMatrix {
-    let seed = seed.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
+    let seed = {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::hash::DefaultHasher::new();
+        seed.hash(&mut h);
+        h.finish()
+    };
     let rng = std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     RttMatrix::new(move |a, b| {
         let rtt = matrix.rtt(a, b).unwrap_or(matrix.intra_region);

@@ -34,6 +34,15 @@ pub struct Target {
     pub timeout: Duration,
 }
 
+/// The Admin read consistency of a `--linearizable` flag.
+pub fn consistency(linearizable: bool) -> i32 {
+    if linearizable {
+        v1::ReadConsistency::Linearizable.into()
+    } else {
+        v1::ReadConsistency::Local.into()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum Output {
     /// Aligned rows for people.
@@ -326,14 +335,9 @@ pub struct NodesArgs {
 }
 
 pub fn nodes(args: &NodesArgs) -> Result<()> {
-    let consistency = if args.linearizable {
-        v1::ReadConsistency::Linearizable
-    } else {
-        v1::ReadConsistency::Local
-    };
     let req = v1::ListNodesRequest {
         region: args.region.clone().unwrap_or_default(),
-        consistency: consistency.into(),
+        consistency: consistency(args.linearizable),
         ..Default::default()
     };
     let resp = args
@@ -455,14 +459,9 @@ pub struct PlacementArgs {
 /// `trine placement`: model → replica → stage → node, with the layers and
 /// the fencing generation of each slot.
 pub fn placement(args: &PlacementArgs) -> Result<()> {
-    let consistency = if args.linearizable {
-        v1::ReadConsistency::Linearizable
-    } else {
-        v1::ReadConsistency::Local
-    };
     let req = v1::GetPlacementRequest {
         model: args.model.clone().unwrap_or_default(),
-        consistency: consistency.into(),
+        consistency: consistency(args.linearizable),
         ..Default::default()
     };
     let resp = args

@@ -34,13 +34,6 @@ impl Stages {
     pub fn get(&self, slot: &SlotKey) -> Option<Arc<Loaded>> {
         self.0.lock().ok()?.get(slot).cloned()
     }
-
-    pub fn slots(&self) -> Vec<(SlotKey, u64)> {
-        self.0.lock().map_or_else(
-            |_| Vec::new(),
-            |m| m.iter().map(|(k, v)| (k.clone(), v.generation)).collect(),
-        )
-    }
 }
 
 /// Digests already computed, by (path, size, mtime): hashing a 1 GB file

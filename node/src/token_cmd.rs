@@ -100,13 +100,8 @@ pub fn run(command: &TokenCommand) -> Result<()> {
             linearizable,
             output,
         } => {
-            let consistency = if *linearizable {
-                v1::ReadConsistency::Linearizable
-            } else {
-                v1::ReadConsistency::Local
-            };
             let req = v1::ListTokensRequest {
-                consistency: consistency.into(),
+                consistency: crate::cluster_cmd::consistency(*linearizable),
                 ..Default::default()
             };
             let r = target.call(|mut a| async move { a.list_tokens(req).await })?;

@@ -466,19 +466,7 @@ impl Testnet {
 
     /// `trine status -o json` asked through `node`.
     pub fn status(&self, node: &str) -> Result<Vec<StatusRow>> {
-        let mut c = trine();
-        c.args(["status", "--node", node, "-o", "json"]);
-        let out = run(c, Duration::from_secs(20))?;
-        if !out.status.success() {
-            bail!(
-                "trine status failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        String::from_utf8(out.stdout)?
-            .lines()
-            .map(|l| Ok(serde_json::from_str(l)?))
-            .collect()
+        cli_json(&["status", "--node", node, "-o", "json"])
     }
 
     /// Stops the testnet with SIGTERM and waits for it to exit.
@@ -496,6 +484,25 @@ impl Drop for Testnet {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs `trine ARGS` (which must print one JSON object per line, `-o
+/// json`) and parses every line.
+pub fn cli_json<T: serde::de::DeserializeOwned>(args: &[&str]) -> Result<Vec<T>> {
+    let mut c = trine();
+    c.args(args);
+    let out = run(c, Duration::from_secs(20))?;
+    if !out.status.success() {
+        bail!(
+            "trine {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
 }
 
 /// `trine chain note` through `node`; the height on success.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use trine_tests::{Testnet, run, trine, wait_for};
+use trine_tests::{Testnet, cli_json, run, trine, wait_for};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 struct Slot {
@@ -39,18 +39,7 @@ impl Slot {
 }
 
 fn placement(node: &str) -> Result<Vec<Slot>> {
-    let mut c = trine();
-    c.args(["placement", "--node", node, "--linearizable", "-o", "json"]);
-    let out = run(c, Duration::from_secs(20))?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)?
-        .lines()
-        .map(|l| Ok(serde_json::from_str(l)?))
-        .collect()
+    cli_json(&["placement", "--node", node, "--linearizable", "-o", "json"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::Signal;
 use sha2::{Digest as _, Sha256};
-use trine_tests::{Node, chain_note, run, trine, wait_for};
+use trine_tests::{Node, chain_note, cli_json, run, trine, wait_for};
 
 fn cli(args: &[&str]) -> Result<std::process::Output> {
     let mut c = trine();
@@ -16,7 +16,7 @@ fn cli(args: &[&str]) -> Result<std::process::Output> {
 }
 
 fn tokens(grpc: &str) -> Result<Vec<serde_json::Value>> {
-    let out = cli(&[
+    cli_json(&[
         "token",
         "list",
         "--node",
@@ -24,16 +24,7 @@ fn tokens(grpc: &str) -> Result<Vec<serde_json::Value>> {
         "--linearizable",
         "-o",
         "json",
-    ])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)?
-        .lines()
-        .map(|l| Ok(serde_json::from_str(l)?))
-        .collect()
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +54,7 @@ async fn tokens_are_stored_as_hashes_and_survive_a_restart() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let secret = String::from_utf8(made.stdout)?.trim().to_owned();
+    let secret = String::from_utf8(made.stdout.clone())?.trim().to_owned();
     ensure!(
         secret.starts_with("trn_") && secret.len() == 68,
         "{secret:?}"
@@ -74,9 +65,24 @@ async fn tokens_are_stored_as_hashes_and_survive_a_restart() -> Result<()> {
     ensure!(list.len() == 1, "{list:?}");
     ensure!(list[0]["name"] == "ci-runner" && list[0]["sha256"] == want.as_str());
     ensure!(list[0]["requests_per_minute"] == 60);
-    // The secret itself is nowhere in the node's state or chain.
-    let head = cli(&["chain", "head", "--node", &grpc])?;
-    ensure!(!String::from_utf8_lossy(&head.stdout).contains(&secret));
+    // The block that records the token holds its hash, never the secret.
+    let said = String::from_utf8_lossy(&made.stderr).into_owned();
+    let height = said
+        .split("recorded in block ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .context("the block height on stderr")?
+        .to_owned();
+    let block = cli(&["chain", "show", "--node", &grpc, &height])?;
+    let block = String::from_utf8_lossy(&block.stdout);
+    ensure!(
+        block.contains("add API token ci-runner") && block.contains(&want),
+        "block {height} does not record the token's hash: {block}"
+    );
+    ensure!(
+        !block.contains(&secret),
+        "the secret reached the chain: {block}"
+    );
 
     // A second token by the same name is refused, with the reason.
     let dup = cli(&["token", "create", "--node", &grpc, "ci-runner"])?;
