@@ -104,7 +104,15 @@ pub struct Placement {
     /// The node's words with that report (why it failed, load time…).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// Nodes where this slot failed to load since it was last ready
+    /// (oldest first, at most [`MAX_FAILED_ON`]): the planner moves a
+    /// failed slot away from them while another node can take it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_on: Vec<NodeId>,
 }
+
+/// How many failed nodes a placement remembers.
+pub const MAX_FAILED_ON: usize = 16;
 
 /// Where a placed stage is on its node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -503,8 +511,18 @@ impl State {
                     ));
                 }
                 self.generation += 1;
+                let slot = (model.clone(), *replica, *stage);
+                let failed_on = self.placements.get(&slot).map_or_else(Vec::new, |old| {
+                    let mut f = old.failed_on.clone();
+                    if old.state == StageState::Failed && !f.contains(&old.node) {
+                        f.push(old.node);
+                    }
+                    let extra = f.len().saturating_sub(MAX_FAILED_ON);
+                    f.drain(..extra);
+                    f
+                });
                 self.placements.insert(
-                    (model.clone(), *replica, *stage),
+                    slot,
                     Placement {
                         model: model.clone(),
                         replica: *replica,
@@ -516,6 +534,7 @@ impl State {
                         since_ms: time_ms,
                         state: StageState::Assigned,
                         detail: String::new(),
+                        failed_on,
                     },
                 );
                 Ok(())
@@ -543,6 +562,9 @@ impl State {
                 }
                 p.state = *state;
                 p.detail = detail.chars().take(MAX_DETAIL).collect();
+                if *state == StageState::Ready {
+                    p.failed_on.clear();
+                }
                 Ok(())
             }
             Command::Unplace {

@@ -20,7 +20,7 @@ use tonic::transport::ClientTlsConfig;
 use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::RaftServer;
 
-use crate::command::{Command, NodeRecord, NodeStatus};
+use crate::command::{Command, NodeRecord, NodeStatus, SlotKey, StageState, State};
 use crate::network::{self, Delays, Faults, Liveness, Network};
 use crate::store::{self, Reader};
 use crate::tls::NodeTls;
@@ -70,6 +70,8 @@ pub struct Config {
     /// A down member must answer this long without a gap before it is
     /// marked up again (damping: a flapping node stays down).
     pub up_after: Duration,
+    /// Least time between two rebalancing moves ([`planner::rebalance`]).
+    pub rebalance_every: Duration,
     pub voters: Rules,
     /// Build a snapshot after this many entries.
     pub snapshot_every: u64,
@@ -182,6 +184,11 @@ pub struct Core {
     /// Since when each member has answered without a gap longer than
     /// `down_after` (leader's view; for damping).
     answering_since: Mutex<HashMap<NodeId, Instant>>,
+    /// Leader's view: slots moved off a dead node, with when that node last
+    /// answered, until they are ready elsewhere (the recovery histogram).
+    recovering: Mutex<BTreeMap<SlotKey, (NodeId, Instant)>>,
+    /// When the leader last committed a rebalancing move.
+    last_rebalance: Mutex<Option<Instant>>,
     faults: Faults,
     proposals: tokio::sync::mpsc::Sender<Pending>,
     config: Config,
@@ -245,6 +252,8 @@ impl ControlPlane {
             liveness,
             last_leader_contact: Mutex::new(None),
             answering_since: Mutex::new(HashMap::new()),
+            recovering: Mutex::new(BTreeMap::new()),
+            last_rebalance: Mutex::new(None),
             faults,
             proposals,
             config,
@@ -911,6 +920,81 @@ async fn maintain(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// The leader's placement step: commit the plan; when there is none and
+/// every stage is ready, at most one rebalancing move per
+/// `rebalance_every`; and time the recovery of stages moved off dead nodes.
+async fn place(core: &Core, state: &State, leader_since: Instant) -> Result<(), Error> {
+    let health = planner::Health::from_state(state);
+    // Stages that were on a dead node and are now ready elsewhere.
+    if let Ok(mut recovering) = core.recovering.lock() {
+        recovering.retain(|slot, (dead, since)| match state.placements.get(slot) {
+            Some(p) if p.state == StageState::Ready => {
+                if p.node != *dead {
+                    let took = since.elapsed();
+                    metrics::stage_recovered(took);
+                    tracing::info!(model = %slot.0, replica = slot.1, stage = slot.2, from = *dead, to = p.node, took = ?took, "stage recovered on another node");
+                }
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+    }
+    let changes = planner::plan(state, &health);
+    if !changes.is_empty() {
+        tracing::info!(changes = changes.len(), "placement changes");
+        for c in changes {
+            if let Command::Place {
+                model,
+                replica,
+                stage,
+                ..
+            } = &c
+            {
+                let slot = (model.clone(), *replica, *stage);
+                if let Some(old) = state.placements.get(&slot)
+                    && !health.live.contains(&old.node)
+                {
+                    let last = core
+                        .liveness
+                        .last(old.node)
+                        .map_or(leader_since, |t| t.max(leader_since));
+                    if let Ok(mut r) = core.recovering.lock() {
+                        r.entry(slot).or_insert((old.node, last));
+                    }
+                }
+            }
+            metrics::placement_change(&c, state);
+            core.propose(Request::now("planner", c)).await?;
+        }
+        return Ok(());
+    }
+    let all_ready = state
+        .placements
+        .values()
+        .all(|p| p.state == StageState::Ready);
+    let due = core
+        .last_rebalance
+        .lock()
+        .is_ok_and(|last| last.unwrap_or(leader_since).elapsed() >= core.config.rebalance_every);
+    if !all_ready || !due {
+        return Ok(());
+    }
+    let moves = planner::rebalance(state, &health);
+    if moves.is_empty() {
+        return Ok(());
+    }
+    if let Ok(mut last) = core.last_rebalance.lock() {
+        *last = Some(Instant::now());
+    }
+    tracing::info!(moves = moves.len(), "rebalancing one replica");
+    metrics::rebalanced(moves.len());
+    for c in moves {
+        core.propose(Request::now("planner", c)).await?;
+    }
+    Ok(())
+}
+
 async fn maintain_once(
     core: &Core,
     m: &openraft::RaftMetrics<NodeId, Member>,
@@ -985,14 +1069,7 @@ async fn maintain_once(
     }
     // Placement: re-plan from the state as it is now (statuses included).
     let state = core.reader.state();
-    let changes = planner::plan(&state, &planner::Health::from_state(&state));
-    if !changes.is_empty() {
-        tracing::info!(changes = changes.len(), "placement changes");
-        for c in changes {
-            metrics::placement_change(&c, &state);
-            core.propose(Request::now("planner", c)).await?;
-        }
-    }
+    place(core, &state, leader_since).await?;
     if membership.get_joint_config().len() > 1 {
         return Ok(());
     }

@@ -26,6 +26,8 @@ pub struct Tuning {
     pub snapshot_keep: u64,
     /// Simulated inter-region round trips on every Raft RPC.
     pub rtt: Option<RttMatrix>,
+    /// Least time between two rebalancing moves.
+    pub rebalance_every: Duration,
 }
 
 impl Default for Tuning {
@@ -37,6 +39,7 @@ impl Default for Tuning {
             snapshot_every: 10_000,
             snapshot_keep: 1000,
             rtt: None,
+            rebalance_every: Duration::from_secs(30),
         }
     }
 }
@@ -127,6 +130,7 @@ pub async fn start_member(
         election_timeout: tuning.election_timeout,
         down_after: Duration::from_secs(3),
         up_after: Duration::from_secs(6),
+        rebalance_every: tuning.rebalance_every,
         voters: Rules::default(),
         snapshot_every: tuning.snapshot_every,
         snapshot_keep: tuning.snapshot_keep,

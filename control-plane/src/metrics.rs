@@ -17,6 +17,7 @@ pub const RAFT_VOTERS: &str = "trine_raft_voters";
 pub const RAFT_MEMBERS: &str = "trine_raft_members";
 pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
 pub const PLACEMENT_MOVES: &str = "trine_placement_moves_total";
+pub const STAGE_RECOVERY: &str = "trine_stage_recovery_seconds";
 
 /// (name, help) of every metric above, for the node to describe.
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
@@ -55,7 +56,11 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     (RAFT_RPC_FAILURES, "Raft RPCs to a peer that failed, by RPC"),
     (
         PLACEMENT_MOVES,
-        "Placement changes the leader's planner committed, by kind (place: a new slot; move: a slot to another node; unplace: a slot left empty)",
+        "Placement changes the leader's planner committed, by kind (place: a new slot; move: a slot to another node; unplace: a slot left empty; rebalance: a slot moved to improve the layout)",
+    ),
+    (
+        STAGE_RECOVERY,
+        "On the leader: time from a node's last answer to each of its stages being ready on another node (detection, planning and load)",
     ),
 ];
 
@@ -63,6 +68,19 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
 pub const COMMIT_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Buckets of the stage-recovery histogram: 250 ms … 10 min.
+pub const RECOVERY_BUCKETS: &[f64] = &[
+    0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+pub(crate) fn stage_recovered(took: Duration) {
+    metrics::histogram!(STAGE_RECOVERY).record(took.as_secs_f64());
+}
+
+pub(crate) fn rebalanced(n: usize) {
+    metrics::counter!(PLACEMENT_MOVES, "kind" => "rebalance").increment(n as u64);
+}
 
 pub(crate) fn chain_applied(height: u64, txs: u64) {
     metrics::gauge!(CHAIN_HEIGHT).set(height as f64);

@@ -16,12 +16,18 @@
 //!    (deterministic).
 //! 5. A slot that cannot be placed anywhere is emptied rather than left on
 //!    a dead node, and placed again when room appears.
+//! 6. A slot its node failed to load moves to a node where it has not
+//!    failed (the placement remembers where it failed until it is ready),
+//!    if there is one; otherwise its node keeps retrying.
 //!
-//! Planning the plan's result gives nothing new (stable).
+//! Planning the plan's result gives nothing new (stable). [`rebalance`] is
+//! separate and rate-limited by the leader: when a node or region returns,
+//! it proposes one move at a time that makes rule 3 better, never a move
+//! for memory balance alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::command::{Command, ModelRecord, NodeRecord, NodeStatus, SlotKey, State};
+use crate::command::{Command, ModelRecord, NodeRecord, NodeStatus, SlotKey, StageState, State};
 use crate::types::NodeId;
 
 /// What the failure detector says: the nodes that answer.
@@ -71,23 +77,160 @@ pub fn stage_bytes(m: &ModelRecord, stage: u32) -> u64 {
     b
 }
 
-/// The commands that bring the placements in line with the rules.
-pub fn plan(state: &State, health: &Health) -> Vec<Command> {
-    let usable = |id: NodeId| {
-        health.live.contains(&id)
-            && state
+/// Where slots sit while a plan is being made: what is kept or placed so
+/// far and the memory it takes on each node.
+struct Layout<'a> {
+    state: &'a State,
+    health: &'a Health,
+    used: BTreeMap<NodeId, u64>,
+    /// Slot → node, for everything kept or newly placed.
+    assigned: BTreeMap<SlotKey, NodeId>,
+}
+
+/// How well a node suits a slot, lower is better: rules 3 and 4 in order,
+/// after "this slot did not fail to load there before".
+type Rank = (bool, usize, bool, usize, std::cmp::Reverse<u64>, NodeId);
+
+/// See [`Layout::score`]: (replicas sharing a region, replicas spanning
+/// regions, slots sharing a node), lower is better.
+type Score = (usize, usize, usize);
+
+impl<'a> Layout<'a> {
+    fn new(state: &'a State, health: &'a Health) -> Self {
+        Self {
+            state,
+            health,
+            used: BTreeMap::new(),
+            assigned: BTreeMap::new(),
+        }
+    }
+
+    fn usable(&self, id: NodeId) -> bool {
+        self.health.live.contains(&id)
+            && self
+                .state
                 .nodes
                 .get(&id)
                 .is_some_and(|n| n.status == NodeStatus::Up)
-    };
-    let allowed =
-        |m: &ModelRecord, n: &NodeRecord| m.regions.is_empty() || m.regions.contains(&n.region);
-    let mut used: BTreeMap<NodeId, u64> = BTreeMap::new();
-    // Slot → node, for everything kept or newly placed.
-    let mut assigned: BTreeMap<SlotKey, NodeId> = BTreeMap::new();
+    }
 
-    // Keep valid assignments, oldest first: when a node shrank, the newest
-    // arrivals are the ones that move.
+    fn allowed(m: &ModelRecord, n: &NodeRecord) -> bool {
+        m.regions.is_empty() || m.regions.contains(&n.region)
+    }
+
+    fn region_of(&self, id: NodeId) -> &str {
+        self.state.nodes.get(&id).map_or("", |n| n.region.as_str())
+    }
+
+    fn free(&self, n: &NodeRecord) -> Option<u64> {
+        capacity(n).checked_sub(self.used.get(&n.id).copied().unwrap_or(0))
+    }
+
+    fn take(&mut self, slot: SlotKey, node: NodeId, bytes: u64) {
+        *self.used.entry(node).or_default() += bytes;
+        self.assigned.insert(slot, node);
+    }
+
+    fn release(&mut self, slot: &SlotKey, bytes: u64) {
+        if let Some(node) = self.assigned.remove(slot)
+            && let Some(u) = self.used.get_mut(&node)
+        {
+            *u = u.saturating_sub(bytes);
+        }
+    }
+
+    /// Where this model's slots are, as (replica, node), `skip` left out.
+    fn model_slots(&self, m: &ModelRecord, skip: &SlotKey) -> Vec<(u32, NodeId)> {
+        self.assigned
+            .range((m.name.clone(), 0, 0)..)
+            .take_while(|((name, _, _), _)| *name == m.name)
+            .filter(|(slot, _)| *slot != skip)
+            .map(|((_, r, _), n)| (*r, *n))
+            .collect()
+    }
+
+    /// The best node for `slot` (which must not be assigned), never one in
+    /// `exclude`.
+    fn best(&self, m: &ModelRecord, slot: &SlotKey, exclude: &[NodeId]) -> Option<NodeId> {
+        let (_, replica, stage) = *slot;
+        let bytes = stage_bytes(m, stage);
+        let mine = self.model_slots(m, slot);
+        let failed_on = self
+            .state
+            .placements
+            .get(slot)
+            .map_or(&[][..], |p| p.failed_on.as_slice());
+        let replica_region = mine
+            .iter()
+            .find(|(r, _)| *r == replica)
+            .map(|(_, n)| self.region_of(*n));
+        self.state
+            .nodes
+            .values()
+            .filter(|n| self.usable(n.id) && Self::allowed(m, n) && !exclude.contains(&n.id))
+            .filter_map(|n| {
+                let free = self.free(n)?.checked_sub(bytes)?;
+                let other_replicas_in_region = mine
+                    .iter()
+                    .filter(|(r, x)| *r != replica && self.region_of(*x) == n.region)
+                    .map(|(r, _)| *r)
+                    .collect::<BTreeSet<_>>()
+                    .len();
+                let away = replica_region.is_some_and(|r| r != n.region);
+                let on_node = mine.iter().filter(|(_, x)| *x == n.id).count();
+                let rank: Rank = (
+                    failed_on.contains(&n.id),
+                    other_replicas_in_region,
+                    away,
+                    on_node,
+                    std::cmp::Reverse(free),
+                    n.id,
+                );
+                Some(rank)
+            })
+            .min()
+            .map(|rank| rank.5)
+    }
+
+    /// How far one model's layout is from rules 3's ideal, compared
+    /// lexicographically: replicas sharing a region, replicas spanning more
+    /// than one region, slots sharing a node. Memory balance does not count:
+    /// a rebalance never moves a stage just to even out free memory.
+    fn score(&self, m: &ModelRecord) -> Score {
+        let slots = self.model_slots(m, &(String::new(), u32::MAX, u32::MAX));
+        let mut by_region: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+        let mut by_replica: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
+        let mut by_node: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for (r, n) in &slots {
+            by_region.entry(self.region_of(*n)).or_default().insert(*r);
+            by_replica.entry(*r).or_default().insert(self.region_of(*n));
+            *by_node.entry(*n).or_default() += 1;
+        }
+        let extra = |n: usize| n.saturating_sub(1);
+        (
+            by_region.values().map(|r| extra(r.len())).sum(),
+            by_replica.values().map(|r| extra(r.len())).sum(),
+            by_node.values().map(|n| extra(*n)).sum(),
+        )
+    }
+}
+
+fn place(m: &ModelRecord, slot: &SlotKey, node: NodeId) -> Command {
+    let (layer_start, layer_end) = layer_range(m, slot.2);
+    Command::Place {
+        model: m.name.clone(),
+        replica: slot.1,
+        stage: slot.2,
+        layer_start,
+        layer_end,
+        node,
+    }
+}
+
+/// The layout of every valid current placement (rules 1 and 2): kept
+/// oldest first, so when a node shrank the newest arrivals move.
+fn kept<'a>(state: &'a State, health: &'a Health) -> Layout<'a> {
+    let mut layout = Layout::new(state, health);
     let mut current: Vec<_> = state.placements.values().collect();
     current.sort_by_key(|p| p.generation);
     for p in current {
@@ -98,84 +241,76 @@ pub fn plan(state: &State, health: &Health) -> Vec<Command> {
             continue;
         };
         let bytes = stage_bytes(m, p.stage);
-        let fits = used
-            .get(&p.node)
-            .copied()
-            .unwrap_or(0)
-            .saturating_add(bytes)
-            <= capacity(n);
-        if usable(p.node)
-            && allowed(m, n)
+        let fits = layout.free(n).is_some_and(|f| f >= bytes);
+        if layout.usable(p.node)
+            && Layout::allowed(m, n)
             && (p.layer_start, p.layer_end) == layer_range(m, p.stage)
             && fits
         {
-            *used.entry(p.node).or_default() += bytes;
-            assigned.insert((p.model.clone(), p.replica, p.stage), p.node);
+            layout.take((p.model.clone(), p.replica, p.stage), p.node, bytes);
+        }
+    }
+    layout
+}
+
+/// The commands that bring the placements in line with the rules.
+pub fn plan(state: &State, health: &Health) -> Vec<Command> {
+    let mut layout = kept(state, health);
+    let mut commands = Vec::new();
+
+    // A slot that failed to load moves to a node where it has not failed,
+    // if there is one; otherwise it stays and its node retries.
+    let failed: Vec<(SlotKey, NodeId)> = state
+        .placements
+        .iter()
+        .filter(|(slot, p)| {
+            p.state == StageState::Failed && layout.assigned.get(*slot) == Some(&p.node)
+        })
+        .map(|(slot, p)| (slot.clone(), p.node))
+        .collect();
+    // Until nothing moves: one failed slot leaving can make room for another.
+    let mut stuck = failed;
+    loop {
+        let mut moved = false;
+        let mut still = Vec::new();
+        for (slot, node) in stuck {
+            let (Some(m), Some(p)) = (state.models.get(&slot.0), state.placements.get(&slot))
+            else {
+                continue;
+            };
+            let bytes = stage_bytes(m, slot.2);
+            layout.release(&slot, bytes);
+            let mut exclude = p.failed_on.clone();
+            exclude.push(node);
+            match layout.best(m, &slot, &exclude) {
+                Some(to) => {
+                    commands.push(place(m, &slot, to));
+                    layout.take(slot, to, bytes);
+                    moved = true;
+                }
+                None => {
+                    layout.take(slot.clone(), node, bytes);
+                    still.push((slot, node));
+                }
+            }
+        }
+        stuck = still;
+        if !moved {
+            break;
         }
     }
 
-    let region_of = |id: NodeId| state.nodes.get(&id).map_or("", |n| n.region.as_str());
-    let mut commands = Vec::new();
     for m in state.models.values() {
         for replica in 0..m.replicas {
             for stage in 0..m.stages {
                 let slot = (m.name.clone(), replica, stage);
-                if assigned.contains_key(&slot) {
+                if layout.assigned.contains_key(&slot) {
                     continue;
                 }
-                let bytes = stage_bytes(m, stage);
-                // Where this model's slots are, as (replica, node).
-                let mine: Vec<(u32, NodeId)> = assigned
-                    .range((m.name.clone(), 0, 0)..)
-                    .take_while(|((name, _, _), _)| *name == m.name)
-                    .map(|((_, r, _), n)| (*r, *n))
-                    .collect();
-                let replica_region = mine
-                    .iter()
-                    .find(|(r, _)| *r == replica)
-                    .map(|(_, n)| region_of(*n));
-                let best = state
-                    .nodes
-                    .values()
-                    .filter(|n| usable(n.id) && allowed(m, n))
-                    .filter_map(|n| {
-                        let free = capacity(n)
-                            .checked_sub(used.get(&n.id).copied().unwrap_or(0))?
-                            .checked_sub(bytes)?;
-                        let other_replicas_in_region = mine
-                            .iter()
-                            .filter(|(r, x)| *r != replica && region_of(*x) == n.region)
-                            .map(|(r, _)| *r)
-                            .collect::<BTreeSet<_>>()
-                            .len();
-                        let away = replica_region.is_some_and(|r| r != n.region);
-                        let on_node = mine.iter().filter(|(_, x)| *x == n.id).count();
-                        Some((
-                            (
-                                other_replicas_in_region,
-                                away,
-                                on_node,
-                                std::cmp::Reverse(free),
-                                n.id,
-                            ),
-                            n.id,
-                        ))
-                    })
-                    .min()
-                    .map(|(_, id)| id);
-                match best {
+                match layout.best(m, &slot, &[]) {
                     Some(node) => {
-                        let (layer_start, layer_end) = layer_range(m, stage);
-                        *used.entry(node).or_default() += bytes;
-                        assigned.insert(slot, node);
-                        commands.push(Command::Place {
-                            model: m.name.clone(),
-                            replica,
-                            stage,
-                            layer_start,
-                            layer_end,
-                            node,
-                        });
+                        commands.push(place(m, &slot, node));
+                        layout.take(slot, node, stage_bytes(m, stage));
                     }
                     None if state.placements.contains_key(&slot) => {
                         commands.push(Command::Unplace {
@@ -190,6 +325,75 @@ pub fn plan(state: &State, health: &Health) -> Vec<Command> {
         }
     }
     commands
+}
+
+/// One replica moved (all its stages) to make the layout better by
+/// rule 3 (see [`Layout::score`]): the best such move, or nothing. A whole
+/// replica is the unit because its stages are one pipeline: two replicas
+/// sharing a region are separated only by moving every stage of one. The
+/// leader asks only when [`plan`] has nothing to do and every stage is
+/// ready, and at most once per `rebalance_every`: a returning node gets its
+/// share back one replica at a time, never while another replica loads,
+/// and a layout that is as good as it can be never moves.
+pub fn rebalance(state: &State, health: &Health) -> Vec<Command> {
+    let mut layout = kept(state, health);
+    // Only a complete, valid layout is rebalanced: every slot of every
+    // model placed on a usable node.
+    let slots: usize = state
+        .models
+        .values()
+        .map(|m| m.replicas as usize * m.stages as usize)
+        .sum();
+    if layout.assigned.len() != state.placements.len() || state.placements.len() != slots {
+        return Vec::new();
+    }
+    // The first model (by name) that can be improved, its best move.
+    for m in state.models.values() {
+        let before = layout.score(m);
+        if before == (0, 0, 0) {
+            continue;
+        }
+        let mut best: Option<(Score, Vec<(SlotKey, NodeId)>)> = None;
+        for replica in 0..m.replicas {
+            let slots: Vec<(SlotKey, NodeId)> = (0..m.stages)
+                .filter_map(|stage| {
+                    let slot = (m.name.clone(), replica, stage);
+                    layout.assigned.get(&slot).map(|n| (slot, *n))
+                })
+                .collect();
+            for (slot, _) in &slots {
+                layout.release(slot, stage_bytes(m, slot.2));
+            }
+            let mut to = Vec::new();
+            for (slot, _) in &slots {
+                let Some(node) = layout.best(m, slot, &[]) else {
+                    break;
+                };
+                layout.take(slot.clone(), node, stage_bytes(m, slot.2));
+                to.push((slot.clone(), node));
+            }
+            if to.len() == slots.len() {
+                let after = layout.score(m);
+                if after < before && best.as_ref().is_none_or(|(b, _)| after < *b) {
+                    best = Some((after, to.clone()));
+                }
+            }
+            for (slot, _) in &to {
+                layout.release(slot, stage_bytes(m, slot.2));
+            }
+            for (slot, node) in slots {
+                layout.take(slot.clone(), node, stage_bytes(m, slot.2));
+            }
+        }
+        if let Some((_, to)) = best {
+            return to
+                .into_iter()
+                .filter(|(slot, node)| layout.assigned.get(slot) != Some(node))
+                .map(|(slot, node)| place(m, &slot, node))
+                .collect();
+        }
+    }
+    Vec::new()
 }
 
 #[cfg(test)]
@@ -360,6 +564,134 @@ mod tests {
         assert_eq!(s.placements[&("big".to_owned(), 0, 0)].node, 1);
     }
 
+    fn report(s: &mut State, slot: (&str, u32, u32), state: StageState) {
+        let p = s.placements[&(slot.0.to_owned(), slot.1, slot.2)].clone();
+        s.apply(
+            &Command::StageReport {
+                model: p.model,
+                replica: p.replica,
+                stage: p.stage,
+                node: p.node,
+                generation: p.generation,
+                state,
+                detail: String::new(),
+            },
+            1,
+        )
+        .expect("report");
+    }
+
+    #[test]
+    fn a_slot_that_fails_to_load_moves_to_a_node_where_it_has_not_failed() {
+        let mut s = State::default();
+        for (id, region) in [(1, "a"), (2, "a"), (3, "b")] {
+            s.apply(
+                &Command::RegisterNode(Box::new(node(id, region, 8 * GIB))),
+                0,
+            )
+            .expect("register");
+        }
+        let mut m = model("m", 8, 1, 1, GIB / 8);
+        m.regions = vec!["a".into()];
+        deploy(&mut s, m);
+        let health = Health::from_state(&s);
+        settle(&mut s, &health);
+        let slot = ("m".to_owned(), 0, 0);
+        let first = s.placements[&slot].node;
+        assert!(plan(&s, &health).is_empty());
+
+        report(&mut s, ("m", 0, 0), StageState::Failed);
+        let c = plan(&s, &health);
+        assert_eq!(c.len(), 1, "{c:?}");
+        apply(&mut s, &c);
+        let second = s.placements[&slot].node;
+        assert_ne!(second, first);
+        assert_ne!(second, 3, "region b is not allowed");
+        assert_eq!(s.placements[&slot].failed_on, vec![first]);
+        assert!(plan(&s, &health).is_empty(), "not stable after the move");
+
+        // It fails on the other node too: nowhere is left, so it stays
+        // (its node retries) instead of bouncing back.
+        report(&mut s, ("m", 0, 0), StageState::Failed);
+        assert!(plan(&s, &health).is_empty());
+        assert_eq!(s.placements[&slot].node, second);
+
+        // Its node dies: it goes back to the first node (the only one
+        // left), and once ready there the failures are forgotten.
+        let mut health = health;
+        health.live.remove(&second);
+        let c = plan(&s, &health);
+        apply(&mut s, &c);
+        assert_eq!(s.placements[&slot].node, first);
+        assert_eq!(s.placements[&slot].failed_on, vec![first, second]);
+        report(&mut s, ("m", 0, 0), StageState::Ready);
+        assert!(s.placements[&slot].failed_on.is_empty());
+        assert!(plan(&s, &health).is_empty());
+    }
+
+    #[test]
+    fn regions_that_return_get_their_replicas_back_one_move_at_a_time() {
+        let mut s = testnet();
+        deploy(&mut s, model("m", 30, 2, 3, GIB / 8));
+        let mut health = Health::from_state(&s);
+        settle(&mut s, &health);
+        assert!(
+            rebalance(&s, &health).is_empty(),
+            "a fresh layout is already good"
+        );
+
+        // Two regions die: three replicas share the two left.
+        for n in s.nodes.values() {
+            if n.region == "us-east" || n.region == "us-west" {
+                health.live.remove(&n.id);
+            }
+        }
+        settle(&mut s, &health);
+        let regions: BTreeSet<String> = (0..3).map(|r| region_of(&s, ("m", r, 0))).collect();
+        assert_eq!(regions.len(), 2, "{regions:?}");
+        assert!(
+            rebalance(&s, &health).is_empty(),
+            "nothing better while they are down"
+        );
+
+        // They return: each rebalance moves one replica and improves the
+        // layout, and it ends with three regions and each replica in one
+        // region.
+        health = Health::from_state(&s);
+        assert!(
+            plan(&s, &health).is_empty(),
+            "returning nodes move nothing by themselves"
+        );
+        let mut moves = 0;
+        loop {
+            let c = rebalance(&s, &health);
+            if c.is_empty() {
+                break;
+            }
+            let replicas: BTreeSet<u32> = c
+                .iter()
+                .map(|c| match c {
+                    Command::Place { replica, node, .. } => {
+                        assert!(health.live.contains(node));
+                        *replica
+                    }
+                    other => panic!("rebalance proposed {other:?}"),
+                })
+                .collect();
+            assert_eq!(replicas.len(), 1, "one replica per move: {c:?}");
+            apply(&mut s, &c);
+            assert!(plan(&s, &health).is_empty(), "plan undoes the rebalance");
+            moves += 1;
+            assert!(moves <= 3, "rebalance does not converge");
+        }
+        assert!(moves >= 1, "a replica had to move");
+        let regions: BTreeSet<String> = (0..3).map(|r| region_of(&s, ("m", r, 0))).collect();
+        assert_eq!(regions.len(), 3, "{regions:?}");
+        for r in 0..3 {
+            assert_eq!(region_of(&s, ("m", r, 0)), region_of(&s, ("m", r, 1)));
+        }
+    }
+
     #[test]
     fn layer_ranges_cover_the_model_once() {
         for layers in 1..40 {
@@ -453,6 +785,72 @@ mod tests {
             apply(&mut s, &c);
             check_invariants(&s, &health)?;
             prop_assert!(plan(&s, &health).is_empty(), "not stable after failures");
+        }
+
+        /// Failed slots leave their node when another can take them, never
+        /// for a node where they failed before, and the plan stays valid
+        /// and stable.
+        #[test]
+        fn failed_slots_move_off_and_stay_valid(
+            mut s in cluster(),
+            fail in prop::collection::vec(any::<bool>(), 0..40),
+        ) {
+            let health = Health::from_state(&s);
+            settle(&mut s, &health);
+            let slots: Vec<SlotKey> = s.placements.keys().cloned().collect();
+            let mut failed = Vec::new();
+            for (slot, f) in slots.iter().zip(&fail) {
+                if *f {
+                    report(&mut s, (&slot.0, slot.1, slot.2), StageState::Failed);
+                    failed.push((slot.clone(), s.placements[slot].node));
+                }
+            }
+            let c = plan(&s, &health);
+            apply(&mut s, &c);
+            check_invariants(&s, &health)?;
+            prop_assert!(plan(&s, &health).is_empty(), "not stable after moving failed slots");
+            for (slot, was) in failed {
+                let p = &s.placements[&slot];
+                if p.node == was {
+                    prop_assert_eq!(p.state, StageState::Failed);
+                } else {
+                    prop_assert_eq!(&p.failed_on, &vec![was]);
+                }
+            }
+        }
+
+        /// After nodes die and return, rebalancing terminates, each move
+        /// strictly improves its model's score, and every step is a valid,
+        /// stable layout.
+        #[test]
+        fn rebalance_improves_and_terminates(
+            mut s in cluster(),
+            dead in prop::collection::btree_set(1u64..10, 0..5),
+        ) {
+            let mut health = Health::from_state(&s);
+            for d in &dead {
+                health.live.remove(d);
+            }
+            settle(&mut s, &health);
+            let health = Health::from_state(&s);
+            settle(&mut s, &health);
+            let mut rounds = 0;
+            loop {
+                let c = rebalance(&s, &health);
+                let Some(Command::Place { model, .. }) = c.first() else {
+                    prop_assert!(c.is_empty(), "rebalance proposed {c:?}");
+                    break;
+                };
+                let model = model.clone();
+                let before = kept(&s, &health).score(&s.models[&model]);
+                apply(&mut s, &c);
+                let after = kept(&s, &health).score(&s.models[&model]);
+                prop_assert!(after < before, "{c:?}: {before:?} -> {after:?}");
+                check_invariants(&s, &health)?;
+                prop_assert!(plan(&s, &health).is_empty());
+                rounds += 1;
+                prop_assert!(rounds < 200, "rebalance does not terminate");
+            }
         }
 
         /// With room everywhere, every slot is placed, replicas take as

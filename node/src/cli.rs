@@ -258,6 +258,14 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_VOTER_REPLACE_AFTER", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub voter_replace_after: Option<Duration>,
 
+    /// Least time between two rebalancing moves. When nodes or regions come
+    /// back, the leader moves one replica at a time (all its stages) to a
+    /// better spot, only while every stage is ready and only when the move
+    /// spreads replicas over more regions or keeps a pipeline in one region;
+    /// never to even out memory alone. [default: 30s]
+    #[arg(long, env = "TRINE_REBALANCE_EVERY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub rebalance_every: Option<Duration>,
+
     /// Raft entries between snapshots; the log behind a snapshot is purged.
     /// [default: 10000]
     #[arg(long, env = "TRINE_SNAPSHOT_EVERY", value_name = "N")]
@@ -310,6 +318,7 @@ impl NodeArgs {
             raft_profile: self.raft_profile,
             down_after: self.down_after,
             voter_replace_after: self.voter_replace_after,
+            rebalance_every: self.rebalance_every,
             snapshot_every: self.snapshot_every,
         }
     }

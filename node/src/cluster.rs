@@ -142,6 +142,7 @@ pub async fn start(
         election_timeout: None,
         down_after: config.down_after,
         up_after: config.down_after * 2,
+        rebalance_every: config.rebalance_every,
         voters: Rules {
             replace_after: config.voter_replace_after,
             ..Rules::default()

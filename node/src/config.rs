@@ -94,6 +94,9 @@ pub struct Config {
     /// A voter down this long gives its seat to a healthy learner.
     #[serde(with = "humantime_serde")]
     pub voter_replace_after: Duration,
+    /// Least time between two rebalancing moves (one replica each).
+    #[serde(with = "humantime_serde")]
+    pub rebalance_every: Duration,
     /// Raft entries between snapshots (the log is purged behind them).
     pub snapshot_every: u64,
 }
@@ -147,6 +150,8 @@ pub struct Layer {
     pub down_after: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub voter_replace_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub rebalance_every: Option<Duration>,
     pub snapshot_every: Option<u64>,
 }
 
@@ -210,6 +215,7 @@ impl Default for Config {
             raft_profile: RaftProfile::Lan,
             down_after: Duration::from_secs(3),
             voter_replace_after: Duration::from_secs(30),
+            rebalance_every: Duration::from_secs(30),
             snapshot_every: 10_000,
         }
     }
@@ -283,6 +289,7 @@ impl Layer {
             raft_profile: over.raft_profile.or(self.raft_profile),
             down_after: over.down_after.or(self.down_after),
             voter_replace_after: over.voter_replace_after.or(self.voter_replace_after),
+            rebalance_every: over.rebalance_every.or(self.rebalance_every),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
         }
     }
@@ -320,6 +327,7 @@ impl Config {
             raft_profile: layer.raft_profile.unwrap_or(d.raft_profile),
             down_after: layer.down_after.unwrap_or(d.down_after),
             voter_replace_after: layer.voter_replace_after.unwrap_or(d.voter_replace_after),
+            rebalance_every: layer.rebalance_every.unwrap_or(d.rebalance_every),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
         };
         config.validate()?;
@@ -420,6 +428,13 @@ impl Config {
                 "voter_replace_after",
                 &humantime::format_duration(self.voter_replace_after).to_string(),
                 "it must be at least down_after",
+            ));
+        }
+        if self.rebalance_every < Duration::from_secs(1) {
+            return Err(invalid(
+                "rebalance_every",
+                &humantime::format_duration(self.rebalance_every).to_string(),
+                "it must be at least 1s, e.g. \"30s\"",
             ));
         }
         if !(100..=10_000_000).contains(&self.snapshot_every) {

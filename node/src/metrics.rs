@@ -98,6 +98,11 @@ pub fn install() -> Metrics {
                 trine_control::metrics::COMMIT_BUCKETS,
             )
             .expect("COMMIT_BUCKETS is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(trine_control::metrics::STAGE_RECOVERY.to_owned()),
+                trine_control::metrics::RECOVERY_BUCKETS,
+            )
+            .expect("RECOVERY_BUCKETS is not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder is installed; the handle then

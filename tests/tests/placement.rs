@@ -2,7 +2,10 @@
 //! 7-node, 4-region testnet gets every stage of every replica placed, its
 //! replicas in distinct regions; when a node holding a stage is killed,
 //! the leader marks it down and moves that stage (and only that one) to a
-//! live node under a higher fencing generation, which loads it.
+//! live node under a higher fencing generation, which loads it. The frozen
+//! node then comes back holding its old stage in memory: the generation
+//! fences it (it drops the stage, and nothing it says changes the
+//! placement), and the leader's recovery histogram counts the move.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -10,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use trine_tests::{Testnet, cli_json, run, trine, wait_for};
+use trine_tests::{Testnet, cli_json, http_get, metric, metric_sum, run, trine, wait_for};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 struct Slot {
@@ -38,12 +41,23 @@ impl Slot {
     }
 }
 
+/// `trine_stage_assigned{model="tiny",stage=…}` summed, on one node.
+async fn assigned_on(net: &Testnet, name: &str) -> Option<f64> {
+    let http = net.endpoints(name).ok()?.http;
+    let (_, text) = http_get(&format!("http://{http}/metrics")).await?;
+    Some(metric_sum(
+        &text,
+        "trine_stage_assigned",
+        &["model=\"tiny\""],
+    ))
+}
+
 fn placement(node: &str) -> Result<Vec<Slot>> {
     cli_json(&["placement", "--node", node, "--linearizable", "-o", "json"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deployed_model_is_placed_and_a_dead_nodes_stage_moves() -> Result<()> {
+async fn a_deployed_model_is_placed_and_a_frozen_nodes_stage_moves_and_is_fenced() -> Result<()> {
     let mut net = Testnet::start(&[]).await?;
     let dir = tempfile::tempdir()?;
     let model = dir.path().join("tiny.gguf");
@@ -119,8 +133,16 @@ async fn a_deployed_model_is_placed_and_a_dead_nodes_stage_moves() -> Result<()>
         .map(|s| s.node.clone())
         .find(|n| *n != leader)
         .context("a non-leader holding a stage")?;
-    let pid = net.endpoints(&victim)?.pid;
-    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
+    let held = slots.iter().filter(|s| s.node == victim).count();
+    let on_victim = assigned_on(&net, &victim).await;
+    ensure!(
+        on_victim == Some(held as f64),
+        "{victim} exports {on_victim:?} assigned stages, holds {held}"
+    );
+    // Frozen, not killed: it keeps its loaded stage in memory, like a node
+    // cut off by a partition, and will come back with it.
+    let pid = Pid::from_raw(i32::try_from(net.endpoints(&victim)?.pid)?);
+    kill(pid, Signal::SIGSTOP)?;
     let ask = status
         .iter()
         .find(|r| r.name != victim)
@@ -160,6 +182,48 @@ async fn a_deployed_model_is_placed_and_a_dead_nodes_stage_moves() -> Result<()>
             );
         }
     }
+
+    // The leader timed each move, from the victim's last answer to ready.
+    let leader = net
+        .status(&ask)?
+        .into_iter()
+        .find(|r| r.role == "leader")
+        .context("a leader")?;
+    let http = net.endpoints(&leader.name)?.http;
+    let (_, text) = http_get(&format!("http://{http}/metrics"))
+        .await
+        .context("leader metrics")?;
+    let recovered = metric(&text, "trine_stage_recovery_seconds_count").unwrap_or(0.0);
+    ensure!(
+        recovered >= held as f64,
+        "the leader counted {recovered} recoveries for {held} moved stages"
+    );
+
+    // The victim comes back with its stale stage: it drops it once it
+    // sees the newer generation, and the placement stays as it is.
+    kill(pid, Signal::SIGCONT)?;
+    wait_for(
+        "the returning node to drop its stale stage",
+        Duration::from_secs(30),
+        || async { assigned_on(&net, &victim).await.filter(|n| *n == 0.0) },
+    )
+    .await?;
+    wait_for(
+        "the returning node to be marked up",
+        Duration::from_secs(30),
+        || async {
+            net.status(&ask)
+                .ok()?
+                .into_iter()
+                .find(|r| r.name == victim && r.status == "up")
+        },
+    )
+    .await?;
+    let now = placement(&ask)?;
+    ensure!(
+        now == after,
+        "the placement changed after the fenced node returned:\n{after:?}\n{now:?}"
+    );
     let stopped = net.stop()?;
     ensure!(
         stopped.success(),
