@@ -264,6 +264,8 @@ impl Admin for AdminService {
                 }
                 .into(),
                 generation: p.generation,
+                detail: p.detail.clone(),
+                failed_on: p.failed_on.clone(),
             })
             .collect();
         Ok(Response::new(v1::GetPlacementResponse {

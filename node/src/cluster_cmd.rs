@@ -490,14 +490,14 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
             writeln!(out, "as of index {}", resp.as_of_index)?;
             writeln!(
                 out,
-                "{:<20} {:>7} {:>5} {:>9}  {:<14} {:<14} {:<9} {:>10}",
+                "{:<20} {:>7} {:>5} {:>9}  {:<14} {:<14} {:<9} {:>10}  DETAIL",
                 "MODEL", "REPLICA", "STAGE", "LAYERS", "NODE", "REGION", "STATE", "GENERATION"
             )?;
             for a in &resp.assignments {
                 let (name, region) = name_of(a.node_id);
                 writeln!(
                     out,
-                    "{:<20} {:>7} {:>5} {:>9}  {:<14} {:<14} {:<9} {:>10}",
+                    "{:<20} {:>7} {:>5} {:>9}  {:<14} {:<14} {:<9} {:>10}  {}",
                     a.model,
                     a.replica,
                     a.stage,
@@ -505,7 +505,8 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
                     name,
                     region,
                     stage_state_name(a.state),
-                    a.generation
+                    a.generation,
+                    a.detail
                 )?;
             }
             if resp.assignments.is_empty() {
@@ -520,6 +521,7 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
                     "layer_start": a.layer_start, "layer_end": a.layer_end,
                     "node_id": a.node_id, "node": name, "region": region,
                     "state": stage_state_name(a.state), "generation": a.generation,
+                    "detail": a.detail, "failed_on": a.failed_on,
                 });
                 writeln!(out, "{line}")?;
             }

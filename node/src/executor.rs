@@ -2,16 +2,18 @@
 //! machine and loads the stages assigned to it (checking the model's
 //! SHA-256 first), drops the ones taken away, and reports every step as a
 //! fenced `StageReport` on the chain, so `trine placement` shows
-//! assigned → loading → ready (or failed, with the reason).
+//! assigned → loading → ready (or failed, with the reason). A model file
+//! missing here is found or fetched by [`crate::model_store`].
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use trine_control::command::SlotKey;
 use trine_control::{Command, ControlPlane, Placement, StageState, State};
+
+use crate::model_store::{Found, Store};
 
 /// How often the node looks at its assignments.
 const EVERY: Duration = Duration::from_millis(500);
@@ -36,10 +38,6 @@ impl Stages {
     }
 }
 
-/// Digests already computed, by (path, size, mtime): hashing a 1 GB file
-/// once per stage would be wasteful.
-type Digests = Arc<Mutex<BTreeMap<(PathBuf, u64, SystemTime), String>>>;
-
 /// What the loop knows beyond the state: loads in flight, failures.
 #[derive(Debug, Default)]
 struct Attempts {
@@ -50,9 +48,13 @@ struct Attempts {
 }
 
 /// Runs until `stop` turns true.
-pub async fn run(control: ControlPlane, stages: Stages, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    control: ControlPlane,
+    stages: Stages,
+    store: Arc<Store>,
+    mut stop: watch::Receiver<bool>,
+) {
     let me = control.id();
-    let digests: Digests = Arc::default();
     let attempts = Arc::new(Mutex::new(Attempts::default()));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Done>(16);
     let mut published = BTreeMap::new();
@@ -115,12 +117,13 @@ pub async fn run(control: ControlPlane, stages: Stages, mut stop: watch::Receive
                 format!("loading from {}", model.source),
             )
             .await;
-            let (tx, digests, slot) = (done_tx.clone(), digests.clone(), slot.clone());
+            let (tx, store, slot) = (done_tx.clone(), store.clone(), slot.clone());
             let generation = p.generation;
             let range = p.layer_start as usize..p.layer_end as usize;
+            let peers = crate::model_store::peers(&state, me, &model.sha256);
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let result = load(&model, range, &digests);
+                let result = load(&model, range, &store, &peers);
                 let _ = tx.blocking_send((slot, generation, result, t.elapsed()));
             });
         }
@@ -132,6 +135,7 @@ type Done = (SlotKey, u64, Result<Opened, String>, Duration);
 type Opened = (
     trine_engine::model::Model,
     trine_engine::tokenizer::Tokenizer,
+    Found,
 );
 
 /// Records a finished load (if the slot is still ours at that generation)
@@ -157,7 +161,7 @@ async fn finish(
         return;
     }
     match result {
-        Ok((model, tokenizer)) => {
+        Ok((model, tokenizer, found)) => {
             let loaded = Loaded {
                 generation,
                 model: Arc::new(model),
@@ -166,14 +170,24 @@ async fn finish(
             if let Ok(mut held) = stages.0.lock() {
                 held.insert(slot.clone(), Arc::new(loaded));
             }
-            tracing::info!(model = %slot.0, replica = slot.1, stage = slot.2, generation, took = ?took, "stage ready");
-            report(
-                control,
-                &p,
-                StageState::Ready,
-                format!("loaded in {} ms", took.as_millis()),
-            )
-            .await;
+            let detail = match &found {
+                Found::Local(path) => {
+                    format!("loaded from {} in {} ms", path.display(), took.as_millis())
+                }
+                Found::Fetched {
+                    from,
+                    took: fetch,
+                    bytes,
+                    ..
+                } => format!(
+                    "fetched {:.1} MiB from {from} in {} ms; ready in {} ms",
+                    *bytes as f64 / f64::from(1 << 20),
+                    fetch.as_millis(),
+                    took.as_millis()
+                ),
+            };
+            tracing::info!(model = %slot.0, replica = slot.1, stage = slot.2, generation, took = ?took, %detail, "stage ready");
+            report(control, &p, StageState::Ready, detail).await;
         }
         Err(e) => {
             if let Ok(mut a) = attempts.lock() {
@@ -185,44 +199,17 @@ async fn finish(
     }
 }
 
-/// Checks the model file's digest and opens the stage's layers.
+/// Finds (or fetches) a verified copy of the model and opens the stage's
+/// layers.
 fn load(
     model: &trine_control::ModelRecord,
     range: std::ops::Range<usize>,
-    digests: &Digests,
+    store: &Store,
+    peers: &[crate::model_store::Peer],
 ) -> Result<Opened, String> {
-    let path = PathBuf::from(&model.source);
-    let meta = std::fs::metadata(&path).map_err(|e| {
-        format!(
-            "{}: {e}; put the model at this path on the node (or deploy with --source naming where nodes find it)",
-            path.display()
-        )
-    })?;
-    let key = (
-        path.clone(),
-        meta.len(),
-        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-    );
-    let cached = digests.lock().ok().and_then(|d| d.get(&key).cloned());
-    let digest = match cached {
-        Some(d) => d,
-        None => {
-            let d = crate::deploy_cmd::digest(&path, false).map_err(|e| format!("{e:#}"))?;
-            if let Ok(mut m) = digests.lock() {
-                m.insert(key, d.clone());
-            }
-            d
-        }
-    };
-    if digest != model.sha256 {
-        return Err(format!(
-            "{} has sha256 {digest}, but {} was deployed from {}; copy the deployed file here or redeploy",
-            path.display(),
-            model.name,
-            model.sha256
-        ));
-    }
-    trine_engine::open(&path, Some(range)).map_err(|e| e.to_string())
+    let found = store.locate(model, peers)?;
+    let (m, t) = trine_engine::open(found.path(), Some(range)).map_err(|e| e.to_string())?;
+    Ok((m, t, found))
 }
 
 async fn report(control: &ControlPlane, p: &Placement, state: StageState, detail: String) {

@@ -1,12 +1,15 @@
 //! The node's HTTP surface: `/metrics` (Prometheus text), `/healthz`
 //! (liveness: the process answers) and `/readyz` (readiness: serving and not
-//! draining; 503 otherwise, so load balancers stop sending work first).
+//! draining; 503 otherwise, so load balancers stop sending work first), and
+//! `/v1/models/blobs/<sha256>`: a deployed model's file, for peers that
+//! lack it (only files this node has verified against a deployed digest;
+//! HEAD and Range requests work, so a broken download resumes).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -19,6 +22,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
     pub name: Arc<str>,
+    /// The model store and the control plane, on cluster members.
+    pub models: Option<(Arc<crate::model_store::Store>, trine_control::ControlPlane)>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -26,6 +31,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/v1/models/blobs/{sha256}", get(blob))
         .with_state(state)
 }
 
@@ -59,6 +65,41 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({ "ready": false, "reason": "starting or draining" }),
         )
+    }
+}
+
+async fn blob(
+    State(s): State<AppState>,
+    Path(sha256): Path<String>,
+    request: Request,
+) -> axum::response::Response {
+    use tower::ServiceExt as _;
+    let Some((store, control)) = s.models else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "this node is not a cluster member" }),
+        )
+        .into_response();
+    };
+    let state = control.reader().state();
+    let path =
+        tokio::task::spawn_blocking(move || crate::model_store::servable(&store, &state, &sha256))
+            .await
+            .ok()
+            .flatten();
+    let Some(path) = path else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "no verified copy of a deployed model with this sha256 here" }),
+        )
+        .into_response();
+    };
+    match tower_http::services::ServeFile::new(path)
+        .oneshot(request)
+        .await
+    {
+        Ok(r) => r.into_response(),
+        Err(e) => match e {},
     }
 }
 

@@ -159,7 +159,7 @@ async fn head(
     })
 }
 
-fn cache_dir(flag: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn cache_dir(flag: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(d) = flag {
         return Ok(d.clone());
     }

@@ -38,6 +38,7 @@ pub mod logging;
 pub mod mesh;
 pub mod metrics;
 pub mod model_cmd;
+pub mod model_store;
 pub mod node;
 pub mod peers_cmd;
 pub mod shutdown;

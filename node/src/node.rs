@@ -173,11 +173,13 @@ pub async fn serve(
         tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
     });
     let stages = crate::executor::Stages::default();
+    let store = crate::model_store::Store::new(data_dir.path());
     let (executor_stop, executor_stop_rx) = watch::channel(false);
     let executor_task = control.as_ref().map(|c| {
         tokio::spawn(crate::executor::run(
             c.clone(),
             stages.clone(),
+            store.clone(),
             executor_stop_rx,
         ))
     });
@@ -199,6 +201,7 @@ pub async fn serve(
         metrics,
         ready: ready.clone(),
         name: config.name.as_str().into(),
+        models: control.as_ref().map(|c| (store.clone(), c.clone())),
     };
     let mut http_task = tokio::spawn(
         axum::serve(listeners.http, http::router(state))

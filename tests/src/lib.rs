@@ -450,6 +450,11 @@ impl Testnet {
         format!("127.0.0.1:{}", self.base_port + 10 * i)
     }
 
+    /// The data directory of a node of the testnet.
+    pub fn data_dir(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("net").join(name).join("data")
+    }
+
     /// The endpoints a node of the testnet wrote.
     pub fn endpoints(&self, name: &str) -> Result<Endpoints> {
         let path = self

@@ -1,6 +1,8 @@
 //! Placement between real `trine` processes: a model deployed on the
 //! 7-node, 4-region testnet gets every stage of every replica placed, its
-//! replicas in distinct regions; when a node holding a stage is killed,
+//! replicas in distinct regions. Only one node has the file (in its model
+//! store; the deployed source path exists nowhere): the others fetch it
+//! from that node over HTTP and check its digest. When a node holding a stage is killed,
 //! the leader marks it down and moves that stage (and only that one) to a
 //! live node under a higher fencing generation, which loads it. The frozen
 //! node then comes back holding its old stage in memory: the generation
@@ -26,6 +28,7 @@ struct Slot {
     layer_start: u32,
     layer_end: u32,
     state: String,
+    detail: String,
 }
 
 impl Slot {
@@ -73,7 +76,15 @@ async fn a_deployed_model_is_placed_and_a_frozen_nodes_stage_moves_and_is_fenced
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // One node holds the file, in its store under the model's digest.
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(
+        &model,
+    )?));
     let grpc = net.grpc(0);
+    let seed = net.status(&grpc)?.first().context("a node")?.name.clone();
+    let store = net.data_dir(&seed).join("models");
+    std::fs::create_dir_all(&store)?;
+    std::fs::copy(&model, store.join(format!("{sha256}.gguf")))?;
     let mut c = trine();
     c.args([
         "deploy",
@@ -85,6 +96,8 @@ async fn a_deployed_model_is_placed_and_a_frozen_nodes_stage_moves_and_is_fenced
         "2",
         "--replicas",
         "3",
+        "--source",
+        "/nonexistent/tiny.gguf",
     ])
     .arg(&model);
     let out = run(c, Duration::from_secs(60))?;
@@ -95,8 +108,8 @@ async fn a_deployed_model_is_placed_and_a_frozen_nodes_stage_moves_and_is_fenced
     );
     ensure!(String::from_utf8_lossy(&out.stdout).contains("deployed tiny"));
 
-    // Every stage is placed, and each node loads its own (same machine:
-    // the file is at the deployed path for every node) and reports ready.
+    // Every stage is placed, and each node gets the file (the seed from its
+    // store, the others from a peer), loads its stage and reports ready.
     let slots = wait_for("6 slots ready", Duration::from_secs(60), || {
         let grpc = grpc.clone();
         async move {
@@ -116,6 +129,20 @@ async fn a_deployed_model_is_placed_and_a_frozen_nodes_stage_moves_and_is_fenced
         ensure!(
             s.model == "tiny" && s.layer_end == s.layer_start + 1,
             "{s:?}"
+        );
+        let fetched = s.detail.starts_with("fetched");
+        ensure!(
+            fetched == (s.node != seed),
+            "{s:?}: the seed {seed} loads its own copy, the others fetch"
+        );
+        let copy = net
+            .data_dir(&s.node)
+            .join("models")
+            .join(format!("{sha256}.gguf"));
+        ensure!(
+            std::fs::read(&copy)? == std::fs::read(&model)?,
+            "{} is not the deployed file",
+            copy.display()
         );
     }
 
