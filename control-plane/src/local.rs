@@ -28,6 +28,11 @@ pub struct Tuning {
     pub rtt: Option<RttMatrix>,
     /// Least time between two rebalancing moves.
     pub rebalance_every: Duration,
+    /// A member unanswered this long is marked down (up again after twice
+    /// this long answering).
+    pub down_after: Duration,
+    /// Memory each member reports (the planner's capacity is 80% of it).
+    pub memory_bytes: u64,
 }
 
 impl Default for Tuning {
@@ -40,6 +45,8 @@ impl Default for Tuning {
             snapshot_keep: 1000,
             rtt: None,
             rebalance_every: Duration::from_secs(30),
+            down_after: Duration::from_secs(3),
+            memory_bytes: 8 << 30,
         }
     }
 }
@@ -119,7 +126,10 @@ pub async fn start_member(
             region: region.into(),
             name: name.clone(),
         },
-        record: record(id, &name, region, &addr),
+        record: NodeRecord {
+            memory_bytes: tuning.memory_bytes,
+            ..record(id, &name, region, &addr)
+        },
         dir: root.join(&name).join("raft"),
         tls: NodeTls::load(&certs).map_err(setup)?,
         cluster: "local".into(),
@@ -128,8 +138,8 @@ pub async fn start_member(
         profile: tuning.profile,
         heartbeat: tuning.heartbeat,
         election_timeout: tuning.election_timeout,
-        down_after: Duration::from_secs(3),
-        up_after: Duration::from_secs(6),
+        down_after: tuning.down_after,
+        up_after: tuning.down_after * 2,
         rebalance_every: tuning.rebalance_every,
         voters: Rules::default(),
         snapshot_every: tuning.snapshot_every,

@@ -22,6 +22,11 @@ pub enum BenchCommand {
     /// Leader failover: repeatedly stop the leader of a fresh cluster and
     /// time until the survivors commit again.
     Failover(FailoverArgs),
+    /// Placement failover: seven members in four regions, each loading its
+    /// stages of a deployed synthetic model; repeatedly stop a member that
+    /// holds stages and time until they are detected, placed and ready on
+    /// other members (model load included).
+    Placement(crate::bench_placement::PlacementArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,7 +101,7 @@ pub enum LatencyArg {
 }
 
 impl LatencyArg {
-    fn rtt(self) -> Option<trine_control::network::RttMatrix> {
+    pub(crate) fn rtt(self) -> Option<trine_control::network::RttMatrix> {
         match self {
             Self::None => None,
             Self::Realistic => Some(crate::cluster::rtt_matrix(
@@ -263,6 +268,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Raft(args) => raft_bench(args),
         BenchCommand::Failover(args) => failover_bench(args),
+        BenchCommand::Placement(args) => crate::bench_placement::run(args),
         BenchCommand::Mesh(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -313,7 +319,7 @@ fn regions(n: usize) -> Vec<String> {
     .collect()
 }
 
-fn quiet_runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn quiet_runtime() -> Result<tokio::runtime::Runtime> {
     crate::metrics::install();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -325,7 +331,7 @@ fn latency_histogram() -> Result<hdrhistogram::Histogram<u64>> {
     Ok(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)?)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

@@ -15,7 +15,7 @@ use trine_control::{Command, ControlPlane, Placement, StageState, State};
 
 use crate::model_store::{Found, Store};
 
-/// How often the node looks at its assignments.
+/// How often the node looks at its assignments when nothing is applied.
 const EVERY: Duration = Duration::from_millis(500);
 /// A failed load is tried again after this long (the file may appear).
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -58,9 +58,17 @@ pub async fn run(
     let attempts = Arc::new(Mutex::new(Attempts::default()));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Done>(16);
     let mut published = BTreeMap::new();
+    // Woken by every applied entry (a placement can change), and at least
+    // every EVERY (a failed load's retry).
+    let mut metrics = control.raft().metrics();
+    let mut seen = None;
     loop {
         let done = tokio::select! {
             () = tokio::time::sleep(EVERY) => None,
+            Ok(m) = metrics.wait_for(|m| m.last_applied != seen) => {
+                seen = m.last_applied;
+                None
+            }
             Some(done) = done_rx.recv() => Some(done),
             _ = stop.wait_for(|s| *s) => return,
         };

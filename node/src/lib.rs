@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod bench_cmd;
+pub mod bench_placement;
 pub mod build;
 pub mod cli;
 pub mod cluster;
