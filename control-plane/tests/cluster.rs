@@ -480,3 +480,131 @@ async fn a_returning_member_is_marked_up_only_after_answering_steadily() -> Resu
     eprintln!("marked up {:?} after it answered again", healed.elapsed());
     Ok(())
 }
+
+/// The leader's placement loop end to end (the test plays the nodes'
+/// executors, reporting every placed stage ready): four replicas in four
+/// regions; one region's only member is cut off, so its replica doubles up
+/// in another region; when the member answers again and is marked up, the
+/// leader rebalances one replica back, and nothing else moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_region_gets_its_replica_back_by_rebalancing() -> Result<()> {
+    use std::collections::{BTreeMap, BTreeSet};
+    use trine_control::{ModelRecord, StageState};
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cluster = LocalCluster::start(
+        &["a", "b", "c", "d"],
+        Tuning {
+            down_after: Duration::from_secs(1),
+            rebalance_every: Duration::from_secs(1),
+            ..tuning()
+        },
+    )
+    .await?;
+    let leader = cluster.leader().context("a leader")?;
+    let lead = cluster.nodes[&leader].clone();
+    lead.propose(
+        "test",
+        Command::DeployModel(Box::new(ModelRecord {
+            name: "m".into(),
+            source: "/m.gguf".into(),
+            sha256: "a".repeat(64),
+            layers: 4,
+            bytes_per_layer: 1 << 20,
+            fixed_bytes: 1 << 20,
+            stages: 1,
+            replicas: 4,
+            regions: Vec::new(),
+            deployed_ms: 0,
+        })),
+    )
+    .await?;
+    // The nodes' executors, played by the test.
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let members: Vec<ControlPlane> = cluster.nodes.values().cloned().collect();
+    let reporter = tokio::spawn(async move {
+        loop {
+            for c in &members {
+                let state = c.reader().state();
+                for p in state.placements.values() {
+                    if p.node == c.id() && p.state != StageState::Ready {
+                        let _ = c
+                            .propose(
+                                &format!("node:{}", c.id()),
+                                Command::StageReport {
+                                    model: p.model.clone(),
+                                    replica: p.replica,
+                                    stage: p.stage,
+                                    node: p.node,
+                                    generation: p.generation,
+                                    state: StageState::Ready,
+                                    detail: String::new(),
+                                },
+                            )
+                            .await;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+        }
+    });
+    let layout = |c: &ControlPlane| {
+        let s = c.reader().state();
+        let ready =
+            s.placements.len() == 4 && s.placements.values().all(|p| p.state == StageState::Ready);
+        let nodes: BTreeMap<u32, u64> =
+            s.placements.values().map(|p| (p.replica, p.node)).collect();
+        let regions: BTreeSet<String> = s
+            .placements
+            .values()
+            .map(|p| s.nodes[&p.node].region.clone())
+            .collect();
+        ready.then_some((nodes, regions.len()))
+    };
+    let (before, regions) = wait_for("4 replicas ready", Duration::from_secs(20), async || {
+        layout(&lead)
+    })
+    .await?;
+    anyhow::ensure!(regions == 4, "replicas share regions: {before:?}");
+
+    let victim = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader)
+        .context("a follower")?;
+    partition(&cluster, victim);
+    let (during, regions) = wait_for(
+        "the cut-off member's replica ready elsewhere",
+        Duration::from_secs(20),
+        async || layout(&lead).filter(|(n, _)| !n.values().any(|n| *n == victim)),
+    )
+    .await?;
+    anyhow::ensure!(regions == 3, "{during:?}");
+    for c in cluster.nodes.values() {
+        c.faults().heal();
+    }
+    let (after, regions) = wait_for(
+        "a replica rebalanced back to the returning member",
+        Duration::from_secs(30),
+        async || layout(&lead).filter(|(n, _)| n.values().any(|n| *n == victim)),
+    )
+    .await?;
+    anyhow::ensure!(regions == 4, "{after:?}");
+    let moved = (0..4u32).filter(|r| during[r] != after[r]).count();
+    anyhow::ensure!(
+        moved == 1,
+        "rebalancing moved {moved} replicas: {during:?} → {after:?}"
+    );
+    // And it stays: a good layout is not shuffled again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (later, _) = layout(&lead).context("still ready")?;
+    anyhow::ensure!(later == after, "moved again: {after:?} → {later:?}");
+    let _ = stop.send(true);
+    reporter.await?;
+    Ok(())
+}

@@ -82,7 +82,7 @@ fn start_executor(control: &ControlPlane, dir: &std::path::Path) -> Executor {
     let task = tokio::spawn(crate::executor::run(
         control.clone(),
         Stages::default(),
-        Store::new(dir),
+        Store::new(dir, None),
         rx,
     ));
     Executor { stop, task }

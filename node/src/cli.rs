@@ -237,6 +237,12 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_TLS_DIR", value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
 
+    /// Hugging Face cache to look in for deployed models (by sha256, where
+    /// `trine model pull` puts them). [default: $HF_HUB_CACHE, else
+    /// $HF_HOME/hub, else ~/.cache/huggingface/hub]
+    #[arg(long, env = "TRINE_MODEL_CACHE", value_name = "DIR")]
+    pub model_cache: Option<PathBuf>,
+
     /// Cluster name. [default: trine]
     #[arg(long, env = "TRINE_CLUSTER")]
     pub cluster: Option<String>,
@@ -314,6 +320,7 @@ impl NodeArgs {
             init: self.init.then_some(true),
             join: self.join.clone(),
             tls_dir: self.tls_dir.clone(),
+            model_cache: self.model_cache.clone(),
             cluster: self.cluster.clone(),
             raft_profile: self.raft_profile,
             down_after: self.down_after,

@@ -84,6 +84,9 @@ pub struct Config {
     /// Directory with ca.crt, node.crt and node.key; empty means
     /// <data_dir>/tls.
     pub tls_dir: PathBuf,
+    /// Hugging Face cache the node looks in for deployed models; empty
+    /// means $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
+    pub model_cache: PathBuf,
     /// Cluster name (in the CA and Raft's config).
     pub cluster: String,
     /// Raft timeouts: "lan" or "wan" (regions ~200 ms apart).
@@ -144,6 +147,7 @@ pub struct Layer {
     pub init: Option<bool>,
     pub join: Option<Vec<String>>,
     pub tls_dir: Option<PathBuf>,
+    pub model_cache: Option<PathBuf>,
     pub cluster: Option<String>,
     pub raft_profile: Option<RaftProfile>,
     #[serde(default, with = "humantime_serde")]
@@ -211,6 +215,7 @@ impl Default for Config {
             init: false,
             join: Vec::new(),
             tls_dir: PathBuf::new(),
+            model_cache: PathBuf::new(),
             cluster: "trine".into(),
             raft_profile: RaftProfile::Lan,
             down_after: Duration::from_secs(3),
@@ -285,6 +290,7 @@ impl Layer {
             init: over.init.or(self.init),
             join: over.join.or(self.join),
             tls_dir: over.tls_dir.or(self.tls_dir),
+            model_cache: over.model_cache.or(self.model_cache),
             cluster: over.cluster.or(self.cluster),
             raft_profile: over.raft_profile.or(self.raft_profile),
             down_after: over.down_after.or(self.down_after),
@@ -323,6 +329,7 @@ impl Config {
             init: layer.init.unwrap_or(d.init),
             join: layer.join.unwrap_or(d.join),
             tls_dir: layer.tls_dir.unwrap_or(d.tls_dir),
+            model_cache: layer.model_cache.unwrap_or(d.model_cache),
             cluster: layer.cluster.unwrap_or(d.cluster),
             raft_profile: layer.raft_profile.unwrap_or(d.raft_profile),
             down_after: layer.down_after.unwrap_or(d.down_after),

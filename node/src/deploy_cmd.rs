@@ -18,9 +18,23 @@ use crate::cluster_cmd::Target;
 pub struct DeployArgs {
     #[command(flatten)]
     pub target: Target,
-    /// The model: a GGUF file or a Hugging Face directory. Nodes load it
-    /// from the same path unless --source says otherwise.
+    /// The model: a GGUF file, a Hugging Face directory, or a hub
+    /// repository ORG/NAME (pulled into the Hugging Face cache here first,
+    /// as `trine model pull` does: --file, else its only GGUF file, else
+    /// the whole repository). Nodes find it at the same path, in their
+    /// model store or Hugging Face cache by its sha256, or fetch it from a
+    /// node that has it.
     pub model: PathBuf,
+    /// With a hub repository: the file to deploy.
+    #[arg(long)]
+    pub file: Option<String>,
+    /// With a hub repository: branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// With a hub repository: hub URL [default: $HF_ENDPOINT, else
+    /// https://huggingface.co].
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
     /// The name clients ask for (letters, digits and - _ . : /).
     #[arg(long)]
     pub name: String,
@@ -165,9 +179,40 @@ pub fn digest(path: &Path, progress: bool) -> Result<String> {
     Ok(trine_control::chain::hex(&h.finalize()))
 }
 
+/// `org/name`: one slash, plain parts, not a path that could exist.
+fn hub_repo(model: &Path) -> Option<&str> {
+    let s = model.to_str()?;
+    let (org, name) = s.split_once('/')?;
+    let plain = |p: &str| {
+        !p.is_empty()
+            && p != "."
+            && p != ".."
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    (plain(org) && plain(name) && !model.exists()).then_some(s)
+}
+
 pub fn deploy(args: &DeployArgs) -> Result<()> {
-    let path = std::path::absolute(&args.model)
-        .with_context(|| format!("resolving {}", args.model.display()))?;
+    let model = match hub_repo(&args.model) {
+        Some(repo) => crate::hub::pull_model(
+            repo,
+            args.file.as_deref(),
+            &args.revision,
+            args.endpoint.clone(),
+        )?,
+        None => {
+            if args.file.is_some() || args.endpoint.is_some() {
+                bail!(
+                    "--file and --endpoint go with a hub repository (ORG/NAME); {} is not one",
+                    args.model.display()
+                );
+            }
+            args.model.clone()
+        }
+    };
+    let path =
+        std::path::absolute(&model).with_context(|| format!("resolving {}", model.display()))?;
     if !path.exists() {
         bail!(
             "{} does not exist; give a GGUF file or a Hugging Face directory (`trine model pull` fetches one)",
@@ -252,6 +297,13 @@ mod tests {
         );
         let gap = [("blk.0.a", 1), ("blk.2.a", 1)];
         assert!(shape_of(gap.iter().map(|(n, b)| (*n, *b)), "blk.").is_err());
+        assert_eq!(
+            hub_repo(Path::new("microsoft/bitnet-b1.58-2B-4T-gguf")),
+            Some("microsoft/bitnet-b1.58-2B-4T-gguf")
+        );
+        for not in ["/abs/x", "a/b/c", "./x", "x", "../x", "a b/c"] {
+            assert_eq!(hub_repo(Path::new(not)), None, "{not}");
+        }
         let none = [("token_embd.weight", 1)];
         assert!(shape_of(none.iter().map(|(n, b)| (*n, *b)), "blk.").is_err());
     }

@@ -196,6 +196,67 @@ pub fn run(args: &PullArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The model to deploy from a hub repository (`trine deploy ORG/NAME`):
+/// `file` if given; else the repository's only GGUF file; else (no GGUF)
+/// the whole repository as a Hugging Face directory. Pulled into the cache
+/// like `trine model pull`; returns the path in the snapshot.
+pub fn pull_model(
+    repo: &str,
+    file: Option<&str>,
+    revision: &str,
+    endpoint: Option<String>,
+) -> anyhow::Result<PathBuf> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut args = PullArgs {
+            repo: repo.to_owned(),
+            files: file.map(|f| vec![f.to_owned()]).unwrap_or_default(),
+            revision: revision.to_owned(),
+            endpoint,
+            cache_dir: None,
+        };
+        if file.is_none() {
+            let client = reqwest::Client::builder()
+                .user_agent(concat!("trine/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(20))
+                .build()
+                .context("cannot build the HTTP client")?;
+            let endpoint = endpoint_of(&args);
+            let names = list(&client, &endpoint, repo, revision).await?;
+            let ggufs: Vec<&String> = names.iter().filter(|n| n.ends_with(".gguf")).collect();
+            match ggufs.as_slice() {
+                [] => {}
+                [one] => args.files = vec![(*one).clone()],
+                many => bail!(
+                    "{repo} has {} GGUF files ({}); name one with --file",
+                    many.len(),
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+        let snapshot = pull(&args).await?;
+        Ok(match args.files.as_slice() {
+            [one] => snapshot.join(one),
+            _ => snapshot,
+        })
+    })
+}
+
+fn endpoint_of(args: &PullArgs) -> String {
+    args.endpoint
+        .clone()
+        .or_else(|| std::env::var("HF_ENDPOINT").ok())
+        .unwrap_or_else(|| "https://huggingface.co".into())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
 async fn pull(args: &PullArgs) -> anyhow::Result<PathBuf> {
     if !args.repo.contains('/') || !safe_relative(&args.repo) || args.repo.matches('/').count() != 1
     {
@@ -204,12 +265,8 @@ async fn pull(args: &PullArgs) -> anyhow::Result<PathBuf> {
             args.repo
         );
     }
-    let endpoint = args
-        .endpoint
-        .clone()
-        .or_else(|| std::env::var("HF_ENDPOINT").ok())
-        .unwrap_or_else(|| "https://huggingface.co".into());
-    let endpoint = endpoint.trim_end_matches('/');
+    let endpoint = endpoint_of(args);
+    let endpoint = endpoint.as_str();
     let root =
         cache_dir(&args.cache_dir)?.join(format!("models--{}", args.repo.replace('/', "--")));
     let mut auth = reqwest::header::HeaderMap::new();

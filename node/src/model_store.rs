@@ -71,12 +71,13 @@ fn is_sha256(s: &str) -> bool {
 }
 
 impl Store {
-    /// The store under `data_dir/models`, and the Hugging Face cache named
-    /// by the environment (as `trine model pull` uses it).
-    pub fn new(data_dir: &Path) -> Arc<Self> {
+    /// The store under `data_dir/models`, and the Hugging Face cache
+    /// `hf_cache`, else the one the environment names (as `trine model
+    /// pull` uses it).
+    pub fn new(data_dir: &Path, hf_cache: Option<PathBuf>) -> Arc<Self> {
         Arc::new(Self {
             dir: data_dir.join("models"),
-            hf_cache: crate::hub::cache_dir(&None).ok(),
+            hf_cache: crate::hub::cache_dir(&hf_cache).ok(),
             digests: Mutex::default(),
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
@@ -403,7 +404,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lying_peer_is_skipped_and_an_honest_one_used() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::new(dir.path());
+        let store = Store::new(dir.path(), Some(dir.path().join("hf")));
         let good: &'static [u8] = b"the real model bytes";
         let liar = serve(b"something else entirely").await;
         let honest = serve(good).await;
@@ -432,7 +433,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_liars_mean_a_clear_error_and_nothing_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::new(dir.path());
+        let store = Store::new(dir.path(), Some(dir.path().join("hf")));
         let liar = serve(b"not it").await;
         let m = model(b"the real model bytes");
         let (s, mm, peers) = (store.clone(), m.clone(), vec![liar.clone()]);
@@ -452,7 +453,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_offering_more_than_the_model_can_be_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::new(dir.path());
+        let store = Store::new(dir.path(), Some(dir.path().join("hf")));
         static BIG: [u8; 300 << 20] = [0; 300 << 20];
         let peer = serve(&BIG).await;
         let mut m = model(b"small");
@@ -484,7 +485,7 @@ mod tests {
             name: "seed".into(),
             http: addr.to_string(),
         };
-        let store = Store::new(&dir.path().join("node"));
+        let store = Store::new(&dir.path().join("node"), Some(dir.path().join("hf")));
         let m = model(&body);
         std::fs::create_dir_all(store.dir()).expect("mkdir");
         std::fs::write(
@@ -507,7 +508,7 @@ mod tests {
     #[test]
     fn a_wrong_copy_in_the_store_is_removed_and_a_right_one_found() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::new(dir.path());
+        let store = Store::new(dir.path(), Some(dir.path().join("hf")));
         let m = model(b"right");
         std::fs::create_dir_all(store.dir()).expect("mkdir");
         let ours = store.dir().join(format!("{}.gguf", m.sha256));

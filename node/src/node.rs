@@ -173,7 +173,10 @@ pub async fn serve(
         tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
     });
     let stages = crate::executor::Stages::default();
-    let store = crate::model_store::Store::new(data_dir.path());
+    let store = crate::model_store::Store::new(
+        data_dir.path(),
+        (!config.model_cache.as_os_str().is_empty()).then(|| config.model_cache.clone()),
+    );
     let (executor_stop, executor_stop_rx) = watch::channel(false);
     let executor_task = control.as_ref().map(|c| {
         tokio::spawn(crate::executor::run(

@@ -2,7 +2,9 @@
 //! Hugging Face hub's URL layout (listing API and resolve URLs with Range
 //! support), with faults injected: connections cut mid-file (resumed with
 //! Range requests, within a run and on the next run), a corrupted body
-//! (refused by its sha256), and a second pull served from the cache.
+//! (refused by its sha256), and a second pull served from the cache. And
+//! `trine deploy ORG/NAME`: pulled here, then found by a node in its own
+//! Hugging Face cache by sha256 (the recorded path existing nowhere).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt as _;
 use sha2::{Digest as _, Sha256};
-use trine_tests::{error_lines, run, trine};
+use trine_tests::{Node, chain_note, cli_json, error_lines, run, trine, wait_for};
 
 const REPO: &str = "trine-test/tiny-hf";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -34,6 +36,11 @@ struct Hub {
     corrupt: AtomicBool,
     /// (file, Range header) of every file request.
     log: Mutex<Vec<(String, Option<String>)>>,
+}
+
+/// Files the fake hub stores in LFS (named by their sha256 in the cache).
+fn lfs(name: &str) -> bool {
+    name.ends_with(".safetensors") || name.ends_with(".gguf")
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -56,7 +63,7 @@ async fn listing(
         .into_iter()
         .map(|n| {
             let data = &hub.files[n];
-            if n.ends_with(".safetensors") {
+            if lfs(n) {
                 serde_json::json!({"rfilename": n, "size": data.len(), "blobId": &sha256(data)[..40],
                     "lfs": {"sha256": sha256(data), "size": data.len(), "pointerSize": 134}})
             } else {
@@ -161,7 +168,7 @@ async fn head(
         }
     };
     set(h, "x-repo-commit", COMMIT.to_owned());
-    if file.ends_with(".safetensors") {
+    if lfs(&file) {
         set(h, "x-linked-etag", format!("\"{}\"", sha256(data)));
         set(h, "x-linked-size", data.len().to_string());
         set(h, "location", format!("/{REPO}/resolve/{COMMIT}/{file}"));
@@ -409,5 +416,104 @@ async fn named_files_only_and_unknown_ones_refused() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_from_a_hub_repository_and_a_node_finds_it_in_its_cache() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let gguf = tmp.path().join("tiny.gguf");
+    let mut cmd = trine();
+    cmd.args([
+        "model", "synth", "--preset", "tiny", "--format", "i2_s", "--out",
+    ])
+    .arg(&gguf);
+    ensure!(run(cmd, T)?.status.success(), "synth failed");
+    let bytes = std::fs::read(&gguf)?;
+    let mut files = HashMap::new();
+    files.insert("tiny.gguf".to_owned(), bytes.clone());
+    files.insert("README.md".to_owned(), b"a tiny model".to_vec());
+    let addr = serve(Arc::new(Hub {
+        files: files.clone(),
+        ..Hub::default()
+    }))
+    .await?;
+    let cache = tmp.path().join("hf");
+    let raft = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("127.0.0.1:{}", l.local_addr()?.port())
+    };
+    let cache_arg = cache.display().to_string();
+    let node = Node::start(&["--init", "--raft-addr", &raft, "--model-cache", &cache_arg]).await?;
+    let grpc = node.endpoints.grpc.to_string();
+    wait_for("a leader", Duration::from_secs(20), || async {
+        chain_note(&grpc, "ready").ok()
+    })
+    .await?;
+
+    let deploy = |extra: &[&str]| {
+        let mut cmd = trine();
+        cmd.env("HF_HUB_CACHE", &cache)
+            .args(["deploy", REPO, "--node", &grpc, "--name", "tiny"])
+            .args(["--endpoint", &format!("http://{addr}")])
+            .args(extra);
+        run(cmd, T)
+    };
+    // The recorded source exists nowhere: the node must use its cache.
+    let out = deploy(&["--source", "/nonexistent/tiny.gguf"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(stdout.contains(&sha256(&bytes)), "{stdout}");
+    let blob = cache
+        .join("models--trine-test--tiny-hf/blobs")
+        .join(sha256(&bytes));
+    ensure!(
+        std::fs::read(&blob)? == bytes,
+        "the pull did not fill the cache"
+    );
+    ensure!(
+        !cache
+            .join("models--trine-test--tiny-hf/snapshots")
+            .join(COMMIT)
+            .join("README.md")
+            .exists(),
+        "only the model file is pulled"
+    );
+    let slot = wait_for("the stage ready", Duration::from_secs(60), || async {
+        cli_json::<serde_json::Value>(&["placement", "--node", &grpc, "-o", "json"])
+            .ok()?
+            .into_iter()
+            .find(|s| s["state"] == "ready")
+    })
+    .await?;
+    let detail = slot["detail"].as_str().unwrap_or_default();
+    ensure!(
+        detail.contains(&blob.display().to_string()),
+        "not loaded from the cache's blob: {slot}"
+    );
+
+    // A repository with two GGUF files needs --file.
+    let mut two = files;
+    two.insert("other.gguf".to_owned(), b"GGUF".to_vec());
+    let addr2 = serve(Arc::new(Hub {
+        files: two,
+        ..Hub::default()
+    }))
+    .await?;
+    let mut cmd = trine();
+    cmd.env("HF_HUB_CACHE", tmp.path().join("hf2"))
+        .args(["deploy", REPO, "--node", &grpc, "--name", "again"])
+        .args(["--endpoint", &format!("http://{addr2}")]);
+    let out = run(cmd, T)?;
+    let errors = error_lines(&out.stderr).join("\n");
+    ensure!(
+        !out.status.success() && errors.contains("--file") && errors.contains("other.gguf"),
+        "{errors}"
+    );
+    drop(node);
     Ok(())
 }
