@@ -87,9 +87,21 @@ struct Layout<'a> {
     assigned: BTreeMap<SlotKey, NodeId>,
 }
 
-/// How well a node suits a slot, lower is better: rules 3 and 4 in order,
-/// after "this slot did not fail to load there before".
-type Rank = (bool, usize, bool, usize, std::cmp::Reverse<u64>, NodeId);
+/// How well a node suits a slot, lower is better: after "this slot did not
+/// fail to load there before", rule 3 (a region no other replica uses; the
+/// replica's own region; a node no other replica uses; the region fewest
+/// other replicas use; the node fewest of the model's slots use), then
+/// rule 4 (most free memory, lowest id).
+type Rank = (
+    bool,
+    bool,
+    bool,
+    bool,
+    usize,
+    usize,
+    std::cmp::Reverse<u64>,
+    NodeId,
+);
 
 /// See [`Layout::score`]: (replicas sharing a region, replicas spanning
 /// regions, slots sharing a node), lower is better.
@@ -178,10 +190,13 @@ impl<'a> Layout<'a> {
                     .len();
                 let away = replica_region.is_some_and(|r| r != n.region);
                 let on_node = mine.iter().filter(|(_, x)| *x == n.id).count();
+                let shared_node = mine.iter().any(|(r, x)| *r != replica && *x == n.id);
                 let rank: Rank = (
                     failed_on.contains(&n.id),
-                    other_replicas_in_region,
+                    other_replicas_in_region > 0,
                     away,
+                    shared_node,
+                    other_replicas_in_region,
                     on_node,
                     std::cmp::Reverse(free),
                     n.id,
@@ -189,7 +204,7 @@ impl<'a> Layout<'a> {
                 Some(rank)
             })
             .min()
-            .map(|rank| rank.5)
+            .map(|rank| rank.7)
     }
 
     /// How far one model's layout is from rules 3's ideal, compared
@@ -874,6 +889,17 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(replica_regions.len(), (m.replicas as usize).min(regions.len()));
+                // Then distinct nodes: with a node per slot, no node holds
+                // two replicas of one model.
+                if s.nodes.len() >= (m.replicas * m.stages) as usize {
+                    let mut by_node: BTreeMap<NodeId, BTreeSet<u32>> = BTreeMap::new();
+                    for p in s.placements.values().filter(|p| p.model == m.name) {
+                        by_node.entry(p.node).or_default().insert(p.replica);
+                    }
+                    for (node, replicas) in by_node {
+                        prop_assert!(replicas.len() == 1, "node {} holds replicas {:?} of {}", node, replicas, m.name);
+                    }
+                }
             }
         }
     }

@@ -272,6 +272,13 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_REBALANCE_EVERY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub rebalance_every: Option<Duration>,
 
+    /// Serve inference requests (gRPC Inference, the OpenAI-compatible
+    /// HTTP API) without an API token. Off by default: requests need
+    /// `Authorization: Bearer <token>` from `trine token create`. The local
+    /// testnet turns it on (it listens on loopback only).
+    #[arg(long, env = "TRINE_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
     /// Raft entries between snapshots; the log behind a snapshot is purged.
     /// [default: 10000]
     #[arg(long, env = "TRINE_SNAPSHOT_EVERY", value_name = "N")]
@@ -326,6 +333,7 @@ impl NodeArgs {
             down_after: self.down_after,
             voter_replace_after: self.voter_replace_after,
             rebalance_every: self.rebalance_every,
+            allow_anonymous: self.allow_anonymous.then_some(true),
             snapshot_every: self.snapshot_every,
         }
     }

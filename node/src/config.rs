@@ -100,6 +100,8 @@ pub struct Config {
     /// Least time between two rebalancing moves (one replica each).
     #[serde(with = "humantime_serde")]
     pub rebalance_every: Duration,
+    /// Serve inference requests that carry no API token.
+    pub allow_anonymous: bool,
     /// Raft entries between snapshots (the log is purged behind them).
     pub snapshot_every: u64,
 }
@@ -156,6 +158,7 @@ pub struct Layer {
     pub voter_replace_after: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub rebalance_every: Option<Duration>,
+    pub allow_anonymous: Option<bool>,
     pub snapshot_every: Option<u64>,
 }
 
@@ -221,6 +224,7 @@ impl Default for Config {
             down_after: Duration::from_secs(3),
             voter_replace_after: Duration::from_secs(30),
             rebalance_every: Duration::from_secs(30),
+            allow_anonymous: false,
             snapshot_every: 10_000,
         }
     }
@@ -296,6 +300,7 @@ impl Layer {
             down_after: over.down_after.or(self.down_after),
             voter_replace_after: over.voter_replace_after.or(self.voter_replace_after),
             rebalance_every: over.rebalance_every.or(self.rebalance_every),
+            allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
         }
     }
@@ -335,6 +340,7 @@ impl Config {
             down_after: layer.down_after.unwrap_or(d.down_after),
             voter_replace_after: layer.voter_replace_after.unwrap_or(d.voter_replace_after),
             rebalance_every: layer.rebalance_every.unwrap_or(d.rebalance_every),
+            allow_anonymous: layer.allow_anonymous.unwrap_or(d.allow_anonymous),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
         };
         config.validate()?;

@@ -2,10 +2,10 @@
 //! reflection (v1 and v1alpha), and the `trine.v1` services.
 //!
 //! `Admin` lives in `admin.rs`; `Raft` is served on the node's separate
-//! mutual-TLS port by the control plane. `Inference` (and Admin's placement
-//! methods) come with serving: until then they answer UNIMPLEMENTED with a
-//! message that says so, and Inference's health is NOT_SERVING, so a client
-//! can tell "not here yet" from "broken".
+//! mutual-TLS port by the control plane. `Inference` is served by cluster
+//! members ([`crate::serve`]); a node outside a cluster answers it with
+//! UNIMPLEMENTED and a message that says so, and its Inference health is
+//! NOT_SERVING, so a client can tell "not here" from "broken".
 
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -25,8 +25,8 @@ pub struct NotYetServed;
 
 fn not_served(method: &str) -> Status {
     Status::unimplemented(format!(
-        "{method} is not implemented by trine {}: this node serves health, reflection and metrics only; \
-         model serving and the control plane are not part of this build yet",
+        "{method} is served by cluster members; this node (trine {}) runs the mesh only: \
+         start it with --init or --join (and a node certificate) to serve models",
         crate::build::VERSION
     ))
 }
@@ -46,6 +46,73 @@ impl Inference for NotYetServed {
         _: Request<v1::ListModelsRequest>,
     ) -> Reply<v1::ListModelsResponse> {
         Err(not_served("trine.v1.Inference/ListModels"))
+    }
+}
+
+/// `trine.v1.Inference` on a cluster member.
+#[derive(Debug, Clone)]
+pub struct InferenceService {
+    pub serving: crate::serve::Serving,
+}
+
+type EventStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<v1::GenerateResponse, Status>> + Send>,
+>;
+
+fn authorization<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, req: Request<v1::GenerateRequest>) -> Reply<Self::GenerateStream> {
+        use tokio_stream::StreamExt as _;
+        let auth = authorization(&req);
+        let hop = req.metadata().get(crate::serve::HOP).is_some();
+        let answer = async {
+            self.serving.authenticate(auth.as_deref())?;
+            self.serving
+                .generate(req.into_inner(), hop, auth.clone())
+                .await
+        }
+        .await;
+        let rx = match answer {
+            Ok(rx) => rx,
+            Err(e) => {
+                crate::metrics::request("grpc", e.kind());
+                return Err(e.status());
+            }
+        };
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| {
+            match &r {
+                Ok(v1::GenerateResponse {
+                    event: Some(v1::generate_response::Event::Usage(_)),
+                    ..
+                }) => crate::metrics::request("grpc", "ok"),
+                Err(e) => crate::metrics::request("grpc", e.kind()),
+                Ok(_) => {}
+            }
+            r.map_err(|e| e.status())
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_models(
+        &self,
+        req: Request<v1::ListModelsRequest>,
+    ) -> Reply<v1::ListModelsResponse> {
+        self.serving
+            .authenticate(authorization(&req).as_deref())
+            .map_err(|e| e.status())?;
+        Ok(Response::new(v1::ListModelsResponse {
+            request_id: req.into_inner().request_id,
+            models: self.serving.models(),
+        }))
     }
 }
 
@@ -188,6 +255,7 @@ pub struct Services {
 pub async fn services(
     mesh: Mesh,
     control: Option<trine_control::ControlPlane>,
+    serving: Option<crate::serve::Serving>,
 ) -> Result<Services, tonic_reflection::server::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // Admin answers ListPeers always and the cluster methods when the node
@@ -202,8 +270,13 @@ pub async fn services(
         ServingStatus::NotServing
     };
     health.set_service_status(service_names::RAFT, raft).await;
+    let inference = if serving.is_some() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
     health
-        .set_service_status(service_names::INFERENCE, ServingStatus::NotServing)
+        .set_service_status(service_names::INFERENCE, inference)
         .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -214,11 +287,17 @@ pub async fn services(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(
-            InferenceServer::new(NotYetServed).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
             AdminServer::new(crate::admin::AdminService { mesh, control })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         );
+    let router = match serving {
+        Some(serving) => router.add_service(
+            InferenceServer::new(InferenceService { serving })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        ),
+        None => router.add_service(
+            InferenceServer::new(NotYetServed).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        ),
+    };
     Ok(Services { health, router })
 }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::metrics::Metrics;
 
@@ -24,6 +25,8 @@ pub struct AppState {
     pub name: Arc<str>,
     /// The model store and the control plane, on cluster members.
     pub models: Option<(Arc<crate::model_store::Store>, trine_control::ControlPlane)>,
+    /// Inference, on cluster members.
+    pub serving: Option<crate::serve::Serving>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -32,6 +35,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/models/blobs/{sha256}", get(blob))
+        .route("/v1/models", get(crate::openai::models))
+        .route("/v1/completions", post(crate::openai::completions))
+        .route("/v1/chat/completions", post(crate::openai::chat))
+        .layer(DefaultBodyLimit::max(crate::openai::MAX_BODY))
         .with_state(state)
 }
 

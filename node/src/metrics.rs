@@ -50,6 +50,13 @@ pub const STAGE_REQUESTS: &str = "trine_stage_requests_total";
 pub const STAGE_REJECTED: &str = "trine_stage_rejected_total";
 /// Gauge `{model,stage}`: replicas of that stage placed on this node.
 pub const STAGE_ASSIGNED: &str = "trine_stage_assigned";
+/// Counter `{api,code}`: inference requests answered (api: grpc, openai).
+pub const REQUESTS: &str = "trine_requests_total";
+/// Counter: tokens generated on this node.
+pub const TOKENS_GENERATED: &str = "trine_tokens_generated_total";
+/// Counter: requests this node continued on another replica after one
+/// failed mid-answer.
+pub const FAILOVERS: &str = "trine_request_failovers_total";
 
 /// Bucket bounds of [`PEER_RTT`]: 1 ms to 2 s, dense where regions sit.
 pub const RTT_BUCKETS: &[f64] = &[
@@ -76,6 +83,9 @@ pub const ALL: &[&str] = &[
     STAGE_REQUESTS,
     STAGE_REJECTED,
     STAGE_ASSIGNED,
+    REQUESTS,
+    TOKENS_GENERATED,
+    FAILOVERS,
 ];
 
 struct Exporter {
@@ -192,6 +202,15 @@ fn describe() {
         STAGE_ASSIGNED,
         "Replicas of a model's stage placed on this node, by model and stage."
     );
+    describe_counter!(
+        REQUESTS,
+        "Inference requests this node answered, by API (grpc, openai) and outcome code."
+    );
+    describe_counter!(TOKENS_GENERATED, "Tokens generated on this node.");
+    describe_counter!(
+        FAILOVERS,
+        "Requests this node routed that continued on another replica after one failed mid-answer."
+    );
 }
 
 pub fn p2p_sent(n: usize) {
@@ -245,6 +264,18 @@ pub fn stage_request(direction: &'static str, status: &'static str) {
 pub fn stage_assigned(model: &str, stage: u32, replicas: usize) {
     metrics::gauge!(STAGE_ASSIGNED, "model" => model.to_owned(), "stage" => stage.to_string())
         .set(replicas as f64);
+}
+
+pub fn request(api: &'static str, code: &'static str) {
+    counter!(REQUESTS, "api" => api, "code" => code).increment(1);
+}
+
+pub fn generated(n: u64) {
+    counter!(TOKENS_GENERATED).increment(n);
+}
+
+pub fn failover() {
+    counter!(FAILOVERS).increment(1);
 }
 
 pub fn stage_rejected(reason: &'static str) {

@@ -186,7 +186,20 @@ pub async fn serve(
             executor_stop_rx,
         ))
     });
-    let grpc::Services { health, router } = grpc::services(mesh.clone(), control.clone()).await?;
+    let serving = control
+        .as_ref()
+        .map(|c| {
+            crate::serve::Serving::new(
+                c.clone(),
+                stages.clone(),
+                crate::serve::Limits::default(),
+                config.allow_anonymous,
+            )
+        })
+        .transpose()
+        .map_err(|e| Error::Cluster(format!("cannot start serving: {e:#}")))?;
+    let grpc::Services { health, router } =
+        grpc::services(mesh.clone(), control.clone(), serving.clone()).await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
     let mut grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -205,6 +218,7 @@ pub async fn serve(
         ready: ready.clone(),
         name: config.name.as_str().into(),
         models: control.as_ref().map(|c| (store.clone(), c.clone())),
+        serving,
     };
     let mut http_task = tokio::spawn(
         axum::serve(listeners.http, http::router(state))

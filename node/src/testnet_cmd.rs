@@ -200,7 +200,9 @@ fn spawn(
         .args(["--raft-addr", &format!("127.0.0.1:{}", slot.raft)])
         .arg("--tls-dir")
         .arg(&tls)
-        .args(["--shutdown-timeout", "5s"]);
+        .args(["--shutdown-timeout", "5s"])
+        // Loopback only: no API tokens needed.
+        .arg("--allow-anonymous");
     match latency {
         Latency::Realistic => {
             cmd.args(["--simulated-latency", "realistic", "--raft-profile", "wan"])

@@ -94,7 +94,7 @@ async fn serves_health_metrics_reflection_and_stops_cleanly_on_sigterm() -> Resu
         "{metrics}"
     );
 
-    // gRPC: overall health SERVING; trine services declared but not served yet.
+    // gRPC: overall health SERVING; Inference NOT_SERVING outside a cluster.
     ensure!(check(&node, "").await? == ServingStatus::Serving);
     ensure!(check(&node, "trine.v1.Inference").await? == ServingStatus::NotServing);
     let mut admin = trine_proto::v1::admin_client::AdminClient::new(node.channel().await?);

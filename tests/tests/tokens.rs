@@ -1,6 +1,7 @@
 //! API tokens and placement through the `trine` binary on a real node:
 //! the secret is shown once and only its SHA-256 reaches the cluster;
-//! refusals name the problem; the table survives a restart from disk.
+//! refusals name the problem; the table survives a restart from disk; the
+//! inference APIs admit a request with a valid token only.
 
 use std::time::Duration;
 
@@ -83,6 +84,47 @@ async fn tokens_are_stored_as_hashes_and_survive_a_restart() -> Result<()> {
         !block.contains(&secret),
         "the secret reached the chain: {block}"
     );
+
+    // The inference APIs want the token (the node runs without
+    // --allow-anonymous): none or a wrong one is refused, the right one
+    // lets the request in.
+    let models = |auth: Option<String>| {
+        let url = node.url("/v1/models");
+        async move {
+            let mut r = reqwest::Client::new().get(url);
+            if let Some(a) = auth {
+                r = r.header("authorization", a);
+            }
+            let r = r.send().await?;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+            anyhow::Ok((status, body))
+        }
+    };
+    let (status, body) = models(None).await?;
+    ensure!(
+        status == 401
+            && body["error"]["type"] == "authentication_error"
+            && body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("trine token create")),
+        "{status} {body}"
+    );
+    let (status, _) = models(Some("Bearer trn_wrong".into())).await?;
+    ensure!(status == 401, "a wrong token: {status}");
+    let (status, body) = models(Some(format!("Bearer {secret}"))).await?;
+    ensure!(status == 200 && body["object"] == "list", "{status} {body}");
+    let mut inference =
+        trine_proto::v1::inference_client::InferenceClient::connect(node.grpc_uri()).await?;
+    let e = inference
+        .list_models(trine_proto::v1::ListModelsRequest::default())
+        .await
+        .expect_err("no token");
+    ensure!(e.code() == tonic::Code::Unauthenticated, "{e:?}");
+    let mut req = tonic::Request::new(trine_proto::v1::ListModelsRequest::default());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse()?);
+    inference.list_models(req).await?;
 
     // A second token by the same name is refused, with the reason.
     let dup = cli(&["token", "create", "--node", &grpc, "ci-runner"])?;

@@ -78,6 +78,17 @@ impl Sampler {
         }
     }
 
+    /// Skips the random draws of `tokens` earlier samples (one per token
+    /// when sampling, none when greedy), so a sequence continued elsewhere
+    /// draws what it would have drawn.
+    pub fn advance(&mut self, tokens: usize) {
+        if self.settings.temperature != 0.0 {
+            for _ in 0..tokens {
+                let _: f64 = self.rng.random();
+            }
+        }
+    }
+
     /// The next token. `logits` are modified (penalized); `history` is
     /// the sequence so far. Non-finite logits are never chosen.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {

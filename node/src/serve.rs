@@ -1,0 +1,946 @@
+//! Serving: every node accepts a request for any deployed model and gets it
+//! answered by a ready replica. The node routes from its own replica of the
+//! placement table: a replica it holds runs here; otherwise the request
+//! goes to the best node that holds one (same region first), over that
+//! node's gRPC `Inference/Generate`, marked as a hop so it is not routed
+//! again. If that node dies or stalls mid-answer, the router asks the next
+//! replica to continue: it sends the input plus the tokens generated so far
+//! (`continue_from`), and that node prefills them, advances its sampler by
+//! as many draws, and goes on. Greedy and seeded output are the same as
+//! without the failure; the client sees a pause.
+//!
+//! Not yet: multi-stage pipelines (replicas whose stages sit on several
+//! nodes are placed and loaded, not served), continuous batching, per-token
+//! rate limits.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+use trine_control::{ControlPlane, NodeRecord, NodeStatus, StageState, State};
+use trine_engine::model::{Input, Logits, Output};
+use trine_engine::sampler::{Sampler, Settings};
+use trine_engine::tokenizer::StreamDecoder;
+use trine_proto::v1;
+use trine_proto::v1::inference_client::InferenceClient;
+
+use crate::executor::Stages;
+
+/// gRPC metadata key marking a request one node forwarded to another.
+pub const HOP: &str = "x-trine-hop";
+
+/// Bounds on what one request may ask and how much waits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most prompt tokens.
+    pub max_prompt_tokens: usize,
+    /// Default and most `max_tokens`.
+    pub default_max_tokens: u32,
+    pub max_tokens: u32,
+    /// Generations running at once on this node.
+    pub concurrency: usize,
+    /// Generations waiting for a slot; more are refused (429 /
+    /// RESOURCE_EXHAUSTED) rather than queued without bound.
+    pub queue: usize,
+    /// Longest wait for a forwarded request's next event before the router
+    /// gives up on that node and fails over.
+    pub stall: Duration,
+    /// Most failovers for one request.
+    pub max_failovers: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_prompt_tokens: 8192,
+            default_max_tokens: 256,
+            max_tokens: 4096,
+            concurrency: 4,
+            queue: 64,
+            stall: Duration::from_secs(10),
+            max_failovers: 3,
+        }
+    }
+}
+
+/// Why a request was refused or ended early; each maps to a gRPC code and
+/// an HTTP status (OpenAI's error shapes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServeError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Invalid(_) => 400,
+            Self::Unauthenticated(_) => 401,
+            Self::NotFound(_) => 404,
+            Self::Busy(_) => 429,
+            Self::Unavailable(_) => 503,
+            Self::Internal(_) => 500,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid_request_error",
+            Self::Unauthenticated(_) => "authentication_error",
+            Self::NotFound(_) => "not_found_error",
+            Self::Busy(_) => "rate_limit_error",
+            Self::Unavailable(_) => "service_unavailable",
+            Self::Internal(_) => "server_error",
+        }
+    }
+
+    pub fn status(&self) -> tonic::Status {
+        let m = self.to_string();
+        match self {
+            Self::Invalid(_) => tonic::Status::invalid_argument(m),
+            Self::Unauthenticated(_) => tonic::Status::unauthenticated(m),
+            Self::NotFound(_) => tonic::Status::not_found(m),
+            Self::Busy(_) => tonic::Status::resource_exhausted(m),
+            Self::Unavailable(_) => tonic::Status::unavailable(m),
+            Self::Internal(_) => tonic::Status::internal(m),
+        }
+    }
+
+    fn from_status(s: &tonic::Status) -> Self {
+        let m = s.message().to_owned();
+        match s.code() {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Self::Invalid(m),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                Self::Unauthenticated(m)
+            }
+            tonic::Code::NotFound => Self::NotFound(m),
+            tonic::Code::ResourceExhausted => Self::Busy(m),
+            tonic::Code::Internal => Self::Internal(m),
+            _ => Self::Unavailable(m),
+        }
+    }
+
+    /// Worth asking another replica.
+    fn retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Busy(_))
+    }
+}
+
+/// What a generation streams: token events, then one usage event.
+pub type Events = mpsc::Receiver<Result<v1::GenerateResponse, ServeError>>;
+
+#[derive(Clone)]
+pub struct Serving {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    control: ControlPlane,
+    stages: Stages,
+    limits: Limits,
+    allow_anonymous: bool,
+    pool: Arc<rayon::ThreadPool>,
+    running: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    clients: Mutex<HashMap<String, InferenceClient<Channel>>>,
+}
+
+/// Who is asking: the token's name, or "anonymous".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal(pub String);
+
+impl Serving {
+    pub fn new(
+        control: ControlPlane,
+        stages: Stages,
+        limits: Limits,
+        allow_anonymous: bool,
+    ) -> anyhow::Result<Self> {
+        let pool = crate::generate_cmd::pool(None)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                running: Arc::new(Semaphore::new(limits.concurrency.max(1))),
+                control,
+                stages,
+                limits,
+                allow_anonymous,
+                pool: Arc::new(pool),
+                waiting: Arc::default(),
+                clients: Mutex::default(),
+            }),
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The caller behind `authorization` (`Bearer <secret>`), checked
+    /// against the token table (SHA-256 of the secret).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, ServeError> {
+        let secret = authorization.and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+                .map(str::trim)
+        });
+        let Some(secret) = secret.filter(|s| !s.is_empty()) else {
+            return if self.inner.allow_anonymous {
+                Ok(Principal("anonymous".into()))
+            } else {
+                Err(ServeError::Unauthenticated(
+                    "no API token: send `Authorization: Bearer <token>` (`trine token create` makes one)"
+                        .into(),
+                ))
+            };
+        };
+        let digest = trine_control::chain::hex(&Sha256::digest(secret.as_bytes()));
+        let state = self.inner.control.reader().state();
+        state
+            .tokens
+            .values()
+            .find(|t| t.sha256 == digest)
+            .map(|t| Principal(t.name.clone()))
+            .ok_or_else(|| {
+                ServeError::Unauthenticated(
+                    "the API token is unknown or revoked; `trine token list` shows the valid ones"
+                        .into(),
+                )
+            })
+    }
+
+    /// The deployed models, as `ListModels` answers.
+    pub fn models(&self) -> Vec<v1::ModelInfo> {
+        let state = self.inner.control.reader().state();
+        state
+            .models
+            .values()
+            .map(|m| {
+                let ready = ready_replicas(&state, &m.name).len() as u32;
+                let local =
+                    (0..m.replicas).find_map(|r| self.inner.stages.get(&(m.name.clone(), r, 0)));
+                let (arch, vocab, context) = local.map_or((String::new(), 0, 0), |l| {
+                    (
+                        "bitnet-b1.58".to_owned(),
+                        l.model.config.vocab as u32,
+                        l.model.config.context as u32,
+                    )
+                });
+                v1::ModelInfo {
+                    name: m.name.clone(),
+                    sha256: m.sha256.clone(),
+                    architecture: arch,
+                    layers: m.layers,
+                    vocab_size: vocab,
+                    context_length: context,
+                    replicas: m.replicas,
+                    ready_replicas: ready,
+                }
+            })
+            .collect()
+    }
+
+    /// Starts `req` and returns its events. `hop`: forwarded by another
+    /// node, so it must run here.
+    pub async fn generate(
+        &self,
+        mut req: v1::GenerateRequest,
+        hop: bool,
+        authorization: Option<String>,
+    ) -> Result<Events, ServeError> {
+        let limits = &self.inner.limits;
+        if req.request_id.is_empty() {
+            req.request_id = format!("req-{:016x}", rand_id());
+        }
+        if req.request_id.len() > 128 {
+            return Err(ServeError::Invalid(
+                "request_id is longer than 128 bytes".into(),
+            ));
+        }
+        if req.max_tokens == 0 {
+            req.max_tokens = limits.default_max_tokens;
+        }
+        if req.max_tokens > limits.max_tokens {
+            return Err(ServeError::Invalid(format!(
+                "max_tokens {} is over this node's limit of {}",
+                req.max_tokens, limits.max_tokens
+            )));
+        }
+        if req.stop.len() > 4 || req.stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err(ServeError::Invalid(
+                "stop takes at most 4 non-empty strings of at most 256 bytes".into(),
+            ));
+        }
+        settings(&req)?;
+        if req.input.is_none() {
+            return Err(ServeError::Invalid(
+                "the request has no input: give prompt, chat or tokens".into(),
+            ));
+        }
+        let state = self.inner.control.reader().state();
+        let model = state.models.get(&req.model).ok_or_else(|| {
+            ServeError::NotFound(format!(
+                "model {:?} is not deployed; ListModels (GET /v1/models) shows the ones that are",
+                req.model
+            ))
+        })?;
+        if model.stages > 1 {
+            return Err(ServeError::Unavailable(format!(
+                "model {} is deployed in {} stages; this version serves single-stage replicas only (deploy with --stages 1)",
+                model.name, model.stages
+            )));
+        }
+        let me = self.inner.control.id();
+        if hop {
+            return self.run_here(req).await;
+        }
+        let candidates = candidates_for(&state, &req.model, me);
+        if candidates.is_empty() {
+            return Err(ServeError::Unavailable(format!(
+                "no replica of {} is ready yet; `trine placement --model {}` shows where it is loading",
+                req.model, req.model
+            )));
+        }
+        if candidates[0].id == me {
+            return self.run_here(req).await;
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move { this.route(req, candidates, authorization, tx).await });
+        Ok(rx)
+    }
+
+    /// Runs `req` on the replica this node holds.
+    async fn run_here(&self, req: v1::GenerateRequest) -> Result<Events, ServeError> {
+        let slot = (0..u32::MAX)
+            .take(64)
+            .map(|r| (req.model.clone(), r, 0))
+            .find_map(|s| self.inner.stages.get(&s))
+            .ok_or_else(|| {
+                ServeError::Unavailable(format!(
+                    "this node holds no ready replica of {}",
+                    req.model
+                ))
+            })?;
+        let limits = &self.inner.limits;
+        let waiting = self.inner.waiting.fetch_add(1, Ordering::AcqRel);
+        if waiting >= limits.queue {
+            self.inner.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(ServeError::Busy(format!(
+                "this node has {} requests waiting; retry later",
+                limits.queue
+            )));
+        }
+        let permit = self.inner.running.clone().acquire_owned().await;
+        self.inner.waiting.fetch_sub(1, Ordering::AcqRel);
+        let permit = permit.map_err(|_| ServeError::Unavailable("the node is stopping".into()))?;
+        let (tx, rx) = mpsc::channel(64);
+        let pool = self.inner.pool.clone();
+        let me = self.inner.control.id();
+        let max_prompt = limits.max_prompt_tokens;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let started = Instant::now();
+            let result = pool.install(|| generate_local(&slot, &req, me, max_prompt, started, &tx));
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok(rx)
+    }
+
+    fn client(&self, addr: &str) -> Result<InferenceClient<Channel>, ServeError> {
+        let mut clients = self
+            .inner
+            .clients
+            .lock()
+            .map_err(|_| ServeError::Internal("client cache poisoned".into()))?;
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ServeError::Internal(format!("node address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let c =
+            InferenceClient::new(channel).max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
+        clients.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// The next event from `node`, or why it will not come: the node
+    /// stalled for the stall limit, or the leader marked it down (whichever
+    /// is first).
+    async fn next_event(
+        &self,
+        stream: &mut tonic::Streaming<v1::GenerateResponse>,
+        node: &NodeRecord,
+    ) -> Result<Option<Result<v1::GenerateResponse, tonic::Status>>, ServeError> {
+        let since = Instant::now();
+        let next = stream.next();
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                ev = &mut next => return Ok(ev),
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let down = self
+                        .inner
+                        .control
+                        .reader()
+                        .state()
+                        .nodes
+                        .get(&node.id)
+                        .is_none_or(|n| n.status != NodeStatus::Up);
+                    if down {
+                        return Err(ServeError::Unavailable(format!(
+                            "node {} was marked down mid-answer",
+                            node.name
+                        )));
+                    }
+                    if since.elapsed() >= self.inner.limits.stall {
+                        return Err(ServeError::Unavailable(format!(
+                            "node {} stalled for {:?}",
+                            node.name, self.inner.limits.stall
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Streams `req` from the first candidate that answers; on a failure
+    /// mid-answer, continues on the next one from the tokens so far.
+    async fn route(
+        &self,
+        req: v1::GenerateRequest,
+        mut candidates: Vec<NodeRecord>,
+        authorization: Option<String>,
+        tx: mpsc::Sender<Result<v1::GenerateResponse, ServeError>>,
+    ) {
+        let limits = self.inner.limits.clone();
+        let started = Instant::now();
+        let mut generated: Vec<u32> = req.continue_from.clone();
+        let already = generated.len();
+        let mut failovers = 0u32;
+        let mut path = Vec::new();
+        let mut tried = Vec::new();
+        let mut first_token: Option<Duration> = None;
+        let mut last = started;
+        loop {
+            let Some(node) = (!candidates.is_empty()).then(|| candidates.remove(0)) else {
+                let _ = tx
+                    .send(Err(ServeError::Unavailable(format!(
+                        "no replica of {} could finish the request (tried nodes {tried:?})",
+                        req.model
+                    ))))
+                    .await;
+                return;
+            };
+            tried.push(node.id);
+            let mut r = req.clone();
+            r.continue_from = generated.clone();
+            r.max_tokens = req.max_tokens - (generated.len() - already) as u32;
+            let mut request = tonic::Request::new(r);
+            request
+                .metadata_mut()
+                .insert(HOP, tonic::metadata::MetadataValue::from_static("1"));
+            if let Some(v) = authorization
+                .as_deref()
+                .and_then(|a| tonic::metadata::MetadataValue::try_from(a).ok())
+            {
+                request.metadata_mut().insert("authorization", v);
+            }
+            let outcome = match self.client(&node.grpc_addr) {
+                Err(e) => Err(e),
+                Ok(mut client) => {
+                    match tokio::time::timeout(limits.stall, client.generate(request)).await {
+                        Err(_) => Err(ServeError::Unavailable(format!(
+                            "node {} did not answer within {:?}",
+                            node.name, limits.stall
+                        ))),
+                        Ok(Err(s)) => Err(ServeError::from_status(&s)),
+                        Ok(Ok(stream)) => {
+                            let mut stream = stream.into_inner();
+                            let mut end = Err(ServeError::Unavailable(format!(
+                                "node {} ended the stream without a result",
+                                node.name
+                            )));
+                            loop {
+                                match self.next_event(&mut stream, &node).await {
+                                    Err(e) => {
+                                        end = Err(e);
+                                        break;
+                                    }
+                                    Ok(None) => break,
+                                    Ok(Some(Err(s))) => {
+                                        end = Err(ServeError::from_status(&s));
+                                        break;
+                                    }
+                                    Ok(Some(Ok(mut ev))) => match ev.event.take() {
+                                        Some(v1::generate_response::Event::Token(mut t)) => {
+                                            let now = Instant::now();
+                                            // Indexes count from the first
+                                            // token of the whole answer; a
+                                            // repeated one carries held-back
+                                            // text, not a new token.
+                                            if t.index as usize >= generated.len() {
+                                                generated.push(t.id);
+                                            }
+                                            t.index = (generated.len() - already).saturating_sub(1)
+                                                as u32;
+                                            t.since_start = Some(duration(now - started));
+                                            t.since_previous = Some(duration(now - last));
+                                            last = now;
+                                            first_token.get_or_insert(now - started);
+                                            ev.event = Some(v1::generate_response::Event::Token(t));
+                                            if tx.send(Ok(ev)).await.is_err() {
+                                                return;
+                                            }
+                                        }
+                                        Some(v1::generate_response::Event::Usage(mut u)) => {
+                                            path.push(node.id);
+                                            u.completion_tokens =
+                                                (generated.len() - already) as u32;
+                                            u.failovers = failovers;
+                                            u.path = path.clone();
+                                            u.time_to_first_token = first_token.map(duration);
+                                            u.total = Some(duration(started.elapsed()));
+                                            ev.event = Some(v1::generate_response::Event::Usage(u));
+                                            let _ = tx.send(Ok(ev)).await;
+                                            end = Ok(());
+                                            break;
+                                        }
+                                        None => {}
+                                    },
+                                }
+                            }
+                            end
+                        }
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) => return,
+                Err(e) if e.retryable() && failovers < limits.max_failovers => {
+                    failovers += 1;
+                    path.push(node.id);
+                    crate::metrics::failover();
+                    tracing::warn!(request_id = %req.request_id, node = %node.name, error = %e, generated = generated.len() - already, "replica failed mid-request; continuing on another");
+                    if candidates.is_empty() {
+                        // The placement may have moved on: look again.
+                        let state = self.inner.control.reader().state();
+                        candidates = candidates_for(&state, &req.model, self.inner.control.id())
+                            .into_iter()
+                            .filter(|n| !tried.contains(&n.id))
+                            .collect();
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Replicas of `model` whose every stage is ready on an up node.
+fn ready_replicas(state: &State, model: &str) -> Vec<u32> {
+    let Some(m) = state.models.get(model) else {
+        return Vec::new();
+    };
+    (0..m.replicas)
+        .filter(|r| {
+            (0..m.stages).all(|s| {
+                state
+                    .placements
+                    .get(&(model.to_owned(), *r, s))
+                    .is_some_and(|p| {
+                        p.state == StageState::Ready
+                            && state
+                                .nodes
+                                .get(&p.node)
+                                .is_some_and(|n| n.status == NodeStatus::Up)
+                    })
+            })
+        })
+        .collect()
+}
+
+/// Nodes holding a ready single-stage replica of `model`, best first:
+/// this node, then its region, then by id.
+pub fn candidates_for(state: &State, model: &str, me: u64) -> Vec<NodeRecord> {
+    let my_region = state.nodes.get(&me).map(|n| n.region.clone());
+    let mut nodes: Vec<NodeRecord> = ready_replicas(state, model)
+        .into_iter()
+        .filter_map(|r| state.placements.get(&(model.to_owned(), r, 0)))
+        .filter_map(|p| state.nodes.get(&p.node).cloned())
+        .filter(|n| n.id == me || !n.grpc_addr.is_empty())
+        .collect();
+    nodes.sort_by_key(|n| (n.id != me, Some(&n.region) != my_region.as_ref(), n.id));
+    nodes.dedup_by_key(|n| n.id);
+    nodes
+}
+
+fn settings(req: &v1::GenerateRequest) -> Result<Settings, ServeError> {
+    let p = req.sampling.unwrap_or_default();
+    let s = Settings {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+        repetition_penalty: if p.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            p.repetition_penalty
+        },
+        seed: p.seed.unwrap_or(0),
+        ..Settings::default()
+    };
+    s.validate().map_err(|e| ServeError::Invalid(e.0))?;
+    Ok(s)
+}
+
+/// Holds back text that could be the start of a stop string; reports a
+/// match.
+#[derive(Debug, Default)]
+struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Text that may be emitted now, and whether a stop string matched
+    /// (the text before it is emitted; the rest is dropped).
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.held.push_str(piece);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..at].to_owned();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest tail that is a prefix of some stop string.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len().min(self.held.len() + 1)).rev().find(|&k| {
+                    self.held.is_char_boundary(self.held.len() - k)
+                        && s.starts_with(&self.held[self.held.len() - k..])
+                })
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_owned();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// log p(token) from raw logits.
+fn logprob(logits: &[f32], token: u32) -> f32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|l| f64::from(l - max).exp())
+        .sum();
+    let l = logits
+        .get(token as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    (f64::from(l - max) - sum.ln()) as f32
+}
+
+/// One generation on this node's replica, streaming events to `tx`.
+/// Blocking (runs on a compute thread).
+fn generate_local(
+    loaded: &crate::executor::Loaded,
+    req: &v1::GenerateRequest,
+    me: u64,
+    max_prompt: usize,
+    started: Instant,
+    tx: &mpsc::Sender<Result<v1::GenerateResponse, ServeError>>,
+) -> Result<(), ServeError> {
+    let model = &loaded.model;
+    let tokenizer = &loaded.tokenizer;
+    let vocab = model.config.vocab;
+    let prompt: Vec<u32> = match &req.input {
+        Some(v1::generate_request::Input::Prompt(p)) => {
+            if p.len() > max_prompt * 16 {
+                return Err(ServeError::Invalid(format!(
+                    "the prompt is {} bytes; the limit is {max_prompt} tokens",
+                    p.len()
+                )));
+            }
+            tokenizer.encode_prompt(p)
+        }
+        Some(v1::generate_request::Input::Chat(c)) => {
+            if c.messages.is_empty() {
+                return Err(ServeError::Invalid("the chat has no messages".into()));
+            }
+            let mut turns = Vec::with_capacity(c.messages.len());
+            for m in &c.messages {
+                if !["system", "user", "assistant"].contains(&m.role.as_str()) {
+                    return Err(ServeError::Invalid(format!(
+                        "chat role {:?}: use system, user or assistant",
+                        m.role
+                    )));
+                }
+                turns.push((m.role.as_str(), m.content.as_str()));
+            }
+            tokenizer
+                .chat(&turns)
+                .map_err(|e| ServeError::Invalid(e.to_string()))?
+        }
+        Some(v1::generate_request::Input::Tokens(t)) => {
+            if let Some(bad) = t.ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(ServeError::Invalid(format!(
+                    "token id {bad} is outside the model's vocabulary of {vocab}"
+                )));
+            }
+            t.ids.clone()
+        }
+        None => return Err(ServeError::Invalid("no input".into())),
+    };
+    if prompt.is_empty() {
+        return Err(ServeError::Invalid("the input is empty".into()));
+    }
+    if prompt.len() > max_prompt {
+        return Err(ServeError::Invalid(format!(
+            "the prompt is {} tokens; this node's limit is {max_prompt}",
+            prompt.len()
+        )));
+    }
+    if let Some(bad) = req.continue_from.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ServeError::Invalid(format!(
+            "continue_from token {bad} is outside the vocabulary"
+        )));
+    }
+    let context = model.config.context;
+    let total = prompt.len() + req.continue_from.len() + req.max_tokens as usize;
+    if total > context {
+        return Err(ServeError::Invalid(format!(
+            "the prompt ({} tokens) plus max_tokens ({}) exceed the model's context of {context} tokens; shorten the prompt or lower max_tokens",
+            prompt.len() + req.continue_from.len(),
+            req.max_tokens
+        )));
+    }
+    let mut sampler = Sampler::new(settings(req)?);
+    // The draws the earlier node made for the tokens it generated.
+    sampler.advance(req.continue_from.len());
+    let mut history = prompt.clone();
+    history.extend_from_slice(&req.continue_from);
+    let mut cache = model.new_cache(total);
+    let internal = |e: trine_engine::model::ForwardError| ServeError::Internal(e.to_string());
+    let mut logits = match model
+        .forward(Input::Tokens(&history), &mut cache, Logits::Last)
+        .map_err(internal)?
+    {
+        Output::Logits(l) => l,
+        Output::Hidden(_) => {
+            return Err(ServeError::Internal(
+                "this node's replica is a pipeline stage, not a whole model".into(),
+            ));
+        }
+    };
+    let mut text = StreamDecoder::default();
+    // Re-feed the text of the continued tokens so multi-byte characters
+    // and stop strings that straddle the failover come out right.
+    for &t in &req.continue_from {
+        let _ = text.push(&tokenizer.token_bytes(t));
+    }
+    let mut stops = StopMatcher {
+        stops: req.stop.clone(),
+        held: String::new(),
+    };
+    let mut finish = v1::FinishReason::Length;
+    let mut generated = 0u32;
+    let mut last = Instant::now();
+    let mut first_token = None;
+    let send = |ev: v1::generate_response::Event| {
+        tx.blocking_send(Ok(v1::GenerateResponse {
+            request_id: req.request_id.clone(),
+            event: Some(ev),
+        }))
+        .is_ok()
+    };
+    let mut last_id = 0;
+    while generated < req.max_tokens {
+        let raw = logits.clone();
+        let token = sampler.sample(&mut logits, &history);
+        generated += 1;
+        history.push(token);
+        if tokenizer.stop.contains(&token) {
+            finish = v1::FinishReason::Stop;
+            break;
+        }
+        let piece = text.push(&tokenizer.token_bytes(token));
+        let (out, stopped) = stops.push(&piece);
+        let now = Instant::now();
+        first_token.get_or_insert(now - started);
+        let index = req.continue_from.len() as u32 + generated - 1;
+        let ok = send(v1::generate_response::Event::Token(v1::Token {
+            id: token,
+            text: out,
+            index,
+            logprob: logprob(&raw, token),
+            since_start: Some(duration(now - started)),
+            since_previous: Some(duration(now - last)),
+        }));
+        last = now;
+        last_id = token;
+        if !ok {
+            // The client is gone.
+            return Ok(());
+        }
+        if stopped {
+            finish = v1::FinishReason::StopSequence;
+            break;
+        }
+        if generated == req.max_tokens {
+            break;
+        }
+        logits = match model
+            .forward(Input::Tokens(&[token]), &mut cache, Logits::Last)
+            .map_err(internal)?
+        {
+            Output::Logits(l) => l,
+            Output::Hidden(_) => unreachable!("checked at prefill"),
+        };
+    }
+    if finish != v1::FinishReason::StopSequence {
+        let mut rest = text.finish();
+        rest = stops.push(&rest).0 + &stops.finish();
+        if !rest.is_empty() && generated > 0 {
+            // Text held back at the end, carried by a repeat of the last
+            // token's index.
+            let now = Instant::now();
+            send(v1::generate_response::Event::Token(v1::Token {
+                id: last_id,
+                text: rest,
+                index: req.continue_from.len() as u32 + generated - 1,
+                logprob: 0.0,
+                since_start: Some(duration(now - started)),
+                since_previous: Some(duration(now - last)),
+            }));
+        }
+    }
+    crate::metrics::generated(u64::from(generated));
+    send(v1::generate_response::Event::Usage(v1::Usage {
+        prompt_tokens: prompt.len() as u32,
+        completion_tokens: generated,
+        finish_reason: finish.into(),
+        time_to_first_token: first_token.map(duration),
+        total: Some(duration(started.elapsed())),
+        path: vec![me],
+        failovers: 0,
+    }));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_hold_back_prefixes_and_cut_at_the_match() {
+        let mut s = StopMatcher {
+            stops: vec!["\n\n".into(), "END".into()],
+            held: String::new(),
+        };
+        assert_eq!(s.push("Hello"), ("Hello".into(), false));
+        assert_eq!(s.push(" E"), (" ".into(), false), "E may start END");
+        assert_eq!(s.push("N"), (String::new(), false));
+        assert_eq!(s.push("Dless"), (String::new(), true), "END matched");
+        let mut s = StopMatcher {
+            stops: vec!["END".into()],
+            held: String::new(),
+        };
+        assert_eq!(s.push("EN"), (String::new(), false));
+        assert_eq!(s.push("tity"), ("ENtity".into(), false));
+        assert_eq!(s.push("E"), (String::new(), false));
+        assert_eq!(s.finish(), "E");
+        let mut s = StopMatcher {
+            stops: vec!["é!".into()],
+            held: String::new(),
+        };
+        assert_eq!(s.push("café"), ("caf".into(), false));
+        assert_eq!(s.push("!x"), (String::new(), true));
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax() {
+        let l = [1.0f32, 2.0, 3.0];
+        let z: f64 = l.iter().map(|x| f64::from(*x).exp()).sum();
+        for (i, x) in l.iter().enumerate() {
+            let want = (f64::from(*x).exp() / z).ln() as f32;
+            assert!((logprob(&l, i as u32) - want).abs() < 1e-5);
+        }
+        assert_eq!(logprob(&l, 9), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn errors_map_to_grpc_and_http() {
+        let e = ServeError::Busy("x".into());
+        assert_eq!(e.http_status(), 429);
+        assert_eq!(e.status().code(), tonic::Code::ResourceExhausted);
+        assert_eq!(ServeError::from_status(&e.status()), e);
+        assert!(e.retryable());
+        assert!(!ServeError::Invalid("x".into()).retryable());
+    }
+}
