@@ -346,6 +346,9 @@ mod tests {
             P2P_BYTES_RECEIVED,
             PING_FAILURES,
             GOSSIP_INVALID,
+            REQUESTS,
+            TOKENS_GENERATED,
+            FAILOVERS,
         ] {
             assert!(name.ends_with("_total"), "{name}");
         }
@@ -371,6 +374,9 @@ mod tests {
         stage_request("in", "ok");
         stage_rejected("oversized");
         stage_assigned("tiny", 0, 1);
+        request("grpc", "ok");
+        generated(3);
+        failover();
         let text = m.render();
         assert!(text.contains("# TYPE trine_build_info gauge"), "{text}");
         assert!(
