@@ -154,9 +154,42 @@ pub struct TokenRecord {
     pub requests_per_minute: u32,
     /// Generated tokens per minute; 0 means no limit.
     pub tokens_per_minute: u32,
+    /// Requests running at once; 0 means no limit.
+    #[serde(default)]
+    pub concurrency: u32,
     #[serde(default)]
     pub created_ms: u64,
 }
+
+/// What a finished inference request leaves on the chain: who asked, which
+/// model (by its digest), fingerprints of the input and the output (never
+/// the text), token counts, the nodes that served it and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub request_id: String,
+    /// The API token's name, or "anonymous".
+    pub principal: String,
+    pub model: String,
+    pub model_sha256: String,
+    /// SHA-256 of the input as sent: the prompt's UTF-8, the chat as JSON
+    /// `[{"role","content"}…]`, or the token ids as little-endian u32s.
+    pub prompt_sha256: String,
+    /// SHA-256 of the generated text (UTF-8).
+    pub output_sha256: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// stop, length or stop_sequence.
+    pub finish: String,
+    /// The node the client asked, then the nodes that generated (a failed
+    /// one first, when the request failed over).
+    pub entry: NodeId,
+    pub path: Vec<NodeId>,
+    pub failovers: u32,
+    pub latency_ms: u64,
+}
+
+/// Most receipts in one `Receipts` command.
+pub const MAX_RECEIPTS: usize = 512;
 
 /// One state-machine command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +246,11 @@ pub enum Command {
         detail: String,
     },
     AddToken(Box<TokenRecord>),
+    /// Finished requests, batched by the node that answered them. They
+    /// change no state; they are the chain's audit trail.
+    Receipts {
+        receipts: Vec<Receipt>,
+    },
     RevokeToken {
         name: String,
     },
@@ -227,6 +265,7 @@ impl Command {
             Self::DeployModel(_) | Self::UndeployModel { .. } => "model",
             Self::Place { .. } | Self::Unplace { .. } | Self::StageReport { .. } => "placement",
             Self::AddToken(_) | Self::RevokeToken { .. } => "token",
+            Self::Receipts { .. } => "receipt",
         }
     }
 
@@ -283,6 +322,13 @@ impl Command {
             ),
             Self::AddToken(t) => format!("add API token {}", t.name),
             Self::RevokeToken { name } => format!("revoke API token {name}"),
+            Self::Receipts { receipts: r } => format!(
+                "{} request receipt(s), {} tokens generated",
+                r.len(),
+                r.iter()
+                    .map(|r| u64::from(r.completion_tokens))
+                    .sum::<u64>()
+            ),
         }
     }
 
@@ -291,7 +337,7 @@ impl Command {
         match self {
             Self::RegisterNode(n) => vec![Row::Node(n.id)],
             Self::SetNodeStatus { id, .. } | Self::RemoveNode { id } => vec![Row::Node(*id)],
-            Self::Note { .. } => Vec::new(),
+            Self::Note { .. } | Self::Receipts { .. } => Vec::new(),
             Self::DeployModel(m) => std::iter::once(Row::Model(m.name.clone()))
                 .chain(
                     state
@@ -425,6 +471,25 @@ impl State {
                 .map(|_| ())
                 .ok_or_else(|| format!("node {id} is not registered")),
             Command::Note { .. } => Ok(()),
+            Command::Receipts { receipts } => {
+                if receipts.is_empty() || receipts.len() > MAX_RECEIPTS {
+                    return Err(format!(
+                        "a batch holds 1 to {MAX_RECEIPTS} receipts, not {}",
+                        receipts.len()
+                    ));
+                }
+                for r in receipts {
+                    if r.request_id.is_empty() || r.request_id.len() > 128 {
+                        return Err("a receipt's request_id must be 1 to 128 bytes".into());
+                    }
+                    check_sha256("a receipt's prompt_sha256", &r.prompt_sha256)?;
+                    check_sha256("a receipt's output_sha256", &r.output_sha256)?;
+                    if r.path.len() > 64 || r.principal.len() > 128 || r.model.len() > 256 {
+                        return Err(format!("receipt {} is oversized", r.request_id));
+                    }
+                }
+                Ok(())
+            }
             Command::DeployModel(m) => {
                 check_name("model", &m.name)?;
                 check_sha256("the model's sha256", &m.sha256)?;
@@ -740,6 +805,7 @@ mod tests {
             sha256: sha.to_string().repeat(64),
             requests_per_minute: 60,
             tokens_per_minute: 0,
+            concurrency: 0,
             created_ms: 0,
         }))
     }

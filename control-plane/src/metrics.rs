@@ -32,7 +32,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     (CHAIN_TXS, "Transactions applied to this node's chain"),
     (
         CHAIN_PENDING_TXS,
-        "Commands proposed through this node and not yet applied",
+        "Commands proposed through this node and not yet applied, plus request receipts waiting for their batch",
     ),
     (RAFT_TERM, "Current Raft term"),
     (RAFT_IS_LEADER, "1 while this node is the Raft leader"),

@@ -436,6 +436,7 @@ impl Admin for AdminService {
             sha256: r.sha256,
             requests_per_minute: r.requests_per_minute,
             tokens_per_minute: r.tokens_per_minute,
+            concurrency: r.concurrency,
             created_ms: 0,
         }));
         let height = self.commit(command).await?;
@@ -476,6 +477,7 @@ impl Admin for AdminService {
                 sha256: t.sha256,
                 requests_per_minute: t.requests_per_minute,
                 tokens_per_minute: t.tokens_per_minute,
+                concurrency: t.concurrency,
                 created: Some(timestamp(
                     std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms),
                 )),

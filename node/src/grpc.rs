@@ -75,9 +75,9 @@ impl Inference for InferenceService {
         let auth = authorization(&req);
         let hop = req.metadata().get(crate::serve::HOP).is_some();
         let answer = async {
-            self.serving.authenticate(auth.as_deref())?;
+            let principal = self.serving.authenticate(auth.as_deref())?;
             self.serving
-                .generate(req.into_inner(), hop, auth.clone())
+                .generate(req.into_inner(), hop, auth.clone(), &principal)
                 .await
         }
         .await;

@@ -43,6 +43,7 @@ pub mod model_store;
 pub mod node;
 pub mod openai;
 pub mod peers_cmd;
+pub mod receipts;
 pub mod serve;
 pub mod shutdown;
 pub mod simd;

@@ -57,6 +57,10 @@ pub const TOKENS_GENERATED: &str = "trine_tokens_generated_total";
 /// Counter: requests this node continued on another replica after one
 /// failed mid-answer.
 pub const FAILOVERS: &str = "trine_request_failovers_total";
+/// Counter: request receipts this node committed to the chain.
+pub const RECEIPTS: &str = "trine_receipts_total";
+/// Counter: receipts lost (buffer full, or the cluster would not commit).
+pub const RECEIPTS_DROPPED: &str = "trine_receipts_dropped_total";
 
 /// Bucket bounds of [`PEER_RTT`]: 1 ms to 2 s, dense where regions sit.
 pub const RTT_BUCKETS: &[f64] = &[
@@ -86,6 +90,8 @@ pub const ALL: &[&str] = &[
     REQUESTS,
     TOKENS_GENERATED,
     FAILOVERS,
+    RECEIPTS,
+    RECEIPTS_DROPPED,
 ];
 
 struct Exporter {
@@ -208,6 +214,14 @@ fn describe() {
     );
     describe_counter!(TOKENS_GENERATED, "Tokens generated on this node.");
     describe_counter!(
+        RECEIPTS,
+        "Request receipts this node committed to the chain."
+    );
+    describe_counter!(
+        RECEIPTS_DROPPED,
+        "Request receipts lost: the buffer was full or the cluster would not commit them."
+    );
+    describe_counter!(
         FAILOVERS,
         "Requests this node routed that continued on another replica after one failed mid-answer."
     );
@@ -276,6 +290,14 @@ pub fn generated(n: u64) {
 
 pub fn failover() {
     counter!(FAILOVERS).increment(1);
+}
+
+pub fn receipts_committed(n: u64) {
+    counter!(RECEIPTS).increment(n);
+}
+
+pub fn receipt_dropped() {
+    counter!(RECEIPTS_DROPPED).increment(1);
 }
 
 pub fn stage_rejected(reason: &'static str) {
@@ -349,6 +371,8 @@ mod tests {
             REQUESTS,
             TOKENS_GENERATED,
             FAILOVERS,
+            RECEIPTS,
+            RECEIPTS_DROPPED,
         ] {
             assert!(name.ends_with("_total"), "{name}");
         }
@@ -377,6 +401,8 @@ mod tests {
         request("grpc", "ok");
         generated(3);
         failover();
+        receipts_committed(2);
+        receipt_dropped();
         let text = m.render();
         assert!(text.contains("# TYPE trine_build_info gauge"), "{text}");
         assert!(

@@ -186,6 +186,10 @@ pub async fn serve(
             executor_stop_rx,
         ))
     });
+    let (receipts_stop, receipts_stop_rx) = watch::channel(false);
+    let receipts = control
+        .as_ref()
+        .map(|c| crate::receipts::start(c.clone(), receipts_stop_rx));
     let serving = control
         .as_ref()
         .map(|c| {
@@ -194,6 +198,7 @@ pub async fn serve(
                 stages.clone(),
                 crate::serve::Limits::default(),
                 config.allow_anonymous,
+                receipts.as_ref().map(|(r, _)| r.clone()),
             )
         })
         .transpose()
@@ -279,6 +284,11 @@ pub async fn serve(
             .is_err()
     {
         http_task.abort();
+    }
+    // Receipts still held go to the chain before the node leaves.
+    let _ = receipts_stop.send(true);
+    if let Some((_, t)) = receipts {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     let _ = executor_stop.send(true);
     if let Some(t) = executor_task {

@@ -20,7 +20,7 @@ use tokio_stream::StreamExt as _;
 use trine_proto::v1;
 
 use crate::http::AppState;
-use crate::serve::{ServeError, Serving};
+use crate::serve::{Principal, ServeError, Serving};
 
 /// Largest request body (bytes).
 pub const MAX_BODY: usize = 1 << 20;
@@ -46,13 +46,13 @@ fn serving(s: &AppState) -> Result<&Serving, ServeError> {
     })
 }
 
-fn auth(s: &Serving, headers: &HeaderMap) -> Result<Option<String>, ServeError> {
+fn auth(s: &Serving, headers: &HeaderMap) -> Result<(Option<String>, Principal), ServeError> {
     let a = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    s.authenticate(a.as_deref())?;
-    Ok(a)
+    let p = s.authenticate(a.as_deref())?;
+    Ok((a, p))
 }
 
 pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -275,15 +275,23 @@ pub async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Bytes
     run(prepared, Api::Chat).await
 }
 
-type Prepared = Result<(Serving, Option<String>, v1::GenerateRequest, bool), ServeError>;
+type Prepared = Result<
+    (
+        Serving,
+        (Option<String>, Principal),
+        v1::GenerateRequest,
+        bool,
+    ),
+    ServeError,
+>;
 
 async fn run(prepared: Prepared, api: Api) -> Response {
-    let (serving, auth, req, stream) = match prepared {
+    let (serving, (auth, principal), req, stream) = match prepared {
         Ok(p) => p,
         Err(e) => return error(&e),
     };
     let model = req.model.clone();
-    let mut events = match serving.generate(req, false, auth).await {
+    let mut events = match serving.generate(req, false, auth, &principal).await {
         Ok(rx) => rx,
         Err(e) => return error(&e),
     };

@@ -9,9 +9,13 @@
 //! as many draws, and goes on. Greedy and seeded output are the same as
 //! without the failure; the client sees a pause.
 //!
+//! The node the client asked enforces the API token's limits (requests and
+//! generated tokens per minute, requests at once; buckets per node) and
+//! leaves a receipt of each finished request for the chain
+//! ([`crate::receipts`]).
+//!
 //! Not yet: multi-stage pipelines (replicas whose stages sit on several
-//! nodes are placed and loaded, not served), continuous batching, per-token
-//! rate limits.
+//! nodes are placed and loaded, not served), continuous batching.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
+use trine_control::command::Receipt;
 use trine_control::{ControlPlane, NodeRecord, NodeStatus, StageState, State};
 use trine_engine::model::{Input, Logits, Output};
 use trine_engine::sampler::{Sampler, Settings};
@@ -142,6 +147,100 @@ impl ServeError {
     }
 }
 
+/// One API token's budget on this node: token buckets refilled
+/// continuously (a minute's worth at most), and the requests running.
+#[derive(Debug, Clone)]
+struct Quota {
+    requests: f64,
+    tokens: f64,
+    at: Instant,
+    running: u32,
+}
+
+/// The per-token limits of the token table, enforced by the node that
+/// takes the request (each node keeps its own buckets: a client spreading
+/// requests over n nodes gets up to n times the rate).
+#[derive(Debug, Default)]
+struct Quotas(Mutex<HashMap<String, Quota>>);
+
+/// A request let in under its token's limits; its slot is freed on drop.
+#[derive(Debug)]
+pub struct Admission {
+    quotas: Option<(Arc<Quotas>, String)>,
+}
+
+impl Admission {
+    fn charge(&self, tokens: u32) {
+        if let Some((q, name)) = &self.quotas
+            && let Ok(mut m) = q.0.lock()
+            && let Some(quota) = m.get_mut(name)
+        {
+            quota.tokens -= f64::from(tokens);
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some((q, name)) = &self.quotas
+            && let Ok(mut m) = q.0.lock()
+            && let Some(quota) = m.get_mut(name)
+        {
+            quota.running = quota.running.saturating_sub(1);
+        }
+    }
+}
+
+impl Quotas {
+    /// Lets a request of token `t` in at `now`, or says which limit it hit
+    /// and when to retry.
+    fn admit(&self, t: &trine_control::TokenRecord, now: Instant) -> Result<(), ServeError> {
+        let mut m = self
+            .0
+            .lock()
+            .map_err(|_| ServeError::Internal("quota table poisoned".into()))?;
+        let (rpm, tpm) = (
+            f64::from(t.requests_per_minute),
+            f64::from(t.tokens_per_minute),
+        );
+        let q = m.entry(t.name.clone()).or_insert(Quota {
+            requests: rpm,
+            tokens: tpm,
+            at: now,
+            running: 0,
+        });
+        let minutes = now.saturating_duration_since(q.at).as_secs_f64() / 60.0;
+        q.at = now;
+        q.requests = (q.requests + minutes * rpm).min(rpm);
+        q.tokens = (q.tokens + minutes * tpm).min(tpm);
+        if rpm > 0.0 && q.requests < 1.0 {
+            return Err(ServeError::Busy(format!(
+                "token {} is over its {} requests per minute; retry in {:.1} s",
+                t.name,
+                t.requests_per_minute,
+                (1.0 - q.requests) * 60.0 / rpm
+            )));
+        }
+        if tpm > 0.0 && q.tokens <= 0.0 {
+            return Err(ServeError::Busy(format!(
+                "token {} is over its {} generated tokens per minute; retry in {:.1} s",
+                t.name,
+                t.tokens_per_minute,
+                (-q.tokens + 1.0) * 60.0 / tpm
+            )));
+        }
+        if t.concurrency > 0 && q.running >= t.concurrency {
+            return Err(ServeError::Busy(format!(
+                "token {} has {} requests running, its limit; retry when one ends",
+                t.name, t.concurrency
+            )));
+        }
+        q.requests -= 1.0;
+        q.running += 1;
+        Ok(())
+    }
+}
+
 /// What a generation streams: token events, then one usage event.
 pub type Events = mpsc::Receiver<Result<v1::GenerateResponse, ServeError>>;
 
@@ -165,6 +264,8 @@ struct Inner {
     running: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     clients: Mutex<HashMap<String, InferenceClient<Channel>>>,
+    receipts: Option<crate::receipts::Receipts>,
+    quotas: Arc<Quotas>,
 }
 
 /// Who is asking: the token's name, or "anonymous".
@@ -177,6 +278,7 @@ impl Serving {
         stages: Stages,
         limits: Limits,
         allow_anonymous: bool,
+        receipts: Option<crate::receipts::Receipts>,
     ) -> anyhow::Result<Self> {
         let pool = crate::generate_cmd::pool(None)?;
         Ok(Self {
@@ -189,6 +291,8 @@ impl Serving {
                 pool: Arc::new(pool),
                 waiting: Arc::default(),
                 clients: Mutex::default(),
+                receipts,
+                quotas: Arc::default(),
             }),
         })
     }
@@ -230,6 +334,23 @@ impl Serving {
             })
     }
 
+    /// Lets a request of `principal` in under its token's limits (rate,
+    /// generated tokens, concurrency), or refuses it with 429 /
+    /// RESOURCE_EXHAUSTED and when to retry.
+    pub fn admit(&self, principal: &Principal) -> Result<Admission, ServeError> {
+        let state = self.inner.control.reader().state();
+        let Some(t) = state.tokens.get(&principal.0) else {
+            return Ok(Admission { quotas: None });
+        };
+        if t.requests_per_minute == 0 && t.tokens_per_minute == 0 && t.concurrency == 0 {
+            return Ok(Admission { quotas: None });
+        }
+        self.inner.quotas.admit(t, Instant::now())?;
+        Ok(Admission {
+            quotas: Some((self.inner.quotas.clone(), t.name.clone())),
+        })
+    }
+
     /// The deployed models, as `ListModels` answers.
     pub fn models(&self) -> Vec<v1::ModelInfo> {
         let state = self.inner.control.reader().state();
@@ -268,7 +389,14 @@ impl Serving {
         mut req: v1::GenerateRequest,
         hop: bool,
         authorization: Option<String>,
+        principal: &Principal,
     ) -> Result<Events, ServeError> {
+        // Hops were admitted by the node the client asked.
+        let admission = if hop {
+            Admission { quotas: None }
+        } else {
+            self.admit(principal)?
+        };
         let limits = &self.inner.limits;
         if req.request_id.is_empty() {
             req.request_id = format!("req-{:016x}", rand_id());
@@ -322,13 +450,35 @@ impl Serving {
                 req.model, req.model
             )));
         }
-        if candidates[0].id == me {
-            return self.run_here(req).await;
-        }
-        let (tx, rx) = mpsc::channel(64);
-        let this = self.clone();
-        tokio::spawn(async move { this.route(req, candidates, authorization, tx).await });
-        Ok(rx)
+        let receipt = self.inner.receipts.clone().map(|r| {
+            (
+                r,
+                Receipt {
+                    request_id: req.request_id.clone(),
+                    principal: principal.0.clone(),
+                    model: model.name.clone(),
+                    model_sha256: model.sha256.clone(),
+                    prompt_sha256: input_digest(&req.input),
+                    output_sha256: String::new(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    finish: String::new(),
+                    entry: me,
+                    path: Vec::new(),
+                    failovers: 0,
+                    latency_ms: 0,
+                },
+            )
+        });
+        let rx = if candidates[0].id == me {
+            self.run_here(req).await?
+        } else {
+            let (tx, rx) = mpsc::channel(64);
+            let this = self.clone();
+            tokio::spawn(async move { this.route(req, candidates, authorization, tx).await });
+            rx
+        };
+        Ok(account(rx, admission, receipt))
     }
 
     /// Runs `req` on the replica this node holds.
@@ -564,6 +714,84 @@ impl Serving {
             }
         }
     }
+}
+
+/// SHA-256 of a request's input, as a receipt records it.
+fn input_digest(input: &Option<v1::generate_request::Input>) -> String {
+    let mut h = Sha256::new();
+    match input {
+        Some(v1::generate_request::Input::Prompt(p)) => h.update(p.as_bytes()),
+        Some(v1::generate_request::Input::Chat(c)) => {
+            let messages: Vec<serde_json::Value> = c
+                .messages
+                .iter()
+                .map(|m| serde_json::json!({ "role": m.role, "content": m.content }))
+                .collect();
+            h.update(serde_json::Value::from(messages).to_string().as_bytes());
+        }
+        Some(v1::generate_request::Input::Tokens(t)) => {
+            for id in &t.ids {
+                h.update(id.to_le_bytes());
+            }
+        }
+        None => {}
+    }
+    trine_control::chain::hex(&h.finalize())
+}
+
+/// Passes the events through; when the answer is complete, charges its
+/// tokens to the caller's quota and leaves its receipt. The admission (a
+/// running slot) is held until the stream ends.
+fn account(
+    mut inner: Events,
+    admission: Admission,
+    receipt: Option<(crate::receipts::Receipts, Receipt)>,
+) -> Events {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let _admission = &admission;
+        let started = Instant::now();
+        let mut output = Sha256::new();
+        while let Some(ev) = inner.recv().await {
+            match &ev {
+                Ok(v1::GenerateResponse {
+                    event: Some(v1::generate_response::Event::Token(t)),
+                    ..
+                }) => output.update(t.text.as_bytes()),
+                Ok(v1::GenerateResponse {
+                    event: Some(v1::generate_response::Event::Usage(u)),
+                    ..
+                }) => {
+                    admission.charge(u.completion_tokens);
+                    let Some((receipts, mut receipt)) = receipt.clone() else {
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    };
+                    receipt.output_sha256 = trine_control::chain::hex(&output.clone().finalize());
+                    receipt.prompt_tokens = u.prompt_tokens;
+                    receipt.completion_tokens = u.completion_tokens;
+                    receipt.finish =
+                        match v1::FinishReason::try_from(u.finish_reason).unwrap_or_default() {
+                            v1::FinishReason::Length => "length",
+                            v1::FinishReason::StopSequence => "stop_sequence",
+                            _ => "stop",
+                        }
+                        .into();
+                    receipt.path.clone_from(&u.path);
+                    receipt.failovers = u.failovers;
+                    receipt.latency_ms = started.elapsed().as_millis() as u64;
+                    receipts.record(receipt.clone());
+                }
+                _ => {}
+            }
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn rand_id() -> u64 {
@@ -921,6 +1149,61 @@ mod tests {
         };
         assert_eq!(s.push("café"), ("caf".into(), false));
         assert_eq!(s.push("!x"), (String::new(), true));
+    }
+
+    #[test]
+    fn quotas_refill_over_time_and_count_running_requests() {
+        let t = trine_control::TokenRecord {
+            name: "ci".into(),
+            sha256: "a".repeat(64),
+            requests_per_minute: 2,
+            tokens_per_minute: 100,
+            concurrency: 0,
+            created_ms: 0,
+        };
+        let q = Quotas::default();
+        let t0 = Instant::now();
+        q.admit(&t, t0).expect("first");
+        q.admit(&t, t0).expect("second");
+        let e = q.admit(&t, t0).expect_err("over 2/min");
+        assert!(
+            e.to_string().contains("2 requests per minute") && e.http_status() == 429,
+            "{e}"
+        );
+        // Half a minute refills one request.
+        q.admit(&t, t0 + Duration::from_secs(30)).expect("refilled");
+        // Tokens: spend more than the minute's budget, then wait it back.
+        let a = Admission {
+            quotas: Some((Arc::new(Quotas::default()), "ci".into())),
+        };
+        drop(a);
+        let quotas = Arc::new(Quotas::default());
+        quotas.admit(&t, t0).expect("in");
+        let a = Admission {
+            quotas: Some((quotas.clone(), "ci".into())),
+        };
+        a.charge(150);
+        drop(a);
+        let e = quotas.admit(&t, t0).expect_err("tokens spent");
+        assert!(e.to_string().contains("tokens per minute"), "{e}");
+        quotas
+            .admit(&t, t0 + Duration::from_secs(60))
+            .expect("a minute later");
+        // Concurrency: the slot is held until the admission drops.
+        let c = trine_control::TokenRecord {
+            concurrency: 1,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            ..t
+        };
+        let quotas = Arc::new(Quotas::default());
+        quotas.admit(&c, t0).expect("one");
+        let held = Admission {
+            quotas: Some((quotas.clone(), "ci".into())),
+        };
+        assert!(quotas.admit(&c, t0).is_err(), "a second while one runs");
+        drop(held);
+        quotas.admit(&c, t0).expect("after the first ended");
     }
 
     #[test]

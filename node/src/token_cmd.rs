@@ -31,6 +31,9 @@ pub enum TokenCommand {
         /// Generated tokens per minute it may use; 0 means no limit.
         #[arg(long, default_value_t = 0)]
         tokens_per_minute: u32,
+        /// Requests it may have running at once; 0 means no limit.
+        #[arg(long, default_value_t = 0)]
+        concurrency: u32,
     },
     /// List tokens: name, limits, creation time and the secret's SHA-256.
     List {
@@ -76,6 +79,7 @@ pub fn run(command: &TokenCommand) -> Result<()> {
             name,
             requests_per_minute,
             tokens_per_minute,
+            concurrency,
         } => {
             let secret = new_secret()?;
             let req = v1::CreateTokenRequest {
@@ -83,6 +87,7 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                 sha256: secret_hash(&secret),
                 requests_per_minute: *requests_per_minute,
                 tokens_per_minute: *tokens_per_minute,
+                concurrency: *concurrency,
                 ..Default::default()
             };
             let r = target.call(|mut a| async move { a.create_token(req).await })?;
@@ -110,8 +115,8 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                     writeln!(out, "as of index {}", r.as_of_index)?;
                     writeln!(
                         out,
-                        "{:<24} {:>9} {:>11}  {:<24}  SHA256",
-                        "NAME", "REQ/MIN", "TOKENS/MIN", "CREATED"
+                        "{:<24} {:>9} {:>11} {:>11}  {:<24}  SHA256",
+                        "NAME", "REQ/MIN", "TOKENS/MIN", "CONCURRENCY", "CREATED"
                     )?;
                     for t in &r.tokens {
                         let limit = |n: u32| {
@@ -123,10 +128,11 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                         };
                         writeln!(
                             out,
-                            "{:<24} {:>9} {:>11}  {:<24}  {}…",
+                            "{:<24} {:>9} {:>11} {:>11}  {:<24}  {}…",
                             t.name,
                             limit(t.requests_per_minute),
                             limit(t.tokens_per_minute),
+                            limit(t.concurrency),
                             crate::cluster_cmd::unix(t.created.as_ref()),
                             t.sha256.get(..16).unwrap_or(&t.sha256)
                         )?;
@@ -139,6 +145,7 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                             "sha256": t.sha256,
                             "requests_per_minute": t.requests_per_minute,
                             "tokens_per_minute": t.tokens_per_minute,
+                            "concurrency": t.concurrency,
                             "created_s": t.created.as_ref().map_or(0, |c| c.seconds),
                         });
                         writeln!(out, "{line}")?;

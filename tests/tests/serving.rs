@@ -4,7 +4,9 @@
 //! text `trine generate` produces from the same file. A node that holds no
 //! replica forwards to one; when that replica freezes mid-answer, the
 //! router continues on the other replica and the client gets the same
-//! tokens (seeded sampling included), only later.
+//! tokens (seeded sampling included), only later. Each answer leaves a
+//! receipt on the chain: who, which model, digests of input and output,
+//! counts and the nodes on the path.
 
 use std::time::Duration;
 
@@ -22,6 +24,39 @@ struct Slot {
     node: String,
     region: String,
     state: String,
+}
+
+/// The receipt for `request_id` in the last 200 blocks, if committed.
+fn find_receipt(node: &str, request_id: &str) -> Result<Option<serde_json::Value>> {
+    let mut c = trine();
+    c.args(["chain", "head", "--node", node]);
+    let out = String::from_utf8(run(c, Duration::from_secs(30))?.stdout)?;
+    let height: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("height"))
+        .context("head height")?
+        .trim()
+        .parse()?;
+    for h in (height.saturating_sub(200)..=height).rev() {
+        let mut c = trine();
+        c.args(["chain", "show", "--node", node, &h.to_string()]);
+        let out = run(c, Duration::from_secs(30))?;
+        let block: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for tx in block["txs"].as_array().into_iter().flatten() {
+            if tx["kind"] == "receipt" {
+                for r in tx["body"]["command"]["receipts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    if r["request_id"] == request_id {
+                        return Ok(Some(r.clone()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Streams one generation; `after_first` runs once the first token is in.
@@ -195,9 +230,13 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     // (The whole answer takes a few hundred ms; should the freeze land
     // after the last token, the replica is thawed and the run repeated.)
     let mut attempt = 0;
+    let mut usage_request_id = String::new();
     let (ids2, text2, usage2) = loop {
         attempt += 1;
-        let answer = generate(&router.grpc_addr, request(100, 1.0, 7), || {
+        let mut r = request(100, 1.0, 7);
+        r.request_id = format!("failover-{attempt}");
+        usage_request_id.clone_from(&r.request_id);
+        let answer = generate(&router.grpc_addr, r, || {
             kill(pid, Signal::SIGSTOP)?;
             Ok(())
         })
@@ -222,6 +261,39 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     ensure!(text2 == text);
     ensure!(usage2.completion_tokens == usage.completion_tokens);
     ensure!(usage2.finish_reason == usage.finish_reason);
+
+    // Receipts: the failed-over request's is on the chain, from the router,
+    // with the path, the count and the digest of what the client got.
+    let receipt = wait_for("the receipt on the chain", Duration::from_secs(20), || {
+        let grpc = grpc.clone();
+        let request_id = usage_request_id.clone();
+        async move { find_receipt(&grpc, &request_id).ok().flatten() }
+    })
+    .await?;
+    let router_id = net.endpoints(&router.name)?.node_id.context("node id")?;
+    ensure!(receipt["entry"] == router_id, "{receipt}");
+    ensure!(
+        receipt["principal"] == "anonymous" && receipt["model"] == "tiny",
+        "{receipt}"
+    );
+    ensure!(
+        receipt["path"] == serde_json::json!([first_id, other_id]),
+        "{receipt}"
+    );
+    ensure!(
+        receipt["failovers"] == 1 && receipt["completion_tokens"] == usage2.completion_tokens,
+        "{receipt}"
+    );
+    ensure!(
+        receipt["prompt_sha256"]
+            == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"Hello")).as_str(),
+        "{receipt}"
+    );
+    ensure!(
+        receipt["output_sha256"]
+            == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text2.as_bytes())).as_str(),
+        "{receipt}"
+    );
 
     // Refusals name the problem, with the right codes.
     let mut client = InferenceClient::connect(format!("http://{}", router.grpc_addr)).await?;
