@@ -47,5 +47,6 @@ pub mod receipts;
 pub mod serve;
 pub mod shutdown;
 pub mod simd;
+pub mod stage_server;
 pub mod testnet_cmd;
 pub mod token_cmd;

@@ -126,7 +126,16 @@ pub async fn serve(
         stage_requests,
         task: mesh_task,
     } = mesh::start(mesh_config(config)?, key).await?;
-    let stage_task = tokio::spawn(answer_stage_requests(stage_requests));
+    let stages = crate::executor::Stages::default();
+    let pool = Arc::new(
+        crate::generate_cmd::pool(None)
+            .map_err(|e| Error::Cluster(format!("cannot start the compute threads: {e:#}")))?,
+    );
+    let stage_task = tokio::spawn(crate::stage_server::run(
+        stage_requests,
+        stages.clone(),
+        pool.clone(),
+    ));
     let ready = Arc::new(AtomicBool::new(false));
     let mut endpoints = Endpoints {
         pid: std::process::id(),
@@ -172,7 +181,6 @@ pub async fn serve(
         endpoints.node_id = Some(c.id());
         tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
     });
-    let stages = crate::executor::Stages::default();
     let store = crate::model_store::Store::new(
         data_dir.path(),
         (!config.model_cache.as_os_str().is_empty()).then(|| config.model_cache.clone()),
@@ -199,6 +207,8 @@ pub async fn serve(
                 crate::serve::Limits::default(),
                 config.allow_anonymous,
                 receipts.as_ref().map(|(r, _)| r.clone()),
+                Some(mesh.clone()),
+                pool.clone(),
             )
         })
         .transpose()
@@ -327,22 +337,6 @@ fn mesh_config(config: &Config) -> Result<mesh::Config, Error> {
     m.max_connections = config.max_connections;
     m.target_peers = m.target_peers.min(config.max_connections / 2);
     Ok(m)
-}
-
-/// No stage runs on a node yet (model serving lands later): every stage
-/// request that passed the mesh's checks is answered NOT_SERVED.
-async fn answer_stage_requests(mut requests: tokio::sync::mpsc::Receiver<mesh::InboundStage>) {
-    while let Some(r) = requests.recv().await {
-        let _ = r.reply.send(trine_proto::v1::StageResponse {
-            request_id: r.request.request_id.clone(),
-            status: trine_proto::v1::StageStatus::NotServed.into(),
-            message: format!(
-                "this node serves no stage of model {:?} (stage {})",
-                r.request.model, r.request.stage
-            ),
-            ..Default::default()
-        });
-    }
 }
 
 fn local_addr(listener: &TcpListener, what: &'static str) -> Result<SocketAddr, Error> {

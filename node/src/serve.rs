@@ -14,8 +14,14 @@
 //! leaves a receipt of each finished request for the chain
 //! ([`crate::receipts`]).
 //!
-//! Not yet: multi-stage pipelines (replicas whose stages sit on several
-//! nodes are placed and loaded, not served), continuous batching.
+//! A replica in several stages runs as a pipeline driven by the node that
+//! holds its first stage: it tokenizes, runs stage 0, sends the hidden
+//! states to each later stage over `/trine/stage/1` (the stage nodes keep
+//! the sequence's KV cache between steps, [`crate::stage_server`]), gets
+//! the last position's logits back and samples. A stage that fails makes
+//! the attempt fail, and the router continues on another replica.
+//!
+//! Not yet: continuous batching.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -266,6 +272,7 @@ struct Inner {
     clients: Mutex<HashMap<String, InferenceClient<Channel>>>,
     receipts: Option<crate::receipts::Receipts>,
     quotas: Arc<Quotas>,
+    mesh: Option<crate::mesh::Mesh>,
 }
 
 /// Who is asking: the token's name, or "anonymous".
@@ -279,8 +286,9 @@ impl Serving {
         limits: Limits,
         allow_anonymous: bool,
         receipts: Option<crate::receipts::Receipts>,
+        mesh: Option<crate::mesh::Mesh>,
+        pool: Arc<rayon::ThreadPool>,
     ) -> anyhow::Result<Self> {
-        let pool = crate::generate_cmd::pool(None)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 running: Arc::new(Semaphore::new(limits.concurrency.max(1))),
@@ -288,11 +296,12 @@ impl Serving {
                 stages,
                 limits,
                 allow_anonymous,
-                pool: Arc::new(pool),
+                pool,
                 waiting: Arc::default(),
                 clients: Mutex::default(),
                 receipts,
                 quotas: Arc::default(),
+                mesh,
             }),
         })
     }
@@ -433,12 +442,6 @@ impl Serving {
                 req.model
             ))
         })?;
-        if model.stages > 1 {
-            return Err(ServeError::Unavailable(format!(
-                "model {} is deployed in {} stages; this version serves single-stage replicas only (deploy with --stages 1)",
-                model.name, model.stages
-            )));
-        }
         let me = self.inner.control.id();
         if hop {
             return self.run_here(req).await;
@@ -483,16 +486,7 @@ impl Serving {
 
     /// Runs `req` on the replica this node holds.
     async fn run_here(&self, req: v1::GenerateRequest) -> Result<Events, ServeError> {
-        let slot = (0..u32::MAX)
-            .take(64)
-            .map(|r| (req.model.clone(), r, 0))
-            .find_map(|s| self.inner.stages.get(&s))
-            .ok_or_else(|| {
-                ServeError::Unavailable(format!(
-                    "this node holds no ready replica of {}",
-                    req.model
-                ))
-            })?;
+        let pipeline = self.pipeline(&req.model)?;
         let limits = &self.inner.limits;
         let waiting = self.inner.waiting.fetch_add(1, Ordering::AcqRel);
         if waiting >= limits.queue {
@@ -512,12 +506,64 @@ impl Serving {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let started = Instant::now();
-            let result = pool.install(|| generate_local(&slot, &req, me, max_prompt, started, &tx));
+            let result =
+                pool.install(|| generate_local(&pipeline, &req, me, max_prompt, started, &tx));
             if let Err(e) = result {
                 let _ = tx.blocking_send(Err(e));
             }
         });
         Ok(rx)
+    }
+
+    /// A replica whose first stage this node holds, with where its other
+    /// stages run (each ready, on an up node).
+    fn pipeline(&self, model: &str) -> Result<Pipeline, ServeError> {
+        let state = self.inner.control.reader().state();
+        let m = state
+            .models
+            .get(model)
+            .ok_or_else(|| ServeError::NotFound(format!("model {model:?} is not deployed")))?;
+        let mut why = format!("this node holds no ready first stage of {model}");
+        for replica in 0..m.replicas {
+            let Some(first) = self.inner.stages.get(&(model.to_owned(), replica, 0)) else {
+                continue;
+            };
+            let mut rest = Vec::new();
+            for stage in 1..m.stages {
+                let hop = state
+                    .placements
+                    .get(&(model.to_owned(), replica, stage))
+                    .filter(|p| p.state == StageState::Ready)
+                    .and_then(|p| {
+                        let n = state.nodes.get(&p.node)?;
+                        (n.status == NodeStatus::Up).then_some(())?;
+                        Some(Hop {
+                            stage,
+                            peer: n.peer_id.parse().ok()?,
+                            node: n.name.clone(),
+                            generation: p.generation,
+                        })
+                    });
+                match hop {
+                    Some(h) => rest.push(h),
+                    None => {
+                        why = format!("stage {stage} of {model} replica {replica} is not ready");
+                        break;
+                    }
+                }
+            }
+            if rest.len() + 1 == m.stages as usize {
+                return Ok(Pipeline {
+                    first,
+                    model: model.to_owned(),
+                    replica,
+                    rest,
+                    mesh: self.inner.mesh.clone(),
+                    handle: tokio::runtime::Handle::current(),
+                });
+            }
+        }
+        Err(ServeError::Unavailable(why))
     }
 
     fn client(&self, addr: &str) -> Result<InferenceClient<Channel>, ServeError> {
@@ -836,7 +882,7 @@ fn ready_replicas(state: &State, model: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Nodes holding a ready single-stage replica of `model`, best first:
+/// Nodes holding the first stage of a ready replica of `model`, best first:
 /// this node, then its region, then by id.
 pub fn candidates_for(state: &State, model: &str, me: u64) -> Vec<NodeRecord> {
     let my_region = state.nodes.get(&me).map(|n| n.region.clone());
@@ -934,18 +980,130 @@ fn logprob(logits: &[f32], token: u32) -> f32 {
     (f64::from(l - max) - sum.ln()) as f32
 }
 
+/// A later stage of a replica: where it runs.
+#[derive(Debug, Clone)]
+struct Hop {
+    stage: u32,
+    peer: libp2p::PeerId,
+    node: String,
+    generation: u64,
+}
+
+/// One replica as this node runs it: its first stage here, the others on
+/// their nodes, reached over `/trine/stage/1`.
+struct Pipeline {
+    first: Arc<crate::executor::Loaded>,
+    model: String,
+    replica: u32,
+    rest: Vec<Hop>,
+    mesh: Option<crate::mesh::Mesh>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Pipeline {
+    /// Runs `tokens` through every stage (the cache's length is their
+    /// position); the last position's logits. Blocking.
+    fn step(
+        &self,
+        session: &str,
+        tokens: &[u32],
+        cache: &mut trine_engine::model::KvCache,
+    ) -> Result<Vec<f32>, ServeError> {
+        let position = cache.len();
+        let out = self
+            .first
+            .model
+            .forward(Input::Tokens(tokens), cache, Logits::Last)
+            .map_err(|e| ServeError::Internal(e.to_string()))?;
+        let mut h = match out {
+            Output::Logits(l) if self.rest.is_empty() => return Ok(l),
+            Output::Hidden(h) if !self.rest.is_empty() => h,
+            _ => {
+                return Err(ServeError::Internal(format!(
+                    "stage 0 of {} does not match its placement",
+                    self.model
+                )));
+            }
+        };
+        let mesh = self.mesh.as_ref().ok_or_else(|| {
+            ServeError::Unavailable("this node has no mesh to reach the other stages".into())
+        })?;
+        let width = self.first.model.config.hidden;
+        for hop in &self.rest {
+            let req = trine_proto::v1::StageRequest {
+                request_id: session.to_owned(),
+                model: self.model.clone(),
+                stage: hop.stage,
+                position: position as u64,
+                tokens: (h.len() / width) as u32,
+                width: width as u32,
+                hidden: crate::stage_server::bytes(&h),
+                replica: self.replica,
+                generation: hop.generation,
+                end: false,
+            };
+            let resp = self
+                .handle
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_secs(30), mesh.stage(hop.peer, &req)).await
+                })
+                .map_err(|_| {
+                    ServeError::Unavailable(format!(
+                        "stage {} on {} timed out",
+                        hop.stage, hop.node
+                    ))
+                })?
+                .map_err(|e| {
+                    ServeError::Unavailable(format!("stage {} on {}: {e}", hop.stage, hop.node))
+                })?;
+            if resp.status() != trine_proto::v1::StageStatus::Ok {
+                return Err(ServeError::Unavailable(format!(
+                    "stage {} on {} answered {}: {}",
+                    hop.stage,
+                    hop.node,
+                    crate::mesh::stage::status_name(resp.status()),
+                    resp.message
+                )));
+            }
+            h = crate::stage_server::floats(&resp.hidden);
+        }
+        Ok(h)
+    }
+
+    /// Lets the other stages drop the sequence's caches.
+    fn end(&self, session: &str) {
+        let Some(mesh) = self.mesh.clone() else {
+            return;
+        };
+        for hop in &self.rest {
+            let req = trine_proto::v1::StageRequest {
+                request_id: session.to_owned(),
+                model: self.model.clone(),
+                stage: hop.stage,
+                replica: self.replica,
+                end: true,
+                ..Default::default()
+            };
+            let (mesh, peer) = (mesh.clone(), hop.peer);
+            self.handle.spawn(async move {
+                let _ = mesh.stage(peer, &req).await;
+            });
+        }
+    }
+}
+
 /// One generation on this node's replica, streaming events to `tx`.
 /// Blocking (runs on a compute thread).
 fn generate_local(
-    loaded: &crate::executor::Loaded,
+    pipeline: &Pipeline,
     req: &v1::GenerateRequest,
     me: u64,
     max_prompt: usize,
     started: Instant,
     tx: &mpsc::Sender<Result<v1::GenerateResponse, ServeError>>,
 ) -> Result<(), ServeError> {
-    let model = &loaded.model;
-    let tokenizer = &loaded.tokenizer;
+    let model = &pipeline.first.model;
+    let tokenizer = &pipeline.first.tokenizer;
     let vocab = model.config.vocab;
     let prompt: Vec<u32> = match &req.input {
         Some(v1::generate_request::Input::Prompt(p)) => {
@@ -1014,18 +1172,31 @@ fn generate_local(
     let mut history = prompt.clone();
     history.extend_from_slice(&req.continue_from);
     let mut cache = model.new_cache(total);
-    let internal = |e: trine_engine::model::ForwardError| ServeError::Internal(e.to_string());
-    let mut logits = match model
-        .forward(Input::Tokens(&history), &mut cache, Logits::Last)
-        .map_err(internal)?
-    {
-        Output::Logits(l) => l,
-        Output::Hidden(_) => {
-            return Err(ServeError::Internal(
-                "this node's replica is a pipeline stage, not a whole model".into(),
-            ));
-        }
-    };
+    // The other stages key this sequence's caches by it; unique per attempt.
+    let session = format!("{}#{:x}", req.request_id, rand_id());
+    let result = decode(
+        pipeline, req, &session, &prompt, history, &mut cache, sampler, me, started, tx,
+    );
+    pipeline.end(&session);
+    result
+}
+
+/// The decode loop of [`generate_local`].
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    pipeline: &Pipeline,
+    req: &v1::GenerateRequest,
+    session: &str,
+    prompt: &[u32],
+    mut history: Vec<u32>,
+    cache: &mut trine_engine::model::KvCache,
+    mut sampler: Sampler,
+    me: u64,
+    started: Instant,
+    tx: &mpsc::Sender<Result<v1::GenerateResponse, ServeError>>,
+) -> Result<(), ServeError> {
+    let tokenizer = &pipeline.first.tokenizer;
+    let mut logits = pipeline.step(session, &history, cache)?;
     let mut text = StreamDecoder::default();
     // Re-feed the text of the continued tokens so multi-byte characters
     // and stop strings that straddle the failover come out right.
@@ -1083,13 +1254,7 @@ fn generate_local(
         if generated == req.max_tokens {
             break;
         }
-        logits = match model
-            .forward(Input::Tokens(&[token]), &mut cache, Logits::Last)
-            .map_err(internal)?
-        {
-            Output::Logits(l) => l,
-            Output::Hidden(_) => unreachable!("checked at prefill"),
-        };
+        logits = pipeline.step(session, &[token], cache)?;
     }
     if finish != v1::FinishReason::StopSequence {
         let mut rest = text.finish();

@@ -325,6 +325,7 @@ async fn bad_gossip_and_stage_messages_are_rejected_counted_and_scored_down() ->
         tokens: 2,
         width: 4,
         hidden: vec![0; 32],
+        ..Default::default()
     };
     let wrong_shape = StageRequest {
         hidden: vec![0; 31],
@@ -411,6 +412,7 @@ async fn a_peer_outside_the_filter_cannot_use_the_application_protocols() -> Res
         tokens: 1,
         width: 1,
         hidden: vec![0; 4],
+        ..Default::default()
     };
     let reply = liar.mesh.stage(peer_of(&node)?, &good).await?;
     ensure!(

@@ -6,7 +6,8 @@
 //! router continues on the other replica and the client gets the same
 //! tokens (seeded sampling included), only later. Each answer leaves a
 //! receipt on the chain: who, which model, digests of input and output,
-//! counts and the nodes on the path.
+//! counts and the nodes on the path. A two-stage deployment of the same
+//! file answers the same text through a pipeline over the mesh.
 
 use std::time::Duration;
 
@@ -294,6 +295,66 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
             == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text2.as_bytes())).as_str(),
         "{receipt}"
     );
+
+    // The same file as a two-stage pipeline: the node holding stage 0 runs
+    // it, sending hidden states to stage 1 over the mesh; the text is the
+    // whole model's.
+    let mut c = trine();
+    c.args([
+        "deploy", "--node", &grpc, "--name", "piped", "--stages", "2",
+    ])
+    .arg(&model);
+    let out = run(c, Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the pipeline ready", Duration::from_secs(60), || {
+        let grpc = grpc.clone();
+        async move {
+            cli_json::<Slot>(&[
+                "placement",
+                "--node",
+                &grpc,
+                "--model",
+                "piped",
+                "-o",
+                "json",
+            ])
+            .ok()
+            .filter(|s| s.len() == 2 && s.iter().all(|s| s.state == "ready"))
+        }
+    })
+    .await?;
+    for row in &status {
+        let http = net.endpoints(&row.name)?.http;
+        let body = serde_json::json!({"model": "piped", "prompt": "Hello", "max_tokens": 24,
+            "temperature": 0, "repetition_penalty": 5});
+        // (A node may apply the last ready report a moment after node 0.)
+        let (status, v) = wait_for("an answer, not 503", Duration::from_secs(10), || {
+            let body = body.to_string();
+            async move {
+                let r = reqwest::Client::new()
+                    .post(format!("http://{http}/v1/completions"))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .ok()?;
+                let status = r.status();
+                let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+                (status != 503).then_some((status, v))
+            }
+        })
+        .await?;
+        ensure!(status == 200, "{}: {status} {v}", row.name);
+        ensure!(
+            v["choices"][0]["text"] == want.as_str(),
+            "{}: {v} != {want:?}",
+            row.name
+        );
+    }
 
     // Refusals name the problem, with the right codes.
     let mut client = InferenceClient::connect(format!("http://{}", router.grpc_addr)).await?;

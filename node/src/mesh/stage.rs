@@ -141,6 +141,9 @@ pub fn check_request(req: &StageRequest) -> Result<(), (&'static str, String)> {
     if req.model.is_empty() || req.model.len() > MAX_ID {
         return Err(("model", format!("model must be 1-{MAX_ID} bytes")));
     }
+    if req.end {
+        return Ok(());
+    }
     let values = u64::from(req.tokens) * u64::from(req.width);
     if req.tokens == 0 || req.width == 0 || values.checked_mul(4) != Some(req.hidden.len() as u64) {
         return Err((
@@ -213,8 +216,19 @@ mod tests {
             tokens: 2,
             width: 3,
             hidden: vec![0; 24],
+            ..Default::default()
         };
         assert!(check_request(&ok).is_ok());
+        // Ending a sequence carries no hidden states.
+        assert!(
+            check_request(&StageRequest {
+                end: true,
+                tokens: 0,
+                hidden: Vec::new(),
+                ..ok.clone()
+            })
+            .is_ok()
+        );
         let bad = [
             StageRequest {
                 request_id: String::new(),
