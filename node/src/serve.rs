@@ -58,9 +58,11 @@ pub struct Limits {
     /// Generations waiting for a slot; more are refused (429 /
     /// RESOURCE_EXHAUSTED) rather than queued without bound.
     pub queue: usize,
-    /// Longest wait for a forwarded request's next event before the router
-    /// gives up on that node and fails over.
+    /// Longest wait for a replica's next token before the router gives up
+    /// on it and fails over; for the first token (prompt prefill included),
+    /// `first_token`.
     pub stall: Duration,
+    pub first_token: Duration,
     /// Most failovers for one request.
     pub max_failovers: u32,
 }
@@ -74,6 +76,7 @@ impl Default for Limits {
             concurrency: 4,
             queue: 64,
             stall: Duration::from_secs(10),
+            first_token: Duration::from_secs(60),
             max_failovers: 3,
         }
     }
@@ -473,14 +476,9 @@ impl Serving {
                 },
             )
         });
-        let rx = if candidates[0].id == me {
-            self.run_here(req).await?
-        } else {
-            let (tx, rx) = mpsc::channel(64);
-            let this = self.clone();
-            tokio::spawn(async move { this.route(req, candidates, authorization, tx).await });
-            rx
-        };
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move { this.route(req, candidates, authorization, tx).await });
         Ok(account(rx, admission, receipt))
     }
 
@@ -591,34 +589,35 @@ impl Serving {
     /// is first).
     async fn next_event(
         &self,
-        stream: &mut tonic::Streaming<v1::GenerateResponse>,
+        events: &mut Events,
         node: &NodeRecord,
-    ) -> Result<Option<Result<v1::GenerateResponse, tonic::Status>>, ServeError> {
+        limit: Duration,
+    ) -> Result<Option<Result<v1::GenerateResponse, ServeError>>, ServeError> {
         let since = Instant::now();
-        let next = stream.next();
-        tokio::pin!(next);
+        let remote = node.id != self.inner.control.id();
         loop {
             tokio::select! {
-                ev = &mut next => return Ok(ev),
+                ev = events.recv() => return Ok(ev),
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    let down = self
-                        .inner
-                        .control
-                        .reader()
-                        .state()
-                        .nodes
-                        .get(&node.id)
-                        .is_none_or(|n| n.status != NodeStatus::Up);
+                    let down = remote
+                        && self
+                            .inner
+                            .control
+                            .reader()
+                            .state()
+                            .nodes
+                            .get(&node.id)
+                            .is_none_or(|n| n.status != NodeStatus::Up);
                     if down {
                         return Err(ServeError::Unavailable(format!(
                             "node {} was marked down mid-answer",
                             node.name
                         )));
                     }
-                    if since.elapsed() >= self.inner.limits.stall {
+                    if since.elapsed() >= limit {
                         return Err(ServeError::Unavailable(format!(
-                            "node {} stalled for {:?}",
-                            node.name, self.inner.limits.stall
+                            "node {} stalled for {limit:?}",
+                            node.name
                         )));
                     }
                 }
@@ -626,8 +625,55 @@ impl Serving {
         }
     }
 
-    /// Streams `req` from the first candidate that answers; on a failure
-    /// mid-answer, continues on the next one from the tokens so far.
+    /// `req` on `node` (a hop), its events as local ones.
+    async fn remote(
+        &self,
+        node: &NodeRecord,
+        req: v1::GenerateRequest,
+        authorization: Option<&str>,
+    ) -> Result<Events, ServeError> {
+        let mut request = tonic::Request::new(req);
+        request
+            .metadata_mut()
+            .insert(HOP, tonic::metadata::MetadataValue::from_static("1"));
+        if let Some(v) =
+            authorization.and_then(|a| tonic::metadata::MetadataValue::try_from(a).ok())
+        {
+            request.metadata_mut().insert("authorization", v);
+        }
+        let mut client = self.client(&node.grpc_addr)?;
+        let stall = self.inner.limits.stall;
+        let mut stream = match tokio::time::timeout(stall, client.generate(request)).await {
+            Err(_) => {
+                return Err(ServeError::Unavailable(format!(
+                    "node {} did not answer within {stall:?}",
+                    node.name
+                )));
+            }
+            Ok(Err(s)) => return Err(ServeError::from_status(&s)),
+            Ok(Ok(stream)) => stream.into_inner(),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = stream.next() => {
+                        let Some(ev) = ev else { return };
+                        if tx.send(ev.map_err(|s| ServeError::from_status(&s))).await.is_err() {
+                            return;
+                        }
+                    }
+                    // The router gave up on this node: stop reading.
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Streams `req` from the first candidate that answers (this node's
+    /// own replica in-process, others over gRPC); on a failure mid-answer,
+    /// continues on the next one from the tokens so far.
     async fn route(
         &self,
         req: v1::GenerateRequest,
@@ -636,6 +682,7 @@ impl Serving {
         tx: mpsc::Sender<Result<v1::GenerateResponse, ServeError>>,
     ) {
         let limits = self.inner.limits.clone();
+        let me = self.inner.control.id();
         let started = Instant::now();
         let mut generated: Vec<u32> = req.continue_from.clone();
         let already = generated.len();
@@ -658,83 +705,65 @@ impl Serving {
             let mut r = req.clone();
             r.continue_from = generated.clone();
             r.max_tokens = req.max_tokens - (generated.len() - already) as u32;
-            let mut request = tonic::Request::new(r);
-            request
-                .metadata_mut()
-                .insert(HOP, tonic::metadata::MetadataValue::from_static("1"));
-            if let Some(v) = authorization
-                .as_deref()
-                .and_then(|a| tonic::metadata::MetadataValue::try_from(a).ok())
-            {
-                request.metadata_mut().insert("authorization", v);
-            }
-            let outcome = match self.client(&node.grpc_addr) {
+            let events = if node.id == me {
+                self.run_here(r).await
+            } else {
+                self.remote(&node, r, authorization.as_deref()).await
+            };
+            let outcome = match events {
                 Err(e) => Err(e),
-                Ok(mut client) => {
-                    match tokio::time::timeout(limits.stall, client.generate(request)).await {
-                        Err(_) => Err(ServeError::Unavailable(format!(
-                            "node {} did not answer within {:?}",
-                            node.name, limits.stall
-                        ))),
-                        Ok(Err(s)) => Err(ServeError::from_status(&s)),
-                        Ok(Ok(stream)) => {
-                            let mut stream = stream.into_inner();
-                            let mut end = Err(ServeError::Unavailable(format!(
-                                "node {} ended the stream without a result",
-                                node.name
-                            )));
-                            loop {
-                                match self.next_event(&mut stream, &node).await {
-                                    Err(e) => {
-                                        end = Err(e);
-                                        break;
-                                    }
-                                    Ok(None) => break,
-                                    Ok(Some(Err(s))) => {
-                                        end = Err(ServeError::from_status(&s));
-                                        break;
-                                    }
-                                    Ok(Some(Ok(mut ev))) => match ev.event.take() {
-                                        Some(v1::generate_response::Event::Token(mut t)) => {
-                                            let now = Instant::now();
-                                            // Indexes count from the first
-                                            // token of the whole answer; a
-                                            // repeated one carries held-back
-                                            // text, not a new token.
-                                            if t.index as usize >= generated.len() {
-                                                generated.push(t.id);
-                                            }
-                                            t.index = (generated.len() - already).saturating_sub(1)
-                                                as u32;
-                                            t.since_start = Some(duration(now - started));
-                                            t.since_previous = Some(duration(now - last));
-                                            last = now;
-                                            first_token.get_or_insert(now - started);
-                                            ev.event = Some(v1::generate_response::Event::Token(t));
-                                            if tx.send(Ok(ev)).await.is_err() {
-                                                return;
-                                            }
-                                        }
-                                        Some(v1::generate_response::Event::Usage(mut u)) => {
-                                            path.push(node.id);
-                                            u.completion_tokens =
-                                                (generated.len() - already) as u32;
-                                            u.failovers = failovers;
-                                            u.path = path.clone();
-                                            u.time_to_first_token = first_token.map(duration);
-                                            u.total = Some(duration(started.elapsed()));
-                                            ev.event = Some(v1::generate_response::Event::Usage(u));
-                                            let _ = tx.send(Ok(ev)).await;
-                                            end = Ok(());
-                                            break;
-                                        }
-                                        None => {}
-                                    },
-                                }
+                Ok(mut events) => {
+                    let mut end = Err(ServeError::Unavailable(format!(
+                        "node {} ended the stream without a result",
+                        node.name
+                    )));
+                    let mut limit = limits.first_token;
+                    loop {
+                        let ev = self.next_event(&mut events, &node, limit).await;
+                        limit = limits.stall;
+                        match ev {
+                            Err(e) | Ok(Some(Err(e))) => {
+                                end = Err(e);
+                                break;
                             }
-                            end
+                            Ok(None) => break,
+                            Ok(Some(Ok(mut ev))) => match ev.event.take() {
+                                Some(v1::generate_response::Event::Token(mut t)) => {
+                                    let now = Instant::now();
+                                    // Indexes count from the first token of
+                                    // the whole answer; a repeated one
+                                    // carries held-back text, not a new
+                                    // token.
+                                    if t.index as usize >= generated.len() {
+                                        generated.push(t.id);
+                                    }
+                                    t.index = (generated.len() - already).saturating_sub(1) as u32;
+                                    t.since_start = Some(duration(now - started));
+                                    t.since_previous = Some(duration(now - last));
+                                    last = now;
+                                    first_token.get_or_insert(now - started);
+                                    ev.event = Some(v1::generate_response::Event::Token(t));
+                                    if tx.send(Ok(ev)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Some(v1::generate_response::Event::Usage(mut u)) => {
+                                    path.push(node.id);
+                                    u.completion_tokens = (generated.len() - already) as u32;
+                                    u.failovers = failovers;
+                                    u.path = path.clone();
+                                    u.time_to_first_token = first_token.map(duration);
+                                    u.total = Some(duration(started.elapsed()));
+                                    ev.event = Some(v1::generate_response::Event::Usage(u));
+                                    let _ = tx.send(Ok(ev)).await;
+                                    end = Ok(());
+                                    break;
+                                }
+                                None => {}
+                            },
                         }
                     }
+                    end
                 }
             };
             match outcome {
@@ -747,7 +776,7 @@ impl Serving {
                     if candidates.is_empty() {
                         // The placement may have moved on: look again.
                         let state = self.inner.control.reader().state();
-                        candidates = candidates_for(&state, &req.model, self.inner.control.id())
+                        candidates = candidates_for(&state, &req.model, me)
                             .into_iter()
                             .filter(|n| !tried.contains(&n.id))
                             .collect();
