@@ -59,6 +59,10 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// records the spec on the chain; the leader's planner places every
     /// stage of every replica (see `trine placement`).
     Deploy(crate::deploy_cmd::DeployArgs),
+    /// Ask any node of a cluster for a completion of a deployed model (or a
+    /// chat turn with --chat), streamed as it is generated; --verbose shows
+    /// per-token timings, the nodes that served it and failovers.
+    Complete(crate::complete_cmd::CompleteArgs),
     /// Remove a deployed model and all its placements.
     Undeploy(crate::deploy_cmd::UndeployArgs),
     /// Where each stage of each deployed model runs: model, replica, stage,

@@ -26,6 +26,7 @@ pub mod build;
 pub mod cli;
 pub mod cluster;
 pub mod cluster_cmd;
+pub mod complete_cmd;
 pub mod config;
 pub mod datadir;
 pub mod deploy_cmd;

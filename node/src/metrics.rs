@@ -57,6 +57,14 @@ pub const TOKENS_GENERATED: &str = "trine_tokens_generated_total";
 /// Counter: requests this node continued on another replica after one
 /// failed mid-answer.
 pub const FAILOVERS: &str = "trine_request_failovers_total";
+/// Histogram: a request from arrival at the entry node to its last event.
+pub const REQUEST_DURATION: &str = "trine_request_duration_seconds";
+/// Histogram: arrival to first token, at the entry node.
+pub const TTFT: &str = "trine_time_to_first_token_seconds";
+/// Histogram: time between consecutive tokens, at the entry node.
+pub const INTER_TOKEN: &str = "trine_inter_token_seconds";
+/// Gauge: generations waiting for a compute slot on this node.
+pub const QUEUE_DEPTH: &str = "trine_queue_depth";
 /// Counter: request receipts this node committed to the chain.
 pub const RECEIPTS: &str = "trine_receipts_total";
 /// Counter: receipts lost (buffer full, or the cluster would not commit).
@@ -92,6 +100,19 @@ pub const ALL: &[&str] = &[
     FAILOVERS,
     RECEIPTS,
     RECEIPTS_DROPPED,
+    REQUEST_DURATION,
+    TTFT,
+    INTER_TOKEN,
+    QUEUE_DEPTH,
+];
+
+/// Buckets of the request and first-token histograms: 1 ms … 2 min.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Buckets of the inter-token histogram: 250 µs … 5 s.
+pub const INTER_TOKEN_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 ];
 
 struct Exporter {
@@ -119,6 +140,12 @@ pub fn install() -> Metrics {
                 trine_control::metrics::RECOVERY_BUCKETS,
             )
             .expect("RECOVERY_BUCKETS is not empty")
+            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.to_owned()), LATENCY_BUCKETS)
+            .expect("LATENCY_BUCKETS is not empty")
+            .set_buckets_for_metric(Matcher::Full(TTFT.to_owned()), LATENCY_BUCKETS)
+            .expect("LATENCY_BUCKETS is not empty")
+            .set_buckets_for_metric(Matcher::Full(INTER_TOKEN.to_owned()), INTER_TOKEN_BUCKETS)
+            .expect("INTER_TOKEN_BUCKETS is not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder is installed; the handle then
@@ -213,6 +240,25 @@ fn describe() {
         "Inference requests this node answered, by API (grpc, openai) and outcome code."
     );
     describe_counter!(TOKENS_GENERATED, "Tokens generated on this node.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Inference requests this node took from clients: arrival to the last event."
+    );
+    describe_histogram!(
+        TTFT,
+        metrics::Unit::Seconds,
+        "Inference requests this node took from clients: arrival to the first token."
+    );
+    describe_histogram!(
+        INTER_TOKEN,
+        metrics::Unit::Seconds,
+        "Time between consecutive tokens streamed to clients of this node."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Generations waiting for a compute slot on this node."
+    );
     describe_counter!(
         RECEIPTS,
         "Request receipts this node committed to the chain."
@@ -290,6 +336,22 @@ pub fn generated(n: u64) {
 
 pub fn failover() {
     counter!(FAILOVERS).increment(1);
+}
+
+pub fn request_done(took: Duration) {
+    histogram!(REQUEST_DURATION).record(took.as_secs_f64());
+}
+
+pub fn first_token(took: Duration) {
+    histogram!(TTFT).record(took.as_secs_f64());
+}
+
+pub fn inter_token(gap: Duration) {
+    histogram!(INTER_TOKEN).record(gap.as_secs_f64());
+}
+
+pub fn queue_depth(n: usize) {
+    gauge!(QUEUE_DEPTH).set(n as f64);
 }
 
 pub fn receipts_committed(n: u64) {
@@ -403,6 +465,10 @@ mod tests {
         failover();
         receipts_committed(2);
         receipt_dropped();
+        request_done(Duration::from_millis(30));
+        first_token(Duration::from_millis(3));
+        inter_token(Duration::from_millis(1));
+        queue_depth(0);
         let text = m.render();
         assert!(text.contains("# TYPE trine_build_info gauge"), "{text}");
         assert!(

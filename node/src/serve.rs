@@ -487,15 +487,16 @@ impl Serving {
         let pipeline = self.pipeline(&req.model)?;
         let limits = &self.inner.limits;
         let waiting = self.inner.waiting.fetch_add(1, Ordering::AcqRel);
+        crate::metrics::queue_depth(waiting + 1);
         if waiting >= limits.queue {
-            self.inner.waiting.fetch_sub(1, Ordering::AcqRel);
+            crate::metrics::queue_depth(self.inner.waiting.fetch_sub(1, Ordering::AcqRel) - 1);
             return Err(ServeError::Busy(format!(
                 "this node has {} requests waiting; retry later",
                 limits.queue
             )));
         }
         let permit = self.inner.running.clone().acquire_owned().await;
-        self.inner.waiting.fetch_sub(1, Ordering::AcqRel);
+        crate::metrics::queue_depth(self.inner.waiting.fetch_sub(1, Ordering::AcqRel) - 1);
         let permit = permit.map_err(|_| ServeError::Unavailable("the node is stopping".into()))?;
         let (tx, rx) = mpsc::channel(64);
         let pool = self.inner.pool.clone();
@@ -740,6 +741,11 @@ impl Serving {
                                     t.index = (generated.len() - already).saturating_sub(1) as u32;
                                     t.since_start = Some(duration(now - started));
                                     t.since_previous = Some(duration(now - last));
+                                    if first_token.is_none() {
+                                        crate::metrics::first_token(now - started);
+                                    } else {
+                                        crate::metrics::inter_token(now - last);
+                                    }
                                     last = now;
                                     first_token.get_or_insert(now - started);
                                     ev.event = Some(v1::generate_response::Event::Token(t));
@@ -755,6 +761,7 @@ impl Serving {
                                     u.time_to_first_token = first_token.map(duration);
                                     u.total = Some(duration(started.elapsed()));
                                     ev.event = Some(v1::generate_response::Event::Usage(u));
+                                    crate::metrics::request_done(started.elapsed());
                                     let _ = tx.send(Ok(ev)).await;
                                     end = Ok(());
                                     break;

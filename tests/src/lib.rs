@@ -99,6 +99,23 @@ pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
 }
 
 /// Runs a command to completion, killing it after `timeout`.
+/// `trine model synth --preset tiny --format i2_s` into `dir/tiny.gguf`.
+pub fn synth_tiny(dir: &Path) -> Result<PathBuf> {
+    let model = dir.join("tiny.gguf");
+    let mut c = trine();
+    c.args([
+        "model", "synth", "--preset", "tiny", "--format", "i2_s", "--out",
+    ])
+    .arg(&model);
+    let out = run(c, Duration::from_secs(120))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "trine model synth: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(model)
+}
+
 pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
     let dir = tempfile::tempdir()?;
     let out_path = dir.path().join("stdout");

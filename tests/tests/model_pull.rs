@@ -422,13 +422,7 @@ async fn named_files_only_and_unknown_ones_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_from_a_hub_repository_and_a_node_finds_it_in_its_cache() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let gguf = tmp.path().join("tiny.gguf");
-    let mut cmd = trine();
-    cmd.args([
-        "model", "synth", "--preset", "tiny", "--format", "i2_s", "--out",
-    ])
-    .arg(&gguf);
-    ensure!(run(cmd, T)?.status.success(), "synth failed");
+    let gguf = trine_tests::synth_tiny(tmp.path())?;
     let bytes = std::fs::read(&gguf)?;
     let mut files = HashMap::new();
     files.insert("tiny.gguf".to_owned(), bytes.clone());

@@ -303,6 +303,7 @@ async fn help_lists_only_working_subcommands() -> Result<()> {
                 "nodes",
                 "chain",
                 "deploy",
+                "complete",
                 "undeploy",
                 "placement",
                 "token",

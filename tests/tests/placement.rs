@@ -15,7 +15,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use trine_tests::{Testnet, cli_json, http_get, metric, metric_sum, run, trine, wait_for};
+use trine_tests::{
+    Testnet, cli_json, http_get, metric, metric_sum, run, synth_tiny, trine, wait_for,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 struct Slot {
@@ -63,18 +65,7 @@ fn placement(node: &str) -> Result<Vec<Slot>> {
 async fn a_deployed_model_is_placed_and_a_frozen_nodes_stage_moves_and_is_fenced() -> Result<()> {
     let mut net = Testnet::start(&[]).await?;
     let dir = tempfile::tempdir()?;
-    let model = dir.path().join("tiny.gguf");
-    let mut c = trine();
-    c.args([
-        "model", "synth", "--preset", "tiny", "--format", "i2_s", "--out",
-    ])
-    .arg(&model);
-    let out = run(c, Duration::from_secs(120))?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let model = synth_tiny(dir.path())?;
 
     // One node holds the file, in its store under the model's digest.
     let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(

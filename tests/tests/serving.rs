@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use tokio_stream::StreamExt as _;
 use trine_proto::v1;
 use trine_proto::v1::inference_client::InferenceClient;
-use trine_tests::{Testnet, cli_json, run, trine, wait_for};
+use trine_tests::{Testnet, cli_json, run, synth_tiny, trine, wait_for};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 struct Slot {
@@ -25,6 +25,40 @@ struct Slot {
     node: String,
     region: String,
     state: String,
+}
+
+/// `/v1/completions` on node `name` for `model` (greedy, 24 tokens, the
+/// test's repetition penalty) answers `want`; the JSON answer. A node may
+/// apply the last ready report a moment after node 0: a 503 is retried.
+async fn complete_everywhere(
+    net: &Testnet,
+    name: &str,
+    model: &str,
+    want: &str,
+) -> Result<serde_json::Value> {
+    let http = net.endpoints(name)?.http;
+    let body = serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": 24,
+        "temperature": 0, "repetition_penalty": 5})
+    .to_string();
+    let (status, v) = wait_for("an answer, not 503", Duration::from_secs(10), || {
+        let body = body.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("http://{http}/v1/completions"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .ok()?;
+            let status = r.status();
+            let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+            (status != 503).then_some((status, v))
+        }
+    })
+    .await?;
+    ensure!(status == 200, "{name}: {status} {v}");
+    ensure!(v["choices"][0]["text"] == want, "{name}: {v} != {want:?}");
+    Ok(v)
 }
 
 /// The receipt for `request_id` in the last 200 blocks, if committed.
@@ -118,13 +152,7 @@ fn request(max_tokens: u32, temperature: f32, seed: u64) -> v1::GenerateRequest 
 async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Result<()> {
     let mut net = Testnet::start(&[]).await?;
     let dir = tempfile::tempdir()?;
-    let model = dir.path().join("tiny.gguf");
-    let mut c = trine();
-    c.args([
-        "model", "synth", "--preset", "tiny", "--format", "i2_s", "--out",
-    ])
-    .arg(&model);
-    ensure!(run(c, Duration::from_secs(120))?.status.success());
+    let model = synth_tiny(dir.path())?;
     let grpc = net.grpc(0);
     let mut c = trine();
     c.args([
@@ -190,24 +218,30 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         .trim_end_matches('\n')
         .to_owned();
     for row in &status {
-        let http = net.endpoints(&row.name)?.http;
-        let body = serde_json::json!({"model": "tiny", "prompt": "Hello", "max_tokens": 24,
-            "temperature": 0, "repetition_penalty": 5});
-        let r = reqwest::Client::new()
-            .post(format!("http://{http}/v1/completions"))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await?;
-        ensure!(r.status() == 200, "{}: {}", row.name, r.status());
-        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
-        ensure!(
-            v["choices"][0]["text"] == want.as_str(),
-            "{}: {v} != {want:?}",
-            row.name
-        );
+        let v = complete_everywhere(&net, &row.name, "tiny", &want).await?;
         ensure!(v["usage"]["completion_tokens"] == 24, "{v}");
     }
+
+    // The same through `trine complete`, the CLI client, with its usage.
+    let mut c = trine();
+    c.args([
+        "complete",
+        "--node",
+        &router.grpc_addr,
+        "-m",
+        "tiny",
+        "-n",
+        "24",
+    ])
+    .args(["--repetition-penalty", "5", "--verbose", "Hello"]);
+    let out = run(c, Duration::from_secs(60))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(out.status.success(), "{stderr}");
+    ensure!(String::from_utf8(out.stdout)?.trim_end_matches('\n') == want);
+    ensure!(
+        stderr.contains("generated 24 (length)") && stderr.contains("path ["),
+        "{stderr}"
+    );
 
     // Baseline through the router: seeded sampling, no failure.
     let (ids, text, usage) = generate(&router.grpc_addr, request(100, 1.0, 7), || Ok(())).await?;
@@ -328,32 +362,7 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     })
     .await?;
     for row in &status {
-        let http = net.endpoints(&row.name)?.http;
-        let body = serde_json::json!({"model": "piped", "prompt": "Hello", "max_tokens": 24,
-            "temperature": 0, "repetition_penalty": 5});
-        // (A node may apply the last ready report a moment after node 0.)
-        let (status, v) = wait_for("an answer, not 503", Duration::from_secs(10), || {
-            let body = body.to_string();
-            async move {
-                let r = reqwest::Client::new()
-                    .post(format!("http://{http}/v1/completions"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .ok()?;
-                let status = r.status();
-                let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
-                (status != 503).then_some((status, v))
-            }
-        })
-        .await?;
-        ensure!(status == 200, "{}: {status} {v}", row.name);
-        ensure!(
-            v["choices"][0]["text"] == want.as_str(),
-            "{}: {v} != {want:?}",
-            row.name
-        );
+        complete_everywhere(&net, &row.name, "piped", &want).await?;
     }
 
     // Refusals name the problem, with the right codes.
