@@ -40,8 +40,10 @@ async fn complete_everywhere(
     let body = serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": 24,
         "temperature": 0, "repetition_penalty": 5})
     .to_string();
-    let (status, v) = wait_for("an answer, not 503", Duration::from_secs(10), || {
+    let last = std::sync::Mutex::new(String::new());
+    let answer = wait_for("an answer, not 503", Duration::from_secs(30), || {
         let body = body.clone();
+        let last = &last;
         async move {
             let r = reqwest::Client::new()
                 .post(format!("http://{http}/v1/completions"))
@@ -52,10 +54,21 @@ async fn complete_everywhere(
                 .ok()?;
             let status = r.status();
             let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+            if status == 503
+                && let Ok(mut l) = last.lock()
+            {
+                *l = v.to_string();
+            }
             (status != 503).then_some((status, v))
         }
     })
-    .await?;
+    .await;
+    let (status, v) = answer.with_context(|| {
+        format!(
+            "{name}: still 503: {}",
+            last.lock().map(|l| l.clone()).unwrap_or_default()
+        )
+    })?;
     ensure!(status == 200, "{name}: {status} {v}");
     ensure!(v["choices"][0]["text"] == want, "{name}: {v} != {want:?}");
     Ok(v)
@@ -222,6 +235,41 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         ensure!(v["usage"]["completion_tokens"] == 24, "{v}");
     }
 
+    // The same file as a two-stage pipeline: the node holding stage 0 runs
+    // it, sending hidden states to stage 1 over the mesh; the text is the
+    // whole model's. (Checked before any node is frozen below.)
+    let mut c = trine();
+    c.args([
+        "deploy", "--node", &grpc, "--name", "piped", "--stages", "2",
+    ])
+    .arg(&model);
+    let out = run(c, Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the pipeline ready", Duration::from_secs(60), || {
+        let grpc = grpc.clone();
+        async move {
+            cli_json::<Slot>(&[
+                "placement",
+                "--node",
+                &grpc,
+                "--model",
+                "piped",
+                "-o",
+                "json",
+            ])
+            .ok()
+            .filter(|s| s.len() == 2 && s.iter().all(|s| s.state == "ready"))
+        }
+    })
+    .await?;
+    for row in &status {
+        complete_everywhere(&net, &row.name, "piped", &want).await?;
+    }
+
     // The same through `trine complete`, the CLI client, with its usage.
     let mut c = trine();
     c.args([
@@ -329,41 +377,6 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
             == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text2.as_bytes())).as_str(),
         "{receipt}"
     );
-
-    // The same file as a two-stage pipeline: the node holding stage 0 runs
-    // it, sending hidden states to stage 1 over the mesh; the text is the
-    // whole model's.
-    let mut c = trine();
-    c.args([
-        "deploy", "--node", &grpc, "--name", "piped", "--stages", "2",
-    ])
-    .arg(&model);
-    let out = run(c, Duration::from_secs(60))?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for("the pipeline ready", Duration::from_secs(60), || {
-        let grpc = grpc.clone();
-        async move {
-            cli_json::<Slot>(&[
-                "placement",
-                "--node",
-                &grpc,
-                "--model",
-                "piped",
-                "-o",
-                "json",
-            ])
-            .ok()
-            .filter(|s| s.len() == 2 && s.iter().all(|s| s.state == "ready"))
-        }
-    })
-    .await?;
-    for row in &status {
-        complete_everywhere(&net, &row.name, "piped", &want).await?;
-    }
 
     // Refusals name the problem, with the right codes.
     let mut client = InferenceClient::connect(format!("http://{}", router.grpc_addr)).await?;
