@@ -104,7 +104,7 @@ type Rank = (
 );
 
 /// See [`Layout::score`]: (replicas sharing a region, replicas spanning
-/// regions, slots sharing a node), lower is better.
+/// regions, replicas sharing a node), lower is better.
 type Score = (usize, usize, usize);
 
 impl<'a> Layout<'a> {
@@ -209,23 +209,24 @@ impl<'a> Layout<'a> {
 
     /// How far one model's layout is from rules 3's ideal, compared
     /// lexicographically: replicas sharing a region, replicas spanning more
-    /// than one region, slots sharing a node. Memory balance does not count:
+    /// than one region, replicas sharing a node (stages of one replica on
+    /// one node are fine: fewer hops). Memory balance does not count:
     /// a rebalance never moves a stage just to even out free memory.
     fn score(&self, m: &ModelRecord) -> Score {
         let slots = self.model_slots(m, &(String::new(), u32::MAX, u32::MAX));
         let mut by_region: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
         let mut by_replica: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
-        let mut by_node: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut by_node: BTreeMap<NodeId, BTreeSet<u32>> = BTreeMap::new();
         for (r, n) in &slots {
             by_region.entry(self.region_of(*n)).or_default().insert(*r);
             by_replica.entry(*r).or_default().insert(self.region_of(*n));
-            *by_node.entry(*n).or_default() += 1;
+            by_node.entry(*n).or_default().insert(*r);
         }
         let extra = |n: usize| n.saturating_sub(1);
         (
             by_region.values().map(|r| extra(r.len())).sum(),
             by_replica.values().map(|r| extra(r.len())).sum(),
-            by_node.values().map(|n| extra(*n)).sum(),
+            by_node.values().map(|r| extra(r.len())).sum(),
         )
     }
 }
@@ -364,6 +365,11 @@ pub fn rebalance(state: &State, health: &Health) -> Vec<Command> {
     }
     // The first model (by name) that can be improved, its best move.
     for m in state.models.values() {
+        // Moving the only replica would take the model offline while it
+        // loads elsewhere.
+        if m.replicas < 2 {
+            continue;
+        }
         let before = layout.score(m);
         if before == (0, 0, 0) {
             continue;
@@ -705,6 +711,29 @@ mod tests {
         for r in 0..3 {
             assert_eq!(region_of(&s, ("m", r, 0)), region_of(&s, ("m", r, 1)));
         }
+    }
+
+    #[test]
+    fn a_lone_replica_is_never_moved_for_layout_alone() {
+        let mut s = State::default();
+        s.apply(&Command::RegisterNode(Box::new(node(1, "a", 8 * GIB))), 0)
+            .expect("register");
+        for (id, r) in [(2, "b"), (3, "b")] {
+            s.apply(&Command::RegisterNode(Box::new(node(id, r, 8 * GIB))), 0)
+                .expect("register");
+        }
+        deploy(&mut s, model("m", 8, 2, 1, GIB / 8));
+        let mut health = Health::from_state(&s);
+        health.live.remove(&2);
+        health.live.remove(&3);
+        settle(&mut s, &health);
+        // Both stages on node 1, the only live node.
+        assert!(s.placements.values().all(|p| p.node == 1));
+        let health = Health::from_state(&s);
+        assert!(
+            rebalance(&s, &health).is_empty(),
+            "moving the only replica takes the model offline"
+        );
     }
 
     #[test]

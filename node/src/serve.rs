@@ -695,14 +695,16 @@ impl Serving {
         let mut failovers = 0u32;
         let mut path = Vec::new();
         let mut tried = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
         let mut first_token: Option<Duration> = None;
         let mut last = started;
         loop {
             let Some(node) = (!candidates.is_empty()).then(|| candidates.remove(0)) else {
                 let _ = tx
                     .send(Err(ServeError::Unavailable(format!(
-                        "no replica of {} could finish the request (tried nodes {tried:?})",
-                        req.model
+                        "no replica of {} could finish the request ({})",
+                        req.model,
+                        errors.join("; ")
                     ))))
                     .await;
                 return;
@@ -783,6 +785,7 @@ impl Serving {
                 Err(e) if e.retryable() && failovers < limits.max_failovers => {
                     failovers += 1;
                     path.push(node.id);
+                    errors.push(format!("{}: {e}", node.name));
                     crate::metrics::failover();
                     tracing::warn!(request_id = %req.request_id, node = %node.name, error = %e, generated = generated.len() - already, "replica failed mid-request; continuing on another");
                     if candidates.is_empty() {
