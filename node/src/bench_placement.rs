@@ -60,17 +60,6 @@ pub struct PlacementArgs {
     pub json: bool,
 }
 
-/// The testnet's seven nodes.
-const REGIONS: [&str; 7] = [
-    "us-east",
-    "us-east",
-    "us-west",
-    "us-west",
-    "eu-central",
-    "eu-central",
-    "ap-southeast",
-];
-
 /// One member's placement executor.
 struct Executor {
     stop: watch::Sender<bool>,
@@ -149,9 +138,11 @@ pub fn run(args: &PlacementArgs) -> Result<()> {
 
     let runtime = crate::bench_cmd::quiet_runtime()?;
     let rounds = runtime.block_on(async {
-        eprintln!("starting 7 members in 4 regions…");
+        let regions = crate::testnet_cmd::default_node_regions();
+        let regions: Vec<&str> = regions.iter().map(String::as_str).collect();
+        eprintln!("starting {} members in the testnet's regions…", regions.len());
         let mut cluster = LocalCluster::start(
-            &REGIONS,
+            &regions,
             Tuning {
                 profile: match args.profile {
                     ProfileArg::Lan => trine_control::Profile::Lan,

@@ -309,10 +309,6 @@ impl Serving {
         })
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
-    }
-
     /// The caller behind `authorization` (`Bearer <secret>`), checked
     /// against the token table (SHA-256 of the secret).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, ServeError> {

@@ -41,7 +41,7 @@ pub struct TestnetArgs {
     /// Regions and node counts, e.g. us-east:2,us-west:2,eu-central:2,ap-southeast:1.
     #[arg(
         long,
-        default_value = "us-east:2,us-west:2,eu-central:2,ap-southeast:1",
+        default_value = DEFAULT_REGIONS,
         value_name = "REGION:N,..."
     )]
     pub regions: String,
@@ -83,6 +83,18 @@ struct Layout {
 const LAYOUT_FILE: &str = "testnet.json";
 
 /// Parses `--regions` (and `--nodes`) into (region, count) pairs.
+/// The testnet's layout: seven nodes in four regions.
+pub const DEFAULT_REGIONS: &str = "us-east:2,us-west:2,eu-central:2,ap-southeast:1";
+
+/// The region of each node of the default testnet, in order.
+pub fn default_node_regions() -> Vec<String> {
+    regions(DEFAULT_REGIONS, None)
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(r, n)| std::iter::repeat_n(r, n))
+        .collect()
+}
+
 fn regions(spec: &str, nodes: Option<usize>) -> Result<Vec<(String, usize)>> {
     let mut out = Vec::new();
     let mut counted = true;

@@ -116,6 +116,45 @@ pub fn synth_tiny(dir: &Path) -> Result<PathBuf> {
     Ok(model)
 }
 
+/// What `trine generate` writes for `model` and "Hello": 24 greedy tokens
+/// with a repetition penalty of 5 (without one the synthetic model repeats
+/// its last token), the reference the serving tests compare against.
+pub fn local_answer(model: &Path) -> Result<String> {
+    let mut c = trine();
+    c.args([
+        "generate",
+        "-n",
+        "24",
+        "--repetition-penalty",
+        "5",
+        "--model",
+    ])
+    .arg(model)
+    .arg("Hello");
+    let out = run(c, Duration::from_secs(60))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "trine generate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?
+        .trim_end_matches('\n')
+        .to_owned())
+}
+
+/// `trine deploy --node NODE MODEL` plus `args`, which must succeed.
+pub fn deploy(node: &str, model: &Path, args: &[&str]) -> Result<Output> {
+    let mut c = trine();
+    c.args(["deploy", "--node", node]).args(args).arg(model);
+    let out = run(c, Duration::from_secs(60))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "trine deploy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
 pub fn run(mut cmd: Command, timeout: Duration) -> Result<Output> {
     let dir = tempfile::tempdir()?;
     let out_path = dir.path().join("stdout");

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use trine_tests::{Node, chain_note, cli_json, run, synth_tiny, trine, wait_for};
+use trine_tests::{Node, chain_note, cli_json, deploy, local_answer, run, synth_tiny, wait_for};
 
 fn python() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("TRINE_CLIENTS_PYTHON") {
@@ -47,15 +47,7 @@ async fn the_openai_python_client_works_unchanged() -> Result<()> {
     .await?;
     let dir = tempfile::tempdir()?;
     let model = synth_tiny(dir.path())?;
-    let mut c = trine();
-    c.args(["deploy", "--node", &grpc, "--name", "tiny"])
-        .arg(&model);
-    let out = run(c, Duration::from_secs(60))?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    deploy(&grpc, &model, &["--name", "tiny"])?;
     wait_for("the model ready", Duration::from_secs(60), || {
         let grpc = grpc.clone();
         async move {
@@ -65,22 +57,7 @@ async fn the_openai_python_client_works_unchanged() -> Result<()> {
         }
     })
     .await?;
-    let mut c = trine();
-    c.args([
-        "generate",
-        "-n",
-        "24",
-        "--repetition-penalty",
-        "5",
-        "--model",
-    ])
-    .arg(&model)
-    .arg("Hello");
-    let out = run(c, Duration::from_secs(60))?;
-    ensure!(out.status.success());
-    let want = String::from_utf8(out.stdout)?
-        .trim_end_matches('\n')
-        .to_owned();
+    let want = local_answer(&model)?;
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/openai_check.py");
     let base = format!("http://{}/v1", node.endpoints.http);

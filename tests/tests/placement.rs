@@ -15,9 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use trine_tests::{
-    Testnet, cli_json, http_get, metric, metric_sum, run, synth_tiny, trine, wait_for,
-};
+use trine_tests::{Testnet, cli_json, deploy, http_get, metric, metric_sum, synth_tiny, wait_for};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 struct Slot {
@@ -76,27 +74,20 @@ async fn a_deployed_model_is_placed_and_a_frozen_nodes_stage_moves_and_is_fenced
     let store = net.data_dir(&seed).join("models");
     std::fs::create_dir_all(&store)?;
     std::fs::copy(&model, store.join(format!("{sha256}.gguf")))?;
-    let mut c = trine();
-    c.args([
-        "deploy",
-        "--node",
+    let out = deploy(
         &grpc,
-        "--name",
-        "tiny",
-        "--stages",
-        "2",
-        "--replicas",
-        "3",
-        "--source",
-        "/nonexistent/tiny.gguf",
-    ])
-    .arg(&model);
-    let out = run(c, Duration::from_secs(60))?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        &model,
+        &[
+            "--name",
+            "tiny",
+            "--stages",
+            "2",
+            "--replicas",
+            "3",
+            "--source",
+            "/nonexistent/tiny.gguf",
+        ],
+    )?;
     ensure!(String::from_utf8_lossy(&out.stdout).contains("deployed tiny"));
 
     // Every stage is placed, and each node gets the file (the seed from its

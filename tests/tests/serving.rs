@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use tokio_stream::StreamExt as _;
 use trine_proto::v1;
 use trine_proto::v1::inference_client::InferenceClient;
-use trine_tests::{Testnet, cli_json, run, synth_tiny, trine, wait_for};
+use trine_tests::{Testnet, cli_json, deploy, local_answer, run, synth_tiny, trine, wait_for};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 struct Slot {
@@ -167,23 +167,7 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     let dir = tempfile::tempdir()?;
     let model = synth_tiny(dir.path())?;
     let grpc = net.grpc(0);
-    let mut c = trine();
-    c.args([
-        "deploy",
-        "--node",
-        &grpc,
-        "--name",
-        "tiny",
-        "--replicas",
-        "2",
-    ])
-    .arg(&model);
-    let out = run(c, Duration::from_secs(60))?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    deploy(&grpc, &model, &["--name", "tiny", "--replicas", "2"])?;
     let slots: Vec<Slot> = wait_for("2 replicas ready", Duration::from_secs(60), || {
         let grpc = grpc.clone();
         async move {
@@ -214,22 +198,7 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
 
     // The same text as `trine generate` on the file, over the OpenAI API,
     // from every node.
-    let mut c = trine();
-    c.args([
-        "generate",
-        "-n",
-        "24",
-        "--repetition-penalty",
-        "5",
-        "--model",
-    ])
-    .arg(&model)
-    .arg("Hello");
-    let out = run(c, Duration::from_secs(60))?;
-    ensure!(out.status.success());
-    let want = String::from_utf8(out.stdout)?
-        .trim_end_matches('\n')
-        .to_owned();
+    let want = local_answer(&model)?;
     for row in &status {
         let v = complete_everywhere(&net, &row.name, "tiny", &want).await?;
         ensure!(v["usage"]["completion_tokens"] == 24, "{v}");
@@ -238,17 +207,7 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     // The same file as a two-stage pipeline: the node holding stage 0 runs
     // it, sending hidden states to stage 1 over the mesh; the text is the
     // whole model's. (Checked before any node is frozen below.)
-    let mut c = trine();
-    c.args([
-        "deploy", "--node", &grpc, "--name", "piped", "--stages", "2",
-    ])
-    .arg(&model);
-    let out = run(c, Duration::from_secs(60))?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    deploy(&grpc, &model, &["--name", "piped", "--stages", "2"])?;
     wait_for("the pipeline ready", Duration::from_secs(60), || {
         let grpc = grpc.clone();
         async move {
