@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -72,6 +73,15 @@ fn start_executor(control: &ControlPlane, dir: &std::path::Path) -> Executor {
         control.clone(),
         Stages::default(),
         Store::new(dir, None),
+        crate::batcher::Batching {
+            pool: Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("one compute thread"),
+            ),
+            max_batch: 1,
+        },
         rx,
     ));
     Executor { stop, task }

@@ -283,6 +283,19 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
+    /// Most sequences sharing one batched forward step of a stage
+    /// (continuous batching: concurrent generations read each weight once
+    /// per step); also the most generations running at once on this node,
+    /// the rest queue. 1 turns batching off. [default: 32]
+    #[arg(long, env = "TRINE_MAX_BATCH", value_name = "N")]
+    pub max_batch: Option<u32>,
+
+    /// Longest an inference request may take, end to end; a client may ask
+    /// for less (gRPC deadline, or `timeout` in the request). Past it the
+    /// request ends with DEADLINE_EXCEEDED (HTTP 504). [default: 300s]
+    #[arg(long, env = "TRINE_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub request_timeout: Option<Duration>,
+
     /// Raft entries between snapshots; the log behind a snapshot is purged.
     /// [default: 10000]
     #[arg(long, env = "TRINE_SNAPSHOT_EVERY", value_name = "N")]
@@ -338,6 +351,8 @@ impl NodeArgs {
             voter_replace_after: self.voter_replace_after,
             rebalance_every: self.rebalance_every,
             allow_anonymous: self.allow_anonymous.then_some(true),
+            max_batch: self.max_batch,
+            request_timeout: self.request_timeout,
             snapshot_every: self.snapshot_every,
         }
     }

@@ -102,6 +102,13 @@ pub struct Config {
     pub rebalance_every: Duration,
     /// Serve inference requests that carry no API token.
     pub allow_anonymous: bool,
+    /// Most sequences sharing one batched forward step of a stage (and
+    /// generations running at once on this node); 1 turns batching off.
+    pub max_batch: u32,
+    /// Longest an inference request may take, end to end, unless the
+    /// client asks for less (gRPC deadline or the request's `timeout`).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// Raft entries between snapshots (the log is purged behind them).
     pub snapshot_every: u64,
 }
@@ -159,6 +166,9 @@ pub struct Layer {
     #[serde(default, with = "humantime_serde")]
     pub rebalance_every: Option<Duration>,
     pub allow_anonymous: Option<bool>,
+    pub max_batch: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
     pub snapshot_every: Option<u64>,
 }
 
@@ -225,6 +235,8 @@ impl Default for Config {
             voter_replace_after: Duration::from_secs(30),
             rebalance_every: Duration::from_secs(30),
             allow_anonymous: false,
+            max_batch: 32,
+            request_timeout: Duration::from_secs(300),
             snapshot_every: 10_000,
         }
     }
@@ -301,6 +313,8 @@ impl Layer {
             voter_replace_after: over.voter_replace_after.or(self.voter_replace_after),
             rebalance_every: over.rebalance_every.or(self.rebalance_every),
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
+            max_batch: over.max_batch.or(self.max_batch),
+            request_timeout: over.request_timeout.or(self.request_timeout),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
         }
     }
@@ -341,6 +355,8 @@ impl Config {
             voter_replace_after: layer.voter_replace_after.unwrap_or(d.voter_replace_after),
             rebalance_every: layer.rebalance_every.unwrap_or(d.rebalance_every),
             allow_anonymous: layer.allow_anonymous.unwrap_or(d.allow_anonymous),
+            max_batch: layer.max_batch.unwrap_or(d.max_batch),
+            request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
         };
         config.validate()?;
@@ -448,6 +464,20 @@ impl Config {
                 "rebalance_every",
                 &humantime::format_duration(self.rebalance_every).to_string(),
                 "it must be at least 1s, e.g. \"30s\"",
+            ));
+        }
+        if !(1..=256).contains(&self.max_batch) {
+            return Err(invalid(
+                "max_batch",
+                &self.max_batch.to_string(),
+                "it must be between 1 (no batching) and 256",
+            ));
+        }
+        if self.request_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "request_timeout",
+                &humantime::format_duration(self.request_timeout).to_string(),
+                "it must be at least 1s, e.g. \"300s\"",
             ));
         }
         if !(100..=10_000_000).contains(&self.snapshot_every) {

@@ -26,6 +26,8 @@ pub struct Loaded {
     pub generation: u64,
     pub model: Arc<trine_engine::model::Model>,
     pub tokenizer: Arc<trine_engine::tokenizer::Tokenizer>,
+    /// Runs every step on this stage, batching concurrent sequences.
+    pub batcher: crate::batcher::Batcher,
 }
 
 /// The stages this node serves, by slot (what the serving path reads).
@@ -35,6 +37,14 @@ pub struct Stages(Arc<Mutex<BTreeMap<SlotKey, Arc<Loaded>>>>);
 impl Stages {
     pub fn get(&self, slot: &SlotKey) -> Option<Arc<Loaded>> {
         self.0.lock().ok()?.get(slot).cloned()
+    }
+
+    /// The slots held here.
+    pub fn slots(&self) -> Vec<SlotKey> {
+        self.0
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -52,6 +62,7 @@ pub async fn run(
     control: ControlPlane,
     stages: Stages,
     store: Arc<Store>,
+    batching: crate::batcher::Batching,
     mut stop: watch::Receiver<bool>,
 ) {
     let me = control.id();
@@ -73,6 +84,13 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => return,
         };
         if let Some((slot, generation, result, took)) = done {
+            let result = result.and_then(|(model, tokenizer, found)| {
+                let model = Arc::new(model);
+                let name = format!("trine-batch-{}", slot.2);
+                crate::batcher::Batcher::start(model.clone(), name, batching.clone())
+                    .map(|b| (model, tokenizer, found, b))
+                    .map_err(|e| format!("cannot start the stage's batching thread: {e}"))
+            });
             finish(&control, &stages, &attempts, slot, generation, result, took).await;
             continue;
         }
@@ -154,7 +172,15 @@ async fn finish(
     attempts: &Mutex<Attempts>,
     slot: SlotKey,
     generation: u64,
-    result: Result<Opened, String>,
+    result: Result<
+        (
+            Arc<trine_engine::model::Model>,
+            trine_engine::tokenizer::Tokenizer,
+            Found,
+            crate::batcher::Batcher,
+        ),
+        String,
+    >,
     took: Duration,
 ) {
     if let Ok(mut a) = attempts.lock() {
@@ -169,11 +195,12 @@ async fn finish(
         return;
     }
     match result {
-        Ok((model, tokenizer, found)) => {
+        Ok((model, tokenizer, found, batcher)) => {
             let loaded = Loaded {
                 generation,
-                model: Arc::new(model),
+                model,
                 tokenizer: Arc::new(tokenizer),
+                batcher,
             };
             if let Ok(mut held) = stages.0.lock() {
                 held.insert(slot.clone(), Arc::new(loaded));

@@ -59,6 +59,27 @@ type EventStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<v1::GenerateResponse, Status>> + Send>,
 >;
 
+/// A `grpc-timeout` header value (gRPC over HTTP/2: up to 8 digits and a
+/// unit of H, M, S, m, u or n).
+pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let unit = v.chars().last()?;
+    let digits = &v[..v.len() - unit.len_utf8()];
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        'H' => Duration::from_secs(n * 3600),
+        'M' => Duration::from_secs(n * 60),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn authorization<T>(req: &Request<T>) -> Option<String> {
     req.metadata()
         .get("authorization")
@@ -74,10 +95,20 @@ impl Inference for InferenceService {
         use tokio_stream::StreamExt as _;
         let auth = authorization(&req);
         let hop = req.metadata().get(crate::serve::HOP).is_some();
+        let grpc_deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
         let answer = async {
             let principal = self.serving.authenticate(auth.as_deref())?;
+            let mut r = req.into_inner();
+            // The gRPC deadline wins over the request's own field.
+            if let Some(d) = grpc_deadline {
+                r.timeout = Some(crate::serve::duration(d));
+            }
             self.serving
-                .generate(req.into_inner(), hop, auth.clone(), &principal)
+                .generate(r, hop, auth.clone(), &principal)
                 .await
         }
         .await;
@@ -300,4 +331,27 @@ pub async fn services(
         ),
     };
     Ok(Services { health, router })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeout_headers_parse() {
+        assert_eq!(super::grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(
+            super::grpc_timeout("250m"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(super::grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(super::grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            super::grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "5", "5s", "123456789S", "-5S", "5.0S", "５S", "5ä"] {
+            assert_eq!(super::grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
 }

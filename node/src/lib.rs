@@ -20,6 +20,7 @@
 //! - [`bench_cmd`]: `trine bench mesh`.
 
 pub mod admin;
+pub mod batcher;
 pub mod bench_cmd;
 pub mod bench_placement;
 pub mod build;

@@ -65,6 +65,12 @@ pub const TTFT: &str = "trine_time_to_first_token_seconds";
 pub const INTER_TOKEN: &str = "trine_inter_token_seconds";
 /// Gauge: generations waiting for a compute slot on this node.
 pub const QUEUE_DEPTH: &str = "trine_queue_depth";
+/// Counter: requests ended by their deadline on this node.
+pub const REQUEST_TIMEOUTS: &str = "trine_request_timeouts_total";
+/// Histogram: sequences in each batched forward step on this node.
+pub const BATCH_SIZE: &str = "trine_batch_size";
+/// Histogram: tokens in each batched forward step on this node.
+pub const BATCH_TOKENS: &str = "trine_batch_tokens";
 /// Counter: request receipts this node committed to the chain.
 pub const RECEIPTS: &str = "trine_receipts_total";
 /// Counter: receipts lost (buffer full, or the cluster would not commit).
@@ -104,6 +110,18 @@ pub const ALL: &[&str] = &[
     TTFT,
     INTER_TOKEN,
     QUEUE_DEPTH,
+    BATCH_SIZE,
+    BATCH_TOKENS,
+    REQUEST_TIMEOUTS,
+];
+
+/// Buckets of the batch-size histogram (sequences per step).
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0,
+];
+/// Buckets of the batch-tokens histogram.
+pub const BATCH_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
 
 /// Buckets of the request and first-token histograms: 1 ms … 2 min.
@@ -146,6 +164,10 @@ pub fn install() -> Metrics {
             .expect("LATENCY_BUCKETS is not empty")
             .set_buckets_for_metric(Matcher::Full(INTER_TOKEN.to_owned()), INTER_TOKEN_BUCKETS)
             .expect("INTER_TOKEN_BUCKETS is not empty")
+            .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.to_owned()), BATCH_BUCKETS)
+            .expect("BATCH_BUCKETS is not empty")
+            .set_buckets_for_metric(Matcher::Full(BATCH_TOKENS.to_owned()), BATCH_TOKEN_BUCKETS)
+            .expect("BATCH_TOKEN_BUCKETS is not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder is installed; the handle then
@@ -260,6 +282,18 @@ fn describe() {
         "Generations waiting for a compute slot on this node."
     );
     describe_counter!(
+        REQUEST_TIMEOUTS,
+        "Inference requests ended by their deadline (the node's --request-timeout or the client's)."
+    );
+    describe_histogram!(
+        BATCH_SIZE,
+        "Sequences sharing each batched forward step of a stage on this node (continuous batching)."
+    );
+    describe_histogram!(
+        BATCH_TOKENS,
+        "Tokens in each batched forward step of a stage on this node (prefill and decode together)."
+    );
+    describe_counter!(
         RECEIPTS,
         "Request receipts this node committed to the chain."
     );
@@ -348,6 +382,18 @@ pub fn first_token(took: Duration) {
 
 pub fn inter_token(gap: Duration) {
     histogram!(INTER_TOKEN).record(gap.as_secs_f64());
+}
+
+pub fn request_timed_out() {
+    counter!(REQUEST_TIMEOUTS).increment(1);
+}
+
+pub fn batch(sequences: usize, tokens: usize) {
+    histogram!(BATCH_SIZE).record(sequences as f64);
+    histogram!(BATCH_TOKENS).record(tokens as f64);
+    if sequences > 1 {
+        crate::batcher::BATCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 pub fn queue_depth(n: usize) {
@@ -469,7 +515,10 @@ mod tests {
         first_token(Duration::from_millis(3));
         inter_token(Duration::from_millis(1));
         queue_depth(0);
+        batch(3, 7);
+        request_timed_out();
         let text = m.render();
+        assert!(text.contains("trine_batch_size_bucket{le=\"3\"} 1"), "{text}");
         assert!(text.contains("# TYPE trine_build_info gauge"), "{text}");
         assert!(
             text.contains("# TYPE trine_peer_rtt_seconds histogram"),

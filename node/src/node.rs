@@ -131,11 +131,7 @@ pub async fn serve(
         crate::generate_cmd::pool(None)
             .map_err(|e| Error::Cluster(format!("cannot start the compute threads: {e:#}")))?,
     );
-    let stage_task = tokio::spawn(crate::stage_server::run(
-        stage_requests,
-        stages.clone(),
-        pool.clone(),
-    ));
+    let stage_task = tokio::spawn(crate::stage_server::run(stage_requests, stages.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let mut endpoints = Endpoints {
         pid: std::process::id(),
@@ -191,6 +187,10 @@ pub async fn serve(
             c.clone(),
             stages.clone(),
             store.clone(),
+            crate::batcher::Batching {
+                pool: pool.clone(),
+                max_batch: config.max_batch as usize,
+            },
             executor_stop_rx,
         ))
     });
@@ -204,15 +204,49 @@ pub async fn serve(
             crate::serve::Serving::new(
                 c.clone(),
                 stages.clone(),
-                crate::serve::Limits::default(),
+                crate::serve::Limits {
+                    concurrency: config.max_batch as usize,
+                    request_timeout: config.request_timeout,
+                    ..crate::serve::Limits::default()
+                },
                 config.allow_anonymous,
                 receipts.as_ref().map(|(r, _)| r.clone()),
                 Some(mesh.clone()),
-                pool.clone(),
             )
         })
         .transpose()
         .map_err(|e| Error::Cluster(format!("cannot start serving: {e:#}")))?;
+    // What the heartbeats advertise: queue depth (the routers' input),
+    // the stages held here, the chain height.
+    let status_task = {
+        let (mesh, stages, control, serving) = (
+            mesh.clone(),
+            stages.clone(),
+            control.clone(),
+            serving.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                mesh.set_status(mesh::Status {
+                    queue_depth: serving.as_ref().map_or(0, |s| s.waiting()),
+                    stages: stages
+                        .slots()
+                        .into_iter()
+                        .map(|(m, _, s)| format!("{m}/{s}"))
+                        // What a heartbeat may carry (peers drop others).
+                        .filter(|s| s.len() <= mesh::health::MAX_STAGE_LEN)
+                        .take(mesh::health::MAX_STAGES)
+                        .collect(),
+                    chain_height: control
+                        .as_ref()
+                        .and_then(|c| c.reader().head())
+                        .map_or(0, |b| b.height),
+                });
+            }
+        })
+    };
     let grpc::Services { health, router } =
         grpc::services(mesh.clone(), control.clone(), serving.clone()).await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
@@ -312,6 +346,7 @@ pub async fn serve(
     }
     mesh_task.abort();
     stage_task.abort();
+    status_task.abort();
     drop(mesh);
     data_dir.close();
     match failure {

@@ -107,6 +107,9 @@ struct Common {
     /// Extensions vLLM's OpenAI server also takes.
     top_k: Option<u32>,
     repetition_penalty: Option<f32>,
+    /// Trine's extension: the request's deadline in seconds (capped by the
+    /// node's --request-timeout).
+    timeout: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +186,17 @@ fn request(
             .or(common.max_tokens)
             .unwrap_or(16),
         stop,
+        timeout: match common.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Some(crate::serve::duration(
+                std::time::Duration::from_secs_f64(t),
+            )),
+            Some(t) => {
+                return Err(ServeError::Invalid(format!(
+                    "timeout {t}: give seconds, more than 0 and at most 86400"
+                )));
+            }
+        },
         ..Default::default()
     })
 }

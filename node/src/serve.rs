@@ -34,12 +34,13 @@ use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 use trine_control::command::Receipt;
 use trine_control::{ControlPlane, NodeRecord, NodeStatus, StageState, State};
-use trine_engine::model::{Input, Logits, Output};
+use trine_engine::model::{Logits, Output};
 use trine_engine::sampler::{Sampler, Settings};
 use trine_engine::tokenizer::StreamDecoder;
 use trine_proto::v1;
 use trine_proto::v1::inference_client::InferenceClient;
 
+use crate::batcher::{Owned, StepError};
 use crate::executor::Stages;
 
 /// gRPC metadata key marking a request one node forwarded to another.
@@ -65,6 +66,9 @@ pub struct Limits {
     pub first_token: Duration,
     /// Most failovers for one request.
     pub max_failovers: u32,
+    /// Longest a request may take end to end, unless the client asks for
+    /// less.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -73,11 +77,12 @@ impl Default for Limits {
             max_prompt_tokens: 8192,
             default_max_tokens: 256,
             max_tokens: 4096,
-            concurrency: 4,
+            concurrency: 32,
             queue: 64,
             stall: Duration::from_secs(10),
             first_token: Duration::from_secs(60),
             max_failovers: 3,
+            request_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -98,6 +103,9 @@ pub enum ServeError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The request's deadline passed.
+    #[error("{0}")]
+    Deadline(String),
 }
 
 impl ServeError {
@@ -108,6 +116,7 @@ impl ServeError {
             Self::NotFound(_) => 404,
             Self::Busy(_) => 429,
             Self::Unavailable(_) => 503,
+            Self::Deadline(_) => 504,
             Self::Internal(_) => 500,
         }
     }
@@ -121,6 +130,7 @@ impl ServeError {
             Self::Busy(_) => "rate_limit_error",
             Self::Unavailable(_) => "service_unavailable",
             Self::Internal(_) => "server_error",
+            Self::Deadline(_) => "timeout",
         }
     }
 
@@ -133,6 +143,7 @@ impl ServeError {
             Self::Busy(_) => tonic::Status::resource_exhausted(m),
             Self::Unavailable(_) => tonic::Status::unavailable(m),
             Self::Internal(_) => tonic::Status::internal(m),
+            Self::Deadline(_) => tonic::Status::deadline_exceeded(m),
         }
     }
 
@@ -146,6 +157,7 @@ impl ServeError {
             tonic::Code::NotFound => Self::NotFound(m),
             tonic::Code::ResourceExhausted => Self::Busy(m),
             tonic::Code::Internal => Self::Internal(m),
+            tonic::Code::DeadlineExceeded => Self::Deadline(m),
             _ => Self::Unavailable(m),
         }
     }
@@ -269,7 +281,6 @@ struct Inner {
     stages: Stages,
     limits: Limits,
     allow_anonymous: bool,
-    pool: Arc<rayon::ThreadPool>,
     running: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     clients: Mutex<HashMap<String, InferenceClient<Channel>>>,
@@ -290,7 +301,6 @@ impl Serving {
         allow_anonymous: bool,
         receipts: Option<crate::receipts::Receipts>,
         mesh: Option<crate::mesh::Mesh>,
-        pool: Arc<rayon::ThreadPool>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             inner: Arc::new(Inner {
@@ -299,7 +309,6 @@ impl Serving {
                 stages,
                 limits,
                 allow_anonymous,
-                pool,
                 waiting: Arc::default(),
                 clients: Mutex::default(),
                 receipts,
@@ -434,6 +443,12 @@ impl Serving {
             ));
         }
         settings(&req)?;
+        // The request's budget: this node's limit, or less if asked.
+        let budget = match req.timeout.and_then(|t| Duration::try_from(t).ok()) {
+            Some(t) if !t.is_zero() => t.min(limits.request_timeout),
+            _ => limits.request_timeout,
+        };
+        let deadline = tokio::time::Instant::now() + budget;
         if req.input.is_none() {
             return Err(ServeError::Invalid(
                 "the request has no input: give prompt, chat or tokens".into(),
@@ -448,9 +463,9 @@ impl Serving {
         })?;
         let me = self.inner.control.id();
         if hop {
-            return self.run_here(req).await;
+            return Ok(with_deadline(self.run_here(req).await?, deadline, budget));
         }
-        let candidates = candidates_for(&state, &req.model, me);
+        let candidates = self.ranked(&state, &req.model).await;
         if candidates.is_empty() {
             return Err(ServeError::Unavailable(format!(
                 "no replica of {} is ready yet; `trine placement --model {}` shows where it is loading",
@@ -479,8 +494,43 @@ impl Serving {
         });
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
-        tokio::spawn(async move { this.route(req, candidates, authorization, tx).await });
-        Ok(account(rx, admission, receipt))
+        tokio::spawn(async move {
+            this.route(req, candidates, authorization, deadline, tx)
+                .await;
+        });
+        Ok(account(
+            with_deadline(rx, deadline, budget),
+            admission,
+            receipt,
+        ))
+    }
+
+    /// Requests waiting here for a compute slot.
+    pub fn waiting(&self) -> u32 {
+        self.inner.waiting.load(Ordering::Acquire) as u32
+    }
+
+    /// [`candidates_for`], ordered by [`rank`] with what the mesh measured.
+    async fn ranked(&self, state: &State, model: &str) -> Vec<NodeRecord> {
+        let me = self.inner.control.id();
+        let nodes = candidates_for(state, model, me);
+        let mut seen = HashMap::new();
+        if let Some(mesh) = &self.inner.mesh
+            && let Ok(Ok(snap)) =
+                tokio::time::timeout(Duration::from_millis(200), mesh.snapshot()).await
+        {
+            for p in snap.peers {
+                seen.insert(
+                    p.peer_id.to_string(),
+                    Seen {
+                        rtt: p.rtt,
+                        queue_depth: p.queue_depth,
+                        connected: p.connected,
+                    },
+                );
+            }
+        }
+        rank(nodes, me, self.waiting(), &seen)
     }
 
     /// Runs `req` on the replica this node holds.
@@ -500,14 +550,15 @@ impl Serving {
         crate::metrics::queue_depth(self.inner.waiting.fetch_sub(1, Ordering::AcqRel) - 1);
         let permit = permit.map_err(|_| ServeError::Unavailable("the node is stopping".into()))?;
         let (tx, rx) = mpsc::channel(64);
-        let pool = self.inner.pool.clone();
         let me = self.inner.control.id();
         let max_prompt = limits.max_prompt_tokens;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            // Counted on stage 0's batcher while it runs (the batcher waits
+            // briefly for its next step to batch it with the others').
+            let _active = pipeline.first.batcher.join();
             let started = Instant::now();
-            let result =
-                pool.install(|| generate_local(&pipeline, &req, me, max_prompt, started, &tx));
+            let result = generate_local(&pipeline, &req, me, max_prompt, started, &tx);
             if let Err(e) = result {
                 let _ = tx.blocking_send(Err(e));
             }
@@ -681,6 +732,7 @@ impl Serving {
         req: v1::GenerateRequest,
         mut candidates: Vec<NodeRecord>,
         authorization: Option<String>,
+        deadline: tokio::time::Instant,
         tx: mpsc::Sender<Result<v1::GenerateResponse, ServeError>>,
     ) {
         let limits = self.inner.limits.clone();
@@ -709,6 +761,10 @@ impl Serving {
             let mut r = req.clone();
             r.continue_from = generated.clone();
             r.max_tokens = req.max_tokens - (generated.len() - already) as u32;
+            // The replica gets what is left of the budget.
+            r.timeout = Some(duration(
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+            ));
             let events = if node.id == me {
                 self.run_here(r).await
             } else {
@@ -787,7 +843,9 @@ impl Serving {
                     if candidates.is_empty() {
                         // The placement may have moved on: look again.
                         let state = self.inner.control.reader().state();
-                        candidates = candidates_for(&state, &req.model, me)
+                        candidates = self
+                            .ranked(&state, &req.model)
+                            .await
                             .into_iter()
                             .filter(|n| !tried.contains(&n.id))
                             .collect();
@@ -800,6 +858,35 @@ impl Serving {
             }
         }
     }
+}
+
+/// `events` until `deadline`; then a [`ServeError::Deadline`] and the
+/// source is dropped (which stops whatever produces it at its next event).
+fn with_deadline(mut events: Events, deadline: tokio::time::Instant, budget: Duration) -> Events {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return };
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    crate::metrics::request_timed_out();
+                    let _ = tx
+                        .send(Err(ServeError::Deadline(format!(
+                            "the request did not finish within its {} deadline; ask for fewer tokens or a longer timeout",
+                            humantime::format_duration(Duration::from_millis(budget.as_millis() as u64))
+                        ))))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// SHA-256 of a request's input, as a receipt records it.
@@ -920,6 +1007,46 @@ fn ready_replicas(state: &State, model: &str) -> Vec<u32> {
             })
         })
         .collect()
+}
+
+/// What the mesh tells the router of a peer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    pub rtt: Option<Duration>,
+    pub queue_depth: Option<u32>,
+    pub connected: bool,
+}
+
+/// What one request waiting ahead is taken to cost, in the router's sum.
+pub const QUEUED_COST: Duration = Duration::from_millis(100);
+/// The cost assumed for a peer whose RTT has not been measured yet.
+pub const UNMEASURED_RTT: Duration = Duration::from_secs(1);
+
+/// Orders candidates by expected wait: the mesh RTT to the node (0 for
+/// this node; unmeasured counts as [`UNMEASURED_RTT`], unconnected as ten
+/// times that) plus [`QUEUED_COST`] for each request waiting there (this
+/// node's own count, the others' from their last heartbeat). Ties keep
+/// [`candidates_for`]'s order (this node, its region, then by id).
+pub fn rank(
+    mut nodes: Vec<NodeRecord>,
+    me: u64,
+    my_queue: u32,
+    seen: &HashMap<String, Seen>,
+) -> Vec<NodeRecord> {
+    let cost = |n: &NodeRecord| -> Duration {
+        if n.id == me {
+            return QUEUED_COST * my_queue;
+        }
+        let s = seen.get(&n.peer_id).copied().unwrap_or_default();
+        let rtt = match (s.connected, s.rtt) {
+            (false, _) => UNMEASURED_RTT * 10,
+            (true, None) => UNMEASURED_RTT,
+            (true, Some(r)) => r,
+        };
+        rtt + QUEUED_COST * s.queue_depth.unwrap_or(0)
+    };
+    nodes.sort_by_cached_key(cost);
+    nodes
 }
 
 /// Nodes holding the first stage of a ready replica of `model`, best first:
@@ -1052,9 +1179,15 @@ impl Pipeline {
         let position = cache.len();
         let out = self
             .first
-            .model
-            .forward(Input::Tokens(tokens), cache, Logits::Last)
-            .map_err(|e| ServeError::Internal(e.to_string()))?;
+            .batcher
+            .step_blocking(Owned::Tokens(tokens.to_vec()), cache, Logits::Last)
+            .map_err(|e| match e {
+                StepError::Gone => ServeError::Unavailable(format!(
+                    "stage 0 of {} was unloaded mid-answer",
+                    self.model
+                )),
+                StepError::Forward(e) => ServeError::Internal(e.to_string()),
+            })?;
         let mut h = match out {
             Output::Logits(l) if self.rest.is_empty() => return Ok(l),
             Output::Hidden(h) if !self.rest.is_empty() => h,
@@ -1430,5 +1563,85 @@ mod tests {
         assert_eq!(ServeError::from_status(&e.status()), e);
         assert!(e.retryable());
         assert!(!ServeError::Invalid("x".into()).retryable());
+        let d = ServeError::Deadline("late".into());
+        assert_eq!(d.http_status(), 504);
+        assert_eq!(d.status().code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(ServeError::from_status(&d.status()), d);
+        assert!(!d.retryable(), "a request past its deadline is not retried");
+    }
+
+    fn node(id: u64) -> NodeRecord {
+        NodeRecord {
+            id,
+            name: format!("n{id}"),
+            region: String::new(),
+            zone: String::new(),
+            raft_addr: String::new(),
+            grpc_addr: String::new(),
+            http_addr: String::new(),
+            peer_id: format!("peer{id}"),
+            p2p_addrs: Vec::new(),
+            cpu_cores: 1,
+            simd: String::new(),
+            memory_bytes: 0,
+            version: String::new(),
+            status: NodeStatus::Up,
+            status_since_ms: 0,
+        }
+    }
+
+    fn ids(v: &[NodeRecord]) -> Vec<u64> {
+        v.iter().map(|n| n.id).collect()
+    }
+
+    /// The router prefers the nearest replica by measured RTT, lets a
+    /// queue outweigh distance, and puts unmeasured and unconnected peers
+    /// behind measured ones; this node counts only its own queue.
+    #[test]
+    fn replicas_are_ranked_by_rtt_and_queue_depth() {
+        let ms = Duration::from_millis;
+        let seen = |rtt: u64, queue: u32| Seen {
+            rtt: Some(ms(rtt)),
+            queue_depth: Some(queue),
+            connected: true,
+        };
+        // Candidates in candidates_for's order: 2, 3, 4, 5.
+        let nodes = || vec![node(2), node(3), node(4), node(5)];
+        let mut m = HashMap::new();
+        m.insert("peer2".to_owned(), seen(150, 0));
+        m.insert("peer3".to_owned(), seen(80, 0));
+        m.insert("peer4".to_owned(), seen(2, 0));
+        // Connected, not yet pinged: 1 s.
+        m.insert(
+            "peer5".to_owned(),
+            Seen {
+                connected: true,
+                ..Seen::default()
+            },
+        );
+        assert_eq!(
+            ids(&rank(nodes(), 1, 0, &m)),
+            [4, 3, 2, 5],
+            "by RTT; 5 unmeasured last"
+        );
+        // Three requests waiting at the nearest (300 ms) outweigh 80 ms.
+        m.insert("peer4".to_owned(), seen(2, 3));
+        assert_eq!(ids(&rank(nodes(), 1, 0, &m)), [3, 2, 4, 5]);
+        // A peer the mesh has lost goes behind an unmeasured one.
+        m.insert(
+            "peer3".to_owned(),
+            Seen {
+                connected: false,
+                ..seen(80, 0)
+            },
+        );
+        assert_eq!(ids(&rank(nodes(), 1, 0, &m)), [2, 4, 5, 3]);
+        // This node (id 2 here) costs only its own queue.
+        assert_eq!(ids(&rank(nodes(), 2, 0, &m))[0], 2);
+        assert_eq!(
+            ids(&rank(nodes(), 2, 5, &m))[0],
+            4,
+            "own queue of 5 (500 ms)"
+        );
     }
 }

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use trine_engine::model::{Input, KvCache, Logits, Output};
+use trine_engine::model::{KvCache, Logits, Output};
 use trine_proto::v1::{StageRequest, StageResponse, StageStatus};
 
+use crate::batcher::{Active, Owned, StepError};
 use crate::executor::Stages;
 use crate::mesh::InboundStage;
 
@@ -28,6 +29,8 @@ struct Session {
     cache: KvCache,
     generation: u64,
     used: Instant,
+    /// Counts the sequence on the stage's batcher while it lives.
+    _active: Active,
 }
 
 fn reply(req: &StageRequest, status: StageStatus, message: String) -> StageResponse {
@@ -51,16 +54,12 @@ pub fn bytes(values: &[f32]) -> Vec<u8> {
 }
 
 /// Answers stage requests until the mesh stops.
-pub async fn run(
-    mut requests: mpsc::Receiver<InboundStage>,
-    stages: Stages,
-    pool: Arc<rayon::ThreadPool>,
-) {
+pub async fn run(mut requests: mpsc::Receiver<InboundStage>, stages: Stages) {
     let sessions: Arc<Mutex<HashMap<Key, Session>>> = Arc::default();
     while let Some(r) = requests.recv().await {
-        let (stages, pool, sessions) = (stages.clone(), pool.clone(), sessions.clone());
+        let (stages, sessions) = (stages.clone(), sessions.clone());
         tokio::spawn(async move {
-            let response = answer(&r.request, &stages, &pool, &sessions).await;
+            let response = answer(&r.request, &stages, &sessions).await;
             let _ = r.reply.send(response);
         });
     }
@@ -69,7 +68,6 @@ pub async fn run(
 async fn answer(
     req: &StageRequest,
     stages: &Stages,
-    pool: &Arc<rayon::ThreadPool>,
     sessions: &Arc<Mutex<HashMap<Key, Session>>>,
 ) -> StageResponse {
     let key: Key = (
@@ -137,6 +135,7 @@ async fn answer(
                     cache: loaded.model.new_cache(c.context),
                     generation: loaded.generation,
                     used: Instant::now(),
+                    _active: loaded.batcher.join(),
                 }
             }
             _ => {
@@ -173,25 +172,21 @@ async fn answer(
         );
     }
     let hidden = floats(&req.hidden);
-    let model = loaded.model.clone();
-    let pool = pool.clone();
     let mut session = session;
-    let done = tokio::task::spawn_blocking(move || {
-        let out = pool
-            .install(|| model.forward(Input::Hidden(&hidden), &mut session.cache, Logits::Last));
-        (out, session)
-    })
-    .await;
-    let Ok((out, mut session)) = done else {
-        return reply(
-            req,
-            StageStatus::Busy,
-            "the stage's computation failed".into(),
-        );
-    };
-    let out = match out {
+    let out = match loaded
+        .batcher
+        .step(Owned::Hidden(hidden), &mut session.cache, Logits::Last)
+        .await
+    {
         Ok(o) => o,
-        Err(e) => return reply(req, StageStatus::Invalid, e.to_string()),
+        Err(StepError::Gone) => {
+            return reply(
+                req,
+                StageStatus::NotServed,
+                "the stage was unloaded mid-step".into(),
+            );
+        }
+        Err(StepError::Forward(e)) => return reply(req, StageStatus::Invalid, e.to_string()),
     };
     session.used = Instant::now();
     if let Ok(mut s) = sessions.lock() {

@@ -556,6 +556,7 @@ impl Loop {
                 admitted: self.admitted(id),
                 score: gs.peer_score(id).unwrap_or(0.0),
                 heartbeat_seq: p.last_heartbeat.map_or(0, |l| l.seq),
+                queue_depth: p.heartbeat.as_ref().map(|h| h.queue_depth),
             })
             .collect();
         Snapshot {

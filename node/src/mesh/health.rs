@@ -13,9 +13,9 @@ pub const TOPIC: &str = "trine/health/1";
 /// Largest heartbeat accepted; a real one is about 200 bytes.
 pub const MAX_BYTES: usize = 2048;
 /// Most stages one heartbeat may list.
-const MAX_STAGES: usize = 64;
+pub const MAX_STAGES: usize = 64;
 /// Longest "model/stage" entry.
-const MAX_STAGE_LEN: usize = 160;
+pub const MAX_STAGE_LEN: usize = 160;
 /// Heartbeats further than this from our clock are ignored as stale.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(600);
 

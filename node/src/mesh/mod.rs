@@ -139,6 +139,8 @@ pub struct PeerView {
     pub admitted: bool,
     pub score: f64,
     pub heartbeat_seq: u64,
+    /// Requests waiting for a compute slot there, from its last heartbeat.
+    pub queue_depth: Option<u32>,
 }
 
 /// The mesh as a whole, at one moment.

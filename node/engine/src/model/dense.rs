@@ -166,6 +166,39 @@ impl Dense {
     }
 }
 
+impl Dense {
+    /// `out[t * rows + r]` = row r · token t of `xs` (tokens × cols,
+    /// row-major): each row is widened once for every token, and each
+    /// element is computed exactly as [`Dense::matvec`] computes it.
+    pub fn matmul(&self, xs: &[f32], out: &mut [f32]) {
+        let n = xs.len() / self.cols;
+        assert_eq!(xs.len(), n * self.cols);
+        assert_eq!(out.len(), n * self.rows);
+        if n == 1 {
+            return self.matvec(xs, out);
+        }
+        const ROWS: usize = 256;
+        let mut by_row = vec![0f32; self.rows * n];
+        by_row
+            .par_chunks_mut(ROWS * n)
+            .enumerate()
+            .for_each(|(chunk, ys)| {
+                let mut row = vec![0f32; self.cols];
+                for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
+                    self.row_into(chunk * ROWS + i, &mut row);
+                    for (y, x) in yr.iter_mut().zip(xs.chunks_exact(self.cols)) {
+                        *y = dot(&row, x);
+                    }
+                }
+            });
+        for (r, yr) in by_row.chunks_exact(n).enumerate() {
+            for (t, &y) in yr.iter().enumerate() {
+                out[t * self.rows + r] = y;
+            }
+        }
+    }
+}
+
 /// Σ a·b in eight independent lanes (so the compiler vectorizes it), then
 /// the lanes in a fixed order: the result depends only on the inputs.
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -41,8 +41,27 @@ pub enum Output {
     Logits(Vec<f32>),
 }
 
-/// Keys and values of every layer of one stage for one sequence.
-#[derive(Debug, Clone)]
+/// One sequence's step in a batch: its new tokens (or hidden states), its
+/// cache (whose length is their first position) and which logits it wants.
+#[derive(Debug)]
+pub struct Step<'a> {
+    pub input: Input<'a>,
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
+
+/// A step's rows within the batch: `n` rows from `row`, at positions
+/// `start..start + n` of its sequence.
+struct Segment {
+    step: usize,
+    start: usize,
+    n: usize,
+    row: usize,
+}
+
+/// Keys and values of every layer of one stage for one sequence. The
+/// default is an empty cache of no capacity (a placeholder).
+#[derive(Debug, Clone, Default)]
 pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
@@ -123,14 +142,81 @@ impl Model {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Output, ForwardError> {
+        let mut steps = [Step {
+            input,
+            cache,
+            logits,
+        }];
+        self.forward_batch(&mut steps)
+            .pop()
+            .unwrap_or(Err(ForwardError::Empty))
+    }
+
+    /// Runs several sequences' steps at once (continuous batching): every
+    /// projection is one GEMM over all their tokens, so each weight row is
+    /// read once per step however many sequences share it; attention is
+    /// per sequence, against its own cache. A step that cannot run (bad
+    /// input, full cache) gets its error and changes nothing; the others
+    /// run. Each result is bit-identical to [`Model::forward`] on that step
+    /// alone, because every kernel computes each output element the same
+    /// way whatever the batch.
+    pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Result<Output, ForwardError>> {
         let c = &self.config;
-        let mut h = self.embed(input)?;
+        let mut results: Vec<Option<Result<Output, ForwardError>>> =
+            (0..steps.len()).map(|_| None).collect();
+        let mut h = Vec::new();
+        let mut segs = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            match self.admit(step) {
+                Ok(x) => {
+                    let n = x.len() / c.hidden;
+                    segs.push(Segment {
+                        step: i,
+                        start: step.cache.len,
+                        n,
+                        row: h.len() / c.hidden,
+                    });
+                    h.extend_from_slice(&x);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !segs.is_empty() {
+            for (i, layer) in self.layers.iter().enumerate() {
+                self.layer(layer, i, &mut h, &segs, steps);
+            }
+            for s in &segs {
+                steps[s.step].cache.len += s.n;
+            }
+            if self.is_last() {
+                let which: Vec<Logits> = segs.iter().map(|s| steps[s.step].logits).collect();
+                for (s, l) in segs.iter().zip(self.logits(&h, &segs, &which)) {
+                    results[s.step] = Some(Ok(Output::Logits(l)));
+                }
+            } else {
+                for s in &segs {
+                    let rows = &h[s.row * c.hidden..(s.row + s.n) * c.hidden];
+                    results[s.step] = Some(Ok(Output::Hidden(rows.to_vec())));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(ForwardError::Empty)))
+            .collect()
+    }
+
+    /// A step's input as hidden rows, after checking it and its cache.
+    fn admit(&self, step: &Step<'_>) -> Result<Vec<f32>, ForwardError> {
+        let c = &self.config;
+        let cache = &*step.cache;
+        if cache.k.len() != self.layers.len() || cache.width != c.kv_width() {
+            return Err(ForwardError::WrongCache);
+        }
+        let h = self.embed(step.input)?;
         let n = h.len() / c.hidden;
         if n == 0 {
             return Err(ForwardError::Empty);
-        }
-        if cache.k.len() != self.layers.len() || cache.width != c.kv_width() {
-            return Err(ForwardError::WrongCache);
         }
         if cache.len + n > cache.capacity {
             return Err(ForwardError::CacheFull {
@@ -139,15 +225,7 @@ impl Model {
                 wanted: n,
             });
         }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (k, v) = (&mut cache.k[i], &mut cache.v[i]);
-            self.layer(layer, &mut h, n, cache.len, k, v);
-        }
-        cache.len += n;
-        if !self.is_last() {
-            return Ok(Output::Hidden(h));
-        }
-        Ok(Output::Logits(self.logits(&h, n, logits)))
+        Ok(h)
     }
 
     fn embed(&self, input: Input<'_>) -> Result<Vec<f32>, ForwardError> {
@@ -199,56 +277,57 @@ impl Model {
             .collect()
     }
 
-    /// One decoder layer over `n` tokens at positions `start..start + n`.
-    /// Every projection runs as one batched GEMM over the tokens (each
-    /// weight row read once); attention is per token and causal.
-    fn layer(
-        &self,
-        l: &Layer,
-        h: &mut [f32],
-        n: usize,
-        start: usize,
-        kc: &mut [f32],
-        vc: &mut [f32],
-    ) {
+    /// One decoder layer over every segment's tokens (rows of `h`).
+    /// Every projection runs as one batched GEMM over all the rows (each
+    /// weight row read once); RoPE, the cache and attention are per
+    /// segment, at its own positions.
+    fn layer(&self, l: &Layer, li: usize, h: &mut [f32], segs: &[Segment], steps: &mut [Step<'_>]) {
         let c = &self.config;
         let (hd, kvw) = (c.head_dim, c.kv_width());
         let qw = c.heads * hd;
-        // q, k, v for every token; k and v go straight into the cache.
+        let n = h.len() / c.hidden;
         let acts = self.norm_quantize(h, c.hidden, &l.attn_norm);
         let mut q = vec![0f32; n * qw];
+        let (mut k, mut v) = (vec![0f32; n * kvw], vec![0f32; n * kvw]);
         self.bitlinear(&l.q, &acts, &mut q);
-        self.bitlinear(&l.k, &acts, &mut kc[start * kvw..(start + n) * kvw]);
-        self.bitlinear(&l.v, &acts, &mut vc[start * kvw..(start + n) * kvw]);
-        for t in 0..n {
-            let pos = start + t;
-            for head in q[t * qw..(t + 1) * qw].chunks_exact_mut(hd) {
-                rope_neox(head, pos, c.rope_dim, c.rope_theta);
-            }
-            for head in kc[pos * kvw..(pos + 1) * kvw].chunks_exact_mut(hd) {
-                rope_neox(head, pos, c.rope_dim, c.rope_theta);
-            }
-        }
+        self.bitlinear(&l.k, &acts, &mut k);
+        self.bitlinear(&l.v, &acts, &mut v);
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut o = vec![0f32; n * qw];
-        let mut scores = vec![0f32; start + n];
-        for t in 0..n {
-            let pos = start + t;
-            for head in 0..c.heads {
-                let kvh = head / group;
-                let qh = &q[t * qw + head * hd..t * qw + (head + 1) * hd];
-                let s = &mut scores[..=pos];
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let kj = &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                    *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+        for s in segs {
+            let cache = &mut *steps[s.step].cache;
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            for t in 0..s.n {
+                let (pos, row) = (s.start + t, s.row + t);
+                for head in q[row * qw..(row + 1) * qw].chunks_exact_mut(hd) {
+                    rope_neox(head, pos, c.rope_dim, c.rope_theta);
                 }
-                softmax(s);
-                let oh = &mut o[t * qw + head * hd..t * qw + (head + 1) * hd];
-                for (j, &p) in s.iter().enumerate() {
-                    let vj = &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                    for (x, &y) in oh.iter_mut().zip(vj) {
-                        *x += p * y;
+                let kr = &mut k[row * kvw..(row + 1) * kvw];
+                for head in kr.chunks_exact_mut(hd) {
+                    rope_neox(head, pos, c.rope_dim, c.rope_theta);
+                }
+                kc[pos * kvw..(pos + 1) * kvw].copy_from_slice(kr);
+                vc[pos * kvw..(pos + 1) * kvw].copy_from_slice(&v[row * kvw..(row + 1) * kvw]);
+            }
+            let mut scores = vec![0f32; s.start + s.n];
+            for t in 0..s.n {
+                let (pos, row) = (s.start + t, s.row + t);
+                for head in 0..c.heads {
+                    let kvh = head / group;
+                    let qh = &q[row * qw + head * hd..row * qw + (head + 1) * hd];
+                    let sc = &mut scores[..=pos];
+                    for (j, sj) in sc.iter_mut().enumerate() {
+                        let kj = &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                        *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    }
+                    softmax(sc);
+                    let oh = &mut o[row * qw + head * hd..row * qw + (head + 1) * hd];
+                    for (j, &p) in sc.iter().enumerate() {
+                        let vj = &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                        for (x, &y) in oh.iter_mut().zip(vj) {
+                            *x += p * y;
+                        }
                     }
                 }
             }
@@ -269,22 +348,36 @@ impl Model {
         add(h, &delta);
     }
 
-    fn logits(&self, h: &[f32], n: usize, which: Logits) -> Vec<f32> {
+    /// Each segment's logits (its last position's, or all of them), the
+    /// lm_head applied to every wanted position in one pass over its rows.
+    fn logits(&self, h: &[f32], segs: &[Segment], which: &[Logits]) -> Vec<Vec<f32>> {
         let c = &self.config;
         let (Some(emb), Some(norm)) = (self.lm_head.as_deref(), &self.output_norm) else {
             unreachable!("a last stage is built with its embedding and output norm");
         };
-        let positions: Vec<usize> = match which {
-            Logits::Last => vec![n - 1],
-            Logits::All => (0..n).collect(),
-        };
-        let mut out = vec![0f32; positions.len() * c.vocab];
-        let mut x = vec![0f32; c.hidden];
-        for (i, &t) in positions.iter().enumerate() {
-            rms_norm(&h[t * c.hidden..(t + 1) * c.hidden], norm, c.eps, &mut x);
-            emb.matvec(&x, &mut out[i * c.vocab..(i + 1) * c.vocab]);
+        let mut counts = Vec::with_capacity(segs.len());
+        let mut x = Vec::new();
+        let mut row = vec![0f32; c.hidden];
+        for (s, w) in segs.iter().zip(which) {
+            let rows = match w {
+                Logits::Last => s.row + s.n - 1..s.row + s.n,
+                Logits::All => s.row..s.row + s.n,
+            };
+            counts.push(rows.len());
+            for t in rows {
+                rms_norm(&h[t * c.hidden..(t + 1) * c.hidden], norm, c.eps, &mut row);
+                x.extend_from_slice(&row);
+            }
         }
-        out
+        let mut out = vec![0f32; x.len() / c.hidden * c.vocab];
+        emb.matmul(&x, &mut out);
+        let mut split = Vec::with_capacity(segs.len());
+        let mut at = 0;
+        for n in counts {
+            split.push(out[at..at + n * c.vocab].to_vec());
+            at += n * c.vocab;
+        }
+        split
     }
 }
 

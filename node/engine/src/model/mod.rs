@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 pub use config::{Activation, Config, ConfigError};
 pub use dense::Dense;
-pub use forward::{Input, KvCache, Logits, Output};
+pub use forward::{Input, KvCache, Logits, Output, Step};
 
 use crate::kernels::Kernel;
 use crate::ternary::Ternary;
