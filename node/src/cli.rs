@@ -63,6 +63,10 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// chat turn with --chat), streamed as it is generated; --verbose shows
     /// per-token timings, the nodes that served it and failovers.
     Complete(crate::complete_cmd::CompleteArgs),
+    /// Chat with a deployed model through any node: each line on stdin is
+    /// a turn, the answer streams back and the conversation is kept;
+    /// /reset forgets it, /quit leaves. --verbose shows timings and path.
+    Chat(crate::complete_cmd::ChatArgs),
     /// Remove a deployed model and all its placements.
     Undeploy(crate::deploy_cmd::UndeployArgs),
     /// Where each stage of each deployed model runs: model, replica, stage,

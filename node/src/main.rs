@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::Chain(command) => exit(trine_node::cluster_cmd::chain(&command)),
         Command::Deploy(args) => exit(trine_node::deploy_cmd::deploy(&args)),
         Command::Complete(args) => exit(trine_node::complete_cmd::run(&args)),
+        Command::Chat(args) => exit(trine_node::complete_cmd::chat(&args)),
         Command::Undeploy(args) => exit(trine_node::deploy_cmd::undeploy(&args)),
         Command::Placement(args) => exit(trine_node::cluster_cmd::placement(&args)),
         Command::Token(command) => exit(trine_node::token_cmd::run(&command)),

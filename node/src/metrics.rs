@@ -518,7 +518,10 @@ mod tests {
         batch(3, 7);
         request_timed_out();
         let text = m.render();
-        assert!(text.contains("trine_batch_size_bucket{le=\"3\"} 1"), "{text}");
+        assert!(
+            text.contains("trine_batch_size_bucket{le=\"3\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE trine_build_info gauge"), "{text}");
         assert!(
             text.contains("# TYPE trine_peer_rtt_seconds histogram"),

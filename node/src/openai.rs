@@ -228,12 +228,25 @@ enum Api {
     Chat,
 }
 
-pub async fn completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// The body, or why it was not read (over [`MAX_BODY`], or cut off).
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
+fn body(b: Body) -> Result<Bytes, ServeError> {
+    b.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ServeError::TooLarge(format!(
+                "the request body is over this node's limit of {} KiB; shorten the prompt",
+                MAX_BODY / 1024
+            ))
+        } else {
+            ServeError::Invalid(format!("the request body could not be read: {r}"))
+        }
+    })
+}
+
+pub async fn completions(State(state): State<AppState>, headers: HeaderMap, raw: Body) -> Response {
     let prepared = (|| {
+        let body = body(raw)?;
         let s = serving(&state)?;
         let a = auth(s, &headers)?;
         let r: CompletionRequest = parse(&body)?;
@@ -254,8 +267,9 @@ pub async fn completions(
     run(prepared, Api::Completions).await
 }
 
-pub async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn chat(State(state): State<AppState>, headers: HeaderMap, raw: Body) -> Response {
     let prepared = (|| {
+        let body = body(raw)?;
         let s = serving(&state)?;
         let a = auth(s, &headers)?;
         let r: ChatRequest = parse(&body)?;

@@ -106,6 +106,9 @@ pub enum ServeError {
     /// The request's deadline passed.
     #[error("{0}")]
     Deadline(String),
+    /// The request body is over the size limit.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl ServeError {
@@ -117,6 +120,7 @@ impl ServeError {
             Self::Busy(_) => 429,
             Self::Unavailable(_) => 503,
             Self::Deadline(_) => 504,
+            Self::TooLarge(_) => 413,
             Self::Internal(_) => 500,
         }
     }
@@ -131,6 +135,7 @@ impl ServeError {
             Self::Unavailable(_) => "service_unavailable",
             Self::Internal(_) => "server_error",
             Self::Deadline(_) => "timeout",
+            Self::TooLarge(_) => "invalid_request_error",
         }
     }
 
@@ -144,6 +149,7 @@ impl ServeError {
             Self::Unavailable(_) => tonic::Status::unavailable(m),
             Self::Internal(_) => tonic::Status::internal(m),
             Self::Deadline(_) => tonic::Status::deadline_exceeded(m),
+            Self::TooLarge(_) => tonic::Status::invalid_argument(m),
         }
     }
 

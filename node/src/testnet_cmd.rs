@@ -61,6 +61,23 @@ pub struct TestnetArgs {
     /// Start, wait until healthy, print, then stop (for scripts and tests).
     #[arg(long)]
     pub exit_when_ready: bool,
+    /// The model to deploy once the cluster is healthy: a GGUF file or a
+    /// Hugging Face directory [default: a synthetic `tiny` model (random
+    /// ternary weights, a few MB) written to <data-dir>/models/tiny.gguf].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_model")]
+    pub model: Option<PathBuf>,
+    /// The name clients ask for [default: tiny, or the file's stem].
+    #[arg(long, value_name = "NAME")]
+    pub model_name: Option<String>,
+    /// Replicas of the model, spread over regions.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: u32,
+    /// Pipeline stages per replica.
+    #[arg(long, default_value_t = 1)]
+    pub stages: u32,
+    /// Deploy no model (the cluster only).
+    #[arg(long)]
+    pub no_model: bool,
 }
 
 /// One node of the layout.
@@ -385,6 +402,11 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         eprintln!("\rcluster healthy after {:.1}s                                              ", started.elapsed().as_secs_f64());
+        let model = if args.no_model {
+            None
+        } else {
+            Some(deploy_model(args, &root, &first).await?)
+        };
         let rows = gather(&target).await?;
         let mut out = std::io::stdout().lock();
         write_status_table(&mut out, &rows)?;
@@ -404,6 +426,21 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
         writeln!(out)?;
         writeln!(out, "data and logs: {}", root.display())?;
         writeln!(out, "try: trine status --node 127.0.0.1:{0}   trine chain head --node 127.0.0.1:{0}   trine peers --node 127.0.0.1:{0}", first.grpc)?;
+        if let Some(name) = &model {
+            let body = serde_json::json!({
+                "model": name,
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 32,
+            });
+            writeln!(out)?;
+            writeln!(out, "model {name} is ready; any node answers (OpenAI API, no token needed on this loopback testnet):")?;
+            writeln!(
+                out,
+                "  curl -s http://127.0.0.1:{}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+                first.http
+            )?;
+            writeln!(out, "  trine chat --node 127.0.0.1:{} --model {name}", first.grpc)?;
+        }
         out.flush()?;
         if args.exit_when_ready {
             return Ok(());
@@ -416,6 +453,96 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
     stop_all(&mut running);
     eprintln!("stopped");
     result
+}
+
+/// Deploys the testnet's model (unless a model of that name already is, on
+/// a restart) and waits until a replica is ready; returns its name.
+async fn deploy_model(args: &TestnetArgs, root: &Path, first: &Slot) -> Result<String> {
+    use trine_proto::v1;
+    let (path, name) = match &args.model {
+        Some(p) => {
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            (p.clone(), args.model_name.clone().unwrap_or(stem))
+        }
+        None => (
+            root.join("models").join("tiny.gguf"),
+            args.model_name.clone().unwrap_or_else(|| "tiny".into()),
+        ),
+    };
+    let grpc = format!("http://127.0.0.1:{}", first.grpc);
+    let mut client = v1::inference_client::InferenceClient::connect(grpc.clone())
+        .await
+        .with_context(|| format!("connecting to {grpc}"))?;
+    let listed = client
+        .list_models(v1::ListModelsRequest::default())
+        .await
+        .context("listing models")?
+        .into_inner();
+    if !listed.models.iter().any(|m| m.name == name) {
+        if args.model.is_none() && !path.exists() {
+            eprintln!("writing a synthetic tiny model to {}", path.display());
+            std::fs::create_dir_all(path.parent().unwrap_or(root))?;
+            trine_engine::synth::Weights::generate(trine_engine::synth::Preset::Tiny, 0)
+                .to_gguf(trine_engine::synth::TernaryType::I2S)?
+                .write(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        let deploy = crate::deploy_cmd::DeployArgs {
+            target: Target {
+                node: format!("127.0.0.1:{}", first.grpc),
+                data_dir: None,
+                timeout: Duration::from_secs(30),
+            },
+            model: path.clone(),
+            file: None,
+            revision: "main".into(),
+            endpoint: None,
+            name: name.clone(),
+            stages: args.stages,
+            replicas: args.replicas,
+            regions: Vec::new(),
+            source: None,
+        };
+        // The deploy command runs its own runtime: off this one's threads.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(crate::deploy_cmd::deploy(&deploy));
+        });
+        rx.await.context("the deploy thread died")??;
+    }
+    let started = Instant::now();
+    loop {
+        let listed = client
+            .list_models(v1::ListModelsRequest::default())
+            .await
+            .context("listing models")?
+            .into_inner();
+        let m = listed.models.iter().find(|m| m.name == name);
+        let ready = m.map_or(0, |m| m.ready_replicas);
+        let want = m.map_or(args.replicas, |m| m.replicas);
+        if ready >= want {
+            eprintln!(
+                "\rmodel {name}: {ready}/{want} replicas ready after {:.1}s            ",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(name);
+        }
+        if started.elapsed() > args.timeout {
+            bail!(
+                "model {name} had {ready}/{want} replicas ready after {:?}; `trine placement --node 127.0.0.1:{} --model {name}` shows why",
+                args.timeout,
+                first.grpc
+            );
+        }
+        eprint!(
+            "\r  model {name}: {ready}/{want} replicas ready… {:>4.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Waits for SIGINT/SIGTERM, reporting nodes that exit on their own.

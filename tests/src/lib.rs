@@ -445,9 +445,22 @@ pub struct StatusRow {
 }
 
 impl Testnet {
-    /// Starts `trine testnet` with `extra` flags on a port range picked for
-    /// this test process, and waits until it reports a healthy cluster.
+    /// Starts `trine testnet --no-model` with `extra` flags on a port range
+    /// picked for this test process, and waits until it reports a healthy
+    /// cluster.
     pub async fn start(extra: &[&str]) -> Result<Self> {
+        let mut args = vec!["--no-model"];
+        args.extend_from_slice(extra);
+        Self::start_with(&args).await
+    }
+
+    /// [`Testnet::start`] with the testnet's default model deployed (its
+    /// flags in `extra`), waiting until it is ready.
+    pub async fn start_with_model(extra: &[&str]) -> Result<Self> {
+        Self::start_with(extra).await
+    }
+
+    async fn start_with(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         // 100 ports per test process, below the ephemeral range.
         let base_port = 12_000 + (std::process::id() % 150) as u16 * 100;
@@ -507,6 +520,11 @@ impl Testnet {
     }
 
     /// The data directory of a node of the testnet.
+    /// The testnet's own directory (`--data-dir`).
+    pub fn root(&self) -> std::path::PathBuf {
+        self.dir.path().join("net")
+    }
+
     pub fn data_dir(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join("net").join(name).join("data")
     }

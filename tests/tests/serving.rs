@@ -7,7 +7,9 @@
 //! tokens (seeded sampling included), only later. Each answer leaves a
 //! receipt on the chain: who, which model, digests of input and output,
 //! counts and the nodes on the path. A two-stage deployment of the same
-//! file answers the same text through a pipeline over the mesh.
+//! file answers the same text through a pipeline over the mesh. The model
+//! is the one `trine testnet` deploys by default; the `curl` line it
+//! prints works as pasted, and `trine chat` holds a conversation.
 
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use nix::unistd::Pid;
 use tokio_stream::StreamExt as _;
 use trine_proto::v1;
 use trine_proto::v1::inference_client::InferenceClient;
-use trine_tests::{Testnet, cli_json, deploy, local_answer, run, synth_tiny, trine, wait_for};
+use trine_tests::{Testnet, cli_json, deploy, local_answer, run, trine, wait_for};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 struct Slot {
@@ -163,11 +165,10 @@ fn request(max_tokens: u32, temperature: f32, seed: u64) -> v1::GenerateRequest 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Result<()> {
-    let mut net = Testnet::start(&[]).await?;
-    let dir = tempfile::tempdir()?;
-    let model = synth_tiny(dir.path())?;
+    // The testnet's default: synthetic tiny, two replicas.
+    let mut net = Testnet::start_with_model(&[]).await?;
+    let model = net.root().join("models").join("tiny.gguf");
     let grpc = net.grpc(0);
-    deploy(&grpc, &model, &["--name", "tiny", "--replicas", "2"])?;
     let slots: Vec<Slot> = wait_for("2 replicas ready", Duration::from_secs(60), || {
         let grpc = grpc.clone();
         async move {
@@ -203,6 +204,76 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         let v = complete_everywhere(&net, &row.name, "tiny", &want).await?;
         ensure!(v["usage"]["completion_tokens"] == 24, "{v}");
     }
+
+    // The curl line the testnet printed works as pasted.
+    let stdout = net.stdout();
+    let curl = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("curl "))
+        .with_context(|| format!("no curl line in the testnet's output:\n{stdout}"))?;
+    let out = std::process::Command::new("sh")
+        .args(["-c", curl])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{curl}: {}", String::from_utf8_lossy(&out.stdout)))?;
+    ensure!(
+        v["object"] == "chat.completion" && v["usage"]["completion_tokens"].as_u64() > Some(0),
+        "{curl}: {v}"
+    );
+
+    // `trine chat`: each stdin line is a turn; the second is answered with
+    // the first exchange in its history (the same text as the OpenAI chat
+    // API gives for the whole conversation).
+    let mut c = trine();
+    c.args(["chat", "--node", &grpc, "-m", "tiny", "-n", "8"])
+        .args(["--repetition-penalty", "5"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn()?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(b"Hello\nTell me more\n")?;
+    }
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "trine chat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8(out.stdout)?;
+    let chat = |messages: serde_json::Value| {
+        let http = net.endpoints("us-east-1").map(|e| e.http);
+        async move {
+            let body = serde_json::json!({"model": "tiny", "messages": messages,
+                "max_tokens": 8, "temperature": 0, "repetition_penalty": 5});
+            let v: serde_json::Value = reqwest::Client::new()
+                .post(format!("http://{}/v1/chat/completions", http?))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await?
+                .bytes()
+                .await
+                .map(|b| serde_json::from_slice(&b))??;
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("{v}"))
+        }
+    };
+    let first_turn = chat(serde_json::json!([{"role": "user", "content": "Hello"}])).await?;
+    let second_turn = chat(serde_json::json!([
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": first_turn},
+        {"role": "user", "content": "Tell me more"},
+    ]))
+    .await?;
+    ensure!(
+        said == format!("{first_turn}\n{second_turn}\n"),
+        "trine chat said {said:?}; the OpenAI API says {first_turn:?} then {second_turn:?}"
+    );
 
     // The same file as a two-stage pipeline: the node holding stage 0 runs
     // it, sending hidden states to stage 1 over the mesh; the text is the
@@ -356,6 +427,38 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         e.code() == tonic::Code::InvalidArgument && e.message().contains("context"),
         "{e:?}"
     );
+    // A deadline: the request's own timeout (1 ms here) ends it with
+    // DEADLINE_EXCEEDED, and over HTTP with 504.
+    let mut quick = request(100, 0.0, 7);
+    quick.timeout = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 1_000_000,
+    });
+    let e = generate(&router.grpc_addr, quick, || Ok(()))
+        .await
+        .expect_err("past the deadline");
+    let e = e.downcast::<tonic::Status>()?;
+    ensure!(
+        e.code() == tonic::Code::DeadlineExceeded && e.message().contains("deadline"),
+        "{e:?}"
+    );
+    let http = net.endpoints(&router.name)?.http;
+    let r = reqwest::Client::new()
+        .post(format!("http://{http}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(
+            serde_json::json!({"model": "tiny", "prompt": "Hello", "max_tokens": 100, "timeout": 0.001})
+                .to_string(),
+        )
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+    ensure!(
+        status == 504 && v["error"]["type"] == "timeout",
+        "{status} {v}"
+    );
+
     let stopped = net.stop()?;
     ensure!(
         stopped.success(),

@@ -204,6 +204,49 @@ async fn tokens_are_stored_as_hashes_and_survive_a_restart() -> Result<()> {
         list.len() == 2 && list.iter().all(|t| t["name"] != "ci-runner"),
         "{list:?}"
     );
+    // The revoked secret no longer opens the APIs, on either protocol.
+    let r = reqwest::Client::new()
+        .get(node.url("/v1/models"))
+        .header("authorization", format!("Bearer {secret}"))
+        .send()
+        .await?;
+    ensure!(
+        r.status().as_u16() == 401,
+        "a revoked token: {}",
+        r.status()
+    );
+    let mut inference =
+        trine_proto::v1::inference_client::InferenceClient::connect(node.grpc_uri()).await?;
+    let mut req = tonic::Request::new(trine_proto::v1::ListModelsRequest::default());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse()?);
+    let e = inference.list_models(req).await.expect_err("revoked");
+    ensure!(e.code() == tonic::Code::Unauthenticated, "{e:?}");
+
+    // A body over the 1 MiB limit is refused before it is parsed (413),
+    // and the node goes on answering.
+    let huge = format!(r#"{{"model":"nope","prompt":"{}"}}"#, "a".repeat(2 << 20));
+    let r = reqwest::Client::new()
+        .post(node.url("/v1/completions"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await?;
+    ensure!(
+        r.status().as_u16() == 413,
+        "an oversized body: {}",
+        r.status()
+    );
+    let r = reqwest::Client::new()
+        .get(node.url("/v1/models"))
+        .send()
+        .await?;
+    ensure!(
+        r.status().as_u16() == 401,
+        "after the oversized body: {}",
+        r.status()
+    );
+
     let again = cli(&["token", "revoke", "--node", &grpc, "ci-runner"])?;
     ensure!(!again.status.success());
     ensure!(String::from_utf8_lossy(&again.stderr).contains("no token is named ci-runner"));
