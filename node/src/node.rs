@@ -212,6 +212,11 @@ pub async fn serve(
                 config.allow_anonymous,
                 receipts.as_ref().map(|(r, _)| r.clone()),
                 Some(mesh.clone()),
+                config
+                    .latency_matrix()
+                    .ok()
+                    .flatten()
+                    .map(|m| (config.region.clone(), Arc::new(m))),
             )
         })
         .transpose()

@@ -293,6 +293,8 @@ struct Inner {
     receipts: Option<crate::receipts::Receipts>,
     quotas: Arc<Quotas>,
     mesh: Option<crate::mesh::Mesh>,
+    /// This node's region and the simulated latency matrix, when on.
+    latency: Option<(String, Arc<crate::mesh::Matrix>)>,
 }
 
 /// Who is asking: the token's name, or "anonymous".
@@ -307,6 +309,7 @@ impl Serving {
         allow_anonymous: bool,
         receipts: Option<crate::receipts::Receipts>,
         mesh: Option<crate::mesh::Mesh>,
+        latency: Option<(String, Arc<crate::mesh::Matrix>)>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             inner: Arc::new(Inner {
@@ -315,6 +318,7 @@ impl Serving {
                 stages,
                 limits,
                 allow_anonymous,
+                latency,
                 waiting: Arc::default(),
                 clients: Mutex::default(),
                 receipts,
@@ -623,7 +627,14 @@ impl Serving {
         Err(ServeError::Unavailable(why))
     }
 
-    fn client(&self, addr: &str) -> Result<InferenceClient<Channel>, ServeError> {
+    /// The simulated RTT (and jitter) from this node to `region`, if the
+    /// node simulates latency.
+    fn simulated_rtt(&self, region: &str) -> Option<(Duration, Duration)> {
+        let (mine, matrix) = self.inner.latency.as_ref()?;
+        Some((matrix.rtt(mine, region)?, matrix.jitter))
+    }
+
+    fn client(&self, addr: &str, region: &str) -> Result<InferenceClient<Channel>, ServeError> {
         let mut clients = self
             .inner
             .clients
@@ -632,11 +643,33 @@ impl Serving {
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ServeError::Internal(format!("node address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        // Under simulated latency the forwarded request feels the RTT to
+        // the node's region, as the mesh's own traffic does: what comes
+        // back is held for the whole round trip (the request itself goes
+        // out at once), so the first token arrives one RTT later and the
+        // gaps between tokens are unchanged.
+        let channel = match self.simulated_rtt(region) {
+            None => endpoint.connect_lazy(),
+            Some((rtt, jitter)) => {
+                let connector = tower::service_fn(move |uri: tonic::transport::Uri| async move {
+                    use tokio_util::compat::{
+                        FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _,
+                    };
+                    let host = uri.host().unwrap_or("127.0.0.1").to_owned();
+                    let port = uri.port_u16().unwrap_or(80);
+                    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                    tcp.set_nodelay(true)?;
+                    let hold = crate::mesh::latency::Hold::new(rtt * 2, jitter, rand_id());
+                    let held = crate::mesh::latency::Held::new(tcp.compat(), hold);
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(held.compat()))
+                });
+                endpoint.connect_with_connector_lazy(connector)
+            }
+        };
         let c =
             InferenceClient::new(channel).max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
         clients.insert(addr.to_owned(), c.clone());
@@ -700,7 +733,7 @@ impl Serving {
         {
             request.metadata_mut().insert("authorization", v);
         }
-        let mut client = self.client(&node.grpc_addr)?;
+        let mut client = self.client(&node.grpc_addr, &node.region)?;
         let stall = self.inner.limits.stall;
         let mut stream = match tokio::time::timeout(stall, client.generate(request)).await {
             Err(_) => {

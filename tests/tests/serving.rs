@@ -338,6 +338,29 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         "{usage:?}"
     );
 
+    // A node in a region with no replica forwards across regions: the
+    // forwarded gRPC stream feels the simulated RTT, as the mesh does, so
+    // its first token comes at least one region-to-region RTT later.
+    let matrix = trine_node::mesh::Matrix::realistic();
+    let far = status
+        .iter()
+        .find(|r| slots.iter().all(|s| s.region != r.region))
+        .context("a region without a replica")?;
+    let nearest = slots
+        .iter()
+        .filter_map(|s| matrix.rtt(&far.region, &s.region))
+        .min()
+        .context("RTTs to the replicas' regions")?;
+    let (_, _, u) = generate(&far.grpc_addr, request(4, 0.0, 7), || Ok(())).await?;
+    let ttft = u.time_to_first_token.context("time to first token")?;
+    let ttft = Duration::new(ttft.seconds as u64, ttft.nanos as u32);
+    ensure!(
+        ttft >= nearest,
+        "{} ({}) got its first token from another region in {ttft:?}, under the {nearest:?} RTT",
+        far.name,
+        far.region
+    );
+
     // Again, freezing the replica that answers once its first token is in.
     let pid = Pid::from_raw(i32::try_from(net.endpoints(&first.node)?.pid)?);
     // (The whole answer takes a few hundred ms; should the freeze land

@@ -287,6 +287,50 @@ impl Hold {
     }
 }
 
+/// A stream whose received bytes are held back by a [`Hold`] (what the
+/// router's forwarded gRPC connections use: the mesh has its own wrapper,
+/// which also counts p2p bytes).
+#[derive(Debug)]
+pub struct Held<S> {
+    inner: S,
+    hold: Hold,
+}
+
+impl<S> Held<S> {
+    pub fn new(inner: S, hold: Hold) -> Self {
+        Self { inner, hold }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.hold.poll_read(&mut this.inner, cx, buf, |_| {})
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
