@@ -27,6 +27,12 @@ pub enum BenchCommand {
     /// holds stages and time until they are detected, placed and ready on
     /// other members (model load included).
     Placement(crate::bench_placement::PlacementArgs),
+    /// Serving as clients see it: start a testnet (or use --node), stream
+    /// greedy requests from 1, 8 and 32 clients, report throughput, time to
+    /// first token and inter-token gaps; --local adds the same model in
+    /// this process as the baseline; --failovers N freezes the serving node
+    /// mid-answer N times and reports the pause.
+    Serve(crate::bench_serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +275,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Raft(args) => raft_bench(args),
         BenchCommand::Failover(args) => failover_bench(args),
         BenchCommand::Placement(args) => crate::bench_placement::run(args),
+        BenchCommand::Serve(args) => crate::bench_serve::run(args),
         BenchCommand::Mesh(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

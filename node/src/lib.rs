@@ -23,6 +23,7 @@ pub mod admin;
 pub mod batcher;
 pub mod bench_cmd;
 pub mod bench_placement;
+pub mod bench_serve;
 pub mod build;
 pub mod cli;
 pub mod cluster;

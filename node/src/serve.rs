@@ -556,22 +556,38 @@ impl Serving {
                 limits.queue
             )));
         }
-        let permit = self.inner.running.clone().acquire_owned().await;
-        crate::metrics::queue_depth(self.inner.waiting.fetch_sub(1, Ordering::AcqRel) - 1);
-        let permit = permit.map_err(|_| ServeError::Unavailable("the node is stopping".into()))?;
+        // The events start now; the wait for a compute slot happens behind
+        // them (the router's first-token limit covers it), so a queued
+        // request is not mistaken for a stalled node.
         let (tx, rx) = mpsc::channel(64);
         let me = self.inner.control.id();
         let max_prompt = limits.max_prompt_tokens;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            // Counted on stage 0's batcher while it runs (the batcher waits
-            // briefly for its next step to batch it with the others').
-            let _active = pipeline.first.batcher.join();
-            let started = Instant::now();
-            let result = generate_local(&pipeline, &req, me, max_prompt, started, &tx);
-            if let Err(e) = result {
-                let _ = tx.blocking_send(Err(e));
+        let (running, waiting) = (self.inner.running.clone(), self.inner.waiting.clone());
+        tokio::spawn(async move {
+            let permit = running.acquire_owned().await;
+            crate::metrics::queue_depth(waiting.fetch_sub(1, Ordering::AcqRel) - 1);
+            let Ok(permit) = permit else {
+                let _ = tx
+                    .send(Err(ServeError::Unavailable("the node is stopping".into())))
+                    .await;
+                return;
+            };
+            if tx.is_closed() {
+                // The client left while it waited.
+                return;
             }
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                // Counted on stage 0's batcher while it runs (the batcher
+                // waits briefly for its next step to batch it with the
+                // others').
+                let _active = pipeline.first.batcher.join();
+                let started = Instant::now();
+                let result = generate_local(&pipeline, &req, me, max_prompt, started, &tx);
+                if let Err(e) = result {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            });
         });
         Ok(rx)
     }
@@ -646,7 +662,14 @@ impl Serving {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ServeError::Internal(format!("node address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A frozen or cut-off node stops answering HTTP/2 pings: the
+            // stream fails within PING_EVERY + PING_TIMEOUT and the router
+            // continues elsewhere. A node that is only busy still answers
+            // (its network runtime is not its compute threads).
+            .http2_keep_alive_interval(PING_EVERY)
+            .keep_alive_timeout(PING_TIMEOUT)
+            .keep_alive_while_idle(true);
         // Under simulated latency the forwarded request feels the RTT to
         // the node's region, as the mesh's own traffic does: what comes
         // back is held for the whole round trip (the request itself goes
@@ -1056,6 +1079,16 @@ pub struct Seen {
     pub connected: bool,
 }
 
+/// How often the router pings a node it forwards to, and how long it
+/// waits for the answer before giving the node up (failover).
+pub const PING_EVERY: Duration = Duration::from_millis(500);
+pub const PING_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// How long a pipeline waits for a later stage's answer to one step, plus
+/// [`STAGE_TOKEN_TIME`] per token in it.
+pub const STAGE_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+pub const STAGE_TOKEN_TIME: Duration = Duration::from_millis(20);
+
 /// What one request waiting ahead is taken to cost, in the router's sum.
 pub const QUEUED_COST: Duration = Duration::from_millis(100);
 /// The cost assumed for a peer whose RTT has not been measured yet.
@@ -1254,11 +1287,12 @@ impl Pipeline {
                 generation: hop.generation,
                 end: false,
             };
+            // A decode step is one token: a peer that does not answer in a
+            // few seconds is frozen or cut off (a prefill gets more time).
+            let limit = STAGE_STEP_TIMEOUT + STAGE_TOKEN_TIME * req.tokens;
             let resp = self
                 .handle
-                .block_on(async {
-                    tokio::time::timeout(Duration::from_secs(30), mesh.stage(hop.peer, &req)).await
-                })
+                .block_on(async { tokio::time::timeout(limit, mesh.stage(hop.peer, &req)).await })
                 .map_err(|_| {
                     ServeError::Unavailable(format!(
                         "stage {} on {} timed out",

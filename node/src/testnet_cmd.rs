@@ -78,6 +78,10 @@ pub struct TestnetArgs {
     /// Deploy no model (the cluster only).
     #[arg(long)]
     pub no_model: bool,
+    /// Passed to every node: most sequences per batched step (1 turns
+    /// continuous batching off) [default: the node's, 32].
+    #[arg(long, value_name = "N")]
+    pub max_batch: Option<u32>,
 }
 
 /// One node of the layout.
@@ -98,6 +102,15 @@ struct Layout {
 }
 
 const LAYOUT_FILE: &str = "testnet.json";
+
+/// (name, gRPC port) of each node of the testnet kept in `root`.
+pub fn node_ports(root: &Path) -> Result<Vec<(String, u16)>> {
+    let path = root.join(LAYOUT_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let layout: Layout =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))?;
+    Ok(layout.nodes.into_iter().map(|s| (s.name, s.grpc)).collect())
+}
 
 /// Parses `--regions` (and `--nodes`) into (region, count) pairs.
 /// The testnet's layout: seven nodes in four regions.
@@ -206,6 +219,7 @@ fn spawn(
     first: &Slot,
     latency: Latency,
     index: usize,
+    max_batch: Option<u32>,
 ) -> Result<Running> {
     let dir = root.join(&slot.name);
     std::fs::create_dir_all(&dir)?;
@@ -238,6 +252,9 @@ fn spawn(
         }
         Latency::None => cmd.args(["--raft-profile", "lan"]),
     };
+    if let Some(b) = max_batch {
+        cmd.args(["--max-batch", &b.to_string()]);
+    }
     if index == 0 {
         cmd.arg("--init");
     } else {
@@ -363,7 +380,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
     let mut running: Vec<Running> = Vec::new();
     let result = runtime.block_on(async {
         for (i, slot) in layout.nodes.iter().enumerate() {
-            running.push(spawn(slot, &root, &first, layout.latency, i)?);
+            running.push(spawn(slot, &root, &first, layout.latency, i, args.max_batch)?);
         }
         let target = Target {
             node: format!("127.0.0.1:{}", first.grpc),

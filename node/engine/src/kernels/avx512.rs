@@ -158,3 +158,107 @@ pub(super) unsafe fn dot_codes_bw(row: &[u8], q: &[i8]) -> i32 {
     }
     total
 }
+
+/// Bytes of a row (or of a token's activations) in the paired layout:
+/// whole pairs of blocks, an odd last block padded with a zero block.
+pub(super) fn paired_len(blocks: usize) -> usize {
+    blocks.div_ceil(2) * 256
+}
+
+/// A token's activations in the paired layout the batched kernel reads:
+/// for blocks 2p and 2p+1 and code group g, 64 bytes at (4p + g)·64 holding
+/// q[128·2p + 32g ..][..32] then q[128·(2p+1) + 32g ..][..32] (what
+/// [`pair`] assembles per step in [`dot_codes_vnni`]); a missing odd block
+/// is zeros. Plain copies: no CPU feature needed.
+pub(super) fn pair_activations(q: &[i8], blocks: usize, out: &mut [i8]) {
+    out[..paired_len(blocks)].fill(0);
+    for b in 0..blocks {
+        let (p, half) = (b / 2, (b % 2) * 32);
+        for g in 0..4 {
+            let dst = (4 * p + g) * 64 + half;
+            let src = 128 * b + 32 * g;
+            out[dst..dst + 32].copy_from_slice(&q[src..src + 32]);
+        }
+    }
+}
+
+/// A packed row unpacked to one code (t + 1, so 0..=2) per byte in the
+/// paired layout of [`pair_activations`].
+///
+/// # Safety
+/// AVX512F and AVX512BW; `row.len() == blocks * 32` and `out.len() >=
+/// paired_len(blocks)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn unpack_paired(row: &[u8], blocks: usize, out: &mut [u8]) {
+    assert!(row.len() >= blocks * 32 && out.len() >= paired_len(blocks));
+    let mask = _mm512_set1_epi8(3);
+    for p in 0..blocks / 2 {
+        // SAFETY: 64 code bytes at 64p are in the row, and 256 output bytes
+        // at 256p are in `out` (asserted above).
+        unsafe {
+            let w = _mm512_loadu_si512(row.as_ptr().add(64 * p).cast());
+            let o = out.as_mut_ptr().add(256 * p);
+            _mm512_storeu_si512(o.cast(), _mm512_and_si512(_mm512_srli_epi16::<6>(w), mask));
+            _mm512_storeu_si512(
+                o.add(64).cast(),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask),
+            );
+            _mm512_storeu_si512(
+                o.add(128).cast(),
+                _mm512_and_si512(_mm512_srli_epi16::<2>(w), mask),
+            );
+            _mm512_storeu_si512(o.add(192).cast(), _mm512_and_si512(w, mask));
+        }
+    }
+    if blocks % 2 == 1 {
+        let b = blocks - 1;
+        let p = b / 2;
+        // SAFETY: the last block's 32 bytes are in the row; its pair's 256
+        // output bytes are in `out`.
+        unsafe {
+            let w = _mm256_loadu_si256(row.as_ptr().add(32 * b).cast());
+            let m = _mm256_set1_epi8(3);
+            let z = _mm256_setzero_si256();
+            let o = out.as_mut_ptr().add(256 * p);
+            let c = [
+                _mm256_and_si256(_mm256_srli_epi16::<6>(w), m),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(w), m),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(w), m),
+                _mm256_and_si256(w, m),
+            ];
+            for (g, cg) in c.iter().enumerate() {
+                _mm256_storeu_si256(o.add(64 * g).cast(), *cg);
+                _mm256_storeu_si256(o.add(64 * g + 32).cast(), z);
+            }
+        }
+    }
+}
+
+/// Σ code·q for up to four tokens at once over an unpacked row: each code
+/// vector is loaded once and multiplied into every token's accumulator
+/// (`vpdpbusd`, exact in i32). `acts[i]` and `codes` are in the paired
+/// layout and `paired_len(blocks)` long; `out[i]` gets token i's sum.
+///
+/// # Safety
+/// AVX512F and AVX512-VNNI; every slice at least `len` bytes, `len` a
+/// multiple of 64, `acts.len() == out.len() <= 4`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn dot_paired(codes: &[u8], acts: &[&[i8]], len: usize, out: &mut [i32]) {
+    assert!(acts.len() <= 4 && out.len() == acts.len() && len.is_multiple_of(64));
+    assert!(codes.len() >= len && acts.iter().all(|a| a.len() >= len));
+    let mut acc = [_mm512_setzero_si512(); 4];
+    let n = acts.len();
+    for k in 0..len / 64 {
+        // SAFETY: 64k + 64 <= len <= every slice's length (asserted above).
+        unsafe {
+            let c = _mm512_loadu_si512(codes.as_ptr().add(64 * k).cast());
+            for t in 0..n {
+                let a = _mm512_loadu_si512(acts[t].as_ptr().add(64 * k).cast());
+                acc[t] = _mm512_dpbusd_epi32(acc[t], c, a);
+            }
+        }
+    }
+    for t in 0..n {
+        out[t] = _mm512_reduce_add_epi32(acc[t]);
+    }
+}

@@ -152,7 +152,14 @@ fn gemv_is_the_same_on_any_thread_count() {
 /// every kernel and thread count.
 #[test]
 fn gemm_equals_gemv_per_token() {
-    let (rows, cols, n) = (150, 300, 5);
+    // Odd and even block counts, one block, and batches that do and do not
+    // fill the AVX512-VNNI path's groups of four tokens.
+    for (rows, cols, n) in [(150, 300, 5), (70, 512, 9), (65, 128, 2), (64, 2560, 4)] {
+        gemm_case(rows, cols, n);
+    }
+}
+
+fn gemm_case(rows: usize, cols: usize, n: usize) {
     let trits: Vec<i8> = (0..rows * cols)
         .map(|i| ((i * 31 + i / 7) % 3) as i8 - 1)
         .collect();
@@ -179,7 +186,7 @@ fn gemm_equals_gemv_per_token() {
                 assert_eq!(
                     &batch[tok * rows..(tok + 1) * rows],
                     &one[..],
-                    "{} token {tok}",
+                    "{} token {tok} of {n}, {rows}x{cols}",
                     k.name()
                 );
             }

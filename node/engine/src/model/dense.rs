@@ -6,6 +6,8 @@ use half::slice::HalfFloatSliceExt as _;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::kernels::fdot::dot_n;
+
 use crate::formats::Error;
 use crate::gguf::GgmlType;
 use crate::mmap::Bytes;
@@ -160,7 +162,7 @@ impl Dense {
                 let mut row = vec![0f32; self.cols];
                 for (i, y) in ys.iter_mut().enumerate() {
                     self.row_into(chunk * ROWS + i, &mut row);
-                    *y = dot(&row, x);
+                    *y = dot_n(&row, [x])[0];
                 }
             });
     }
@@ -184,10 +186,19 @@ impl Dense {
             .enumerate()
             .for_each(|(chunk, ys)| {
                 let mut row = vec![0f32; self.cols];
+                let xs: Vec<&[f32]> = xs.chunks_exact(self.cols).collect();
                 for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
                     self.row_into(chunk * ROWS + i, &mut row);
-                    for (y, x) in yr.iter_mut().zip(xs.chunks_exact(self.cols)) {
-                        *y = dot(&row, x);
+                    // Four tokens per pass over the row (each widened row
+                    // stays in L1 while they go by).
+                    for (x4, y4) in xs.chunks(4).zip(yr.chunks_mut(4)) {
+                        match *x4 {
+                            [a, b, c, d] => y4.copy_from_slice(&dot_n(&row, [a, b, c, d])),
+                            [a, b, c] => y4.copy_from_slice(&dot_n(&row, [a, b, c])),
+                            [a, b] => y4.copy_from_slice(&dot_n(&row, [a, b])),
+                            [a] => y4[0] = dot_n(&row, [a])[0],
+                            _ => {}
+                        }
                     }
                 }
             });
@@ -197,19 +208,4 @@ impl Dense {
             }
         }
     }
-}
-
-/// Σ a·b in eight independent lanes (so the compiler vectorizes it), then
-/// the lanes in a fixed order: the result depends only on the inputs.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + tail
 }
