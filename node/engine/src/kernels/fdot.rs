@@ -54,6 +54,87 @@ pub fn dot_n<const N: usize>(a: &[f32], xs: [&[f32]; N]) -> [f32; N] {
     dot_n_plain(a, xs)
 }
 
+/// Σ w·x for each x, with `w` given as little-endian f16 (2 bytes each),
+/// widened exactly to f32: the same lanes and order as [`dot_n`] on the
+/// widened row, so the same bits, without writing the row out.
+#[inline(always)]
+fn dot_f16_n_plain<const N: usize>(w: &[u8], xs: [&[f32]; N]) -> [f32; N] {
+    let cols = w.len() / 2;
+    let at = |i: usize| half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32();
+    let mut lanes = [[0f32; 8]; N];
+    let whole = cols / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        let wv: [f32; 8] = std::array::from_fn(|l| at(i + l));
+        for t in 0..N {
+            let y = &xs[t][i..i + 8];
+            for l in 0..8 {
+                lanes[t][l] += wv[l] * y[l];
+            }
+        }
+    }
+    let mut out = [0f32; N];
+    for t in 0..N {
+        let tail: f32 = (whole..cols).map(|i| at(i) * xs[t][i]).sum();
+        out[t] = lanes[t].iter().sum::<f32>() + tail;
+    }
+    out
+}
+
+/// [`dot_f16_n_plain`] with F16C conversion and AVX 8-wide lanes (a
+/// multiply then an add, no FMA: the baseline's operations exactly).
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C; `w.len() == 2 * x.len()` for every x.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dot_f16_n_f16c<const N: usize>(w: &[u8], xs: [&[f32]; N]) -> [f32; N] {
+    use std::arch::x86_64::*;
+    let cols = w.len() / 2;
+    let whole = cols / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); N];
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 <= whole <= cols: 16 bytes of w at 2i and 8 floats
+        // of each x at i are in bounds (lengths asserted by the caller).
+        unsafe {
+            let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i).cast()));
+            for t in 0..N {
+                let y = _mm256_loadu_ps(xs[t].as_ptr().add(i));
+                acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(wv, y));
+            }
+        }
+    }
+    let mut out = [0f32; N];
+    for t in 0..N {
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats into an 8-float array.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]) };
+        let tail: f32 = (whole..cols)
+            .map(|i| half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32() * xs[t][i])
+            .sum();
+        out[t] = lanes.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
+/// Σ w·x for each x in `xs`, `w` a row of little-endian f16; F16C + AVX2
+/// when the CPU has them, the same bits either way.
+pub fn dot_f16_n<const N: usize>(w: &[u8], xs: [&[f32]; N]) -> [f32; N] {
+    for x in &xs {
+        assert_eq!(w.len(), 2 * x.len(), "dot of unequal lengths");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX2 and F16C were just detected; lengths checked above.
+        return unsafe { dot_f16_n_f16c(w, xs) };
+    }
+    dot_f16_n_plain(w, xs)
+}
+
+/// The baseline copy of [`dot_f16_n`], for tests.
+pub fn dot_f16_n_reference<const N: usize>(w: &[u8], xs: [&[f32]; N]) -> [f32; N] {
+    dot_f16_n_plain(w, xs)
+}
+
 /// The baseline copy, for tests comparing it with the dispatched one.
 pub fn dot_n_reference<const N: usize>(a: &[f32], xs: [&[f32]; N]) -> [f32; N] {
     dot_n_plain(a, xs)
@@ -83,6 +164,14 @@ mod tests {
             for (i, x) in [&x0, &x1, &x2, &x3].into_iter().enumerate() {
                 prop_assert_eq!(dot_n(&a, [x])[0].to_bits(), four[i].to_bits());
             }
+            // The same row stored as f16: the fused dot equals widening
+            // first, on both copies.
+            let w16: Vec<u8> = a.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+            let widened: Vec<f32> = a.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            let want = dot_n_reference(&widened, [&x0, &x1, &x2, &x3]).map(f32::to_bits);
+            prop_assert_eq!(dot_f16_n(&w16, [&x0, &x1, &x2, &x3]).map(f32::to_bits), want);
+            prop_assert_eq!(dot_f16_n_reference(&w16, [&x0, &x1, &x2, &x3]).map(f32::to_bits), want);
+            prop_assert_eq!(dot_f16_n(&w16, [&x2])[0].to_bits(), want[2]);
         }
     }
 }

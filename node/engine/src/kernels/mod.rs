@@ -40,6 +40,31 @@ pub struct Activations {
 
 impl Activations {
     pub fn quantize(x: &[f32]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was just detected.
+            #[allow(unsafe_code)]
+            return unsafe { Self::quantize_avx2(x) };
+        }
+        Self::quantize_plain(x)
+    }
+
+    /// The same code compiled with AVX2 (SSE4.1's `roundps` instead of a
+    /// call to `rintf` per element): IEEE round-half-even either way, so
+    /// the same bits.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(x: &[f32]) -> Self {
+        Self::quantize_plain(x)
+    }
+
+    /// The reference copy.
+    #[inline(always)]
+    pub fn quantize_plain(x: &[f32]) -> Self {
         let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = 127.0 / max.max(1e-5);
         let mut q = vec![0i8; x.len().div_ceil(BLOCK) * BLOCK];
@@ -170,10 +195,6 @@ impl Kernel {
             assert_eq!(a.q.len(), row_bytes(w.cols()) * 4, "activation width");
         }
         let scales: Vec<f32> = acts.iter().map(|a| w.beta() / a.scale).collect();
-        #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512Vnni {
-            return self.gemm_paired(w, acts, &scales, out);
-        }
         // Row-major scratch (r * n + t) so that row chunks are contiguous
         // for the parallel split; transposed into `out` afterwards.
         let mut by_row = vec![0f32; rows * n];
@@ -185,56 +206,6 @@ impl Kernel {
                     let row = w.row(chunk * ROWS_PER_TASK + i);
                     for ((y, a), &s) in yr.iter_mut().zip(acts).zip(&scales) {
                         *y = self.dot(row, a) as f32 * s;
-                    }
-                }
-            });
-        for (r, yr) in by_row.chunks_exact(n).enumerate() {
-            for (t, &y) in yr.iter().enumerate() {
-                out[t * rows + r] = y;
-            }
-        }
-    }
-
-    /// [`Kernel::gemm`] on AVX512-VNNI: each row is unpacked once (to one
-    /// code per byte, in L1) and every token's activations, laid out to
-    /// match once per call, stream past it four tokens at a time. The sums
-    /// are the same exact integers as [`Kernel::dot`]'s, so the result is
-    /// bit-identical.
-    #[cfg(target_arch = "x86_64")]
-    #[allow(unsafe_code)]
-    fn gemm_paired(self, w: &Ternary, acts: &[Activations], scales: &[f32], out: &mut [f32]) {
-        let (rows, n) = (w.rows(), acts.len());
-        let blocks = row_bytes(w.cols()) / crate::ternary::BLOCK_BYTES;
-        let len = avx512::paired_len(blocks);
-        let mut paired = vec![0i8; n * len];
-        for (a, dst) in acts.iter().zip(paired.chunks_exact_mut(len)) {
-            avx512::pair_activations(&a.q, blocks, dst);
-        }
-        let paired: Vec<&[i8]> = paired.chunks_exact(len).collect();
-        let mut by_row = vec![0f32; rows * n];
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(chunk, ys)| {
-                let mut codes = vec![0u8; len];
-                let mut sums = [0i32; 4];
-                for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
-                    let row = w.row(chunk * ROWS_PER_TASK + i);
-                    // SAFETY: `self` is Avx512Vnni, produced by `available()`
-                    // only after detecting AVX512F/BW/VL/VNNI; the row has
-                    // `blocks` whole blocks and `codes` is `len` long.
-                    unsafe { avx512::unpack_paired(row, blocks, &mut codes) };
-                    for (t0, ys4) in (0..n).step_by(4).zip(yr.chunks_mut(4)) {
-                        let k = ys4.len();
-                        // SAFETY: as above (VNNI detected); every paired
-                        // slice is `len` long, a multiple of 64; k <= 4.
-                        unsafe {
-                            avx512::dot_paired(&codes, &paired[t0..t0 + k], len, &mut sums[..k]);
-                        }
-                        for (j, y) in ys4.iter_mut().enumerate() {
-                            let t = t0 + j;
-                            *y = (sums[j] - acts[t].sum) as f32 * scales[t];
-                        }
                     }
                 }
             });

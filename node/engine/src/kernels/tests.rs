@@ -193,3 +193,23 @@ fn gemm_case(rows: usize, cols: usize, n: usize) {
         }
     }
 }
+
+proptest! {
+    /// The dispatched quantization (AVX2 where present) equals the
+    /// reference copy bit for bit, ties and extremes included.
+    #[test]
+    fn quantize_copies_agree(x in proptest::collection::vec(-1000f32..1000f32, 0..600), tie in any::<bool>()) {
+        let mut x = x;
+        if tie && !x.is_empty() {
+            // Values landing exactly on .5 after scaling.
+            let n = x.len();
+            x[0] = 127.0;
+            x[n - 1] = 0.5;
+        }
+        let a = Activations::quantize(&x);
+        let b = Activations::quantize_plain(&x);
+        prop_assert_eq!(&a.q, &b.q);
+        prop_assert_eq!(a.scale.to_bits(), b.scale.to_bits());
+        prop_assert_eq!(a.sum, b.sum);
+    }
+}

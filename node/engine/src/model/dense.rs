@@ -6,7 +6,7 @@ use half::slice::HalfFloatSliceExt as _;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::kernels::fdot::dot_n;
+use crate::kernels::fdot::{dot_f16_n, dot_n};
 
 use crate::formats::Error;
 use crate::gguf::GgmlType;
@@ -153,18 +153,35 @@ impl Dense {
     /// Rows are split over the current rayon pool; each row's sum is the
     /// same whatever the thread count.
     pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        assert_eq!(x.len(), self.cols);
-        assert_eq!(out.len(), self.rows);
-        const ROWS: usize = 256;
-        out.par_chunks_mut(ROWS)
-            .enumerate()
-            .for_each(|(chunk, ys)| {
-                let mut row = vec![0f32; self.cols];
-                for (i, y) in ys.iter_mut().enumerate() {
-                    self.row_into(chunk * ROWS + i, &mut row);
-                    *y = dot_n(&row, [x])[0];
-                }
-            });
+        self.matmul(x, out);
+    }
+
+    /// Row `r`'s bytes when it is f16 the kernels read directly.
+    fn f16_row(&self, r: usize) -> Option<&[u8]> {
+        (self.ty == GgmlType::F16 && cfg!(target_endian = "little"))
+            .then(|| &self.data[r * self.cols * 2..(r + 1) * self.cols * 2])
+    }
+}
+
+/// Row · each of `xs` (at most four) into `out`: from the f16 bytes when
+/// there are some, else from the widened row. The same bits either way
+/// ([`crate::kernels::fdot`]).
+fn dots(f16_row: Option<&[u8]>, widened: &[f32], xs: &[&[f32]], out: &mut [f32]) {
+    macro_rules! go {
+        ($($x:ident),+) => {{
+            let got = match f16_row {
+                Some(w) => dot_f16_n(w, [$($x),+]),
+                None => dot_n(widened, [$($x),+]),
+            };
+            out.copy_from_slice(&got);
+        }};
+    }
+    match *xs {
+        [a, b, c, d] => go!(a, b, c, d),
+        [a, b, c] => go!(a, b, c),
+        [a, b] => go!(a, b),
+        [a] => go!(a),
+        _ => {}
     }
 }
 
@@ -176,32 +193,33 @@ impl Dense {
         let n = xs.len() / self.cols;
         assert_eq!(xs.len(), n * self.cols);
         assert_eq!(out.len(), n * self.rows);
-        if n == 1 {
-            return self.matvec(xs, out);
-        }
         const ROWS: usize = 256;
+        let tokens: Vec<&[f32]> = xs.chunks_exact(self.cols).collect();
+        // Row-major scratch (r * n + t), transposed into `out` afterwards
+        // (for one token the two are the same).
         let mut by_row = vec![0f32; self.rows * n];
         by_row
             .par_chunks_mut(ROWS * n)
             .enumerate()
             .for_each(|(chunk, ys)| {
-                let mut row = vec![0f32; self.cols];
-                let xs: Vec<&[f32]> = xs.chunks_exact(self.cols).collect();
+                let mut buf = vec![0f32; self.cols];
                 for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
-                    self.row_into(chunk * ROWS + i, &mut row);
-                    // Four tokens per pass over the row (each widened row
-                    // stays in L1 while they go by).
-                    for (x4, y4) in xs.chunks(4).zip(yr.chunks_mut(4)) {
-                        match *x4 {
-                            [a, b, c, d] => y4.copy_from_slice(&dot_n(&row, [a, b, c, d])),
-                            [a, b, c] => y4.copy_from_slice(&dot_n(&row, [a, b, c])),
-                            [a, b] => y4.copy_from_slice(&dot_n(&row, [a, b])),
-                            [a] => y4[0] = dot_n(&row, [a])[0],
-                            _ => {}
-                        }
+                    let r = chunk * ROWS + i;
+                    let f16_row = self.f16_row(r);
+                    if f16_row.is_none() {
+                        self.row_into(r, &mut buf);
+                    }
+                    // Four tokens per pass over the row (it stays in L1
+                    // while they go by).
+                    for (x4, y4) in tokens.chunks(4).zip(yr.chunks_mut(4)) {
+                        dots(f16_row, &buf, x4, y4);
                     }
                 }
             });
+        if n == 1 {
+            out.copy_from_slice(&by_row);
+            return;
+        }
         for (r, yr) in by_row.chunks_exact(n).enumerate() {
             for (t, &y) in yr.iter().enumerate() {
                 out[t * self.rows + r] = y;
