@@ -1081,8 +1081,8 @@ pub struct Seen {
 
 /// How often the router pings a node it forwards to, and how long it
 /// waits for the answer before giving the node up (failover).
-pub const PING_EVERY: Duration = Duration::from_millis(500);
-pub const PING_TIMEOUT: Duration = Duration::from_millis(1000);
+pub const PING_EVERY: Duration = Duration::from_millis(400);
+pub const PING_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// How long a pipeline waits for a later stage's answer to one step, plus
 /// [`STAGE_TOKEN_TIME`] per token in it.
