@@ -15,7 +15,6 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::ClientTlsConfig;
 use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::RaftServer;
@@ -270,7 +269,9 @@ impl ControlPlane {
             .tcp_nodelay(true)
             .add_service(service)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                // TCP_NODELAY on accepted sockets (the builder's flag
+                // covers only listeners tonic binds itself).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             );
         tasks.push(tokio::spawn(async move {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -262,7 +261,10 @@ pub async fn serve(
             .tcp_nodelay(true)
             .add_routes(router)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listeners.grpc),
+                // Accepted sockets get TCP_NODELAY (the builder's
+                // flag covers only listeners tonic binds itself).
+                tonic::transport::server::TcpIncoming::from(listeners.grpc)
+                    .with_nodelay(Some(true)),
                 stopped(grpc_stop_rx),
             ),
     );
@@ -275,9 +277,15 @@ pub async fn serve(
         serving,
     };
     let mut http_task = tokio::spawn(
-        axum::serve(listeners.http, http::router(state))
-            .with_graceful_shutdown(stopped(http_stop_rx))
-            .into_future(),
+        axum::serve(
+            // Streamed answers (SSE) go out token by token: no Nagle.
+            axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            http::router(state),
+        )
+        .with_graceful_shutdown(stopped(http_stop_rx))
+        .into_future(),
     );
 
     data_dir.write_endpoints(&endpoints)?;
