@@ -304,6 +304,7 @@ async fn help_lists_only_working_subcommands() -> Result<()> {
                 "chain",
                 "deploy",
                 "complete",
+                "chat",
                 "undeploy",
                 "placement",
                 "token",
