@@ -15,9 +15,10 @@ use trine_proto::v1::inference_client::InferenceClient;
 
 use crate::cluster_cmd::Target;
 
-/// Sampling and length flags shared by `trine complete` and `trine chat`.
+/// Sampling, length, token and output flags shared by `trine complete` and
+/// `trine chat`.
 #[derive(Debug, Clone, Args)]
-pub struct SamplingArgs {
+pub struct ClientArgs {
     /// Most tokens to generate (per answer).
     #[arg(long, short = 'n', default_value_t = 64)]
     pub max_tokens: u32,
@@ -41,9 +42,16 @@ pub struct SamplingArgs {
     /// with DEADLINE_EXCEEDED [default: the node's --request-timeout].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub deadline: Option<std::time::Duration>,
+    /// API token (`trine token create`), unless the node allows anonymous
+    /// requests.
+    #[arg(long, env = "TRINE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Per-token timings and each answer's usage (path, failovers) on stderr.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
-impl SamplingArgs {
+impl ClientArgs {
     fn request(&self, model: &str, input: v1::generate_request::Input) -> v1::GenerateRequest {
         v1::GenerateRequest {
             model: model.to_owned(),
@@ -79,14 +87,7 @@ pub struct CompleteArgs {
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
     #[command(flatten)]
-    pub sampling: SamplingArgs,
-    /// API token (`trine token create`), unless the node allows anonymous
-    /// requests.
-    #[arg(long, env = "TRINE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Per-token timings and the usage (path, failovers) on stderr.
-    #[arg(long, short)]
-    pub verbose: bool,
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -100,14 +101,7 @@ pub struct ChatArgs {
     #[arg(long)]
     pub system: Option<String>,
     #[command(flatten)]
-    pub sampling: SamplingArgs,
-    /// API token (`trine token create`), unless the node allows anonymous
-    /// requests.
-    #[arg(long, env = "TRINE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Per-token timings and each answer's usage (path, failovers) on stderr.
-    #[arg(long, short)]
-    pub verbose: bool,
+    pub client: ClientArgs,
 }
 
 fn ms(d: Option<&prost_types::Duration>) -> f64 {
@@ -222,10 +216,17 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
     } else {
         v1::generate_request::Input::Prompt(args.prompt.clone())
     };
-    let req = args.sampling.request(&args.model, input);
+    let req = args.client.request(&args.model, input);
     runtime()?.block_on(async {
         let mut client = connect(&args.target).await?;
-        stream_answer(&mut client, &uri, req, args.token.as_deref(), args.verbose).await
+        stream_answer(
+            &mut client,
+            &uri,
+            req,
+            args.client.token.as_deref(),
+            args.client.verbose,
+        )
+        .await
     })?;
     Ok(())
 }
@@ -279,7 +280,7 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line.to_owned(),
         });
-        let req = args.sampling.request(
+        let req = args.client.request(
             &args.model,
             v1::generate_request::Input::Chat(v1::Chat {
                 messages: history.clone(),
@@ -289,8 +290,8 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
             &mut client,
             &uri,
             req,
-            args.token.as_deref(),
-            args.verbose,
+            args.client.token.as_deref(),
+            args.client.verbose,
         )) {
             Ok(text) => history.push(v1::ChatMessage {
                 role: "assistant".into(),
