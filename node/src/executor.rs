@@ -271,6 +271,23 @@ async fn report(control: &ControlPlane, p: &Placement, state: StageState, detail
 /// `trine_stage_assigned{model,stage}`: how many replicas of that stage
 /// are placed on this node (series that drop to none go to 0).
 fn publish(state: &State, me: u64, published: &mut BTreeMap<(String, u32), usize>) {
+    let slots: usize = state
+        .models
+        .values()
+        .map(|m| m.replicas as usize * m.stages as usize)
+        .sum();
+    let ready = state
+        .placements
+        .values()
+        .filter(|p| {
+            p.state == StageState::Ready
+                && state
+                    .nodes
+                    .get(&p.node)
+                    .is_some_and(|n| n.status == trine_control::NodeStatus::Up)
+        })
+        .count();
+    crate::metrics::placement_unready(slots.saturating_sub(ready));
     let mut now: BTreeMap<(String, u32), usize> = BTreeMap::new();
     for p in state.placements.values().filter(|p| p.node == me) {
         *now.entry((p.model.clone(), p.stage)).or_default() += 1;

@@ -65,6 +65,15 @@ pub const TTFT: &str = "trine_time_to_first_token_seconds";
 pub const INTER_TOKEN: &str = "trine_inter_token_seconds";
 /// Gauge: generations waiting for a compute slot on this node.
 pub const QUEUE_DEPTH: &str = "trine_queue_depth";
+/// Gauge: slots (replica × stage) of deployed models not ready on an up
+/// node, as this node's copy of the state sees them.
+pub const PLACEMENT_UNREADY: &str = "trine_placement_unready_slots";
+/// Gauges: bytes free (to an unprivileged user) and in all on the
+/// filesystem holding the data dir.
+pub const DATA_DIR_AVAILABLE: &str = "trine_data_dir_available_bytes";
+pub const DATA_DIR_CAPACITY: &str = "trine_data_dir_capacity_bytes";
+/// Gauge: when this node's certificate expires, Unix seconds.
+pub const CERT_EXPIRY: &str = "trine_cert_expiry_seconds";
 /// Counter: requests ended by their deadline on this node.
 pub const REQUEST_TIMEOUTS: &str = "trine_request_timeouts_total";
 /// Histogram: sequences in each batched forward step on this node.
@@ -113,6 +122,10 @@ pub const ALL: &[&str] = &[
     BATCH_SIZE,
     BATCH_TOKENS,
     REQUEST_TIMEOUTS,
+    PLACEMENT_UNREADY,
+    DATA_DIR_AVAILABLE,
+    DATA_DIR_CAPACITY,
+    CERT_EXPIRY,
 ];
 
 /// Buckets of the batch-size histogram (sequences per step).
@@ -281,6 +294,24 @@ fn describe() {
         QUEUE_DEPTH,
         "Generations waiting for a compute slot on this node."
     );
+    describe_gauge!(
+        PLACEMENT_UNREADY,
+        "Slots (replica x stage) of deployed models that are not ready on an up node."
+    );
+    describe_gauge!(
+        DATA_DIR_AVAILABLE,
+        metrics::Unit::Bytes,
+        "Bytes free on the filesystem holding this node's data dir."
+    );
+    describe_gauge!(
+        DATA_DIR_CAPACITY,
+        metrics::Unit::Bytes,
+        "Size of the filesystem holding this node's data dir."
+    );
+    describe_gauge!(
+        CERT_EXPIRY,
+        "When this node's certificate (mutual TLS on the Raft port) expires, in Unix seconds."
+    );
     describe_counter!(
         REQUEST_TIMEOUTS,
         "Inference requests ended by their deadline (the node's --request-timeout or the client's)."
@@ -382,6 +413,23 @@ pub fn first_token(took: Duration) {
 
 pub fn inter_token(gap: Duration) {
     histogram!(INTER_TOKEN).record(gap.as_secs_f64());
+}
+
+pub fn placement_unready(n: usize) {
+    gauge!(PLACEMENT_UNREADY).set(n as f64);
+}
+
+/// Free and total bytes of the filesystem holding `dir`.
+pub fn data_dir_space(dir: &std::path::Path) {
+    if let Ok(s) = nix::sys::statvfs::statvfs(dir) {
+        let block = s.fragment_size() as f64;
+        gauge!(DATA_DIR_AVAILABLE).set(s.blocks_available() as f64 * block);
+        gauge!(DATA_DIR_CAPACITY).set(s.blocks() as f64 * block);
+    }
+}
+
+pub fn cert_expiry(unix_seconds: i64) {
+    gauge!(CERT_EXPIRY).set(unix_seconds as f64);
 }
 
 pub fn request_timed_out() {
@@ -517,6 +565,9 @@ mod tests {
         queue_depth(0);
         batch(3, 7);
         request_timed_out();
+        placement_unready(0);
+        data_dir_space(std::path::Path::new("."));
+        cert_expiry(2_000_000_000);
         let text = m.render();
         assert!(
             text.contains("trine_batch_size_bucket{le=\"3\"} 1"),

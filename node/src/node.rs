@@ -130,7 +130,11 @@ pub async fn serve(
         crate::generate_cmd::pool(None)
             .map_err(|e| Error::Cluster(format!("cannot start the compute threads: {e:#}")))?,
     );
-    let stage_task = tokio::spawn(crate::stage_server::run(stage_requests, stages.clone()));
+    let stage_server = crate::stage_server::StageServer::new(stages.clone());
+    let stage_task = tokio::spawn(crate::stage_server::run(
+        stage_requests,
+        stage_server.clone(),
+    ));
     let ready = Arc::new(AtomicBool::new(false));
     let mut endpoints = Endpoints {
         pid: std::process::id(),
@@ -202,7 +206,7 @@ pub async fn serve(
         .map(|c| {
             crate::serve::Serving::new(
                 c.clone(),
-                stages.clone(),
+                stage_server.clone(),
                 crate::serve::Limits {
                     concurrency: config.max_batch as usize,
                     request_timeout: config.request_timeout,
@@ -229,10 +233,14 @@ pub async fn serve(
             control.clone(),
             serving.clone(),
         );
+        let dir = data_dir.path().to_owned();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
-            loop {
+            for n in 0u64.. {
                 tick.tick().await;
+                if n % 20 == 0 {
+                    crate::metrics::data_dir_space(&dir);
+                }
                 mesh.set_status(mesh::Status {
                     queue_depth: serving.as_ref().map_or(0, |s| s.waiting()),
                     stages: stages

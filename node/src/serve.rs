@@ -295,6 +295,8 @@ struct Inner {
     mesh: Option<crate::mesh::Mesh>,
     /// This node's region and the simulated latency matrix, when on.
     latency: Option<(String, Arc<crate::mesh::Matrix>)>,
+    /// Later stages held here, for pipelines whose next stage is local.
+    stage_server: crate::stage_server::StageServer,
 }
 
 /// Who is asking: the token's name, or "anonymous".
@@ -302,9 +304,11 @@ struct Inner {
 pub struct Principal(pub String);
 
 impl Serving {
+    /// `stage_server` holds the stages this node serves (the executor's
+    /// table) and the caches of pipeline sequences passing through.
     pub fn new(
         control: ControlPlane,
-        stages: Stages,
+        stage_server: crate::stage_server::StageServer,
         limits: Limits,
         allow_anonymous: bool,
         receipts: Option<crate::receipts::Receipts>,
@@ -315,10 +319,11 @@ impl Serving {
             inner: Arc::new(Inner {
                 running: Arc::new(Semaphore::new(limits.concurrency.max(1))),
                 control,
-                stages,
+                stages: stage_server.stages().clone(),
                 limits,
                 allow_anonymous,
                 latency,
+                stage_server,
                 waiting: Arc::default(),
                 clients: Mutex::default(),
                 receipts,
@@ -636,6 +641,7 @@ impl Serving {
                     replica,
                     rest,
                     mesh: self.inner.mesh.clone(),
+                    local: self.inner.stage_server.clone(),
                     handle: tokio::runtime::Handle::current(),
                 });
             }
@@ -1236,6 +1242,8 @@ struct Pipeline {
     replica: u32,
     rest: Vec<Hop>,
     mesh: Option<crate::mesh::Mesh>,
+    /// Answers the stages held on this node (no dial to itself).
+    local: crate::stage_server::StageServer,
     handle: tokio::runtime::Handle,
 }
 
@@ -1290,9 +1298,15 @@ impl Pipeline {
             // A decode step is one token: a peer that does not answer in a
             // few seconds is frozen or cut off (a prefill gets more time).
             let limit = STAGE_STEP_TIMEOUT + STAGE_TOKEN_TIME * req.tokens;
+            let here = hop.peer == mesh.peer_id();
             let resp = self
                 .handle
-                .block_on(async { tokio::time::timeout(limit, mesh.stage(hop.peer, &req)).await })
+                .block_on(async {
+                    if here {
+                        return Ok(Ok(self.local.answer(&req).await));
+                    }
+                    tokio::time::timeout(limit, mesh.stage(hop.peer, &req)).await
+                })
                 .map_err(|_| {
                     ServeError::Unavailable(format!(
                         "stage {} on {} timed out",
@@ -1330,9 +1344,13 @@ impl Pipeline {
                 end: true,
                 ..Default::default()
             };
-            let (mesh, peer) = (mesh.clone(), hop.peer);
+            let (mesh, peer, local) = (mesh.clone(), hop.peer, self.local.clone());
             self.handle.spawn(async move {
-                let _ = mesh.stage(peer, &req).await;
+                if peer == mesh.peer_id() {
+                    local.answer(&req).await;
+                } else {
+                    let _ = mesh.stage(peer, &req).await;
+                }
             });
         }
     }

@@ -53,13 +53,46 @@ pub fn bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// The later stages this node holds and their sequences' caches: what
+/// answers `/trine/stage/1` from peers, and, in-process, a pipeline whose
+/// next stage is on this very node (a node cannot dial itself).
+#[derive(Clone, Default)]
+pub struct StageServer {
+    stages: Stages,
+    sessions: Arc<Mutex<HashMap<Key, Session>>>,
+}
+
+impl std::fmt::Debug for StageServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageServer").finish_non_exhaustive()
+    }
+}
+
+impl StageServer {
+    pub fn new(stages: Stages) -> Self {
+        Self {
+            stages,
+            sessions: Arc::default(),
+        }
+    }
+
+    /// The stages this node holds.
+    pub fn stages(&self) -> &Stages {
+        &self.stages
+    }
+
+    /// Answers one stage request.
+    pub async fn answer(&self, req: &StageRequest) -> StageResponse {
+        answer(req, &self.stages, &self.sessions).await
+    }
+}
+
 /// Answers stage requests until the mesh stops.
-pub async fn run(mut requests: mpsc::Receiver<InboundStage>, stages: Stages) {
-    let sessions: Arc<Mutex<HashMap<Key, Session>>> = Arc::default();
+pub async fn run(mut requests: mpsc::Receiver<InboundStage>, server: StageServer) {
     while let Some(r) = requests.recv().await {
-        let (stages, sessions) = (stages.clone(), sessions.clone());
+        let server = server.clone();
         tokio::spawn(async move {
-            let response = answer(&r.request, &stages, &sessions).await;
+            let response = server.answer(&r.request).await;
             let _ = r.reply.send(response);
         });
     }

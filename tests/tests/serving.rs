@@ -299,6 +299,48 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     for row in &status {
         complete_everywhere(&net, &row.name, "piped", &want).await?;
     }
+    // Both stages on one node (the only node of its region): the node
+    // runs its own stage 1 in-process, as it cannot dial itself.
+    deploy(
+        &grpc,
+        &model,
+        &[
+            "--name",
+            "piped-here",
+            "--stages",
+            "2",
+            "--regions",
+            "ap-southeast",
+        ],
+    )?;
+    wait_for(
+        "the one-node pipeline ready",
+        Duration::from_secs(60),
+        || {
+            let grpc = grpc.clone();
+            async move {
+                cli_json::<Slot>(&[
+                    "placement",
+                    "--node",
+                    &grpc,
+                    "--model",
+                    "piped-here",
+                    "-o",
+                    "json",
+                ])
+                .ok()
+                .filter(|s| {
+                    s.len() == 2
+                        && s.iter()
+                            .all(|s| s.state == "ready" && s.node == "ap-southeast-1")
+                })
+            }
+        },
+    )
+    .await?;
+    for name in ["ap-southeast-1", "us-east-1"] {
+        complete_everywhere(&net, name, "piped-here", &want).await?;
+    }
 
     // The same through `trine complete`, the CLI client, with its usage.
     let mut c = trine();
@@ -481,6 +523,37 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         status == 504 && v["error"]["type"] == "timeout",
         "{status} {v}"
     );
+
+    // Every metric the alerting rules use is exported by these nodes (the
+    // union of all seven after the traffic above).
+    let mut exported = String::new();
+    for row in &net.status(&grpc)? {
+        let http = net.endpoints(&row.name)?.http;
+        let r = reqwest::get(format!("http://{http}/metrics")).await?;
+        exported.push_str(&String::from_utf8_lossy(&r.bytes().await?));
+    }
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring/alerts.yml"),
+    )?;
+    let mut used: Vec<&str> = rules
+        .match_indices("trine_")
+        .map(|(i, _)| {
+            let rest = &rules[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    ensure!(used.len() >= 10, "{used:?}");
+    for name in used {
+        ensure!(
+            exported.contains(&format!("\n{name}{{")) || exported.contains(&format!("\n{name} ")),
+            "the alerting rules use {name}, which no node exports"
+        );
+    }
 
     let stopped = net.stop()?;
     ensure!(
