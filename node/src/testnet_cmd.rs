@@ -82,6 +82,70 @@ pub struct TestnetArgs {
     /// continuous batching off) [default: the node's, 32].
     #[arg(long, value_name = "N")]
     pub max_batch: Option<u32>,
+    /// Also start a real Prometheus (the `prometheus` binary from Debian's
+    /// package, on PATH) scraping every node every 2 s with Trine's alerting
+    /// rules (deploy/monitoring/alerts.yml), on 127.0.0.1:<base-port + 90>.
+    #[arg(long)]
+    pub prometheus: bool,
+}
+
+/// The alerting rules shipped in deploy/monitoring, carried by the binary.
+pub const ALERT_RULES: &str = include_str!("../../deploy/monitoring/alerts.yml");
+
+/// A Prometheus this testnet started.
+struct Prometheus {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a Prometheus config scraping every node of `layout` (each target
+/// labelled with its region) with the alerting rules, and starts it.
+fn start_prometheus(layout: &Layout, root: &Path, port: u16) -> Result<Prometheus> {
+    let dir = root.join("prometheus");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("alerts.yml"), ALERT_RULES)?;
+    let mut by_region: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for s in &layout.nodes {
+        by_region
+            .entry(s.region.as_str())
+            .or_default()
+            .push(format!("\"127.0.0.1:{}\"", s.http));
+    }
+    let mut config = String::from(
+        "# Written by `trine testnet --prometheus`.\nglobal:\n  scrape_interval: 2s\n  evaluation_interval: 2s\nrule_files:\n  - alerts.yml\nscrape_configs:\n  - job_name: trine\n    static_configs:\n",
+    );
+    for (region, targets) in by_region {
+        config.push_str(&format!(
+            "      - targets: [{}]\n        labels: {{ region: {region} }}\n",
+            targets.join(", ")
+        ));
+    }
+    std::fs::write(dir.join("prometheus.yml"), config)?;
+    let log = std::fs::File::create(root.join("prometheus.log"))?;
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context(
+            "cannot start `prometheus`: install Debian's package (apt-get install prometheus) or put the binary on PATH",
+        )?;
+    Ok(Prometheus {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    })
 }
 
 /// One node of the layout.
@@ -378,6 +442,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
     );
     let started = Instant::now();
     let mut running: Vec<Running> = Vec::new();
+    let mut prometheus: Option<Prometheus> = None;
     let result = runtime.block_on(async {
         for (i, slot) in layout.nodes.iter().enumerate() {
             running.push(spawn(slot, &root, &first, layout.latency, i, args.max_batch)?);
@@ -424,6 +489,26 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
         } else {
             Some(deploy_model(args, &root, &first).await?)
         };
+        if args.prometheus {
+            let port = args
+                .base_port
+                .checked_add(90)
+                .context("--base-port leaves no room for Prometheus's port")?;
+            let p = start_prometheus(&layout, &root, port)?;
+            // Ready when it answers; its first scrape follows within 2 s.
+            let ready = format!("{}/-/ready", p.url);
+            let started = Instant::now();
+            loop {
+                if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    bail!("Prometheus did not become ready in 30 s; see {}", root.join("prometheus.log").display());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            prometheus = Some(p);
+        }
         let rows = gather(&target).await?;
         let mut out = std::io::stdout().lock();
         write_status_table(&mut out, &rows)?;
@@ -443,6 +528,9 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
         writeln!(out)?;
         writeln!(out, "data and logs: {}", root.display())?;
         writeln!(out, "try: trine status --node 127.0.0.1:{0}   trine chain head --node 127.0.0.1:{0}   trine peers --node 127.0.0.1:{0}", first.grpc)?;
+        if let Some(p) = &prometheus {
+            writeln!(out, "prometheus: {} (alerts: {}/alerts; log: {})", p.url, p.url, root.join("prometheus.log").display())?;
+        }
         if let Some(name) = &model {
             let body = serde_json::json!({
                 "model": name,
@@ -467,6 +555,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
         watch(&mut running).await
     });
     eprintln!("stopping {} nodes…", running.len());
+    drop(prometheus);
     stop_all(&mut running);
     eprintln!("stopped");
     result

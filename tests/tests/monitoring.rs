@@ -135,3 +135,86 @@ fn every_alert_has_severity_text_a_runbook_and_a_test() -> Result<()> {
     }
     Ok(())
 }
+
+/// `trine testnet --prometheus` runs a real Prometheus with these rules
+/// scraping every node; SIGKILL one node and NodeDown fires for it within
+/// its `for` (1 m) plus two scrape intervals (2 s each) and an evaluation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_fires_node_down_in_the_testnets_prometheus() -> Result<()> {
+    use std::time::{Duration, Instant};
+    let mut net = trine_tests::Testnet::start(&["--prometheus"]).await?;
+    let out = net.stdout();
+    let url = out
+        .lines()
+        .find_map(|l| l.strip_prefix("prometheus: "))
+        .and_then(|l| l.split_whitespace().next())
+        .with_context(|| format!("no prometheus line in:\n{out}"))?
+        .to_owned();
+    let query = |q: &'static str| {
+        let url = url.clone();
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(
+                &reqwest::Client::new()
+                    .get(format!("{url}/api/v1/query"))
+                    .query(&[("query", q)])
+                    .send()
+                    .await?
+                    .bytes()
+                    .await?,
+            )?;
+            anyhow::Ok(v)
+        }
+    };
+    // Every node scraped and up.
+    trine_tests::wait_for("7 targets up", Duration::from_secs(30), || async {
+        let v = query("sum(up)").await.ok()?;
+        (v["data"]["result"][0]["value"][1] == "7").then_some(())
+    })
+    .await?;
+    let victim = net.endpoints("ap-southeast-1")?;
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(victim.pid)?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let instance = victim.http.to_string();
+    let firing = trine_tests::wait_for(
+        "NodeDown firing for the killed node",
+        Duration::from_secs(60 + 2 * 2 + 10),
+        || async {
+            let v: serde_json::Value = serde_json::from_slice(
+                &reqwest::get(format!("{url}/api/v1/alerts"))
+                    .await
+                    .ok()?
+                    .bytes()
+                    .await
+                    .ok()?,
+            )
+            .ok()?;
+            v["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| {
+                    a["labels"]["alertname"] == "NodeDown"
+                        && a["labels"]["instance"] == instance.as_str()
+                        && a["state"] == "firing"
+                })
+                .cloned()
+        },
+    )
+    .await?;
+    let took = killed.elapsed();
+    ensure!(
+        took >= Duration::from_secs(60),
+        "NodeDown fired after {took:?}, before its 1 m `for`: {firing}"
+    );
+    ensure!(firing["labels"]["region"] == "ap-southeast", "{firing}");
+    // The others stay quiet.
+    let v = query("ALERTS{alertname=\"NodeDown\",alertstate=\"firing\"}").await?;
+    ensure!(
+        v["data"]["result"].as_array().map(Vec::len) == Some(1),
+        "NodeDown fired for more than the killed node: {v}"
+    );
+    let _ = net.stop();
+    Ok(())
+}
