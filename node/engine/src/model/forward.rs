@@ -10,6 +10,8 @@
 //! logits = RMSNorm(h, output_norm) · Embᵀ  (not activation-quantized)
 //! ```
 
+use rayon::prelude::*;
+
 use super::{ForwardError, Layer, Model};
 use crate::kernels::Activations;
 use crate::ternary::Ternary;
@@ -102,13 +104,27 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// NEOX rotation of one head in place: pairs (i, i + rope_dim/2).
 pub fn rope_neox(head: &mut [f32], pos: usize, rope_dim: usize, theta: f32) {
     let half = rope_dim / 2;
-    for i in 0..half {
+    let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+    rope_table(pos, rope_dim, theta, &mut cos, &mut sin);
+    rope_apply(head, &cos, &sin);
+}
+
+/// The rotation's cos and sin at `pos` for each pair (the same for every
+/// head of that position, so computed once per position).
+fn rope_table(pos: usize, rope_dim: usize, theta: f32, cos: &mut [f32], sin: &mut [f32]) {
+    for i in 0..rope_dim / 2 {
         let freq = f64::from(theta).powf(-2.0 * i as f64 / rope_dim as f64);
         let angle = pos as f64 * freq;
-        let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+        (sin[i], cos[i]) = (angle.sin() as f32, angle.cos() as f32);
+    }
+}
+
+fn rope_apply(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for i in 0..half {
         let (a, b) = (head[i], head[i + half]);
-        head[i] = a * cos - b * sin;
-        head[i + half] = a * sin + b * cos;
+        head[i] = a * cos[i] - b * sin[i];
+        head[i + half] = a * sin[i] + b * cos[i];
     }
 }
 
@@ -295,34 +311,52 @@ impl Model {
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut o = vec![0f32; n * qw];
-        for s in segs {
-            let cache = &mut *steps[s.step].cache;
+        // Each segment (sequence) against its own cache, the segments in
+        // parallel: they share nothing but the read-only projections.
+        // Segments are consecutive rows in step order, so `o` splits into
+        // one run per segment.
+        let mut work = Vec::with_capacity(segs.len());
+        let mut o_rest: &mut [f32] = &mut o;
+        let mut next = segs.iter().peekable();
+        for (i, step) in steps.iter_mut().enumerate() {
+            if let Some(s) = next.next_if(|s| s.step == i) {
+                let (mine, rest) = std::mem::take(&mut o_rest).split_at_mut(s.n * qw);
+                o_rest = rest;
+                work.push((s, &mut *step.cache, mine));
+            }
+        }
+        let (q, k, v) = (&q, &k, &v);
+        work.into_par_iter().for_each(|(s, cache, o)| {
             let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            let mut qs = q[s.row * qw..(s.row + s.n) * qw].to_vec();
+            let mut cs = vec![0f32; c.rope_dim / 2];
+            let mut sn = vec![0f32; c.rope_dim / 2];
             for t in 0..s.n {
                 let (pos, row) = (s.start + t, s.row + t);
-                for head in q[row * qw..(row + 1) * qw].chunks_exact_mut(hd) {
-                    rope_neox(head, pos, c.rope_dim, c.rope_theta);
+                rope_table(pos, c.rope_dim, c.rope_theta, &mut cs, &mut sn);
+                for head in qs[t * qw..(t + 1) * qw].chunks_exact_mut(hd) {
+                    rope_apply(head, &cs, &sn);
                 }
-                let kr = &mut k[row * kvw..(row + 1) * kvw];
+                let kr = &mut kc[pos * kvw..(pos + 1) * kvw];
+                kr.copy_from_slice(&k[row * kvw..(row + 1) * kvw]);
                 for head in kr.chunks_exact_mut(hd) {
-                    rope_neox(head, pos, c.rope_dim, c.rope_theta);
+                    rope_apply(head, &cs, &sn);
                 }
-                kc[pos * kvw..(pos + 1) * kvw].copy_from_slice(kr);
                 vc[pos * kvw..(pos + 1) * kvw].copy_from_slice(&v[row * kvw..(row + 1) * kvw]);
             }
             let mut scores = vec![0f32; s.start + s.n];
             for t in 0..s.n {
-                let (pos, row) = (s.start + t, s.row + t);
+                let pos = s.start + t;
                 for head in 0..c.heads {
                     let kvh = head / group;
-                    let qh = &q[row * qw + head * hd..row * qw + (head + 1) * hd];
+                    let qh = &qs[t * qw + head * hd..t * qw + (head + 1) * hd];
                     let sc = &mut scores[..=pos];
                     for (j, sj) in sc.iter_mut().enumerate() {
                         let kj = &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
                         *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
                     }
                     softmax(sc);
-                    let oh = &mut o[row * qw + head * hd..row * qw + (head + 1) * hd];
+                    let oh = &mut o[t * qw + head * hd..t * qw + (head + 1) * hd];
                     for (j, &p) in sc.iter().enumerate() {
                         let vj = &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
                         for (x, &y) in oh.iter_mut().zip(vj) {
@@ -331,7 +365,7 @@ impl Model {
                     }
                 }
             }
-        }
+        });
         let mut delta = vec![0f32; n * c.hidden];
         let acts = self.norm_quantize(&o, qw, &l.attn_sub_norm);
         self.bitlinear(&l.o, &acts, &mut delta);
