@@ -439,9 +439,6 @@ pub fn request_timed_out() {
 pub fn batch(sequences: usize, tokens: usize) {
     histogram!(BATCH_SIZE).record(sequences as f64);
     histogram!(BATCH_TOKENS).record(tokens as f64);
-    if sequences > 1 {
-        crate::batcher::BATCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 pub fn queue_depth(n: usize) {

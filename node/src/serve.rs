@@ -41,7 +41,6 @@ use trine_proto::v1;
 use trine_proto::v1::inference_client::InferenceClient;
 
 use crate::batcher::{Owned, StepError};
-use crate::executor::Stages;
 
 /// gRPC metadata key marking a request one node forwarded to another.
 pub const HOP: &str = "x-trine-hop";
@@ -284,7 +283,6 @@ impl std::fmt::Debug for Serving {
 
 struct Inner {
     control: ControlPlane,
-    stages: Stages,
     limits: Limits,
     allow_anonymous: bool,
     running: Arc<Semaphore>,
@@ -319,7 +317,6 @@ impl Serving {
             inner: Arc::new(Inner {
                 running: Arc::new(Semaphore::new(limits.concurrency.max(1))),
                 control,
-                stages: stage_server.stages().clone(),
                 limits,
                 allow_anonymous,
                 latency,
@@ -396,8 +393,12 @@ impl Serving {
             .values()
             .map(|m| {
                 let ready = ready_replicas(&state, &m.name).len() as u32;
-                let local =
-                    (0..m.replicas).find_map(|r| self.inner.stages.get(&(m.name.clone(), r, 0)));
+                let local = (0..m.replicas).find_map(|r| {
+                    self.inner
+                        .stage_server
+                        .stages()
+                        .get(&(m.name.clone(), r, 0))
+                });
                 let (arch, vocab, context) = local.map_or((String::new(), 0, 0), |l| {
                     (
                         "bitnet-b1.58".to_owned(),
@@ -607,7 +608,12 @@ impl Serving {
             .ok_or_else(|| ServeError::NotFound(format!("model {model:?} is not deployed")))?;
         let mut why = format!("this node holds no ready first stage of {model}");
         for replica in 0..m.replicas {
-            let Some(first) = self.inner.stages.get(&(model.to_owned(), replica, 0)) else {
+            let Some(first) = self
+                .inner
+                .stage_server
+                .stages()
+                .get(&(model.to_owned(), replica, 0))
+            else {
                 continue;
             };
             let mut rest = Vec::new();

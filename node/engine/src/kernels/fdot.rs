@@ -131,12 +131,14 @@ pub fn dot_f16_n<const N: usize>(w: &[u8], xs: [&[f32]; N]) -> [f32; N] {
 }
 
 /// The baseline copy of [`dot_f16_n`], for tests.
-pub fn dot_f16_n_reference<const N: usize>(w: &[u8], xs: [&[f32]; N]) -> [f32; N] {
+#[cfg(test)]
+fn dot_f16_n_reference<const N: usize>(w: &[u8], xs: [&[f32]; N]) -> [f32; N] {
     dot_f16_n_plain(w, xs)
 }
 
 /// The baseline copy, for tests comparing it with the dispatched one.
-pub fn dot_n_reference<const N: usize>(a: &[f32], xs: [&[f32]; N]) -> [f32; N] {
+#[cfg(test)]
+fn dot_n_reference<const N: usize>(a: &[f32], xs: [&[f32]; N]) -> [f32; N] {
     dot_n_plain(a, xs)
 }
 
