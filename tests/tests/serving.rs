@@ -76,6 +76,29 @@ async fn complete_everywhere(
     Ok(v)
 }
 
+/// `model`'s slots once all `n` are ready (linearizable reads).
+async fn ready_slots(grpc: &str, model: &str, n: usize) -> Result<Vec<Slot>> {
+    wait_for(
+        &format!("{n} slots of {model} ready"),
+        Duration::from_secs(60),
+        || async move {
+            cli_json::<Slot>(&[
+                "placement",
+                "--node",
+                grpc,
+                "--model",
+                model,
+                "--linearizable",
+                "-o",
+                "json",
+            ])
+            .ok()
+            .filter(|s| s.len() == n && s.iter().all(|s| s.state == "ready"))
+        },
+    )
+    .await
+}
+
 /// The receipt for `request_id` in the last 200 blocks, if committed.
 fn find_receipt(node: &str, request_id: &str) -> Result<Option<serde_json::Value>> {
     let mut c = trine();
@@ -169,15 +192,7 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     let mut net = Testnet::start_with_model(&[]).await?;
     let model = net.root().join("models").join("tiny.gguf");
     let grpc = net.grpc(0);
-    let slots: Vec<Slot> = wait_for("2 replicas ready", Duration::from_secs(60), || {
-        let grpc = grpc.clone();
-        async move {
-            cli_json::<Slot>(&["placement", "--node", &grpc, "--linearizable", "-o", "json"])
-                .ok()
-                .filter(|s| s.len() == 2 && s.iter().all(|s| s.state == "ready"))
-        }
-    })
-    .await?;
+    let slots = ready_slots(&grpc, "tiny", 2).await?;
     let status = net.status(&grpc)?;
     // A router that holds no replica but shares a region with one: it
     // forwards there first.
@@ -279,23 +294,7 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
     // it, sending hidden states to stage 1 over the mesh; the text is the
     // whole model's. (Checked before any node is frozen below.)
     deploy(&grpc, &model, &["--name", "piped", "--stages", "2"])?;
-    wait_for("the pipeline ready", Duration::from_secs(60), || {
-        let grpc = grpc.clone();
-        async move {
-            cli_json::<Slot>(&[
-                "placement",
-                "--node",
-                &grpc,
-                "--model",
-                "piped",
-                "-o",
-                "json",
-            ])
-            .ok()
-            .filter(|s| s.len() == 2 && s.iter().all(|s| s.state == "ready"))
-        }
-    })
-    .await?;
+    ready_slots(&grpc, "piped", 2).await?;
     for row in &status {
         complete_everywhere(&net, &row.name, "piped", &want).await?;
     }
@@ -313,31 +312,11 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
             "ap-southeast",
         ],
     )?;
-    wait_for(
-        "the one-node pipeline ready",
-        Duration::from_secs(60),
-        || {
-            let grpc = grpc.clone();
-            async move {
-                cli_json::<Slot>(&[
-                    "placement",
-                    "--node",
-                    &grpc,
-                    "--model",
-                    "piped-here",
-                    "-o",
-                    "json",
-                ])
-                .ok()
-                .filter(|s| {
-                    s.len() == 2
-                        && s.iter()
-                            .all(|s| s.state == "ready" && s.node == "ap-southeast-1")
-                })
-            }
-        },
-    )
-    .await?;
+    let here = ready_slots(&grpc, "piped-here", 2).await?;
+    ensure!(
+        here.iter().all(|s| s.node == "ap-southeast-1"),
+        "both stages belong on the region's only node: {here:?}"
+    );
     for name in ["ap-southeast-1", "us-east-1"] {
         complete_everywhere(&net, name, "piped-here", &want).await?;
     }
