@@ -251,10 +251,12 @@ pub async fn serve(
                         .filter(|s| s.len() <= mesh::health::MAX_STAGE_LEN)
                         .take(mesh::health::MAX_STAGES)
                         .collect(),
+                    // A block's height is its Raft index: no need to
+                    // clone the head block (and its transactions).
                     chain_height: control
                         .as_ref()
-                        .and_then(|c| c.reader().head())
-                        .map_or(0, |b| b.height),
+                        .and_then(|c| c.reader().last_applied())
+                        .map_or(0, |l| l.index),
                 });
             }
         })

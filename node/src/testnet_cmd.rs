@@ -494,11 +494,17 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
                 .base_port
                 .checked_add(90)
                 .context("--base-port leaves no room for Prometheus's port")?;
-            let p = start_prometheus(&layout, &root, port)?;
+            let mut p = start_prometheus(&layout, &root, port)?;
             // Ready when it answers; its first scrape follows within 2 s.
             let ready = format!("{}/-/ready", p.url);
             let started = Instant::now();
             loop {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    bail!(
+                        "Prometheus exited ({status}) on start (is port {port} taken?); see {}",
+                        root.join("prometheus.log").display()
+                    );
+                }
                 if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
                     break;
                 }
