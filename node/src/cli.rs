@@ -222,6 +222,19 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_RAFT_ANNOUNCE", value_name = "HOST:PORT")]
     pub raft_announce: Option<String>,
 
+    /// host:port other nodes and `trine status` dial for this node's gRPC
+    /// API (forwarded requests, cluster views), when it differs from
+    /// --grpc-addr: a wildcard listen address (0.0.0.0) in containers or
+    /// Kubernetes. [default: the bound gRPC address]
+    #[arg(long, env = "TRINE_GRPC_ANNOUNCE", value_name = "HOST:PORT")]
+    pub grpc_announce: Option<String>,
+
+    /// host:port others reach this node's HTTP port at (shown in cluster
+    /// views), when it differs from --http-addr. [default: the bound HTTP
+    /// address]
+    #[arg(long, env = "TRINE_HTTP_ANNOUNCE", value_name = "HOST:PORT")]
+    pub http_announce: Option<String>,
+
     /// Start a new cluster with this node as its first voter (first start
     /// only; later starts read the data dir). Without certificates in the
     /// TLS dir it creates a cluster CA in <data-dir>/ca and a node
@@ -345,6 +358,8 @@ impl NodeArgs {
             max_connections: self.max_connections,
             raft_addr: self.raft_addr,
             raft_announce: self.raft_announce.clone(),
+            grpc_announce: self.grpc_announce.clone(),
+            http_announce: self.http_announce.clone(),
             init: self.init.then_some(true),
             join: self.join.clone(),
             tls_dir: self.tls_dir.clone(),

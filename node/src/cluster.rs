@@ -60,11 +60,7 @@ pub async fn start(
     let bound = listener
         .local_addr()
         .map_err(|e| Error::Cluster(format!("Raft listener: {e}")))?;
-    let announce = if config.raft_announce.is_empty() {
-        bound.to_string()
-    } else {
-        config.raft_announce.clone()
-    };
+    let announce = announced("--raft-announce", &config.raft_announce, bound);
     let raft_dir = data_dir.path().join("raft");
     if !NodeTls::present(&tls_dir) {
         if config.init {
@@ -116,8 +112,8 @@ pub async fn start(
         region: config.region.clone(),
         zone: config.zone.clone(),
         raft_addr: announce.clone(),
-        grpc_addr: endpoints.grpc.to_string(),
-        http_addr: endpoints.http.to_string(),
+        grpc_addr: announced("--grpc-announce", &config.grpc_announce, endpoints.grpc),
+        http_addr: announced("--http-announce", &config.http_announce, endpoints.http),
         peer_id: peer_id.to_string(),
         p2p_addrs: p2p,
         cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
@@ -230,4 +226,18 @@ fn cert_expiry(path: &std::path::Path) -> Option<i64> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
     let cert = pem.parse_x509().ok()?;
     Some(cert.validity().not_after.timestamp())
+}
+
+/// The address others should dial: the configured announce address, else
+/// the bound one (with a warning when that is a wildcard no peer can dial).
+fn announced(flag: &str, announce: &str, bound: std::net::SocketAddr) -> String {
+    if !announce.is_empty() {
+        return announce.to_owned();
+    }
+    if bound.ip().is_unspecified() {
+        tracing::warn!(
+            "listening on {bound} with no {flag}: other nodes are told to dial {bound}, which reaches only themselves; set {flag} to this node's name or address"
+        );
+    }
+    bound.to_string()
 }

@@ -77,6 +77,10 @@ pub struct Config {
     pub raft_addr: SocketAddr,
     /// host:port other members should dial for Raft; empty means raft_addr.
     pub raft_announce: String,
+    /// host:port others dial for gRPC; empty means the bound gRPC address.
+    pub grpc_announce: String,
+    /// host:port others reach HTTP at; empty means the bound HTTP address.
+    pub http_announce: String,
     /// Start a new cluster with this node as its first voter (first start).
     pub init: bool,
     /// Raft addresses (host:port) of members to join through.
@@ -153,6 +157,8 @@ pub struct Layer {
     pub max_connections: Option<u32>,
     pub raft_addr: Option<SocketAddr>,
     pub raft_announce: Option<String>,
+    pub grpc_announce: Option<String>,
+    pub http_announce: Option<String>,
     pub init: Option<bool>,
     pub join: Option<Vec<String>>,
     pub tls_dir: Option<PathBuf>,
@@ -225,6 +231,8 @@ impl Default for Config {
             max_connections: 256,
             raft_addr: SocketAddr::from(([127, 0, 0, 1], 7403)),
             raft_announce: String::new(),
+            grpc_announce: String::new(),
+            http_announce: String::new(),
             init: false,
             join: Vec::new(),
             tls_dir: PathBuf::new(),
@@ -303,6 +311,8 @@ impl Layer {
             max_connections: over.max_connections.or(self.max_connections),
             raft_addr: over.raft_addr.or(self.raft_addr),
             raft_announce: over.raft_announce.or(self.raft_announce),
+            grpc_announce: over.grpc_announce.or(self.grpc_announce),
+            http_announce: over.http_announce.or(self.http_announce),
             init: over.init.or(self.init),
             join: over.join.or(self.join),
             tls_dir: over.tls_dir.or(self.tls_dir),
@@ -345,6 +355,8 @@ impl Config {
             max_connections: layer.max_connections.unwrap_or(d.max_connections),
             raft_addr: layer.raft_addr.unwrap_or(d.raft_addr),
             raft_announce: layer.raft_announce.unwrap_or(d.raft_announce),
+            grpc_announce: layer.grpc_announce.unwrap_or(d.grpc_announce),
+            http_announce: layer.http_announce.unwrap_or(d.http_announce),
             init: layer.init.unwrap_or(d.init),
             join: layer.join.unwrap_or(d.join),
             tls_dir: layer.tls_dir.unwrap_or(d.tls_dir),
@@ -429,8 +441,14 @@ impl Config {
                 )),
             }
         };
-        if !self.raft_announce.is_empty() {
-            host_port("raft_announce", &self.raft_announce)?;
+        for (key, value) in [
+            ("raft_announce", &self.raft_announce),
+            ("grpc_announce", &self.grpc_announce),
+            ("http_announce", &self.http_announce),
+        ] {
+            if !value.is_empty() {
+                host_port(key, value)?;
+            }
         }
         for j in &self.join {
             host_port("join", j)?;

@@ -242,10 +242,21 @@ fn refuse_foreign(dir: &Path) -> Result<(), Error> {
             || (name.starts_with('.') && name.ends_with(".tmp"))
             || name == ".write-probe"
     };
+    // Also fine before the first start: the default TLS dir, where `trine
+    // certs issue --out <data-dir>/tls` puts the certificate, and the
+    // lost+found of a freshly formatted volume (a Kubernetes PVC's root).
+    let expected_dir = |name: &str| name == "tls" || name == "lost+found";
     let foreign = std::fs::read_dir(dir)
         .map_err(|e| not_writable(dir, e))?
         .filter_map(Result::ok)
-        .any(|entry| !entry.file_name().to_str().is_some_and(ours));
+        .any(|entry| {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return true;
+            };
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            !(ours(name) || (is_dir && expected_dir(name)))
+        });
     if foreign {
         return Err(Error::Foreign {
             path: dir.to_owned(),
@@ -352,6 +363,23 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         drop(DataDir::open(tmp.path()).unwrap());
         DataDir::open(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn a_tls_dir_or_lost_found_made_before_the_first_start_is_not_foreign() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("tls")).unwrap();
+        std::fs::write(tmp.path().join("tls").join("node.crt"), "cert").unwrap();
+        std::fs::create_dir(tmp.path().join("lost+found")).unwrap();
+        DataDir::open(tmp.path()).unwrap();
+        assert!(tmp.path().join(META_FILE).exists());
+        // A file by those names is still foreign.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("tls"), "not a dir").unwrap();
+        assert!(matches!(
+            DataDir::open(tmp.path()),
+            Err(Error::Foreign { .. })
+        ));
     }
 
     #[test]

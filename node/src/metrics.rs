@@ -196,7 +196,27 @@ pub fn install() -> Metrics {
     Metrics { exporter }
 }
 
+/// Counters without labels start at 0, so a rate or an alert over one
+/// works before its first event (Prometheus's advice for counters).
+fn start_counters_at_zero() {
+    for name in [
+        PING_FAILURES,
+        TOKENS_GENERATED,
+        FAILOVERS,
+        REQUEST_TIMEOUTS,
+        RECEIPTS,
+        RECEIPTS_DROPPED,
+        P2P_BYTES_SENT,
+        P2P_BYTES_RECEIVED,
+        GOSSIP_PUBLISHED,
+        GOSSIP_RECEIVED,
+    ] {
+        counter!(name).increment(0);
+    }
+}
+
 fn describe() {
+    start_counters_at_zero();
     // The control plane's metrics (trine-control sets them).
     for (name, help) in trine_control::metrics::DESCRIPTIONS {
         let name = *name;
