@@ -5,6 +5,9 @@
 //! the Alertmanager config loads, and every alert names a runbook page that
 //! exists. (That every metric the rules use is exported by a real node is
 //! checked in the serving test, which has a cluster with traffic.)
+//! On a live `trine testnet --prometheus` with traffic: every metric the
+//! Grafana dashboards use is exported, every dashboard query returns data,
+//! and a killed node fires NodeDown.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +50,26 @@ fn prometheus_config_and_rules_load_and_every_alert_passes_its_unit_tests() -> R
     ensure!(tested.contains("SUCCESS"), "{tested}");
     check("amtool", &["check-config", "alertmanager.yml"])?;
     Ok(())
+}
+
+/// Runs deploy/monitoring/grafana/check_queries.py with `args`.
+fn grafana_check(args: &[&str]) -> Result<String> {
+    let script = monitoring().join("grafana").join("check_queries.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .output()
+        .context("python3 is not installed: apt-get install python3")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{} {}:\n{text}{}",
+            script.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(text)
 }
 
 #[derive(serde::Deserialize)]
@@ -142,7 +165,7 @@ fn every_alert_has_severity_text_a_runbook_and_a_test() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_fires_node_down_in_the_testnets_prometheus() -> Result<()> {
     use std::time::{Duration, Instant};
-    let mut net = trine_tests::Testnet::start(&["--prometheus"]).await?;
+    let mut net = trine_tests::Testnet::start_with_model(&["--prometheus"]).await?;
     let out = net.stdout();
     let url = out
         .lines()
@@ -171,12 +194,77 @@ async fn a_killed_node_fires_node_down_in_the_testnets_prometheus() -> Result<()
         (v["data"]["result"][0]["value"][1] == "7").then_some(())
     })
     .await?;
+    // Traffic, so the inference panels have data: chat completions through
+    // two nodes (one holds a replica, the other forwards).
+    for name in ["us-east-1", "us-west-1"] {
+        let http = net.endpoints(name)?.http;
+        for _ in 0..3 {
+            let r = reqwest::Client::new()
+                .post(format!("http://{http}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(r#"{"model":"tiny","messages":[{"role":"user","content":"Hello"}],"max_tokens":8}"#)
+                .send()
+                .await?;
+            ensure!(r.status().is_success(), "{name}: {}", r.status());
+        }
+    }
+    // Every metric a dashboard uses is exported by the running nodes (but
+    // the few a node registers only on their first event; see
+    // check_queries.py's EVENT_ONLY).
+    let mut exported = std::collections::BTreeSet::new();
+    for node in [
+        "us-east-1",
+        "us-east-2",
+        "us-west-1",
+        "us-west-2",
+        "eu-central-1",
+        "eu-central-2",
+        "ap-southeast-1",
+    ] {
+        let http = net.endpoints(node)?.http;
+        let text = reqwest::get(format!("http://{http}/metrics"))
+            .await?
+            .text()
+            .await?;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            exported.insert(base.to_owned());
+            exported.insert(name.to_owned());
+        }
+    }
+    let dashboards = grafana_check(&["--list-metrics", "--skip-event-only"])?;
+    let missing: Vec<&str> = dashboards
+        .lines()
+        .filter(|m| !exported.contains(*m))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "metrics the dashboards use that no node exports: {missing:?}"
+    );
+    ensure!(
+        dashboards.lines().count() > 20,
+        "too few metrics listed:\n{dashboards}"
+    );
+
     let victim = net.endpoints("ap-southeast-1")?;
     let killed = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(victim.pid)?),
         nix::sys::signal::Signal::SIGKILL,
     )?;
+    // While NodeDown's minute runs: every query of every Grafana dashboard
+    // returns data from this real Prometheus (the recording rules they use
+    // are evaluated every 30 s, hence the wait).
+    let checked = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || grafana_check(&["--prometheus", &url, "--wait", "55"]))
+            .await??
+    };
+    ensure!(checked.contains(" ok"), "{checked}");
     let instance = victim.http.to_string();
     let firing = trine_tests::wait_for(
         "NodeDown firing for the killed node",
