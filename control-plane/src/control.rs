@@ -321,6 +321,23 @@ impl ControlPlane {
         self.core.id
     }
 
+    /// Resolves when this member's Raft core has stopped on its own (a
+    /// fatal storage or state error: openraft does not restart it), with
+    /// the reason. The node then exits so a supervisor restarts it, instead
+    /// of running on with frozen Raft state. Never resolves on a clean
+    /// shutdown's path (the node stops waiting first).
+    pub async fn failed(&self) -> String {
+        let mut rx = self.core.raft.metrics();
+        loop {
+            if let Err(fatal) = &rx.borrow_and_update().running_state {
+                return fatal.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "the Raft core stopped".into();
+            }
+        }
+    }
+
     pub fn reader(&self) -> &Reader {
         &self.core.reader
     }
@@ -1088,10 +1105,17 @@ async fn maintain_once(
 
 async fn export_metrics(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     let mut rx = core.raft.metrics();
+    // A leader that no majority has acknowledged for longer than the
+    // longest election timeout is cut off: the others elect a new one.
+    let lease = core
+        .raft
+        .config()
+        .election_timeout_max
+        .max(core.raft.config().heartbeat_interval * 3);
     loop {
         {
             let m = rx.borrow_and_update().clone();
-            metrics::raft(&m);
+            metrics::raft(&m, Duration::from_millis(lease));
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },

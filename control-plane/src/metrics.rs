@@ -10,6 +10,7 @@ pub const CHAIN_TXS: &str = "trine_chain_txs_total";
 pub const CHAIN_PENDING_TXS: &str = "trine_chain_pending_txs";
 pub const RAFT_TERM: &str = "trine_raft_term";
 pub const RAFT_IS_LEADER: &str = "trine_raft_is_leader";
+pub const RAFT_QUORUM_ACK_AGE: &str = "trine_raft_quorum_ack_age_seconds";
 pub const RAFT_COMMIT_DURATION: &str = "trine_raft_commit_duration_seconds";
 pub const RAFT_APPLIED_LAG: &str = "trine_raft_applied_lag";
 pub const RAFT_SNAPSHOTS: &str = "trine_raft_snapshots_total";
@@ -18,6 +19,10 @@ pub const RAFT_MEMBERS: &str = "trine_raft_members";
 pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
 pub const PLACEMENT_MOVES: &str = "trine_placement_moves_total";
 pub const STAGE_RECOVERY: &str = "trine_stage_recovery_seconds";
+
+/// The histograms among them (the rest are counters, named `_total`, and
+/// gauges).
+pub const HISTOGRAMS: &[&str] = &[RAFT_COMMIT_DURATION, STAGE_RECOVERY];
 
 /// (name, help) of every metric above, for the node to describe.
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
@@ -35,7 +40,14 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
         "Commands proposed through this node and not yet applied, plus request receipts waiting for their batch",
     ),
     (RAFT_TERM, "Current Raft term"),
-    (RAFT_IS_LEADER, "1 while this node is the Raft leader"),
+    (
+        RAFT_IS_LEADER,
+        "1 while this node is the Raft leader and a majority acknowledged it within the longest election timeout",
+    ),
+    (
+        RAFT_QUORUM_ACK_AGE,
+        "On a node in the leader role: time since a majority last acknowledged it (0 on others)",
+    ),
     (
         RAFT_COMMIT_DURATION,
         "Time from proposing a command to its application, on the proposing node",
@@ -103,13 +115,25 @@ pub(crate) fn rpc_failure(rpc: &'static str) {
     metrics::counter!(RAFT_RPC_FAILURES, "rpc" => rpc).increment(1);
 }
 
-/// From openraft's metrics, after each change. openraft 0.9 does not
-/// expose the commit index on followers: the last log index stands in.
-pub(crate) fn raft(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>) {
+/// From openraft's metrics, after each change (a leader's change at every
+/// heartbeat tick). openraft 0.9 does not expose the commit index on
+/// followers: the last log index stands in.
+///
+/// A leader counts as one only while a majority has acknowledged it within
+/// `lease`: one cut off from its quorum keeps the role in openraft until it
+/// hears a higher term, but cannot commit, and NoRaftLeader must see that.
+pub(crate) fn raft(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>, lease: Duration) {
     let applied = m.last_applied.map_or(0, |l| l.index);
     let commit_known = m.last_log_index.unwrap_or(0);
     metrics::gauge!(RAFT_TERM).set(m.current_term as f64);
-    metrics::gauge!(RAFT_IS_LEADER).set(if m.state.is_leader() { 1.0 } else { 0.0 });
+    let ack_age = m.millis_since_quorum_ack.map(Duration::from_millis);
+    metrics::gauge!(RAFT_IS_LEADER).set(if leading(m, lease) { 1.0 } else { 0.0 });
+    if m.state.is_leader() {
+        metrics::gauge!(RAFT_QUORUM_ACK_AGE)
+            .set(ack_age.map_or(f64::INFINITY, |a| a.as_secs_f64()));
+    } else {
+        metrics::gauge!(RAFT_QUORUM_ACK_AGE).set(0.0);
+    }
     metrics::gauge!(RAFT_APPLIED_LAG).set(commit_known.saturating_sub(applied) as f64);
     let ratio = if commit_known == 0 {
         1.0
@@ -120,6 +144,13 @@ pub(crate) fn raft(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>) {
     let membership = m.membership_config.membership();
     metrics::gauge!(RAFT_VOTERS).set(membership.voter_ids().count() as f64);
     metrics::gauge!(RAFT_MEMBERS).set(membership.nodes().count() as f64);
+}
+
+/// In the leader role and acknowledged by a majority within `lease`.
+fn leading(m: &openraft::RaftMetrics<crate::NodeId, crate::Member>, lease: Duration) -> bool {
+    m.state.is_leader()
+        && m.millis_since_quorum_ack
+            .is_some_and(|ms| Duration::from_millis(ms) <= lease)
 }
 
 /// Counts one planner command, classified against the state it changes.
@@ -141,4 +172,28 @@ pub fn placement_change(command: &crate::Command, state: &crate::State) {
         _ => "other",
     };
     metrics::counter!(PLACEMENT_MOVES, "kind" => kind).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_counts_only_while_a_majority_acknowledges_it() {
+        let lease = Duration::from_millis(600);
+        let mut m = openraft::RaftMetrics::<crate::NodeId, crate::Member>::new_initial(1);
+        m.state = openraft::ServerState::Leader;
+        m.millis_since_quorum_ack = Some(100);
+        assert!(leading(&m, lease));
+        m.millis_since_quorum_ack = Some(600);
+        assert!(leading(&m, lease));
+        // Cut off from its quorum: still "Leader" in openraft, not to us.
+        m.millis_since_quorum_ack = Some(601);
+        assert!(!leading(&m, lease));
+        m.millis_since_quorum_ack = None;
+        assert!(!leading(&m, lease));
+        m.state = openraft::ServerState::Follower;
+        m.millis_since_quorum_ack = Some(0);
+        assert!(!leading(&m, lease));
+    }
 }

@@ -2,9 +2,11 @@
 //! regions and liveness (STYLE.md #2), so it is property-tested alone.
 //!
 //! Rules, in order:
-//! 1. Never more than `max_voters` (5) voters, nor more than
-//!    `max_per_region` (2) in one region: with voters in three or more
-//!    regions, losing any one region keeps a quorum.
+//! 1. Never more than `max_voters` (5) voters, nor, once members span
+//!    three or more regions, more than `max_per_region` (2) in one region:
+//!    then losing any one region keeps a quorum. With one or two regions no
+//!    region loss can be survived anyway, and a cap would only cost node
+//!    failures (three nodes in one region would get one voter).
 //! 2. An odd count (1, 3 or 5): an even one tolerates no more failures
 //!    than the odd one below it and needs a bigger quorum.
 //! 3. A voter that has been down longer than `replace_after`, or that is
@@ -46,13 +48,27 @@ impl Default for Rules {
     }
 }
 
+/// The most voters one region may hold, for members in these regions (one
+/// item per member): `max_per_region` once they span three regions or
+/// more, else no cap below `max_voters` (rule 1).
+pub fn region_cap<'a>(regions: impl IntoIterator<Item = &'a str>, rules: &Rules) -> usize {
+    let distinct: BTreeSet<&str> = regions.into_iter().collect();
+    if distinct.len() >= 3 {
+        rules.max_per_region
+    } else {
+        rules.max_voters
+    }
+}
+
 /// How many voters members in these regions (one item per member) get:
 /// every region's members up to the cap, at most `max_voters`, odd.
 pub fn voter_count<'a>(regions: impl IntoIterator<Item = &'a str>, rules: &Rules) -> usize {
+    let regions: Vec<&str> = regions.into_iter().collect();
+    let cap = region_cap(regions.iter().copied(), rules);
     let mut capacity: BTreeMap<&str, usize> = BTreeMap::new();
     for r in regions {
         let n = capacity.entry(r).or_default();
-        *n = (*n + 1).min(rules.max_per_region);
+        *n = (*n + 1).min(cap);
     }
     let mut n = capacity.values().sum::<usize>().clamp(1, rules.max_voters);
     if n.is_multiple_of(2) {
@@ -75,6 +91,9 @@ pub fn plan(
         c.id != leader && (c.draining || c.down_for.is_some_and(|d| d >= rules.replace_after))
     };
 
+    let eligible: Vec<&Candidate> = members.iter().filter(|c| !evict(c)).collect();
+    let cap = region_cap(eligible.iter().map(|c| c.region.as_str()), rules);
+
     // Seats kept: current voters that are members and not evicted.
     let mut keep: Vec<&Candidate> = current
         .iter()
@@ -87,11 +106,10 @@ pub fn plan(
     keep.retain(|c| {
         let n = per_region.entry(c.region.as_str()).or_default();
         *n += 1;
-        *n <= rules.max_per_region || c.id == leader
+        *n <= cap || c.id == leader
     });
 
     // Seats that can exist: members not evicted, within region caps.
-    let eligible: Vec<&Candidate> = members.iter().filter(|c| !evict(c)).collect();
     let target = voter_count(eligible.iter().map(|c| c.region.as_str()), rules);
 
     // Fill: healthy learners in the least-represented regions first, in
@@ -107,9 +125,7 @@ pub fn plan(
         let next = eligible
             .iter()
             .filter(|c| healthy(c) && !chosen.contains(&c.id) && !fill.contains(&c.id))
-            .filter(|c| {
-                fill_counts.get(c.region.as_str()).copied().unwrap_or(0) < rules.max_per_region
-            })
+            .filter(|c| fill_counts.get(c.region.as_str()).copied().unwrap_or(0) < cap)
             .min_by_key(|c| {
                 (
                     fill_counts.get(c.region.as_str()).copied().unwrap_or(0),
@@ -234,9 +250,28 @@ mod tests {
         assert_eq!(plan(&[1].into(), &m, 1, &Rules::default()).len(), 1);
         let m = vec![c(1, "a"), c(2, "b"), c(3, "c")];
         assert_eq!(plan(&[1].into(), &m, 1, &Rules::default()).len(), 3);
-        // One region only: the cap of 2 leaves one voter.
+        // One region only: no cap (no region loss can be survived), so
+        // three nodes get three voters and survive losing one.
         let m = vec![c(1, "a"), c(2, "a"), c(3, "a")];
-        assert_eq!(plan(&[1].into(), &m, 1, &Rules::default()), [1].into());
+        assert_eq!(
+            plan(&[1].into(), &m, 1, &Rules::default()),
+            [1, 2, 3].into()
+        );
+        // Two regions: 3 + 2 nodes get five voters.
+        let m = vec![c(1, "a"), c(2, "a"), c(3, "a"), c(4, "b"), c(5, "b")];
+        assert_eq!(plan(&[1].into(), &m, 1, &Rules::default()).len(), 5);
+        // A third region brings the cap of 2 back: 2 + 2 + 1.
+        let m = vec![
+            c(1, "a"),
+            c(2, "a"),
+            c(3, "a"),
+            c(4, "b"),
+            c(5, "b"),
+            c(6, "c"),
+        ];
+        let v = plan(&[1, 2, 3].into(), &m, 1, &Rules::default());
+        assert_eq!(v.len(), 5, "{v:?}");
+        assert_eq!(regions_of(&v, &m)["a"], 2, "{v:?}");
     }
 
     fn cluster() -> impl Strategy<Value = (Vec<Candidate>, BTreeSet<NodeId>)> {
@@ -270,8 +305,15 @@ mod tests {
             prop_assert!(v.contains(&leader), "leader lost its seat: {v:?}");
             prop_assert!(v.len() <= rules.max_voters);
             prop_assert!(v.len() % 2 == 1, "even voter count {}", v.len());
+            let cap = region_cap(
+                members
+                    .iter()
+                    .filter(|c| c.id == leader || !(c.draining || c.down_for.is_some_and(|d| d >= rules.replace_after)))
+                    .map(|c| c.region.as_str()),
+                &rules,
+            );
             for (region, n) in regions_of(&v, &members) {
-                prop_assert!(n <= rules.max_per_region || v.len() == 1, "{region} has {n}");
+                prop_assert!(n <= cap || v.len() == 1, "{region} has {n} (cap {cap})");
             }
             for id in &v {
                 let c = members.iter().find(|c| c.id == *id).unwrap();

@@ -22,6 +22,9 @@ use crate::metrics::Metrics;
 pub struct AppState {
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
+    /// Set once a cluster member was first ready (registered, its stages
+    /// loaded); later loads (a new deployment) leave it ready.
+    pub settled: Arc<AtomicBool>,
     pub name: Arc<str>,
     /// The model store and the control plane, on cluster members.
     pub models: Option<(Arc<crate::model_store::Store>, trine_control::ControlPlane)>,
@@ -64,15 +67,47 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// Ready: serving and not draining; a cluster member also once it is
+/// registered and the stages placed on it at start are loaded (or failed),
+/// so a startup probe covers the model load. After that first time, a new
+/// deployment loading here does not take the node out of its Service.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
-        json(StatusCode::OK, serde_json::json!({ "ready": true }))
-    } else {
+    let unready = |reason: String| {
         json(
             StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({ "ready": false, "reason": "starting or draining" }),
+            serde_json::json!({ "ready": false, "reason": reason }),
         )
+    };
+    if !s.ready.load(Ordering::Acquire) {
+        return unready("starting or draining".into());
     }
+    if let Some((_, control)) = &s.models
+        && !s.settled.load(Ordering::Acquire)
+    {
+        let me = control.id();
+        let state = control.reader().state();
+        if !state.nodes.contains_key(&me) {
+            return unready("not registered in the cluster yet (joining)".into());
+        }
+        let loading: Vec<String> = state
+            .placements
+            .values()
+            .filter(|p| {
+                p.node == me
+                    && matches!(
+                        p.state,
+                        trine_control::command::StageState::Assigned
+                            | trine_control::command::StageState::Loading
+                    )
+            })
+            .map(|p| format!("{} replica {} stage {}", p.model, p.replica, p.stage))
+            .collect();
+        if !loading.is_empty() {
+            return unready(format!("loading {}", loading.join(", ")));
+        }
+        s.settled.store(true, Ordering::Release);
+    }
+    json(StatusCode::OK, serde_json::json!({ "ready": true }))
 }
 
 async fn blob(

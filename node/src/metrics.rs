@@ -222,7 +222,7 @@ fn describe() {
         let name = *name;
         if name.ends_with("_total") {
             describe_counter!(name, *help);
-        } else if name.ends_with("_seconds") {
+        } else if trine_control::metrics::HISTOGRAMS.contains(&name) {
             describe_histogram!(name, metrics::Unit::Seconds, *help);
         } else {
             describe_gauge!(name, *help);

@@ -282,6 +282,7 @@ pub async fn serve(
     let state = http::AppState {
         metrics,
         ready: ready.clone(),
+        settled: Arc::default(),
         name: config.name.as_str().into(),
         models: control.as_ref().map(|c| (store.clone(), c.clone())),
         serving,
@@ -314,8 +315,21 @@ pub async fn serve(
     );
 
     // A server that ends on its own is a failure; the other still drains.
+    // So is a Raft core that stopped (fatal storage or state error): the
+    // node exits non-zero for its supervisor to restart it, rather than run
+    // on with frozen cluster state while /healthz says ok.
+    let raft_failed = async {
+        match &control {
+            Some(c) => c.failed().await,
+            None => std::future::pending().await,
+        }
+    };
     let (failure, grpc_done, http_done) = tokio::select! {
         () = shutdown => (None, false, false),
+        reason = raft_failed => {
+            tracing::error!(%reason, "the Raft control plane stopped; the node stops too (restart it: its data dir is intact)");
+            (Some(Error::Server { what: "Raft", reason }), false, false)
+        }
         r = &mut grpc_task => (Some(server_failure("gRPC", r.map(|r| r.map_err(|e| e.to_string())))), true, false),
         r = &mut http_task => (Some(server_failure("HTTP", r.map(|r| r.map_err(|e| e.to_string())))), false, true),
     };

@@ -272,3 +272,96 @@ async fn chain_verify_detects_a_block_altered_on_disk() -> Result<()> {
     );
     Ok(())
 }
+
+/// `trine_raft_is_leader` of a node, from its /metrics.
+async fn is_leader(net: &Testnet, name: &str) -> Result<f64> {
+    let http = net.endpoints(name)?.http;
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("trine_raft_is_leader "))
+        .context("no trine_raft_is_leader")?
+        .trim()
+        .parse()
+        .context("trine_raft_is_leader value")
+}
+
+/// Thaws the frozen nodes whatever happens to the test.
+struct Frozen(Vec<i32>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGCONT);
+        }
+    }
+}
+
+/// A leader cut off from its majority (the two other voters frozen) stays
+/// leader in openraft until it hears a higher term, but cannot commit: it
+/// stops reporting itself leader within its lease (the longest election
+/// timeout), so NoRaftLeader sees the quorum loss, and a leader is back once
+/// they thaw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_stops_reporting_itself_leader() -> Result<()> {
+    // Three regions of one node: three voters.
+    let net = Testnet::start(&[
+        "--regions",
+        "us-east:1,us-west:1,eu-central:1",
+        "--latency",
+        "none",
+    ])
+    .await?;
+    let names = ["us-east-1", "us-west-1", "eu-central-1"];
+    let leader = wait_for(
+        "a node reporting itself leader",
+        Duration::from_secs(20),
+        || async {
+            for name in names {
+                if is_leader(&net, name).await.ok()? == 1.0 {
+                    return Some(name);
+                }
+            }
+            None
+        },
+    )
+    .await?;
+    let mut frozen = Frozen(Vec::new());
+    for name in names.iter().filter(|n| **n != leader) {
+        let pid = i32::try_from(net.endpoints(name)?.pid)?;
+        kill(Pid::from_raw(pid), Signal::SIGSTOP)?;
+        frozen.0.push(pid);
+    }
+    let froze = Instant::now();
+    wait_for(
+        "the cut-off leader reporting 0",
+        Duration::from_secs(10),
+        || async { (is_leader(&net, leader).await.ok()? == 0.0).then_some(()) },
+    )
+    .await?;
+    let took = froze.elapsed();
+    // The lease is the LAN profile's longest election timeout (600 ms); the
+    // gauge must not drop before it.
+    ensure!(
+        took >= Duration::from_millis(500),
+        "dropped after {took:?}, before the lease could run out"
+    );
+    drop(frozen);
+    wait_for(
+        "a leader again after the thaw",
+        Duration::from_secs(20),
+        || async {
+            let mut leaders = 0;
+            for name in names {
+                if is_leader(&net, name).await.ok()? == 1.0 {
+                    leaders += 1;
+                }
+            }
+            (leaders == 1).then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}

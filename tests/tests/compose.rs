@@ -122,10 +122,9 @@ impl Compose {
 impl Drop for Compose {
     fn drop(&mut self) {
         if !self.down {
-            if std::thread::panicking() {
-                if let Ok(out) = self.cmd().args(["logs", "--tail", "30"]).output() {
-                    eprintln!("compose logs (last lines of each service):\n{}", text(&out));
-                }
+            // Not brought down by the test: it failed; show why.
+            if let Ok(out) = self.cmd().args(["logs", "--tail", "30"]).output() {
+                eprintln!("compose logs (last lines of each service):\n{}", text(&out));
             }
             let _ = self
                 .cmd()
