@@ -30,10 +30,13 @@ pub struct AppState {
     pub models: Option<(Arc<crate::model_store::Store>, trine_control::ControlPlane)>,
     /// Inference, on cluster members.
     pub serving: Option<crate::serve::Serving>,
+    /// The operator console (`/ui`), on cluster members.
+    pub console: Option<crate::console::Console>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let console = state.console.clone();
+    let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -42,7 +45,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(crate::openai::completions))
         .route("/v1/chat/completions", post(crate::openai::chat))
         .layer(DefaultBodyLimit::max(crate::openai::MAX_BODY))
-        .with_state(state)
+        .with_state(state);
+    match console {
+        Some(c) => router.merge(c.router()),
+        None => router,
+    }
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

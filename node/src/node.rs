@@ -279,13 +279,26 @@ pub async fn serve(
             ),
     );
     let (http_stop, http_stop_rx) = watch::channel(false);
+    // The operator console (/ui) and its watcher (RTT history, events).
+    let console = control.as_ref().map(|c| {
+        crate::console::Console::new(
+            c.clone(),
+            mesh.clone(),
+            serving.clone(),
+            config.cluster.clone(),
+        )
+    });
+    if let Some(c) = &console {
+        tokio::spawn(c.clone().watch(http_stop_rx.clone()));
+    }
     let state = http::AppState {
         metrics,
         ready: ready.clone(),
         settled: Arc::default(),
         name: config.name.as_str().into(),
         models: control.as_ref().map(|c| (store.clone(), c.clone())),
-        serving,
+        serving: serving.clone(),
+        console: console.clone(),
     };
     let mut http_task = tokio::spawn(
         axum::serve(

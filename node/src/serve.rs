@@ -914,6 +914,16 @@ impl Serving {
                     errors.push(format!("{}: {e}", node.name));
                     crate::metrics::failover();
                     tracing::warn!(request_id = %req.request_id, node = %node.name, error = %e, generated = generated.len() - already, "replica failed mid-request; continuing on another");
+                    crate::events::record(
+                        "failover",
+                        format!(
+                            "request {} ({}): {} failed after {} tokens ({e}); continuing on another replica",
+                            req.request_id,
+                            req.model,
+                            node.name,
+                            generated.len()
+                        ),
+                    );
                     if candidates.is_empty() {
                         // The placement may have moved on: look again.
                         let state = self.inner.control.reader().state();

@@ -534,6 +534,11 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
         writeln!(out)?;
         writeln!(out, "data and logs: {}", root.display())?;
         writeln!(out, "try: trine status --node 127.0.0.1:{0}   trine chain head --node 127.0.0.1:{0}   trine peers --node 127.0.0.1:{0}", first.grpc)?;
+        writeln!(
+            out,
+            "console: http://127.0.0.1:{}/ui (every node serves it on its HTTP port)",
+            first.http
+        )?;
         if let Some(p) = &prometheus {
             writeln!(out, "prometheus: {} (alerts: {}/alerts; log: {})", p.url, p.url, root.join("prometheus.log").display())?;
         }

@@ -153,7 +153,17 @@ async fn leader_killed_new_leader_commits_and_no_acked_write_is_lost() -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_both_voters_of_a_region_keeps_the_testnet_writable() -> Result<()> {
     let mut net = Testnet::start(&[]).await?;
-    let rows = net.status(&net.grpc(0))?;
+    // Every node answering for itself (on a loaded machine one may miss
+    // `trine status`'s per-node timeout and show no role).
+    let rows = wait_for(
+        "all 7 nodes answering trine status",
+        Duration::from_secs(30),
+        || async {
+            let rows = net.status(&net.grpc(0)).ok()?;
+            (rows.len() == 7 && rows.iter().all(|r| r.reachable)).then_some(rows)
+        },
+    )
+    .await?;
     let mut by_region: BTreeMap<String, Vec<&StatusRow>> = BTreeMap::new();
     for r in &rows {
         if r.role == "voter" || r.role == "leader" {

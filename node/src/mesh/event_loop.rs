@@ -557,6 +557,8 @@ impl Loop {
                 score: gs.peer_score(id).unwrap_or(0.0),
                 heartbeat_seq: p.last_heartbeat.map_or(0, |l| l.seq),
                 queue_depth: p.heartbeat.as_ref().map(|h| h.queue_depth),
+                load: p.heartbeat.as_ref().map(|h| h.load),
+                backend: p.heartbeat.as_ref().map(|h| h.backend.clone()),
             })
             .collect();
         Snapshot {

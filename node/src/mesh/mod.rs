@@ -141,6 +141,10 @@ pub struct PeerView {
     pub heartbeat_seq: u64,
     /// Requests waiting for a compute slot there, from its last heartbeat.
     pub queue_depth: Option<u32>,
+    /// Its one-minute load per core and compute backend, from its last
+    /// heartbeat.
+    pub load: Option<f32>,
+    pub backend: Option<String>,
 }
 
 /// The mesh as a whole, at one moment.
