@@ -183,16 +183,19 @@ async fn console_shows_the_cluster_live_escapes_and_streams_in_a_real_browser() 
     let (_driver, c) = start_browser(net.base_port + 97).await?;
     let opened = Instant::now();
     c.goto(&url).await?;
-    let paint: f64 = c
+    // Loopback timings of the page load (reported, not asserted: speed is
+    // for benchmarks); BENCHMARKS.md records them.
+    let timing = c
         .execute(
-            "const p = performance.getEntriesByName('first-contentful-paint')[0]; return p ? p.startTime : -1;",
+            "const n = performance.getEntriesByType('navigation')[0]; \
+             const p = performance.getEntriesByType('paint').find(e => e.name === 'first-contentful-paint'); \
+             return { response_end: n.responseEnd, dom_content_loaded: n.domContentLoadedEventEnd, \
+             load: n.loadEventEnd, first_contentful_paint: p ? p.startTime : null, bytes: n.transferSize };",
             vec![],
         )
-        .await?
-        .as_f64()
-        .unwrap_or(-1.0);
+        .await?;
     eprintln!(
-        "console opened in {:?}; first contentful paint at {paint:.0} ms",
+        "console opened in {:?}; navigation timing (ms): {timing}",
         opened.elapsed()
     );
 
