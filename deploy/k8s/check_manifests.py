@@ -233,7 +233,7 @@ class Checker:
                 f(f"container port {name} is {ports.get(name)}, want {want} (the node's default)")
         if ports.get("http") != 7401:
             f(f"the port named http is {ports.get('http')}, must be 7401")
-        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"), ("startupProbe", "/healthz")):
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"), ("startupProbe", "/readyz")):
             pr = c.get(probe)
             if not pr:
                 f(f"container trine has no {probe}")
