@@ -217,8 +217,9 @@ pub struct NodeArgs {
     pub raft_addr: Option<SocketAddr>,
 
     /// host:port other members dial for Raft, when it differs from
-    /// --raft-addr (containers, Kubernetes). It must be a name or address in
-    /// this node's certificate. [default: the listen address]
+    /// --raft-addr (containers, Kubernetes). Peers check the certificate's
+    /// chain to the cluster CA and its cluster-wide name node.trine, not this
+    /// host. [default: the listen address]
     #[arg(long, env = "TRINE_RAFT_ANNOUNCE", value_name = "HOST:PORT")]
     pub raft_announce: Option<String>,
 
