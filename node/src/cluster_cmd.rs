@@ -93,7 +93,7 @@ impl Target {
     }
 }
 
-async fn connect(uri: &str, timeout: Duration) -> Result<AdminClient<Channel>> {
+pub(crate) async fn connect(uri: &str, timeout: Duration) -> Result<AdminClient<Channel>> {
     let channel = tonic::transport::Endpoint::from_shared(uri.to_owned())
         .with_context(|| format!("{uri} is not a valid address; use host:port"))?
         .connect_timeout(timeout)

@@ -19,17 +19,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use askama::Template;
 use axum::Router;
-use axum::body::Body;
+use std::convert::Infallible;
+
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use trine_control::ControlPlane;
 use trine_control::command::{NodeStatus, StageState};
 use trine_proto::v1;
 
+use tokio_stream::{Stream, StreamExt as _};
+
 use crate::mesh::Mesh;
-use crate::serve::Serving;
+use crate::serve::{ServeError, Serving};
 
 /// How long a gathered view is reused (every open page polls every 2 s).
 const FRESH: Duration = Duration::from_millis(900);
@@ -210,8 +214,8 @@ impl Seen {
         for ((model, replica, stage), (node, generation, state)) in &now.placements {
             let key = (model.clone(), *replica, *stage);
             match self.placements.get(&key) {
-                Some((n, g, _)) if n == node && g == generation => {
-                    if self.placements[&key].2 != *state {
+                Some((n, g, before)) if n == node && g == generation => {
+                    if before != state {
                         crate::events::record(
                             "placement",
                             format!(
@@ -341,14 +345,9 @@ fn ms(d: f64) -> String {
 async fn peer_tables(nodes: &[(u64, String)]) -> BTreeMap<u64, v1::ListPeersResponse> {
     let asks = nodes.iter().map(|(id, grpc)| async move {
         let ask = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-                .ok()?
-                .connect_timeout(PEER_TIMEOUT)
-                .timeout(PEER_TIMEOUT)
-                .connect()
+            crate::cluster_cmd::connect(&format!("http://{grpc}"), PEER_TIMEOUT)
                 .await
-                .ok()?;
-            v1::admin_client::AdminClient::new(channel)
+                .ok()?
                 .list_peers(v1::ListPeersRequest::default())
                 .await
                 .ok()
@@ -424,14 +423,9 @@ async fn gather(inner: &Inner) -> View {
         let here = n.id == me;
         let (load, queue, backend) = if here {
             (
-                std::fs::read_to_string("/proc/loadavg")
-                    .ok()
-                    .and_then(|l| l.split_whitespace().next()?.parse::<f32>().ok())
-                    .map(|l| {
-                        l / std::thread::available_parallelism().map_or(1, |c| c.get()) as f32
-                    }),
+                Some(crate::mesh::host_load().0),
                 inner.serving.as_ref().map(Serving::waiting),
-                Some(format!("cpu-{}", crate::simd::Level::detect())),
+                Some(crate::mesh::backend()),
             )
         } else {
             (
@@ -860,58 +854,43 @@ struct PlaygroundRequest {
     max_tokens: u32,
 }
 
-fn sse(event: &str, data: &serde_json::Value) -> String {
-    format!("event: {event}\ndata: {data}\n\n")
-}
-
 /// `POST /ui/playground` {model, prompt, max_tokens}: the completion as
 /// server-sent events — `token` ({text, ms}) as they come, then `done`
 /// ({path, failovers, prompt_tokens, completion_tokens, ttft_ms}) or
 /// `error` ({message}). The caller's Authorization header applies, as on
-/// the OpenAI API.
+/// the OpenAI API; refusals come in its error JSON.
 async fn playground(State(c): State<Console>, headers: HeaderMap, body: String) -> Response {
-    let fail = |status: StatusCode, message: String| {
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({ "error": { "message": message } }).to_string(),
-        )
-            .into_response()
-    };
-    let Some(serving) = c.inner.serving.clone() else {
-        return fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this node serves no models".into(),
-        );
-    };
-    let req: PlaygroundRequest = match serde_json::from_str(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be JSON {{model, prompt, max_tokens}}: {e}"),
-            );
-        }
-    };
+    match start_playground(&c, &headers, &body).await {
+        Ok(sse) => sse.into_response(),
+        Err(e) => crate::openai::error_response("console", &e),
+    }
+}
+
+async fn start_playground(
+    c: &Console,
+    headers: &HeaderMap,
+    body: &str,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ServeError> {
+    let serving = c
+        .inner
+        .serving
+        .clone()
+        .ok_or_else(|| ServeError::Unavailable("this node serves no models".into()))?;
+    let req: PlaygroundRequest = serde_json::from_str(body).map_err(|e| {
+        ServeError::Invalid(format!(
+            "the body must be JSON {{model, prompt, max_tokens}}: {e}"
+        ))
+    })?;
     if req.prompt.len() > MAX_PROMPT {
-        return fail(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the prompt is over {MAX_PROMPT} bytes"),
-        );
+        return Err(ServeError::TooLarge(format!(
+            "the prompt is over {MAX_PROMPT} bytes"
+        )));
     }
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let principal = match serving.authenticate(authorization.as_deref()) {
-        Ok(p) => p,
-        Err(e) => {
-            return fail(
-                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED),
-                e.to_string(),
-            );
-        }
-    };
+    let principal = serving.authenticate(authorization.as_deref())?;
     let greq = v1::GenerateRequest {
         model: req.model,
         input: Some(v1::generate_request::Input::Prompt(req.prompt)),
@@ -922,18 +901,9 @@ async fn playground(State(c): State<Console>, headers: HeaderMap, body: String) 
         }),
         ..Default::default()
     };
-    let mut events = match serving
+    let events = serving
         .generate(greq, false, authorization, &principal)
-        .await
-    {
-        Ok(e) => e,
-        Err(e) => {
-            return fail(
-                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
-                e.to_string(),
-            );
-        }
-    };
+        .await?;
     let names: BTreeMap<u64, String> = c
         .inner
         .control
@@ -943,67 +913,40 @@ async fn playground(State(c): State<Console>, headers: HeaderMap, body: String) 
         .values()
         .map(|n| (n.id, n.name.clone()))
         .collect();
-    let stream = async_stream(move |tx| async move {
-        while let Some(item) = events.recv().await {
-            let chunk = match item {
-                Ok(r) => match r.event {
-                    Some(v1::generate_response::Event::Token(t)) => sse(
-                        "token",
-                        &serde_json::json!({
-                            "text": t.text,
-                            "ms": t.since_start.and_then(|d| Duration::try_from(d).ok()).map_or(0.0, |d| d.as_secs_f64() * 1e3),
+    let millis = |d: Option<prost_types::Duration>| {
+        d.and_then(|d| Duration::try_from(d).ok())
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let stream = tokio_stream::wrappers::ReceiverStream::new(events).filter_map(move |item| {
+        let (name, data) = match item {
+            Ok(r) => match r.event? {
+                v1::generate_response::Event::Token(t) => (
+                    "token",
+                    serde_json::json!({ "text": t.text, "ms": millis(t.since_start) }),
+                ),
+                v1::generate_response::Event::Usage(u) => {
+                    let path: Vec<String> = u
+                        .path
+                        .iter()
+                        .map(|id| names.get(id).cloned().unwrap_or_else(|| id.to_string()))
+                        .collect();
+                    (
+                        "done",
+                        serde_json::json!({
+                            "path": path,
+                            "failovers": u.failovers,
+                            "prompt_tokens": u.prompt_tokens,
+                            "completion_tokens": u.completion_tokens,
+                            "ttft_ms": millis(u.time_to_first_token),
                         }),
-                    ),
-                    Some(v1::generate_response::Event::Usage(u)) => {
-                        let path: Vec<String> = u
-                            .path
-                            .iter()
-                            .map(|id| names.get(id).cloned().unwrap_or_else(|| id.to_string()))
-                            .collect();
-                        sse(
-                            "done",
-                            &serde_json::json!({
-                                "path": path,
-                                "failovers": u.failovers,
-                                "prompt_tokens": u.prompt_tokens,
-                                "completion_tokens": u.completion_tokens,
-                                "ttft_ms": u.time_to_first_token.and_then(|d| Duration::try_from(d).ok()).map_or(0.0, |d| d.as_secs_f64() * 1e3),
-                            }),
-                        )
-                    }
-                    None => continue,
-                },
-                Err(e) => sse("error", &serde_json::json!({ "message": e.to_string() })),
-            };
-            if tx
-                .send(Ok::<_, std::convert::Infallible>(chunk))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
+                    )
+                }
+            },
+            Err(e) => ("error", serde_json::json!({ "message": e.to_string() })),
+        };
+        Some(Ok(Event::default().event(name).data(data.to_string())))
     });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response()
-}
-
-/// A stream fed by a task through a small channel.
-fn async_stream<T, F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<T>
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    Ok(Sse::new(stream))
 }
 
 #[cfg(test)]

@@ -26,7 +26,13 @@ use crate::serve::{Principal, ServeError, Serving};
 pub const MAX_BODY: usize = 1 << 20;
 
 fn error(e: &ServeError) -> Response {
-    crate::metrics::request("openai", e.kind());
+    error_response("openai", e)
+}
+
+/// A refusal in OpenAI's error JSON with its HTTP status, counted in
+/// `trine_requests_total` under `api` (the console's playground uses it too).
+pub(crate) fn error_response(api: &'static str, e: &ServeError) -> Response {
+    crate::metrics::request(api, e.kind());
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         status,

@@ -171,6 +171,11 @@ fn wait<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<Option
     }
 }
 
+async fn get_json(url: &str) -> Result<serde_json::Value> {
+    let body = reqwest::get(url).await?.bytes().await?;
+    serde_json::from_slice(&body).with_context(|| format!("{url} answered no JSON"))
+}
+
 #[derive(serde::Deserialize)]
 struct StatusRow {
     name: String,
@@ -368,11 +373,7 @@ fn compose_testnet_runs_serves_survives_a_killed_node_and_leaves_nothing_behind(
     let prometheus = c.port("prometheus", 9090)?;
     let firing = wait("NodeDown firing", Duration::from_secs(150), || {
         runtime.block_on(async {
-            let v = reqwest::get(format!("http://{prometheus}/api/v1/alerts"))
-                .await?
-                .bytes()
-                .await?;
-            let v: serde_json::Value = serde_json::from_slice(&v)?;
+            let v = get_json(&format!("http://{prometheus}/api/v1/alerts")).await?;
             let firing: Vec<serde_json::Value> = v["data"]["alerts"]
                 .as_array()
                 .context("no alerts array")?
@@ -405,11 +406,7 @@ fn compose_testnet_runs_serves_survives_a_killed_node_and_leaves_nothing_behind(
         Duration::from_secs(60),
         || {
             runtime.block_on(async {
-                let v = reqwest::get(format!("http://{alertmanager}/api/v2/alerts"))
-                    .await?
-                    .bytes()
-                    .await?;
-                let v: serde_json::Value = serde_json::from_slice(&v)?;
+                let v = get_json(&format!("http://{alertmanager}/api/v2/alerts")).await?;
                 Ok(v.as_array()
                     .context("no alerts array")?
                     .iter()

@@ -296,7 +296,7 @@ fn transport_error(e: &libp2p::TransportError<std::io::Error>) -> String {
 }
 
 /// One-minute load average per core, and available memory, from /proc.
-fn host_load() -> (f32, u64) {
+pub(crate) fn host_load() -> (f32, u64) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f32;
     let load = std::fs::read_to_string("/proc/loadavg")
         .ok()

@@ -11,6 +11,7 @@
 //! - `event_loop`: the swarm, its behaviours, timers and metrics.
 
 mod event_loop;
+pub(crate) use event_loop::host_load;
 pub mod filter;
 pub mod health;
 pub mod identity;
@@ -92,7 +93,7 @@ impl Config {
             max_stage_bytes: 64 << 20,
             stage_timeout: Duration::from_secs(30),
             stage_queue: 64,
-            backend: format!("cpu-{}", crate::simd::Level::detect()),
+            backend: backend(),
         }
     }
 }
@@ -279,4 +280,9 @@ impl Mesh {
     pub fn set_status(&self, status: Status) {
         self.status.send_replace(status);
     }
+}
+
+/// This node's compute backend as heartbeats and the console name it.
+pub fn backend() -> String {
+    format!("cpu-{}", crate::simd::Level::detect())
 }
