@@ -29,6 +29,8 @@ pub struct Batching {
     pub pool: Arc<rayon::ThreadPool>,
     /// Most sequences in one step; 1 turns batching off.
     pub max_batch: usize,
+    /// The lm_head precision of the last stages this node loads.
+    pub quant_embd: trine_engine::model::QuantEmbd,
 }
 
 /// A step's input, owned (it crosses to the batcher's thread).
@@ -247,6 +249,7 @@ mod tests {
         Batching {
             pool: Arc::new(pool),
             max_batch,
+            quant_embd: Default::default(),
         }
     }
 

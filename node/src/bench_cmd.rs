@@ -33,6 +33,11 @@ pub enum BenchCommand {
     /// this process as the baseline; --failovers N freezes the serving node
     /// mid-answer N times and reports the pause.
     Serve(crate::bench_serve::ServeArgs),
+    /// The engine against this machine's physical limit: read bandwidth
+    /// (STREAM-like), each weight shape's GEMV in GB/s and % of it, decode
+    /// tokens/s with each lm_head precision, and prefill tokens/s for 128-
+    /// and 512-token prompts, at one thread and at all.
+    Engine(crate::bench_engine::EngineArgs),
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +281,7 @@ pub fn run(command: &BenchCommand) -> Result<()> {
         BenchCommand::Failover(args) => failover_bench(args),
         BenchCommand::Placement(args) => crate::bench_placement::run(args),
         BenchCommand::Serve(args) => crate::bench_serve::run(args),
+        BenchCommand::Engine(args) => crate::bench_engine::run(args),
         BenchCommand::Mesh(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -81,6 +81,7 @@ fn start_executor(control: &ControlPlane, dir: &std::path::Path) -> Executor {
                     .expect("one compute thread"),
             ),
             max_batch: 1,
+            quant_embd: Default::default(),
         },
         rx,
     ));

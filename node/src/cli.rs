@@ -308,6 +308,13 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_MAX_BATCH", value_name = "N")]
     pub max_batch: Option<u32>,
 
+    /// lm_head precision of the last stages this node loads: `file` (as the
+    /// model file stores it, F16 in official files) or `q8` (quantized to
+    /// Q8_0 at load: about half the lm_head's bytes per token, a small logit
+    /// error measured in BENCHMARKS.md). [default: file]
+    #[arg(long, env = "TRINE_QUANT_EMBD", value_name = "file|q8")]
+    pub quant_embd: Option<trine_engine::model::QuantEmbd>,
+
     /// Longest an inference request may take, end to end; a client may ask
     /// for less (gRPC deadline, or `timeout` in the request). Past it the
     /// request ends with DEADLINE_EXCEEDED (HTTP 504). [default: 300s]
@@ -372,6 +379,7 @@ impl NodeArgs {
             rebalance_every: self.rebalance_every,
             allow_anonymous: self.allow_anonymous.then_some(true),
             max_batch: self.max_batch,
+            quant_embd: self.quant_embd,
             request_timeout: self.request_timeout,
             snapshot_every: self.snapshot_every,
         }

@@ -109,6 +109,9 @@ pub struct Config {
     /// Most sequences sharing one batched forward step of a stage (and
     /// generations running at once on this node); 1 turns batching off.
     pub max_batch: u32,
+    /// lm_head precision of the last stages this node loads: `file` (as
+    /// stored) or `q8` (Q8_0 made at load).
+    pub quant_embd: trine_engine::model::QuantEmbd,
     /// Longest an inference request may take, end to end, unless the
     /// client asks for less (gRPC deadline or the request's `timeout`).
     #[serde(with = "humantime_serde")]
@@ -173,6 +176,7 @@ pub struct Layer {
     pub rebalance_every: Option<Duration>,
     pub allow_anonymous: Option<bool>,
     pub max_batch: Option<u32>,
+    pub quant_embd: Option<trine_engine::model::QuantEmbd>,
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
     pub snapshot_every: Option<u64>,
@@ -244,6 +248,7 @@ impl Default for Config {
             rebalance_every: Duration::from_secs(30),
             allow_anonymous: false,
             max_batch: 32,
+            quant_embd: Default::default(),
             request_timeout: Duration::from_secs(300),
             snapshot_every: 10_000,
         }
@@ -324,6 +329,7 @@ impl Layer {
             rebalance_every: over.rebalance_every.or(self.rebalance_every),
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
             max_batch: over.max_batch.or(self.max_batch),
+            quant_embd: over.quant_embd.or(self.quant_embd),
             request_timeout: over.request_timeout.or(self.request_timeout),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
         }
@@ -368,6 +374,7 @@ impl Config {
             rebalance_every: layer.rebalance_every.unwrap_or(d.rebalance_every),
             allow_anonymous: layer.allow_anonymous.unwrap_or(d.allow_anonymous),
             max_batch: layer.max_batch.unwrap_or(d.max_batch),
+            quant_embd: layer.quant_embd.unwrap_or(d.quant_embd),
             request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
         };

@@ -29,6 +29,9 @@ pub struct EvalArgs {
     /// Worker threads [default: the CPUs available].
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// lm_head precision: `file` (as stored) or `q8` (Q8_0, made at load).
+    #[arg(long, default_value = "file", value_name = "file|q8")]
+    pub quant_embd: trine_engine::model::QuantEmbd,
 }
 
 #[derive(Debug, Args)]
@@ -45,10 +48,14 @@ pub struct PerplexityArgs {
     /// Worker threads [default: the CPUs available].
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// lm_head precision: `file` (as stored) or `q8` (Q8_0, made at load).
+    #[arg(long, default_value = "file", value_name = "file|q8")]
+    pub quant_embd: trine_engine::model::QuantEmbd,
 }
 
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
-    let (model, _) = trine_engine::open(&args.model, None)?;
+    let (mut model, _) = trine_engine::open(&args.model, None)?;
+    model.set_lm_head(args.quant_embd);
     let vocab = model.config.vocab;
     if let Some(bad) = args.tokens.iter().find(|&&t| t as usize >= vocab) {
         anyhow::bail!("token {bad} is outside the vocabulary of {vocab}; give ids below {vocab}");
@@ -120,7 +127,8 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 pub fn perplexity(args: &PerplexityArgs) -> anyhow::Result<()> {
-    let (model, tokenizer) = trine_engine::open(&args.model, None)?;
+    let (mut model, tokenizer) = trine_engine::open(&args.model, None)?;
+    model.set_lm_head(args.quant_embd);
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
     if args.ctx < 4 || args.ctx > model.config.context {

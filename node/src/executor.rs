@@ -147,9 +147,10 @@ pub async fn run(
             let generation = p.generation;
             let range = p.layer_start as usize..p.layer_end as usize;
             let peers = crate::model_store::peers(&state, me, &model.sha256);
+            let quant_embd = batching.quant_embd;
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let result = load(&model, range, &store, &peers);
+                let result = load(&model, range, &store, &peers, quant_embd);
                 let _ = tx.blocking_send((slot, generation, result, t.elapsed()));
             });
         }
@@ -241,9 +242,11 @@ fn load(
     range: std::ops::Range<usize>,
     store: &Store,
     peers: &[crate::model_store::Peer],
+    quant_embd: trine_engine::model::QuantEmbd,
 ) -> Result<Opened, String> {
     let found = store.locate(model, peers)?;
-    let (m, t) = trine_engine::open(found.path(), Some(range)).map_err(|e| e.to_string())?;
+    let (mut m, t) = trine_engine::open(found.path(), Some(range)).map_err(|e| e.to_string())?;
+    m.set_lm_head(quant_embd);
     Ok((m, t, found))
 }
 

@@ -52,6 +52,11 @@ pub struct GenerateArgs {
     /// for comparing speeds.
     #[arg(long)]
     pub kernel: Option<String>,
+    /// lm_head precision: `file` (as stored, F16 in official files) or `q8`
+    /// (quantized to Q8_0 at load: about half the bytes per token, a small
+    /// logit error; BENCHMARKS.md measures it).
+    #[arg(long, default_value = "file", value_name = "file|q8")]
+    pub quant_embd: trine_engine::model::QuantEmbd,
 }
 
 /// The kernel called `name`, if this CPU runs it.
@@ -103,6 +108,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if let Some(k) = kernel {
         model.kernel = k;
     }
+    model.set_lm_head(args.quant_embd);
     let c = &model.config;
     let _ = writeln!(
         err,

@@ -17,11 +17,13 @@
 //! - [`shutdown`]: SIGINT/SIGTERM handling.
 //! - [`simd`]: run-time SIMD level detection.
 //! - [`build`]: version, git commit.
-//! - [`bench_cmd`]: `trine bench mesh`.
+//! - [`bench_cmd`]: `trine bench mesh|raft|failover|placement|serve|engine`.
+//! - [`bench_engine`]: `trine bench engine`, the engine against the bandwidth limit.
 
 pub mod admin;
 pub mod batcher;
 pub mod bench_cmd;
+pub mod bench_engine;
 pub mod bench_placement;
 pub mod bench_serve;
 pub mod build;

@@ -68,6 +68,12 @@ pub struct SynthArgs {
     /// Seed of the weight generator: the same seed gives the same file.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// GGUF architecture name: `bitnet-b1.58` (bitnet.cpp's and the
+    /// official 2B4T file's; ReLU² FFN) or `bitnet` (upstream llama.cpp's,
+    /// whose loader treats the FFN as SiLU): the same weights, for running
+    /// llama.cpp's llama-bench side by side with `trine bench engine`.
+    #[arg(long, default_value = "bitnet-b1.58", value_parser = ["bitnet-b1.58", "bitnet"])]
+    pub arch: String,
     /// Where to write the model: a file for GGUF (replaced atomically if it
     /// exists), a directory for hf.
     #[arg(long, value_name = "PATH")]
@@ -120,10 +126,11 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let mut err = std::io::stderr().lock();
-    let weights = Weights::generate_with_progress(preset, args.seed, &mut |done, total| {
+    let mut weights = Weights::generate_with_progress(preset, args.seed, &mut |done, total| {
         let _ = write!(err, "\rgenerating weights: layer {done}/{total}");
         let _ = err.flush();
     });
+    weights.config.arch.clone_from(&args.arch);
     let _ = writeln!(
         err,
         "\nencoding as {} and writing {} ...",

@@ -193,6 +193,7 @@ pub async fn serve(
             crate::batcher::Batching {
                 pool: pool.clone(),
                 max_batch: config.max_batch as usize,
+                quant_embd: config.quant_embd,
             },
             executor_stop_rx,
         ))

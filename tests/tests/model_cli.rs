@@ -293,3 +293,113 @@ fn hugging_face_directories_work_like_gguf_files() -> Result<()> {
     ensure!(String::from_utf8(out.stdout)?.contains("tokenizer.json"));
     Ok(())
 }
+
+/// `trine bench engine` through the binary on a tiny model: every section
+/// of the report is there for each thread count and lm_head, the q8 head
+/// reads fewer bytes per token than the file's F16 one, and its accuracy
+/// comparison is filled in; `generate --quant-embd q8` runs and a bad value
+/// names the choices.
+#[test]
+fn bench_engine_reports_bandwidth_shapes_decode_prefill_and_q8_accuracy() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("tiny.gguf");
+    let p = path.to_str().unwrap_or_default();
+    ensure!(
+        trine_model(&["synth", "--seed", "5", "--out", p])?
+            .status
+            .success()
+    );
+    let mut cmd = trine();
+    cmd.args([
+        "bench",
+        "engine",
+        "--model",
+        p,
+        "--threads",
+        "1,2",
+        "--reps",
+        "1",
+        "--tokens",
+        "4",
+        "--prompts",
+        "16,64",
+        "--bandwidth-mib",
+        "64",
+        "--accuracy-tokens",
+        "40",
+        "--json",
+    ]);
+    let out = run(cmd, Duration::from_secs(240))?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bw = r["bandwidth"].as_array().cloned().unwrap_or_default();
+    ensure!(bw.len() == 2, "{r}");
+    for b in &bw {
+        ensure!(b["gb_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{b}");
+    }
+    // Tiny's layers have four ternary shapes (q/o 256×256, k/v 128×256,
+    // gate/up 512×256, down 256×512), plus one row per lm_head kind.
+    let shapes = r["shapes"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = shapes.iter().filter_map(|s| s["name"].as_str()).collect();
+    ensure!(
+        names.contains(&"lm_head F16") && names.contains(&"lm_head Q8_0"),
+        "{names:?}"
+    );
+    for shape in ["q/o", "k/v", "gate/up", "down"] {
+        ensure!(names.contains(&shape), "{names:?}");
+    }
+    ensure!(
+        shapes.len() == 2 * 6,
+        "six rows per thread count: {names:?}"
+    );
+    let decode = r["decode"].as_array().cloned().unwrap_or_default();
+    ensure!(decode.len() == 4, "file and q8 at 1 and 2 threads: {r}");
+    let bytes = |head: &str| {
+        decode
+            .iter()
+            .find(|d| d["lm_head"] == head)
+            .and_then(|d| d["bytes_per_token"].as_u64())
+            .unwrap_or(0)
+    };
+    ensure!(bytes("Q8_0") > 0 && bytes("Q8_0") < bytes("F16"), "{r}");
+    for d in &decode {
+        ensure!(d["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
+    }
+    ensure!(r["prefill"].as_array().map(Vec::len) == Some(4), "{r}");
+    let acc = &r["q8_accuracy"];
+    ensure!(acc["positions"] == 40, "{r}");
+    let agreement = acc["argmax_agreement"].as_f64().unwrap_or(-1.0);
+    ensure!((0.0..=1.0).contains(&agreement), "{acc}");
+    ensure!(
+        acc["max_abs_logit_error"].as_f64().unwrap_or(0.0) > 0.0,
+        "{acc}"
+    );
+
+    let mut cmd = trine();
+    cmd.args([
+        "generate",
+        "--model",
+        p,
+        "-n",
+        "8",
+        "--quant-embd",
+        "q8",
+        "Hello",
+    ]);
+    let out = run(cmd, T)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = trine();
+    cmd.args(["generate", "--model", p, "--quant-embd", "q3", "Hello"]);
+    let out = run(cmd, T)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("q8"), "{stderr}");
+    Ok(())
+}

@@ -494,3 +494,65 @@ fn a_batch_of_sequences_equals_each_alone() {
     ]);
     assert_eq!(out, vec![Ok(want_a), Ok(want_b)]);
 }
+
+/// `--quant-embd q8`: the Q8_0 lm_head reads about half the bytes of the
+/// F16 one, its logits stay within the quantization error of the F16
+/// head's, the argmax agrees at every position here, and incremental
+/// decode and batching still give the same bits as a full recompute.
+#[test]
+fn a_q8_lm_head_is_close_to_f16_and_consistent() {
+    use trine_engine::model::QuantEmbd;
+    let w = Weights::generate(Preset::Tiny, 21);
+    let dir = tempfile::tempdir().unwrap();
+    let f16_model = Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap();
+    let mut q8 = f16_model.clone();
+    q8.set_lm_head(QuantEmbd::Q8);
+    let head = q8.lm_head.as_ref().unwrap();
+    assert_eq!(head.type_name(), "Q8_0");
+    let f16_head = f16_model.lm_head.as_ref().unwrap();
+    assert_eq!(f16_head.type_name(), "F16");
+    assert!(
+        head.byte_len() * 100 < f16_head.byte_len() * 55,
+        "{} vs {} bytes",
+        head.byte_len(),
+        f16_head.byte_len()
+    );
+    assert!(q8.bytes_per_token() < f16_model.bytes_per_token());
+    // The embedding lookup is untouched: only the head is quantized.
+    assert_eq!(q8.embedding.as_ref().unwrap().type_name(), "F16");
+
+    let exact = logits(&f16_model, TOKENS, Logits::All);
+    let approx = logits(&q8, TOKENS, Logits::All);
+    let vocab = w.config.vocab;
+    let rms = (exact.iter().map(|v| f64::from(v * v)).sum::<f64>() / exact.len() as f64).sqrt();
+    let worst = exact
+        .iter()
+        .zip(&approx)
+        .map(|(a, b)| f64::from((a - b).abs()))
+        .fold(0f64, f64::max);
+    println!("q8 head: max |Δlogit| = {worst:.4} (logit rms {rms:.3})");
+    assert!(worst > 0.0, "the q8 head gave the F16 head's exact bits");
+    assert!(worst < 0.05 * rms, "logit error {worst} against rms {rms}");
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold(0, |b, (i, &v)| if v > r[b] { i } else { b })
+    };
+    for (p, (a, b)) in exact.chunks(vocab).zip(approx.chunks(vocab)).enumerate() {
+        assert_eq!(argmax(a), argmax(b), "position {p}");
+    }
+
+    // Incremental decode equals the full recompute, bit for bit.
+    let mut cache = q8.new_cache(64);
+    q8.forward(Input::Tokens(&TOKENS[..2]), &mut cache, Logits::Last)
+        .unwrap();
+    for (i, t) in TOKENS.iter().enumerate().skip(2) {
+        let Output::Logits(step) = q8
+            .forward(Input::Tokens(&[*t]), &mut cache, Logits::Last)
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(step, approx[i * vocab..(i + 1) * vocab], "position {i}");
+    }
+}

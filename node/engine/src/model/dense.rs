@@ -7,14 +7,11 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::fdot::{dot_f16_n, dot_n};
+use crate::kernels::q8::{self, Q8Acts};
 
 use crate::formats::Error;
 use crate::gguf::GgmlType;
 use crate::mmap::Bytes;
-
-/// Elements per Q8_0 block: f16 scale + 32 int8.
-const Q8_BLOCK: usize = 32;
-const Q8_BYTES: usize = 34;
 
 /// `rows` rows of `cols` values, stored as in the file (mapped in place
 /// when it came from one).
@@ -24,6 +21,10 @@ pub struct Dense {
     cols: usize,
     ty: GgmlType,
     data: Bytes,
+    /// Q8_0 rows repacked for the int8 kernel (each row's scales, then its
+    /// values: [`q8::quantize_row`]) rather than in the file's interleaved
+    /// blocks; made only by [`Dense::to_q8_0`].
+    repacked: bool,
 }
 
 impl std::fmt::Debug for Dense {
@@ -51,7 +52,7 @@ impl Dense {
             GgmlType::F32 => n * 4,
             GgmlType::F16 | GgmlType::BF16 => n * 2,
             GgmlType::Q8_0 => {
-                if !cols.is_multiple_of(Q8_BLOCK) {
+                if !cols.is_multiple_of(q8::BLOCK) {
                     return Err(Error::Shape {
                         format: "Q8_0",
                         what: "rows of a multiple of 32 values",
@@ -59,7 +60,7 @@ impl Dense {
                         cols,
                     });
                 }
-                n / Q8_BLOCK * Q8_BYTES
+                n / q8::BLOCK * q8::BLOCK_BYTES
             }
             _ => {
                 return Err(Error::Shape {
@@ -76,6 +77,7 @@ impl Dense {
             cols,
             ty,
             data,
+            repacked: false,
         })
     }
 
@@ -87,6 +89,7 @@ impl Dense {
             cols,
             ty: GgmlType::F32,
             data: bytes.into(),
+            repacked: false,
         }
     }
 
@@ -135,14 +138,21 @@ impl Dense {
                 }
             }
             _ => {
-                // Q8_0 (the only other type from_bytes accepts).
-                let blocks = &self.data[s / Q8_BLOCK * Q8_BYTES..e / Q8_BLOCK * Q8_BYTES];
-                for (chunk, block) in out
-                    .chunks_exact_mut(Q8_BLOCK)
-                    .zip(blocks.chunks_exact(Q8_BYTES))
-                {
-                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    for (o, &q) in chunk.iter_mut().zip(&block[2..]) {
+                // Q8_0 (the only other type from_bytes accepts); rows are
+                // whole blocks (padded when to_q8_0 made them).
+                let len = q8::row_bytes(self.cols);
+                let row = &self.data[r * len..(r + 1) * len];
+                for (b, chunk) in out[..self.cols].chunks_mut(q8::BLOCK).enumerate() {
+                    let (d, q) = if self.repacked {
+                        q8::block(row, b)
+                    } else {
+                        let block = &row[b * q8::BLOCK_BYTES..(b + 1) * q8::BLOCK_BYTES];
+                        (
+                            f16::from_le_bytes([block[0], block[1]]).to_f32(),
+                            &block[2..],
+                        )
+                    };
+                    for (o, &q) in chunk.iter_mut().zip(q) {
                         *o = d * f32::from(q as i8);
                     }
                 }
@@ -189,6 +199,11 @@ impl Dense {
     /// `out[t * rows + r]` = row r · token t of `xs` (tokens × cols,
     /// row-major): each row is widened once for every token, and each
     /// element is computed exactly as [`Dense::matvec`] computes it.
+    ///
+    /// A Q8_0 matrix made by [`Dense::to_q8_0`] is multiplied in int8: each token is quantized to Q8_0-style blocks once,
+    /// and each row · token is [`q8::dot_n`] (as llama.cpp does for a Q8_0
+    /// output tensor), so its result is not the f32 product of the widened
+    /// row but within the quantization error of it.
     pub fn matmul(&self, xs: &[f32], out: &mut [f32]) {
         let n = xs.len() / self.cols;
         assert_eq!(xs.len(), n * self.cols);
@@ -198,6 +213,23 @@ impl Dense {
         // Row-major scratch (r * n + t), transposed into `out` afterwards
         // (for one token the two are the same).
         let mut by_row = vec![0f32; self.rows * n];
+        if self.repacked {
+            let acts: Vec<Q8Acts> = tokens.iter().map(|x| Q8Acts::quantize(x)).collect();
+            let row_len = q8::row_bytes(self.cols);
+            by_row
+                .par_chunks_mut(ROWS * n)
+                .enumerate()
+                .for_each(|(chunk, ys)| {
+                    for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
+                        let r = chunk * ROWS + i;
+                        let row = &self.data[r * row_len..(r + 1) * row_len];
+                        for (x4, y4) in acts.chunks(4).zip(yr.chunks_mut(4)) {
+                            q8_dots(row, x4, y4);
+                        }
+                    }
+                });
+            return transpose_into(&by_row, n, self.rows, out);
+        }
         by_row
             .par_chunks_mut(ROWS * n)
             .enumerate()
@@ -216,14 +248,69 @@ impl Dense {
                     }
                 }
             });
-        if n == 1 {
-            out.copy_from_slice(&by_row);
-            return;
+        transpose_into(&by_row, n, self.rows, out);
+    }
+
+    /// This matrix quantized to Q8_0 and repacked for the int8 kernel (an
+    /// owned copy, about half the bytes of F16): what `--quant-embd q8`
+    /// makes of the lm_head at load. A Q8_0 matrix from a file keeps its
+    /// values exactly (only the layout changes).
+    pub fn to_q8_0(&self) -> Dense {
+        if self.repacked {
+            return self.clone();
         }
-        for (r, yr) in by_row.chunks_exact(n).enumerate() {
-            for (t, &y) in yr.iter().enumerate() {
-                out[t * self.rows + r] = y;
-            }
+        let row_len = q8::row_bytes(self.cols);
+        let mut data = vec![0u8; self.rows * row_len];
+        data.par_chunks_mut(row_len * 64)
+            .enumerate()
+            .for_each(|(chunk, rows)| {
+                let mut buf = vec![0f32; self.cols];
+                for (i, row) in rows.chunks_exact_mut(row_len).enumerate() {
+                    let r = chunk * 64 + i;
+                    if self.ty == GgmlType::Q8_0 {
+                        q8::repack_row(&self.data[r * row_len..(r + 1) * row_len], row);
+                    } else {
+                        self.row_into(r, &mut buf);
+                        q8::quantize_row(&buf, row);
+                    }
+                }
+            });
+        Dense {
+            rows: self.rows,
+            cols: self.cols,
+            ty: GgmlType::Q8_0,
+            data: data.into(),
+            repacked: true,
         }
     }
+
+    /// Bytes a pass over every row reads.
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Row-major `by_row[r * n + t]` into token-major `out[t * rows + r]`.
+fn transpose_into(by_row: &[f32], n: usize, rows: usize, out: &mut [f32]) {
+    if n == 1 {
+        out.copy_from_slice(by_row);
+        return;
+    }
+    for (r, yr) in by_row.chunks_exact(n).enumerate() {
+        for (t, &y) in yr.iter().enumerate() {
+            out[t * rows + r] = y;
+        }
+    }
+}
+
+/// A Q8_0 row · each of `xs` (at most four) into `out`.
+fn q8_dots(row: &[u8], xs: &[Q8Acts], out: &mut [f32]) {
+    let got: &[f32] = match xs {
+        [a, b, c, d] => &q8::dot_n(row, [a, b, c, d]),
+        [a, b, c] => &q8::dot_n(row, [a, b, c]),
+        [a, b] => &q8::dot_n(row, [a, b]),
+        [a] => &q8::dot_n(row, [a]),
+        _ => &[],
+    };
+    out.copy_from_slice(got);
 }

@@ -57,7 +57,76 @@ pub struct Model {
     pub kernel: Kernel,
 }
 
+/// How the last stage holds its lm_head (`--quant-embd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantEmbd {
+    /// As the file stores it (F16 in official files), used in place.
+    #[default]
+    File,
+    /// Quantized at load to Q8_0 (8.5 bits a weight) and multiplied in int8
+    /// against Q8_0-quantized activations: about half the bytes per token
+    /// of an F16 lm_head, at a small logit error (BENCHMARKS.md).
+    Q8,
+}
+
+impl QuantEmbd {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantEmbd::File => "file",
+            QuantEmbd::Q8 => "q8",
+        }
+    }
+}
+
+impl std::str::FromStr for QuantEmbd {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "file" | "none" => Ok(QuantEmbd::File),
+            "q8" | "q8_0" => Ok(QuantEmbd::Q8),
+            _ => Err(format!(
+                "unknown lm_head quantization {s:?}: give `file` (keep the file's precision) or `q8`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for QuantEmbd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Model {
+    /// Applies `--quant-embd` to the lm_head (a last stage only; the
+    /// embedding lookup of a first stage keeps the file's rows). Q8 makes
+    /// an owned Q8_0 copy, so the mapped F16 rows are no longer read per
+    /// token.
+    pub fn set_lm_head(&mut self, how: QuantEmbd) {
+        if let (QuantEmbd::Q8, Some(head)) = (how, &self.lm_head) {
+            self.lm_head = Some(Arc::new(head.to_q8_0()));
+        }
+    }
+
+    /// Bytes one decode step reads from the weights: every ternary matrix
+    /// of the stage, plus the lm_head on a last stage (the embedding lookup
+    /// reads one row, which is ignored).
+    pub fn bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|t| t.data().len())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.as_ref().map_or(0, |h| h.byte_len())
+    }
+
     pub fn is_first(&self) -> bool {
         self.range.start == 0
     }
