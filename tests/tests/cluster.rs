@@ -170,9 +170,13 @@ async fn losing_both_voters_of_a_region_keeps_the_testnet_writable() -> Result<(
             by_region.entry(r.region.clone()).or_default().push(r);
         }
     }
+    // The voter planner's guarantee: at least three regions, at most two
+    // voters in any (four regions when the last region's node joins before
+    // the five seats are filled; the planner does not move a seated voter
+    // to a region that arrives later). Either way a region holds two.
     ensure!(
-        by_region.len() == 4,
-        "voters should span 4 regions: {by_region:?}"
+        by_region.len() >= 3 && by_region.values().all(|v| v.len() <= 2),
+        "voters should span 3+ regions, at most 2 in each: {by_region:?}"
     );
     let (region, victims) = by_region
         .iter()
