@@ -125,6 +125,17 @@ async fn seven_nodes_in_four_regions_converge_gossip_and_feel_the_rtt_matrix() -
         )
         .await?;
         let mut means = BTreeMap::new();
+        // What a ping costs on loopback with seven nodes sharing the CPUs
+        // (scheduling, noise, yamux): this node's same-region mean over the
+        // matrix's 1 ms. The simulated delay comes on top of it, so it is
+        // taken off before comparing with the matrix (the one-node region
+        // has no same-region peer and takes nothing off).
+        let overhead_ms = if others.contains(&here) {
+            let (count, sum) = window(&text, here);
+            (sum / count * 1e3 - matrix_ms(here, here)).max(0.0)
+        } else {
+            0.0
+        };
         for r in &others {
             let (count, sum) = window(&text, r);
             let mean_ms = sum / count * 1e3;
@@ -133,11 +144,11 @@ async fn seven_nodes_in_four_regions_converge_gossip_and_feel_the_rtt_matrix() -
             let ok = if *r == here {
                 mean_ms < 30.0
             } else {
-                (mean_ms - want).abs() <= want * 0.2
+                (mean_ms - overhead_ms - want).abs() <= want * 0.2
             };
             if !ok {
                 failures.push(format!(
-                    "{here}->{r}: mean {mean_ms:.1} ms, matrix {want} ms"
+                    "{here}->{r}: mean {mean_ms:.1} ms (loopback overhead {overhead_ms:.1} ms), matrix {want} ms"
                 ));
             }
         }
