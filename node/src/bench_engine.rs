@@ -12,6 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use trine_engine::kernels::{Activations, Kernel};
 use trine_engine::model::{Input, Logits, Model, Output, QuantEmbd};
+use trine_engine::sampler::argmax;
 use trine_engine::ternary::Ternary;
 
 #[derive(Debug, Args)]
@@ -446,16 +447,6 @@ fn sum_words(w: &[u64]) -> u64 {
         return unsafe { wide(w) };
     }
     plain(w)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn logits_of(out: Output) -> Result<Vec<f32>> {
