@@ -533,11 +533,7 @@ fn a_q8_lm_head_is_close_to_f16_and_consistent() {
     println!("q8 head: max |Δlogit| = {worst:.4} (logit rms {rms:.3})");
     assert!(worst > 0.0, "the q8 head gave the F16 head's exact bits");
     assert!(worst < 0.05 * rms, "logit error {worst} against rms {rms}");
-    let argmax = |r: &[f32]| {
-        r.iter()
-            .enumerate()
-            .fold(0, |b, (i, &v)| if v > r[b] { i } else { b })
-    };
+    use trine_engine::sampler::argmax;
     for (p, (a, b)) in exact.chunks(vocab).zip(approx.chunks(vocab)).enumerate() {
         assert_eq!(argmax(a), argmax(b), "position {p}");
     }
