@@ -159,6 +159,58 @@ pub struct TokenRecord {
     pub concurrency: u32,
     #[serde(default)]
     pub created_ms: u64,
+    /// What the token may do. Absent on records written before scopes
+    /// existed, which were inference tokens.
+    #[serde(default, skip_serializing_if = "Scope::is_inference")]
+    pub scope: Scope,
+    /// Unix ms after which the token is refused; 0 means it never expires.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What a token may do: call the client API (`inference`), or everything,
+/// the Admin API included (`admin`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Inference,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inference => "inference",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn is_inference(&self) -> bool {
+        *self == Self::Inference
+    }
+
+    /// Whether a token of this scope may do what `needed` allows.
+    pub fn allows(self, needed: Scope) -> bool {
+        self == Self::Admin || needed == Self::Inference
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inference" => Ok(Self::Inference),
+            "admin" => Ok(Self::Admin),
+            other => Err(format!(
+                "unknown token scope {other:?}: use inference (client API) or admin (everything)"
+            )),
+        }
+    }
 }
 
 /// What a finished inference request leaves on the chain: who asked, which
@@ -658,11 +710,24 @@ impl State {
                 self.tokens.insert(t.name.clone(), t);
                 Ok(())
             }
-            Command::RevokeToken { name } => self
-                .tokens
-                .remove(name)
-                .map(|_| ())
-                .ok_or_else(|| format!("no token is named {name}")),
+            Command::RevokeToken { name } => {
+                let Some(t) = self.tokens.get(name) else {
+                    return Err(format!("no token is named {name}"));
+                };
+                let admins = self
+                    .tokens
+                    .values()
+                    .filter(|o| o.scope == Scope::Admin && o.name != *name)
+                    .filter(|o| o.expires_ms == 0 || o.expires_ms > time_ms)
+                    .count();
+                if t.scope == Scope::Admin && admins == 0 {
+                    return Err(format!(
+                        "{name} is the last admin token that has not expired; revoking it would lock every operator out. Create another first: `trine token create --scope admin <name>`"
+                    ));
+                }
+                self.tokens.remove(name);
+                Ok(())
+            }
         }
     }
 
@@ -807,7 +872,79 @@ mod tests {
             tokens_per_minute: 0,
             concurrency: 0,
             created_ms: 0,
+            scope: Scope::Inference,
+            expires_ms: 0,
         }))
+    }
+
+    fn admin_token(name: &str, sha: char, expires_ms: u64) -> Command {
+        let Command::AddToken(mut t) = token(name, sha) else {
+            unreachable!()
+        };
+        t.scope = Scope::Admin;
+        t.expires_ms = expires_ms;
+        Command::AddToken(t)
+    }
+
+    #[test]
+    fn the_last_live_admin_token_cannot_be_revoked() {
+        let mut s = State::default();
+        s.apply(&admin_token("root", 'a', 0), 1).expect("root");
+        s.apply(&token("app", 'b'), 1).expect("app");
+        // An inference token goes; the only admin token stays.
+        s.apply(&Command::RevokeToken { name: "app".into() }, 2)
+            .expect("revoke app");
+        let e = s
+            .apply(
+                &Command::RevokeToken {
+                    name: "root".into(),
+                },
+                2,
+            )
+            .expect_err("last admin");
+        assert!(e.contains("last admin token"), "{e}");
+        // An expired admin token does not count as a way back in.
+        s.apply(&admin_token("old", 'c', 10), 3).expect("old");
+        let e = s
+            .apply(
+                &Command::RevokeToken {
+                    name: "root".into(),
+                },
+                11,
+            )
+            .expect_err("only an expired one left");
+        assert!(e.contains("last admin token"), "{e}");
+        s.apply(&admin_token("ops", 'd', 0), 12).expect("ops");
+        s.apply(
+            &Command::RevokeToken {
+                name: "root".into(),
+            },
+            13,
+        )
+        .expect("another admin exists");
+        assert!(!s.tokens.contains_key("root"));
+    }
+
+    #[test]
+    fn token_records_from_before_scopes_read_as_inference_and_write_the_same_bytes() {
+        let old = r#"{"name":"ci","sha256":"aa","requests_per_minute":1,"tokens_per_minute":2,"concurrency":0,"created_ms":5}"#;
+        let t: TokenRecord = serde_json::from_str(old).expect("old record");
+        assert_eq!((t.scope, t.expires_ms), (Scope::Inference, 0));
+        assert_eq!(serde_json::to_string(&t).expect("json"), old);
+        let admin = TokenRecord {
+            scope: Scope::Admin,
+            expires_ms: 9,
+            ..t
+        };
+        let json = serde_json::to_string(&admin).expect("json");
+        assert!(
+            json.ends_with(r#""scope":"admin","expires_ms":9}"#),
+            "{json}"
+        );
+        assert!(Scope::Admin.allows(Scope::Inference));
+        assert!(!Scope::Inference.allows(Scope::Admin));
+        assert_eq!("admin".parse::<Scope>(), Ok(Scope::Admin));
+        assert!("root".parse::<Scope>().is_err());
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub mod types;
 pub mod voters;
 
 pub use command::{
-    Command, ModelRecord, NodeRecord, NodeStatus, Placement, StageState, State, TokenRecord,
+    Command, ModelRecord, NodeRecord, NodeStatus, Placement, Scope, StageState, State, TokenRecord,
 };
 pub use control::{Config, ControlPlane, Error, Profile};
 pub use types::{Batch, Member, NodeId, Request, Response, TypeConfig};

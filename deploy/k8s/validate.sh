@@ -13,7 +13,7 @@
 # 2. `kubectl kustomize` of base/, of every overlays/*/ and of
 #    overlays/single-region plus components/servicemonitor (through a
 #    wrapper that adds origin annotations, so failures name the source file).
-# 3. check_manifests.py on each build and on base/ca-secret.template.yaml:
+# 3. check_manifests.py on each build and on the base/*-secret.template.yaml files:
 #    strict schema validation against Kubernetes $KUBE_VERSIONS, and Trine's
 #    rules: ports equal to the node's defaults from `trine node
 #    --print-config`, probes on /healthz and /readyz at the port named http
@@ -114,7 +114,8 @@ build "overlays/single-region+components/servicemonitor" "$here/overlays/single-
 rc=0
 "$venv/bin/python" -u "$here/check_manifests.py" --repo "$repo" \
   --kube-versions "$versions" --trine-bin "$trine_bin" \
-  "${targets[@]}" --file "$here/base/ca-secret.template.yaml" || rc=$?
+  "${targets[@]}" --file "$here/base/ca-secret.template.yaml" \
+  --file "$here/base/admin-token-secret.template.yaml" || rc=$?
 took=$(( $(date +%s) - started ))
 if [ "$rc" -ne 0 ]; then
   printf 'validate: FAILED after %ss (tools: %s venv)\n' "$took" "$venv_state" >&2

@@ -26,6 +26,29 @@ pub struct AdminService {
 }
 
 impl AdminService {
+    /// The principal (`token:<name>`) behind an admin-scoped bearer token
+    /// on `req`, or the refusal.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let control = self.control()?;
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let need = trine_control::Scope::Admin;
+        match crate::auth::check(
+            &control.reader().state(),
+            crate::auth::bearer(header),
+            need,
+            crate::auth::now_ms(),
+        ) {
+            Ok(t) => Ok(format!("token:{}", t.name)),
+            Err(r) => {
+                crate::metrics::auth_refused("admin", r.reason());
+                Err(r.status(need))
+            }
+        }
+    }
+
     fn control(&self) -> Result<&ControlPlane, Status> {
         self.control.as_ref().ok_or_else(|| {
             Status::failed_precondition(
@@ -36,8 +59,8 @@ impl AdminService {
 
     /// Commits `command` as the admin; a refusal by the state machine is
     /// FAILED_PRECONDITION with its reason. Returns the block height.
-    async fn commit(&self, command: trine_control::Command) -> Result<u64, Status> {
-        let resp = self.control()?.propose("admin", command).await?;
+    async fn commit(&self, who: &str, command: trine_control::Command) -> Result<u64, Status> {
+        let resp = self.control()?.propose(who, command).await?;
         match resp.rejected {
             Some(reason) => Err(Status::failed_precondition(format!(
                 "{reason} (the refusal is recorded in block {})",
@@ -154,6 +177,7 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::ClusterStatusRequest>,
     ) -> Reply<v1::ClusterStatusResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         self.read_point(r.consistency, r.max_staleness_ms).await?;
         let control = self.control()?;
@@ -213,6 +237,7 @@ impl Admin for AdminService {
     }
 
     async fn list_nodes(&self, r: Request<v1::ListNodesRequest>) -> Reply<v1::ListNodesResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         let as_of = self.read_point(r.consistency, r.max_staleness_ms).await?;
         let control = self.control()?;
@@ -235,6 +260,7 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::GetPlacementRequest>,
     ) -> Reply<v1::GetPlacementResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         let as_of = self.read_point(r.consistency, r.max_staleness_ms).await?;
         let state = self.control()?.reader().state();
@@ -279,6 +305,7 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::DeployModelRequest>,
     ) -> Reply<v1::DeployModelResponse> {
+        let who = self.authorize(&r)?;
         let r = r.into_inner();
         if r.source.is_empty() || r.source.len() > 4096 {
             return Err(Status::invalid_argument(
@@ -303,7 +330,7 @@ impl Admin for AdminService {
             regions: r.regions,
             deployed_ms: 0,
         }));
-        let log_index = self.commit(command).await?;
+        let log_index = self.commit(&who, command).await?;
         Ok(Response::new(v1::DeployModelResponse {
             request_id: r.request_id,
             sha256,
@@ -315,9 +342,10 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::UndeployModelRequest>,
     ) -> Reply<v1::UndeployModelResponse> {
+        let who = self.authorize(&r)?;
         let r = r.into_inner();
         let log_index = self
-            .commit(trine_control::Command::UndeployModel { name: r.name })
+            .commit(&who, trine_control::Command::UndeployModel { name: r.name })
             .await?;
         Ok(Response::new(v1::UndeployModelResponse {
             request_id: r.request_id,
@@ -326,6 +354,7 @@ impl Admin for AdminService {
     }
 
     async fn chain_head(&self, r: Request<v1::ChainHeadRequest>) -> Reply<v1::ChainHeadResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         self.read_point(r.consistency, r.max_staleness_ms).await?;
         let head = self.control()?.reader().head();
@@ -336,6 +365,7 @@ impl Admin for AdminService {
     }
 
     async fn get_block(&self, r: Request<v1::GetBlockRequest>) -> Reply<v1::GetBlockResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         let reader = self.control()?.reader().clone();
         let block = match r.selector {
@@ -374,6 +404,7 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::VerifyChainRequest>,
     ) -> Reply<v1::VerifyChainResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         let reader = self.control()?.reader().clone();
         let first = reader.first_height().unwrap_or(0);
@@ -409,6 +440,7 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::AppendNoteRequest>,
     ) -> Reply<v1::AppendNoteResponse> {
+        let who = self.authorize(&r)?;
         let r = r.into_inner();
         if r.text.is_empty() || r.text.len() > MAX_NOTE_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -418,7 +450,7 @@ impl Admin for AdminService {
         }
         let resp = self
             .control()?
-            .propose("admin", trine_control::Command::Note { text: r.text })
+            .propose(&who, trine_control::Command::Note { text: r.text })
             .await?;
         Ok(Response::new(v1::AppendNoteResponse {
             request_id: r.request_id,
@@ -430,7 +462,31 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::CreateTokenRequest>,
     ) -> Reply<v1::CreateTokenResponse> {
+        let who = self.authorize(&r)?;
         let r = r.into_inner();
+        let scope = match v1::TokenScope::try_from(r.scope) {
+            Ok(v1::TokenScope::Unspecified | v1::TokenScope::Inference) => {
+                trine_control::Scope::Inference
+            }
+            Ok(v1::TokenScope::Admin) => trine_control::Scope::Admin,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "scope: {} is not a token scope (inference or admin)",
+                    r.scope
+                )));
+            }
+        };
+        // Up to ten years; a longer one is a mistake, not a policy.
+        const MAX_TTL_SECONDS: u64 = 10 * 366 * 24 * 3600;
+        if r.ttl_seconds > MAX_TTL_SECONDS {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds: at most {MAX_TTL_SECONDS} (ten years); 0 means the token never expires"
+            )));
+        }
+        let expires_ms = match r.ttl_seconds {
+            0 => 0,
+            s => crate::auth::now_ms() + s * 1000,
+        };
         let command = trine_control::Command::AddToken(Box::new(trine_control::TokenRecord {
             name: r.name,
             sha256: r.sha256,
@@ -438,8 +494,10 @@ impl Admin for AdminService {
             tokens_per_minute: r.tokens_per_minute,
             concurrency: r.concurrency,
             created_ms: 0,
+            scope,
+            expires_ms,
         }));
-        let height = self.commit(command).await?;
+        let height = self.commit(&who, command).await?;
         Ok(Response::new(v1::CreateTokenResponse {
             request_id: r.request_id,
             height,
@@ -450,9 +508,10 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::RevokeTokenRequest>,
     ) -> Reply<v1::RevokeTokenResponse> {
+        let who = self.authorize(&r)?;
         let r = r.into_inner();
         let height = self
-            .commit(trine_control::Command::RevokeToken { name: r.name })
+            .commit(&who, trine_control::Command::RevokeToken { name: r.name })
             .await?;
         Ok(Response::new(v1::RevokeTokenResponse {
             request_id: r.request_id,
@@ -464,6 +523,7 @@ impl Admin for AdminService {
         &self,
         r: Request<v1::ListTokensRequest>,
     ) -> Reply<v1::ListTokensResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         let as_of = self.read_point(r.consistency, r.max_staleness_ms).await?;
         let tokens = self
@@ -481,6 +541,14 @@ impl Admin for AdminService {
                 created: Some(timestamp(
                     std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms),
                 )),
+                scope: match t.scope {
+                    trine_control::Scope::Inference => v1::TokenScope::Inference,
+                    trine_control::Scope::Admin => v1::TokenScope::Admin,
+                }
+                .into(),
+                expires: (t.expires_ms != 0).then(|| {
+                    timestamp(std::time::UNIX_EPOCH + Duration::from_millis(t.expires_ms))
+                }),
             })
             .collect();
         Ok(Response::new(v1::ListTokensResponse {
@@ -491,6 +559,7 @@ impl Admin for AdminService {
     }
 
     async fn drain_node(&self, r: Request<v1::DrainNodeRequest>) -> Reply<v1::DrainNodeResponse> {
+        self.authorize(&r)?;
         let r = r.into_inner();
         let control = self.control()?;
         let id = if r.node_id == 0 {

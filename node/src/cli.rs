@@ -259,6 +259,15 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_TLS_DIR", value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
 
+    /// With --init on a new cluster: a file (0600) holding the secret of
+    /// the cluster's first admin token (named root). Without it the secret
+    /// comes from TRINE_ADMIN_TOKEN, else a new random one. Either way it is
+    /// kept in <data-dir>/admin.token (0600), where `trine status --data-dir`
+    /// and the other admin commands find it. Ignored once the cluster
+    /// exists: revoking root sticks across restarts.
+    #[arg(long, env = "TRINE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Hugging Face cache to look in for deployed models (by sha256, where
     /// `trine model pull` puts them). [default: $HF_HUB_CACHE, else
     /// $HF_HOME/hub, else ~/.cache/huggingface/hub]
@@ -371,6 +380,7 @@ impl NodeArgs {
             init: self.init.then_some(true),
             join: self.join.clone(),
             tls_dir: self.tls_dir.clone(),
+            admin_token_file: self.admin_token_file.clone(),
             model_cache: self.model_cache.clone(),
             cluster: self.cluster.clone(),
             raft_profile: self.raft_profile,

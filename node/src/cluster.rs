@@ -154,6 +154,12 @@ pub async fn start(
         max_staleness: Duration::from_secs(10),
         delays: raft_delays(config)?,
     };
+    if config.init && !cp.dir.exists() {
+        let file = (!config.admin_token_file.as_os_str().is_empty())
+            .then_some(config.admin_token_file.as_path());
+        crate::auth::prepare_root(data_dir.path(), file)
+            .map_err(|e| Error::Cluster(format!("the first admin token: {e:#}")))?;
+    }
     let simulated = cp.delays.is_on();
     let control = ControlPlane::start(cp, listener).await?;
     tracing::info!(

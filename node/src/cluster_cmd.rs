@@ -32,7 +32,41 @@ pub struct Target {
     /// Give up after this long.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// File holding an admin token's secret (0600). Without it, the secret
+    /// in TRINE_ADMIN_TOKEN, else `--data-dir`'s admin.token when present
+    /// (the --init node keeps the cluster's first admin token there).
+    #[arg(long, env = "TRINE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
+
+/// Adds `authorization: Bearer <secret>` to every call.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(secret: Option<&str>) -> Result<Self> {
+        secret
+            .map(|s| {
+                format!("Bearer {s}")
+                    .parse()
+                    .context("the admin token has characters a header cannot carry")
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// An Admin client that sends the admin token, if one was found.
+pub type AdminConn = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 /// The Admin read consistency of a `--linearizable` flag.
 pub fn consistency(linearizable: bool) -> i32 {
@@ -71,15 +105,36 @@ impl Target {
         })
     }
 
-    pub async fn admin(&self) -> Result<AdminClient<Channel>> {
-        connect(&self.uri()?, self.timeout).await
+    /// The admin token's secret: `--admin-token-file`, else
+    /// `TRINE_ADMIN_TOKEN`, else the data dir's admin.token if present.
+    pub fn admin_secret(&self) -> Result<Option<String>> {
+        if let Some(f) = &self.admin_token_file {
+            return Ok(Some(crate::auth::read_secret(f)?));
+        }
+        if let Ok(s) = std::env::var("TRINE_ADMIN_TOKEN") {
+            if !s.trim().is_empty() {
+                return Ok(Some(s.trim().to_owned()));
+            }
+        }
+        if let Some(dir) = &self.data_dir {
+            let f = dir.join(crate::auth::ADMIN_TOKEN_FILE);
+            if f.exists() {
+                return Ok(Some(crate::auth::read_secret(&f)?));
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn admin(&self) -> Result<AdminConn> {
+        let bearer = Bearer::new(self.admin_secret()?.as_deref())?;
+        connect(&self.uri()?, self.timeout, bearer).await
     }
 
     /// Runs one Admin call on the node, on a runtime of its own, and
     /// returns the answer; a refusal names the node and the status.
     pub fn call<T, F, Fut>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(AdminClient<Channel>) -> Fut,
+        F: FnOnce(AdminConn) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let uri = self.uri()?;
@@ -93,7 +148,7 @@ impl Target {
     }
 }
 
-pub(crate) async fn connect(uri: &str, timeout: Duration) -> Result<AdminClient<Channel>> {
+pub(crate) async fn connect(uri: &str, timeout: Duration, bearer: Bearer) -> Result<AdminConn> {
     let channel = tonic::transport::Endpoint::from_shared(uri.to_owned())
         .with_context(|| format!("{uri} is not a valid address; use host:port"))?
         .connect_timeout(timeout)
@@ -101,7 +156,7 @@ pub(crate) async fn connect(uri: &str, timeout: Duration) -> Result<AdminClient<
         .connect()
         .await
         .with_context(|| format!("cannot reach a trine node at {uri}; is it running? (--node or --data-dir choose which)"))?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::with_interceptor(channel, bearer))
 }
 
 fn answered(uri: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
@@ -205,6 +260,7 @@ fn status_name(s: i32) -> &'static str {
 /// Every node of the cluster and what each says of itself.
 pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::ClusterStatusResponse>)>> {
     let uri = target.uri()?;
+    let bearer = Bearer::new(target.admin_secret()?.as_deref())?;
     let mut admin = target.admin().await?;
     let nodes = admin
         .list_nodes(v1::ListNodesRequest::default())
@@ -215,7 +271,7 @@ pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::Cluster
     let mut out = Vec::new();
     for n in nodes {
         let uri = format!("http://{}", n.grpc_addr);
-        let own = match connect(&uri, Duration::from_secs(2)).await {
+        let own = match connect(&uri, Duration::from_secs(2), bearer.clone()).await {
             Ok(mut c) => c
                 .cluster_status(v1::ClusterStatusRequest {
                     max_staleness_ms: 60_000,

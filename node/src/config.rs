@@ -88,6 +88,10 @@ pub struct Config {
     /// Directory with ca.crt, node.crt and node.key; empty means
     /// <data_dir>/tls.
     pub tls_dir: PathBuf,
+    /// With `init` on a new cluster: a file (0600) holding the secret of the
+    /// first admin token; empty means TRINE_ADMIN_TOKEN, else a new one.
+    /// Either way the secret is kept in <data_dir>/admin.token.
+    pub admin_token_file: PathBuf,
     /// Hugging Face cache the node looks in for deployed models; empty
     /// means $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.
     pub model_cache: PathBuf,
@@ -165,6 +169,7 @@ pub struct Layer {
     pub init: Option<bool>,
     pub join: Option<Vec<String>>,
     pub tls_dir: Option<PathBuf>,
+    pub admin_token_file: Option<PathBuf>,
     pub model_cache: Option<PathBuf>,
     pub cluster: Option<String>,
     pub raft_profile: Option<RaftProfile>,
@@ -240,6 +245,7 @@ impl Default for Config {
             init: false,
             join: Vec::new(),
             tls_dir: PathBuf::new(),
+            admin_token_file: PathBuf::new(),
             model_cache: PathBuf::new(),
             cluster: "trine".into(),
             raft_profile: RaftProfile::Lan,
@@ -321,6 +327,7 @@ impl Layer {
             init: over.init.or(self.init),
             join: over.join.or(self.join),
             tls_dir: over.tls_dir.or(self.tls_dir),
+            admin_token_file: over.admin_token_file.or(self.admin_token_file),
             model_cache: over.model_cache.or(self.model_cache),
             cluster: over.cluster.or(self.cluster),
             raft_profile: over.raft_profile.or(self.raft_profile),
@@ -366,6 +373,7 @@ impl Config {
             init: layer.init.unwrap_or(d.init),
             join: layer.join.unwrap_or(d.join),
             tls_dir: layer.tls_dir.unwrap_or(d.tls_dir),
+            admin_token_file: layer.admin_token_file.unwrap_or(d.admin_token_file),
             model_cache: layer.model_cache.unwrap_or(d.model_cache),
             cluster: layer.cluster.unwrap_or(d.cluster),
             raft_profile: layer.raft_profile.unwrap_or(d.raft_profile),

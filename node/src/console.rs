@@ -345,7 +345,7 @@ fn ms(d: f64) -> String {
 async fn peer_tables(nodes: &[(u64, String)]) -> BTreeMap<u64, v1::ListPeersResponse> {
     let asks = nodes.iter().map(|(id, grpc)| async move {
         let ask = async {
-            crate::cluster_cmd::connect(&format!("http://{grpc}"), PEER_TIMEOUT)
+            crate::cluster_cmd::connect(&format!("http://{grpc}"), PEER_TIMEOUT, Default::default())
                 .await
                 .ok()?
                 .list_peers(v1::ListPeersRequest::default())

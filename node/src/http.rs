@@ -32,6 +32,9 @@ pub struct AppState {
     pub serving: Option<crate::serve::Serving>,
     /// The operator console (`/ui`), on cluster members.
     pub console: Option<crate::console::Console>,
+    /// The marker [`crate::auth::record_root`] clears once a new cluster's
+    /// first admin token is on the chain; not ready while it exists.
+    pub admin_pending: Option<std::path::PathBuf>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -95,6 +98,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         let state = control.reader().state();
         if !state.nodes.contains_key(&me) {
             return unready("not registered in the cluster yet (joining)".into());
+        }
+        if s.admin_pending.as_ref().is_some_and(|p| p.exists()) {
+            return unready("recording the new cluster's first admin token".into());
         }
         let loading: Vec<String> = state
             .placements

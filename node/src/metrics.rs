@@ -52,6 +52,9 @@ pub const STAGE_REJECTED: &str = "trine_stage_rejected_total";
 pub const STAGE_ASSIGNED: &str = "trine_stage_assigned";
 /// Counter `{api,code}`: inference requests answered (api: grpc, openai).
 pub const REQUESTS: &str = "trine_requests_total";
+/// Counter `{api,reason}`: calls refused by token authentication (api:
+/// admin, inference; reason: missing, unknown, expired, scope).
+pub const AUTH_REFUSED: &str = "trine_auth_refused_total";
 /// Counter: tokens generated on this node.
 pub const TOKENS_GENERATED: &str = "trine_tokens_generated_total";
 /// Counter: requests this node continued on another replica after one
@@ -295,6 +298,10 @@ fn describe() {
         "Inference requests this node answered, by API (grpc, openai) and outcome code."
     );
     describe_counter!(TOKENS_GENERATED, "Tokens generated on this node.");
+    describe_counter!(
+        AUTH_REFUSED,
+        "Calls refused by token authentication, by API (admin, inference) and reason (missing, unknown, expired, scope)."
+    );
     describe_histogram!(
         REQUEST_DURATION,
         metrics::Unit::Seconds,
@@ -413,6 +420,10 @@ pub fn stage_assigned(model: &str, stage: u32, replicas: usize) {
 
 pub fn request(api: &'static str, code: &'static str) {
     counter!(REQUESTS, "api" => api, "code" => code).increment(1);
+}
+
+pub fn auth_refused(api: &'static str, reason: &'static str) {
+    counter!(AUTH_REFUSED, "api" => api, "reason" => reason).increment(1);
 }
 
 pub fn generated(n: u64) {

@@ -178,6 +178,10 @@ pub async fn serve(
     let members_task = control.as_ref().map(|c| {
         endpoints.raft = raft_addr;
         endpoints.node_id = Some(c.id());
+        tokio::spawn(crate::auth::record_root(
+            c.clone(),
+            data_dir.path().to_owned(),
+        ));
         tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
     });
     let store = crate::model_store::Store::new(
@@ -300,6 +304,9 @@ pub async fn serve(
         models: control.as_ref().map(|c| (store.clone(), c.clone())),
         serving: serving.clone(),
         console: console.clone(),
+        admin_pending: control
+            .as_ref()
+            .map(|_| crate::auth::pending_marker(data_dir.path())),
     };
     let mut http_task = tokio::spawn(
         axum::serve(

@@ -333,39 +333,26 @@ impl Serving {
     /// The caller behind `authorization` (`Bearer <secret>`), checked
     /// against the token table (SHA-256 of the secret).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, ServeError> {
-        let secret = authorization.and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-                .map(str::trim)
-        });
-        let Some(secret) = secret.filter(|s| !s.is_empty()) else {
-            return if self.inner.allow_anonymous {
-                Ok(Principal("anonymous".into()))
-            } else {
-                Err(ServeError::Unauthenticated(
-                    "no API token: send `Authorization: Bearer <token>` (`trine token create` makes one)"
-                        .into(),
-                ))
-            };
-        };
-        let digest = trine_control::chain::hex(&Sha256::digest(secret.as_bytes()));
+        use crate::auth::Refusal;
+        let need = trine_control::Scope::Inference;
         let state = self.inner.control.reader().state();
-        let known = state
-            .tokens
-            .values()
-            .find(|t| t.sha256 == digest)
-            .map(|t| Principal(t.name.clone()));
-        if known.is_none() && self.inner.allow_anonymous {
+        match crate::auth::check(
+            &state,
+            crate::auth::bearer(authorization),
+            need,
+            crate::auth::now_ms(),
+        ) {
+            Ok(t) => Ok(Principal(t.name)),
             // OpenAI's clients always send a key; where anonymous requests
             // are allowed, one the table does not know changes nothing.
-            return Ok(Principal("anonymous".into()));
+            Err(Refusal::Missing | Refusal::Unknown) if self.inner.allow_anonymous => {
+                Ok(Principal("anonymous".into()))
+            }
+            Err(r) => {
+                crate::metrics::auth_refused("inference", r.reason());
+                Err(ServeError::Unauthenticated(r.message(need)))
+            }
         }
-        known.ok_or_else(|| {
-            ServeError::Unauthenticated(
-                "the API token is unknown or revoked; `trine token list` shows the valid ones"
-                    .into(),
-            )
-        })
     }
 
     /// Lets a request of `principal` in under its token's limits (rate,
@@ -1605,6 +1592,8 @@ mod tests {
             tokens_per_minute: 100,
             concurrency: 0,
             created_ms: 0,
+            scope: trine_control::Scope::Inference,
+            expires_ms: 0,
         };
         let q = Quotas::default();
         let t0 = Instant::now();

@@ -320,7 +320,9 @@ fn spawn(
         cmd.args(["--max-batch", &b.to_string()]);
     }
     if index == 0 {
-        cmd.arg("--init");
+        cmd.arg("--init")
+            .arg("--admin-token-file")
+            .arg(root.join(crate::auth::ADMIN_TOKEN_FILE));
     } else {
         cmd.args(["--join", &format!("127.0.0.1:{}", first.raft)]);
         cmd.args(["--bootstrap", &format!("/ip4/127.0.0.1/tcp/{}", first.p2p)]);
@@ -423,6 +425,16 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
     if !root.join("ca").join(trine_control::tls::CA_CERT).exists() {
         trine_control::tls::init_ca(&root.join("ca"), "testnet")?;
     }
+    // The cluster's first admin token: TRINE_ADMIN_TOKEN's secret, else a
+    // new one; kept (0600) for the CLI and for restarts.
+    let admin_token = root.join(crate::auth::ADMIN_TOKEN_FILE);
+    if !admin_token.exists() {
+        let secret = match std::env::var("TRINE_ADMIN_TOKEN") {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
+            _ => crate::token_cmd::new_secret()?,
+        };
+        crate::auth::write_secret(&admin_token, &secret)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -451,6 +463,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
             node: format!("127.0.0.1:{}", first.grpc),
             data_dir: None,
             timeout: Duration::from_secs(2),
+            admin_token_file: Some(root.join(crate::auth::ADMIN_TOKEN_FILE)),
         };
         let deadline = started + args.timeout;
         let mut last = String::new();
@@ -533,6 +546,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
         }
         writeln!(out)?;
         writeln!(out, "data and logs: {}", root.display())?;
+        writeln!(out, "admin token (the cluster's first, named root; the Admin API needs it): export TRINE_ADMIN_TOKEN_FILE={}", root.join(crate::auth::ADMIN_TOKEN_FILE).display())?;
         writeln!(out, "try: trine status --node 127.0.0.1:{0}   trine chain head --node 127.0.0.1:{0}   trine peers --node 127.0.0.1:{0}", first.grpc)?;
         writeln!(
             out,
@@ -612,6 +626,7 @@ async fn deploy_model(args: &TestnetArgs, root: &Path, first: &Slot) -> Result<S
                 node: format!("127.0.0.1:{}", first.grpc),
                 data_dir: None,
                 timeout: Duration::from_secs(30),
+                admin_token_file: Some(root.join(crate::auth::ADMIN_TOKEN_FILE)),
             },
             model: path.clone(),
             file: None,

@@ -34,6 +34,22 @@ pub enum TokenCommand {
         /// Requests it may have running at once; 0 means no limit.
         #[arg(long, default_value_t = 0)]
         concurrency: u32,
+        /// What it may do: `inference` (the client API) or `admin`
+        /// (everything: the Admin API and this command included).
+        #[arg(long, default_value = "inference", value_name = "inference|admin")]
+        scope: trine_control::Scope,
+        /// Refuse it after this long (e.g. 90d, 12h); without it the token
+        /// works until revoked.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Write a new random secret to a file (0600), without asking any node:
+    /// for `trine node --init --admin-token-file FILE`, which makes it the
+    /// cluster's first admin token. Prints nothing secret.
+    Secret {
+        /// The file to create; an existing one is not overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
     },
     /// List tokens: name, limits, creation time and the secret's SHA-256.
     List {
@@ -71,6 +87,13 @@ pub fn new_secret() -> Result<String> {
     ))
 }
 
+fn scope_name(s: i32) -> &'static str {
+    match v1::TokenScope::try_from(s).unwrap_or_default() {
+        v1::TokenScope::Admin => "admin",
+        _ => "inference",
+    }
+}
+
 pub fn run(command: &TokenCommand) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match command {
@@ -80,7 +103,18 @@ pub fn run(command: &TokenCommand) -> Result<()> {
             requests_per_minute,
             tokens_per_minute,
             concurrency,
+            scope,
+            ttl,
         } => {
+            let ttl_seconds = match ttl {
+                Some(t) if t.as_secs() == 0 => {
+                    anyhow::bail!(
+                        "--ttl must be at least one second (omit it for a token that does not expire)"
+                    )
+                }
+                Some(t) => t.as_secs(),
+                None => 0,
+            };
             let secret = new_secret()?;
             let req = v1::CreateTokenRequest {
                 name: name.clone(),
@@ -88,6 +122,12 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                 requests_per_minute: *requests_per_minute,
                 tokens_per_minute: *tokens_per_minute,
                 concurrency: *concurrency,
+                scope: match scope {
+                    trine_control::Scope::Inference => v1::TokenScope::Inference,
+                    trine_control::Scope::Admin => v1::TokenScope::Admin,
+                }
+                .into(),
+                ttl_seconds,
                 ..Default::default()
             };
             let r = target.call(|mut a| async move { a.create_token(req).await })?;
@@ -115,8 +155,14 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                     writeln!(out, "as of index {}", r.as_of_index)?;
                     writeln!(
                         out,
-                        "{:<24} {:>9} {:>11} {:>11}  {:<24}  SHA256",
-                        "NAME", "REQ/MIN", "TOKENS/MIN", "CONCURRENCY", "CREATED"
+                        "{:<24} {:<9} {:>9} {:>11} {:>11}  {:<24}  {:<24}  SHA256",
+                        "NAME",
+                        "SCOPE",
+                        "REQ/MIN",
+                        "TOKENS/MIN",
+                        "CONCURRENCY",
+                        "CREATED",
+                        "EXPIRES"
                     )?;
                     for t in &r.tokens {
                         let limit = |n: u32| {
@@ -128,12 +174,16 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                         };
                         writeln!(
                             out,
-                            "{:<24} {:>9} {:>11} {:>11}  {:<24}  {}…",
+                            "{:<24} {:<9} {:>9} {:>11} {:>11}  {:<24}  {:<24}  {}…",
                             t.name,
+                            scope_name(t.scope),
                             limit(t.requests_per_minute),
                             limit(t.tokens_per_minute),
                             limit(t.concurrency),
                             crate::cluster_cmd::unix(t.created.as_ref()),
+                            t.expires
+                                .as_ref()
+                                .map_or("never".to_owned(), |e| crate::cluster_cmd::unix(Some(e))),
                             t.sha256.get(..16).unwrap_or(&t.sha256)
                         )?;
                     }
@@ -147,11 +197,17 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                             "tokens_per_minute": t.tokens_per_minute,
                             "concurrency": t.concurrency,
                             "created_s": t.created.as_ref().map_or(0, |c| c.seconds),
+                            "scope": scope_name(t.scope),
+                            "expires_s": t.expires.as_ref().map_or(0, |c| c.seconds),
                         });
                         writeln!(out, "{line}")?;
                     }
                 }
             }
+        }
+        TokenCommand::Secret { out: path } => {
+            crate::auth::write_secret(path, &new_secret()?)?;
+            writeln!(out, "wrote a new token secret to {} (0600)", path.display())?;
         }
         TokenCommand::Revoke { target, name } => {
             let req = v1::RevokeTokenRequest {

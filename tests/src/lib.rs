@@ -84,7 +84,10 @@ fn locate_or_build() -> Result<PathBuf> {
 }
 
 /// A `trine` command with a clean environment: no TRINE_* or RUST_LOG from
-/// the developer's shell leaks into a test.
+/// the developer's shell leaks into a test. It carries this test process's
+/// admin token in TRINE_ADMIN_TOKEN, so the clusters a test initialises
+/// (`trine node --init`, `trine testnet`) get it as their first admin
+/// token and the admin commands a test runs present it.
 pub fn trine() -> Command {
     command_for(trine_bin())
 }
@@ -94,8 +97,31 @@ pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TRINE_ADMIN_TOKEN", admin_secret())
         .stdin(Stdio::null());
     cmd
+}
+
+/// The admin token's secret of every cluster this test process starts: new
+/// for each process, from the OS's random source.
+pub fn admin_secret() -> &'static str {
+    static SECRET: OnceLock<String> = OnceLock::new();
+    SECRET.get_or_init(|| trine_node::token_cmd::new_secret().expect("OS random source"))
+}
+
+/// An Admin client for the node at `uri` (http://host:port) that presents
+/// [`admin_secret`].
+pub async fn admin_client(uri: &str) -> Result<trine_node::cluster_cmd::AdminConn> {
+    let channel = tonic::transport::Channel::from_shared(uri.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(
+        trine_proto::v1::admin_client::AdminClient::with_interceptor(
+            channel,
+            trine_node::cluster_cmd::Bearer::new(Some(admin_secret()))?,
+        ),
+    )
 }
 
 /// Runs a command to completion, killing it after `timeout`.

@@ -10,11 +10,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use trine_proto::v1;
-use trine_proto::v1::admin_client::AdminClient;
 use trine_tests::{Node, StatusRow, Testnet, chain_note, run, trine, wait_for};
 
 async fn block(grpc: &str, height: u64) -> Result<v1::Block> {
-    let mut admin = AdminClient::connect(format!("http://{grpc}")).await?;
+    let mut admin = trine_tests::admin_client(&format!("http://{grpc}")).await?;
     admin
         .get_block(v1::GetBlockRequest {
             selector: Some(v1::get_block_request::Selector::Height(height)),

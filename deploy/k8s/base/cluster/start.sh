@@ -5,9 +5,11 @@
 #   start.sh certs   init container: issue this pod's node certificate from
 #                    the cluster CA (Secret trine-ca at $CA_DIR) into
 #                    $TRINE_TLS_DIR, unless a current one is there
-#   start.sh node    main container: exec `trine node` with this pod's name,
-#                    announce addresses and --init (the seed pod) or
-#                    --join/--bootstrap (every other pod)
+#   start.sh node    main container: copy the admin token (Secret
+#                    trine-admin-token at $ADMIN_TOKEN_DIR) to
+#                    $TRINE_ADMIN_TOKEN_FILE (0600), then exec `trine node`
+#                    with this pod's name, announce addresses and --init
+#                    (the seed pod) or --join/--bootstrap (every other pod)
 #
 # From the downward API: POD_NAME, POD_NAMESPACE, POD_IP, TOPOLOGY_REGION,
 # TOPOLOGY_ZONE. From ConfigMap trine-config: TRINE_* node settings and
@@ -24,6 +26,7 @@ PEER_SERVICE=${PEER_SERVICE:-trine-peers}
 CLUSTER_DOMAIN=${CLUSTER_DOMAIN:-cluster.local}
 SEED_POD=${SEED_POD:-trine-0}
 CA_DIR=${CA_DIR:-/etc/trine/ca}
+ADMIN_TOKEN_DIR=${ADMIN_TOKEN_DIR:-/etc/trine/admin}
 TRINE=${TRINE:-trine}
 tls=${TRINE_TLS_DIR:-/var/lib/trine/tls}
 
@@ -85,6 +88,16 @@ node() {
   [ -s "$tls/node.crt" ] ||
     die "no node certificate in $tls: the certs init container issues it (start.sh certs)"
   export TRINE_TLS_DIR="$tls"
+
+  # The admin token: the node (and the CLI) refuse a secret file that group
+  # or others can read, and with fsGroup the kubelet makes Secret files
+  # group-readable; so copy it, 0600 and ours, into memory-backed /tmp.
+  token=${TRINE_ADMIN_TOKEN_FILE:-/tmp/trine-admin.token}
+  [ -r "$ADMIN_TOKEN_DIR/token" ] ||
+    die "no admin token in $ADMIN_TOKEN_DIR: create Secret trine-admin-token from \`trine token secret --out FILE\` (see deploy/k8s/README.md)"
+  rm -f "$token"
+  (umask 077 && cat "$ADMIN_TOKEN_DIR/token" >"$token")
+  export TRINE_ADMIN_TOKEN_FILE="$token"
 
   # Region and zone: an explicit TRINE_REGION / TRINE_ZONE (trine-config or
   # the pod's env) wins; else the pod's topology labels; else the node's

@@ -1,0 +1,331 @@
+//! Bearer tokens: checking one against the cluster's token table (the
+//! client API and the Admin API share the rules), and the first admin
+//! token a new cluster is initialised with.
+//!
+//! The cluster stores only the SHA-256 of each secret (in the Raft state,
+//! on the chain); a token has a scope (`inference`, or `admin`, which also
+//! allows inference) and may expire. Secrets on disk (the bootstrap token
+//! file) are treated like private keys: written 0600 and refused when group
+//! or others can read them.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use trine_control::{Command, ControlPlane, Scope, State, TokenRecord};
+
+/// Where `--init` keeps the first admin token's secret, in the data dir.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// Present while the first admin token is not on the chain yet.
+const BOOTSTRAP_PENDING: &str = "admin.token.pending";
+/// The first admin token's name.
+pub const ROOT_TOKEN: &str = "root";
+/// Longest secret accepted from a file or header.
+const MAX_SECRET_BYTES: usize = 512;
+
+/// Why a call was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Missing,
+    Unknown,
+    Expired { name: String, at_ms: u64 },
+    Scope { name: String, have: Scope },
+}
+
+impl Refusal {
+    /// The `reason` label of `trine_auth_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Unknown => "unknown",
+            Self::Expired { .. } => "expired",
+            Self::Scope { .. } => "scope",
+        }
+    }
+
+    /// What the caller is told: the problem and the fix.
+    pub fn message(&self, need: Scope) -> String {
+        match (self, need) {
+            (Self::Missing, Scope::Admin) => "the Admin API needs an admin token: pass --admin-token-file <file> or set TRINE_ADMIN_TOKEN (the cluster's first one is in the --init node's data dir, admin.token); gRPC clients send `authorization: Bearer <secret>`".into(),
+            (Self::Missing, Scope::Inference) => "no API token: send `Authorization: Bearer <token>` (`trine token create` makes one)".into(),
+            (Self::Unknown, _) => "the token is unknown or revoked; `trine token list` shows the valid ones".into(),
+            (Self::Expired { name, at_ms }, _) => format!(
+                "token {name} expired at {}; create a new one with `trine token create`",
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(*at_ms))
+            ),
+            (Self::Scope { name, have }, need) => format!(
+                "token {name} has scope {} and this needs {}; use an admin token (`trine token create --scope admin <name>`)",
+                have.as_str(),
+                need.as_str()
+            ),
+        }
+    }
+
+    /// The gRPC status: UNAUTHENTICATED, or PERMISSION_DENIED for a valid
+    /// token of the wrong scope.
+    pub fn status(&self, need: Scope) -> tonic::Status {
+        match self {
+            Self::Scope { .. } => tonic::Status::permission_denied(self.message(need)),
+            _ => tonic::Status::unauthenticated(self.message(need)),
+        }
+    }
+}
+
+/// The secret in an `authorization` value (`Bearer <secret>`).
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+                .map(str::trim)
+        })
+        .filter(|s| !s.is_empty())
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The token whose secret is `secret`, if it may do what `need` allows at
+/// `now_ms`.
+pub fn check(
+    state: &State,
+    secret: Option<&str>,
+    need: Scope,
+    now_ms: u64,
+) -> Result<TokenRecord, Refusal> {
+    let secret = secret.ok_or(Refusal::Missing)?;
+    if secret.len() > MAX_SECRET_BYTES {
+        return Err(Refusal::Unknown);
+    }
+    let digest = crate::token_cmd::secret_hash(secret);
+    let t = state.token_by_hash(&digest).ok_or(Refusal::Unknown)?;
+    if t.expires_ms != 0 && now_ms >= t.expires_ms {
+        return Err(Refusal::Expired {
+            name: t.name.clone(),
+            at_ms: t.expires_ms,
+        });
+    }
+    if !t.scope.allows(need) {
+        return Err(Refusal::Scope {
+            name: t.name.clone(),
+            have: t.scope,
+        });
+    }
+    Ok(t.clone())
+}
+
+/// Errors reading or writing a secret file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error(
+        "{path} is readable by group or others (mode {mode:o}); a token file must be 0600: run `chmod 600 {path}`"
+    )]
+    Mode { path: String, mode: u32 },
+    #[error(
+        "{path} does not hold a token secret (one line of at most {MAX_SECRET_BYTES} printable characters); write one with `trine token secret --out {path}`"
+    )]
+    Content { path: String },
+}
+
+/// Reads a secret from `path`: one line, 0600.
+pub fn read_secret(path: &Path) -> Result<String, FileError> {
+    let io = |e: std::io::Error| FileError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(FileError::Mode {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    if meta.len() > MAX_SECRET_BYTES as u64 + 2 {
+        return Err(FileError::Content {
+            path: path.display().to_string(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let secret = text.trim();
+    if secret.is_empty()
+        || secret.len() > MAX_SECRET_BYTES
+        || !secret.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(FileError::Content {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(secret.to_owned())
+}
+
+/// Writes `secret` to a new file at `path`, 0600; refuses to overwrite.
+pub fn write_secret(path: &Path, secret: &str) -> Result<(), FileError> {
+    let io = |e: std::io::Error| FileError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(secret.as_bytes()).map_err(io)?;
+    f.write_all(b"\n").map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// The marker that says a new cluster's first admin token is not on the
+/// chain yet.
+pub fn pending_marker(data_dir: &Path) -> PathBuf {
+    data_dir.join(BOOTSTRAP_PENDING)
+}
+
+/// The secret a new cluster's first admin token gets: from `file`, else
+/// `TRINE_ADMIN_TOKEN`, else a new random one. It is kept in the data
+/// dir's `admin.token` (0600) for the CLI's `--data-dir`, and a marker says
+/// it still has to be put on the chain; [`record_root`] does that.
+pub fn prepare_root(data_dir: &Path, file: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let kept = data_dir.join(ADMIN_TOKEN_FILE);
+    let secret = match file {
+        Some(f) => read_secret(f)?,
+        None => match std::env::var("TRINE_ADMIN_TOKEN") {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
+            _ => crate::token_cmd::new_secret()?,
+        },
+    };
+    if kept.exists() {
+        std::fs::remove_file(&kept)
+            .map_err(|e| anyhow::anyhow!("replacing {}: {e}", kept.display()))?;
+    }
+    write_secret(&kept, &secret)?;
+    std::fs::write(data_dir.join(BOOTSTRAP_PENDING), b"")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", data_dir.display()))?;
+    Ok(kept)
+}
+
+/// Puts the first admin token on the chain if [`prepare_root`] left it
+/// pending (retrying until it is committed), then clears the marker. A
+/// restart with `--init` on an existing cluster does nothing, so revoking
+/// the root token sticks.
+pub async fn record_root(control: ControlPlane, data_dir: PathBuf) {
+    let marker = pending_marker(&data_dir);
+    if !marker.exists() {
+        return;
+    }
+    let secret = match read_secret(&data_dir.join(ADMIN_TOKEN_FILE)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the first admin token");
+            return;
+        }
+    };
+    let sha256 = crate::token_cmd::secret_hash(&secret);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if control.reader().state().token_by_hash(&sha256).is_some() {
+            break;
+        }
+        let record = TokenRecord {
+            name: ROOT_TOKEN.into(),
+            sha256: sha256.clone(),
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            concurrency: 0,
+            created_ms: 0,
+            scope: Scope::Admin,
+            expires_ms: 0,
+        };
+        match control
+            .propose("node:init", Command::AddToken(Box::new(record)))
+            .await
+        {
+            Ok(r) if r.rejected.is_none() => break,
+            Ok(r) => {
+                tracing::error!(reason = ?r.rejected, "the first admin token was refused");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "first admin token not recorded yet"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    let _ = std::fs::remove_file(&marker);
+    tracing::info!(
+        file = %data_dir.join(ADMIN_TOKEN_FILE).display(),
+        "the first admin token ({ROOT_TOKEN}) is recorded; its secret is in this file (0600): the CLI reads it with --data-dir or --admin-token-file"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_with(t: TokenRecord) -> State {
+        let mut s = State::default();
+        s.apply(&Command::AddToken(Box::new(t)), 1).expect("add");
+        s
+    }
+
+    fn record(secret: &str, scope: Scope, expires_ms: u64) -> TokenRecord {
+        TokenRecord {
+            name: "t".into(),
+            sha256: crate::token_cmd::secret_hash(secret),
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            concurrency: 0,
+            created_ms: 0,
+            scope,
+            expires_ms,
+        }
+    }
+
+    #[test]
+    fn each_bad_token_gets_its_own_refusal() {
+        let s = state_with(record("trn_a", Scope::Inference, 100));
+        let c = |secret, need, now| check(&s, secret, need, now).map(|t| t.name);
+        assert_eq!(c(Some("trn_a"), Scope::Inference, 99), Ok("t".into()));
+        assert_eq!(c(None, Scope::Inference, 0), Err(Refusal::Missing));
+        assert_eq!(c(Some("trn_b"), Scope::Inference, 0), Err(Refusal::Unknown));
+        assert!(matches!(
+            c(Some("trn_a"), Scope::Inference, 100),
+            Err(Refusal::Expired { at_ms: 100, .. })
+        ));
+        let scope = c(Some("trn_a"), Scope::Admin, 0).expect_err("scope");
+        assert_eq!(
+            scope.status(Scope::Admin).code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            Refusal::Unknown.status(Scope::Admin).code(),
+            tonic::Code::Unauthenticated
+        );
+        let s = state_with(record("trn_r", Scope::Admin, 0));
+        assert!(check(&s, Some("trn_r"), Scope::Admin, u64::MAX - 1).is_ok());
+        assert!(check(&s, Some("trn_r"), Scope::Inference, 0).is_ok());
+        assert_eq!(bearer(Some("Bearer  trn_r ")), Some("trn_r"));
+        assert_eq!(bearer(Some("Basic x")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+    }
+
+    #[test]
+    fn secret_files_must_be_private_and_hold_one_secret() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("t");
+        write_secret(&p, "trn_x").expect("write");
+        assert_eq!(read_secret(&p).expect("read"), "trn_x");
+        assert!(write_secret(&p, "trn_y").is_err(), "overwrote");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert!(matches!(read_secret(&p), Err(FileError::Mode { .. })));
+        let q = d.path().join("q");
+        write_secret(&q, "two words").expect("write");
+        assert!(matches!(read_secret(&q), Err(FileError::Content { .. })));
+    }
+}
