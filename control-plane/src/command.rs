@@ -298,6 +298,10 @@ pub enum Command {
         detail: String,
     },
     AddToken(Box<TokenRecord>),
+    /// A cluster's first admin token, from the `--init` node: added only
+    /// while the cluster has no admin token that has not expired (a new
+    /// cluster, or one from before admin tokens), refused otherwise.
+    BootstrapToken(Box<TokenRecord>),
     /// Finished requests, batched by the node that answered them. They
     /// change no state; they are the chain's audit trail.
     Receipts {
@@ -316,7 +320,7 @@ impl Command {
             Self::Note { .. } => "note",
             Self::DeployModel(_) | Self::UndeployModel { .. } => "model",
             Self::Place { .. } | Self::Unplace { .. } | Self::StageReport { .. } => "placement",
-            Self::AddToken(_) | Self::RevokeToken { .. } => "token",
+            Self::AddToken(_) | Self::BootstrapToken(_) | Self::RevokeToken { .. } => "token",
             Self::Receipts { .. } => "receipt",
         }
     }
@@ -373,6 +377,7 @@ impl Command {
                 state.as_str()
             ),
             Self::AddToken(t) => format!("add API token {}", t.name),
+            Self::BootstrapToken(t) => format!("add the first admin token {}", t.name),
             Self::RevokeToken { name } => format!("revoke API token {name}"),
             Self::Receipts { receipts: r } => format!(
                 "{} request receipt(s), {} tokens generated",
@@ -425,7 +430,7 @@ impl Command {
                 stage,
                 ..
             } => vec![Row::Placement((model.clone(), *replica, *stage))],
-            Self::AddToken(t) => vec![Row::Token(t.name.clone())],
+            Self::AddToken(t) | Self::BootstrapToken(t) => vec![Row::Token(t.name.clone())],
             Self::RevokeToken { name } => vec![Row::Token(name.clone())],
         }
     }
@@ -693,6 +698,20 @@ impl State {
                 .remove(&(model.clone(), *replica, *stage))
                 .map(|_| ())
                 .ok_or_else(|| format!("{model} replica {replica} stage {stage} is not placed")),
+            Command::BootstrapToken(t) => {
+                if self.tokens.values().any(|o| {
+                    o.scope == Scope::Admin && (o.expires_ms == 0 || o.expires_ms > time_ms)
+                }) {
+                    return Err(
+                        "the cluster has an admin token already; the first one is not added again"
+                            .into(),
+                    );
+                }
+                if t.scope != Scope::Admin {
+                    return Err("a bootstrap token must have the admin scope".into());
+                }
+                self.apply(&Command::AddToken(t.clone()), time_ms)
+            }
             Command::AddToken(t) => {
                 check_name("token", &t.name)?;
                 check_sha256("the token's sha256", &t.sha256)?;
@@ -923,6 +942,34 @@ mod tests {
         )
         .expect("another admin exists");
         assert!(!s.tokens.contains_key("root"));
+    }
+
+    #[test]
+    fn a_bootstrap_token_is_added_only_to_a_cluster_without_a_live_admin_token() {
+        let boot = |name: &str, sha: char| {
+            let Command::AddToken(t) = admin_token(name, sha, 0) else {
+                unreachable!()
+            };
+            Command::BootstrapToken(t)
+        };
+        let mut s = State::default();
+        s.apply(&token("app", 'a'), 1).expect("an inference token");
+        s.apply(&boot("root", 'b'), 2).expect("first bootstrap");
+        assert_eq!(s.tokens["root"].scope, Scope::Admin);
+        let e = s.apply(&boot("again", 'c'), 3).expect_err("second");
+        assert!(e.contains("admin token already"), "{e}");
+        // Only expired admin tokens left: bootstrapping works again.
+        let mut s = State::default();
+        s.apply(&admin_token("old", 'd', 10), 1).expect("old");
+        s.apply(&boot("root", 'e'), 11).expect("after expiry");
+        let Command::AddToken(mut t) = token("weak", 'f') else {
+            unreachable!()
+        };
+        t.expires_ms = 0;
+        let e = State::default()
+            .apply(&Command::BootstrapToken(t), 1)
+            .expect_err("inference scope");
+        assert!(e.contains("admin scope"), "{e}");
     }
 
     #[test]

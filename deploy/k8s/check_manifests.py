@@ -431,6 +431,15 @@ class Checker:
             r = subprocess.run([self.trine_bin, "certs", "init", "--ca-dir", ca], capture_output=True, text=True)
             if r.returncode != 0:
                 raise SystemExit(f"validate: trine certs init failed: {r.stderr.strip()}")
+            # Secret trine-admin-token as the kubelet mounts it with fsGroup:
+            # group-readable, which start.sh must copy to a 0600 file.
+            admin = os.path.join(tmp, "admin")
+            os.makedirs(admin)
+            r = subprocess.run([self.trine_bin, "token", "secret", "--out", os.path.join(admin, "token")],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"validate: trine token secret failed: {r.stderr.strip()}")
+            os.chmod(os.path.join(admin, "token"), 0o440)
             for i in sorted({0, replicas - 1}):
                 pod_name = f"{name}-{i}"
                 tls = os.path.join(tmp, pod_name, "tls")
@@ -445,6 +454,10 @@ class Checker:
                 for k, v in base_env.items():
                     env[k] = samples.get(k, "") if v is None else expand(v, env)
                 env["TRINE_TLS_DIR"] = tls
+                env["ADMIN_TOKEN_DIR"] = admin
+                if not env.get("TRINE_ADMIN_TOKEN_FILE", "").startswith("/tmp/"):
+                    self.fail(target, sts, f"TRINE_ADMIN_TOKEN_FILE is {env.get('TRINE_ADMIN_TOKEN_FILE')!r}: it must be in the pod's memory-backed /tmp")
+                env["TRINE_ADMIN_TOKEN_FILE"] = os.path.join(tmp, pod_name, "admin.token")
                 os.makedirs(os.path.dirname(tls), exist_ok=True)
                 label = f"start.sh for pod {pod_name}"
                 for mode in ("certs", "node"):
@@ -455,6 +468,9 @@ class Checker:
                         break
                 else:
                     self.check_node_config(target, sts, label, parse_toml(r.stdout), pod_name, seed, svc, env)
+                    copied = env["TRINE_ADMIN_TOKEN_FILE"]
+                    if not os.path.exists(copied) or os.stat(copied).st_mode & 0o777 != 0o600:
+                        self.fail(target, sts, f"{label}: start.sh did not copy the admin token to a 0600 file")
 
     def check_node_config(self, target, sts, label, got, pod, seed, svc, env):
         f = lambda msg: self.fail(target, sts, f"{label}: {msg}")
@@ -488,6 +504,8 @@ class Checker:
             f(f"zone is {got.get('zone')!r}, want {want_zone!r}")
         if not str(got.get("data_dir", "")).startswith(STATE_MOUNT + "/"):
             f(f"data_dir is {got.get('data_dir')!r}")
+        if got.get("admin_token_file") != env.get("TRINE_ADMIN_TOKEN_FILE"):
+            f(f"admin_token_file is {got.get('admin_token_file')!r}, want {env.get('TRINE_ADMIN_TOKEN_FILE')!r}")
 
 
 # --- helpers ---------------------------------------------------------------

@@ -188,10 +188,13 @@ pub fn pending_marker(data_dir: &Path) -> PathBuf {
     data_dir.join(BOOTSTRAP_PENDING)
 }
 
-/// The secret a new cluster's first admin token gets: from `file`, else
-/// `TRINE_ADMIN_TOKEN`, else a new random one. It is kept in the data
-/// dir's `admin.token` (0600) for the CLI's `--data-dir`, and a marker says
-/// it still has to be put on the chain; [`record_root`] does that.
+/// The secret a cluster's first admin token gets (on `--init` of a new
+/// cluster, or of an existing one whose data dir has no admin.token: a
+/// cluster from before admin tokens, or one whose admin tokens were all
+/// lost): from `file`, else `TRINE_ADMIN_TOKEN`, else a new random one. It
+/// is kept in the data dir's `admin.token` (0600) for the CLI's
+/// `--data-dir`, and a marker says it still has to be put on the chain;
+/// [`record_root`] does that.
 pub fn prepare_root(data_dir: &Path, file: Option<&Path>) -> anyhow::Result<PathBuf> {
     let kept = data_dir.join(ADMIN_TOKEN_FILE);
     let secret = match file {
@@ -212,9 +215,9 @@ pub fn prepare_root(data_dir: &Path, file: Option<&Path>) -> anyhow::Result<Path
 }
 
 /// Puts the first admin token on the chain if [`prepare_root`] left it
-/// pending (retrying until it is committed), then clears the marker. A
-/// restart with `--init` on an existing cluster does nothing, so revoking
-/// the root token sticks.
+/// pending (retrying until it is committed), then clears the marker. The
+/// state machine adds it only while the cluster has no admin token that has
+/// not expired, so a restart with `--init` never brings a revoked root back.
 pub async fn record_root(control: ControlPlane, data_dir: PathBuf) {
     let marker = pending_marker(&data_dir);
     if !marker.exists() {
@@ -244,12 +247,16 @@ pub async fn record_root(control: ControlPlane, data_dir: PathBuf) {
             expires_ms: 0,
         };
         match control
-            .propose("node:init", Command::AddToken(Box::new(record)))
+            .propose("node:init", Command::BootstrapToken(Box::new(record)))
             .await
         {
             Ok(r) if r.rejected.is_none() => break,
             Ok(r) => {
-                tracing::error!(reason = ?r.rejected, "the first admin token was refused");
+                tracing::warn!(
+                    reason = r.rejected.as_deref().unwrap_or_default(),
+                    "the first admin token was not added (the cluster has one already: use it, or ask its holder for one)"
+                );
+                let _ = std::fs::remove_file(&marker);
                 return;
             }
             Err(e) => tracing::debug!(error = %e, "first admin token not recorded yet"),

@@ -154,7 +154,9 @@ pub async fn start(
         max_staleness: Duration::from_secs(10),
         delays: raft_delays(config)?,
     };
-    if config.init && !cp.dir.exists() {
+    if config.init
+        && (!cp.dir.exists() || !data_dir.path().join(crate::auth::ADMIN_TOKEN_FILE).exists())
+    {
         let file = (!config.admin_token_file.as_os_str().is_empty())
             .then_some(config.admin_token_file.as_path());
         crate::auth::prepare_root(data_dir.path(), file)

@@ -111,10 +111,10 @@ impl Target {
         if let Some(f) = &self.admin_token_file {
             return Ok(Some(crate::auth::read_secret(f)?));
         }
-        if let Ok(s) = std::env::var("TRINE_ADMIN_TOKEN") {
-            if !s.trim().is_empty() {
-                return Ok(Some(s.trim().to_owned()));
-            }
+        if let Ok(s) = std::env::var("TRINE_ADMIN_TOKEN")
+            && !s.trim().is_empty()
+        {
+            return Ok(Some(s.trim().to_owned()));
         }
         if let Some(dir) = &self.data_dir {
             let f = dir.join(crate::auth::ADMIN_TOKEN_FILE);

@@ -185,9 +185,12 @@ async fn the_admin_api_wants_a_live_admin_token() -> Result<()> {
     }
 
     // A restart with --init (as systemd units and the StatefulSet's seed pod
-    // do) does not bring root back.
+    // do) does not bring root back, even with the kept secret gone (which
+    // makes the node offer a first admin token again): the cluster has a
+    // live admin token, so the state machine refuses it.
     node.signal(Signal::SIGTERM)?;
     node.wait_exit(Duration::from_secs(20)).await?;
+    std::fs::remove_file(&kept)?;
     let tmp = node.take_dir().context("data dir")?;
     let node = Node::start_in(tmp, data, &["--init", "--raft-addr", &raft]).await?;
     let grpc = node.endpoints.grpc.to_string();
@@ -219,5 +222,9 @@ async fn the_admin_api_wants_a_live_admin_token() -> Result<()> {
         "Unauthenticated",
         "unknown or revoked",
     )?;
+    ensure!(
+        node.logs().contains("the first admin token was not added"),
+        "no word of the refused bootstrap in the log"
+    );
     Ok(())
 }
