@@ -409,44 +409,15 @@ fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..reps {
         let start = Instant::now();
-        let sum: u64 = buf.par_chunks(chunk).map(sum_words).sum();
+        let sum: u64 = buf
+            .par_chunks(chunk)
+            .map(trine_engine::kernels::sum_words)
+            .sum();
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(sum);
         best = best.max((words * 8) as f64 / secs / 1e9);
     }
     best
-}
-
-/// The wrapping sum of `w`, four independent lanes (AVX2 when present, so
-/// the loads, not the adds, bound it).
-fn sum_words(w: &[u64]) -> u64 {
-    #[inline(always)]
-    fn plain(w: &[u64]) -> u64 {
-        let mut lanes = [0u64; 8];
-        let mut chunks = w.chunks_exact(8);
-        for c in &mut chunks {
-            for l in 0..8 {
-                lanes[l] = lanes[l].wrapping_add(c[l]);
-            }
-        }
-        let tail = chunks
-            .remainder()
-            .iter()
-            .fold(0u64, |a, &b| a.wrapping_add(b));
-        lanes.iter().fold(tail, |a, &b| a.wrapping_add(b))
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn wide(w: &[u64]) -> u64 {
-        plain(w)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected.
-        #[allow(unsafe_code)]
-        return unsafe { wide(w) };
-    }
-    plain(w)
 }
 
 fn logits_of(out: Output) -> Result<Vec<f32>> {
@@ -671,14 +642,5 @@ mod tests {
             .unwrap();
         let gb = pool.install(|| read_bandwidth(8 << 20, 1));
         assert!(gb.is_finite() && gb > 0.0, "{gb}");
-    }
-
-    #[test]
-    fn wide_and_plain_sums_agree() {
-        let w: Vec<u64> = (0..1001u64)
-            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-            .collect();
-        let want = w.iter().fold(0u64, |a, &b| a.wrapping_add(b));
-        assert_eq!(sum_words(&w), want);
     }
 }

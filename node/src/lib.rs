@@ -39,6 +39,7 @@ pub mod deploy_cmd;
 pub mod eval_cmd;
 pub mod events;
 pub mod executor;
+pub mod fuzz;
 pub mod generate_cmd;
 pub mod grpc;
 pub mod http;

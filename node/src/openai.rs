@@ -255,22 +255,59 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, raw:
         let body = body(raw)?;
         let s = serving(&state)?;
         let a = auth(s, &headers)?;
-        let r: CompletionRequest = parse(&body)?;
-        let input = match r.prompt {
-            OneOrMany::One(p) => v1::generate_request::Input::Prompt(p),
-            OneOrMany::Many(mut v) if v.len() == 1 => {
-                v1::generate_request::Input::Prompt(v.remove(0))
-            }
-            OneOrMany::Many(_) => {
-                return Err(ServeError::Invalid(
-                    "prompt: give one string (batches of prompts are not supported)".into(),
-                ));
-            }
-            OneOrMany::Tokens(ids) => v1::generate_request::Input::Tokens(v1::TokenIds { ids }),
-        };
-        Ok((s.clone(), a, request(&r.common, input)?, r.common.stream))
+        let (req, stream) = completion_request(&body)?;
+        Ok((s.clone(), a, req, stream))
     })();
     run(prepared, Api::Completions).await
+}
+
+/// A `/v1/completions` body as the `GenerateRequest` it asks for, and
+/// whether it wants a stream; or why the body is refused.
+pub fn completion_request(body: &[u8]) -> Result<(v1::GenerateRequest, bool), ServeError> {
+    let r: CompletionRequest = parse(body)?;
+    let input = match r.prompt {
+        OneOrMany::One(p) => v1::generate_request::Input::Prompt(p),
+        OneOrMany::Many(mut v) if v.len() == 1 => v1::generate_request::Input::Prompt(v.remove(0)),
+        OneOrMany::Many(_) => {
+            return Err(ServeError::Invalid(
+                "prompt: give one string (batches of prompts are not supported)".into(),
+            ));
+        }
+        OneOrMany::Tokens(ids) => v1::generate_request::Input::Tokens(v1::TokenIds { ids }),
+    };
+    Ok((request(&r.common, input)?, r.common.stream))
+}
+
+/// A `/v1/chat/completions` body as the `GenerateRequest` it asks for, and
+/// whether it wants a stream; or why the body is refused.
+pub fn chat_request(body: &[u8]) -> Result<(v1::GenerateRequest, bool), ServeError> {
+    let r: ChatRequest = parse(body)?;
+    let messages = r
+        .messages
+        .into_iter()
+        .map(|m| {
+            let content = match m.content {
+                MessageContent::Text(t) => t,
+                MessageContent::Parts(parts) => {
+                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                        return Err(ServeError::Invalid(format!(
+                            "message content of type {:?}: only text is supported",
+                            p.kind
+                        )));
+                    }
+                    parts.into_iter().map(|p| p.text).collect()
+                }
+            };
+            let role = if m.role == "developer" {
+                "system".to_owned()
+            } else {
+                m.role
+            };
+            Ok(v1::ChatMessage { role, content })
+        })
+        .collect::<Result<Vec<_>, ServeError>>()?;
+    let input = v1::generate_request::Input::Chat(v1::Chat { messages });
+    Ok((request(&r.common, input)?, r.common.stream))
 }
 
 pub async fn chat(State(state): State<AppState>, headers: HeaderMap, raw: Body) -> Response {
@@ -278,33 +315,8 @@ pub async fn chat(State(state): State<AppState>, headers: HeaderMap, raw: Body) 
         let body = body(raw)?;
         let s = serving(&state)?;
         let a = auth(s, &headers)?;
-        let r: ChatRequest = parse(&body)?;
-        let messages = r
-            .messages
-            .into_iter()
-            .map(|m| {
-                let content = match m.content {
-                    MessageContent::Text(t) => t,
-                    MessageContent::Parts(parts) => {
-                        if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                            return Err(ServeError::Invalid(format!(
-                                "message content of type {:?}: only text is supported",
-                                p.kind
-                            )));
-                        }
-                        parts.into_iter().map(|p| p.text).collect()
-                    }
-                };
-                let role = if m.role == "developer" {
-                    "system".to_owned()
-                } else {
-                    m.role
-                };
-                Ok(v1::ChatMessage { role, content })
-            })
-            .collect::<Result<Vec<_>, ServeError>>()?;
-        let input = v1::generate_request::Input::Chat(v1::Chat { messages });
-        Ok((s.clone(), a, request(&r.common, input)?, r.common.stream))
+        let (req, stream) = chat_request(&body)?;
+        Ok((s.clone(), a, req, stream))
     })();
     run(prepared, Api::Chat).await
 }

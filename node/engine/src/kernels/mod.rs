@@ -27,6 +27,48 @@ use crate::ternary::{BLOCK, Ternary, row_bytes};
 /// enough to balance across cores.
 pub const ROWS_PER_TASK: usize = 64;
 
+/// The wrapping sum of `w` in eight independent lanes: a memory-bandwidth
+/// probe (`trine bench engine` reads a buffer larger than the caches with
+/// it), compiled with AVX2 where the CPU has it so the loads, not the adds,
+/// bound it. The same sum either way.
+pub fn sum_words(w: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        #[allow(unsafe_code)]
+        return unsafe { sum_words_avx2(w) };
+    }
+    sum_words_plain(w)
+}
+
+/// [`sum_words_plain`] compiled with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_words_avx2(w: &[u64]) -> u64 {
+    sum_words_plain(w)
+}
+
+/// The reference copy of [`sum_words`].
+#[inline(always)]
+pub fn sum_words_plain(w: &[u64]) -> u64 {
+    let mut lanes = [0u64; 8];
+    let mut chunks = w.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            lanes[l] = lanes[l].wrapping_add(c[l]);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |a, &b| a.wrapping_add(b));
+    lanes.iter().fold(tail, |a, &b| a.wrapping_add(b))
+}
+
 /// A token's activations quantized to int8 (BITNET.md §1.3): s_a = 127 /
 /// max(max|x|, 1e-5), q = clamp(round_half_even(x·s_a), -128, 127),
 /// zero-padded to whole 128-element blocks.

@@ -213,3 +213,14 @@ proptest! {
         prop_assert_eq!(a.sum, b.sum);
     }
 }
+
+proptest! {
+    /// The bandwidth probe's sum: the AVX2 build (where the CPU has it)
+    /// equals the plain one and a fold.
+    #[test]
+    fn sum_words_matches_the_plain_copy(w in proptest::collection::vec(any::<u64>(), 0..2000)) {
+        let want = w.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        prop_assert_eq!(super::sum_words_plain(&w), want);
+        prop_assert_eq!(super::sum_words(&w), want);
+    }
+}
