@@ -82,26 +82,30 @@ mod tests {
         ("config", super::config),
     ];
 
-    /// Every input the fuzzers kept (node/fuzz/corpus/<target>), replayed.
+    /// Every input the fuzzers kept (node/fuzz/corpus/<target>, minimized
+    /// with `cargo fuzz cmin`) and the hand-made seeds
+    /// (node/fuzz/seeds/<target>), replayed.
     #[test]
     fn the_fuzz_corpora_replay_cleanly() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        for (name, target) in TARGETS {
-            let dir = root.join(name);
-            let mut n = 0;
-            for entry in std::fs::read_dir(&dir).expect("the corpus dir") {
-                let path = entry.expect("entry").path();
-                target(&std::fs::read(&path).expect("a corpus file"));
-                n += 1;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+        for kind in ["corpus", "seeds"] {
+            for (name, target) in TARGETS {
+                let dir = root.join(kind).join(name);
+                let mut n = 0;
+                for entry in std::fs::read_dir(&dir).expect("the corpus dir") {
+                    let path = entry.expect("entry").path();
+                    target(&std::fs::read(&path).expect("a corpus file"));
+                    n += 1;
+                }
+                assert!(n > 0, "{} is empty", dir.display());
             }
-            assert!(n > 0, "{} is empty", dir.display());
         }
     }
 
     /// The valid seeds are accepted, so the targets reach past the parsers.
     #[test]
     fn the_seeds_are_accepted() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
         let read = |p: &str| std::fs::read(root.join(p)).expect("seed");
         let hb = read("gossip/heartbeat");
         assert!(matches!(
@@ -138,7 +142,7 @@ mod tests {
             for (_, target) in TARGETS {
                 target(&data);
             }
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
             let seeds = ["gossip/heartbeat", "stage/request", "stage/response", "openai/completion",
                 "openai/chat", "openai/completion_tokens", "config/small.toml", "gossip/stale"];
             let mut edited = std::fs::read(root.join(seeds[seed])).expect("seed");

@@ -22,6 +22,7 @@
 pub mod error;
 pub mod eval;
 pub mod formats;
+pub mod fuzz;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
