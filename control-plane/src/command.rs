@@ -200,6 +200,27 @@ impl Scope {
     }
 }
 
+impl Scope {
+    /// A scope from the wire (`trine.v1.TokenScope`): unspecified means
+    /// inference; `None` for a value this version does not know.
+    pub fn from_wire(v: i32) -> Option<Self> {
+        use trine_proto::v1::TokenScope as W;
+        match W::try_from(v).ok()? {
+            W::Unspecified | W::Inference => Some(Self::Inference),
+            W::Admin => Some(Self::Admin),
+        }
+    }
+}
+
+impl From<Scope> for trine_proto::v1::TokenScope {
+    fn from(s: Scope) -> Self {
+        match s {
+            Scope::Inference => Self::Inference,
+            Scope::Admin => Self::Admin,
+        }
+    }
+}
+
 impl std::str::FromStr for Scope {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -35,7 +35,7 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Io { path: String, reason: String },
     #[error(
-        "{path} is readable by group or others (mode {mode:o}); a private key must be 0600: run `chmod 600 {path}`"
+        "{path} is readable by group or others (mode {mode:o}); a private key or token file must be 0600: run `chmod 600 {path}`"
     )]
     KeyMode { path: String, mode: u32 },
     #[error(
@@ -212,7 +212,9 @@ fn read(path: &Path, what: &'static str, fix: &str) -> Result<String, Error> {
     }
 }
 
-fn read_private(path: &Path, what: &'static str, fix: &str) -> Result<String, Error> {
+/// Reads a secret (a private key, a token file), refusing one that group or
+/// others can read; a missing file is [`Error::Missing`] with `fix`.
+pub fn read_private(path: &Path, what: &'static str, fix: &str) -> Result<String, Error> {
     if let Ok(meta) = fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -225,7 +227,8 @@ fn read_private(path: &Path, what: &'static str, fix: &str) -> Result<String, Er
     read(path, what, fix)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+/// Writes a secret to a new file, 0600, and syncs it; never overwrites.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

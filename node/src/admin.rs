@@ -30,14 +30,11 @@ impl AdminService {
     /// on `req`, or the refusal.
     fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let control = self.control()?;
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
+        let header = crate::grpc::authorization(req);
         let need = trine_control::Scope::Admin;
         match crate::auth::check(
             &control.reader().state(),
-            crate::auth::bearer(header),
+            crate::auth::bearer(header.as_deref()),
             need,
             crate::auth::now_ms(),
         ) {
@@ -464,18 +461,12 @@ impl Admin for AdminService {
     ) -> Reply<v1::CreateTokenResponse> {
         let who = self.authorize(&r)?;
         let r = r.into_inner();
-        let scope = match v1::TokenScope::try_from(r.scope) {
-            Ok(v1::TokenScope::Unspecified | v1::TokenScope::Inference) => {
-                trine_control::Scope::Inference
-            }
-            Ok(v1::TokenScope::Admin) => trine_control::Scope::Admin,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "scope: {} is not a token scope (inference or admin)",
-                    r.scope
-                )));
-            }
-        };
+        let scope = trine_control::Scope::from_wire(r.scope).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "scope: {} is not a token scope (inference or admin)",
+                r.scope
+            ))
+        })?;
         // Up to ten years; a longer one is a mistake, not a policy.
         const MAX_TTL_SECONDS: u64 = 10 * 366 * 24 * 3600;
         if r.ttl_seconds > MAX_TTL_SECONDS {
@@ -541,11 +532,7 @@ impl Admin for AdminService {
                 created: Some(timestamp(
                     std::time::UNIX_EPOCH + Duration::from_millis(t.created_ms),
                 )),
-                scope: match t.scope {
-                    trine_control::Scope::Inference => v1::TokenScope::Inference,
-                    trine_control::Scope::Admin => v1::TokenScope::Admin,
-                }
-                .into(),
+                scope: v1::TokenScope::from(t.scope).into(),
                 expires: (t.expires_ms != 0).then(|| {
                     timestamp(std::time::UNIX_EPOCH + Duration::from_millis(t.expires_ms))
                 }),

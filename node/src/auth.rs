@@ -8,8 +8,6 @@
 //! file) are treated like private keys: written 0600 and refused when group
 //! or others can read them.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -121,65 +119,57 @@ pub fn check(
 /// Errors reading or writing a secret file.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("{path}: {reason}")]
-    Io { path: String, reason: String },
-    #[error(
-        "{path} is readable by group or others (mode {mode:o}); a token file must be 0600: run `chmod 600 {path}`"
-    )]
-    Mode { path: String, mode: u32 },
+    #[error(transparent)]
+    File(#[from] trine_control::tls::Error),
     #[error(
         "{path} does not hold a token secret (one line of at most {MAX_SECRET_BYTES} printable characters); write one with `trine token secret --out {path}`"
     )]
     Content { path: String },
 }
 
-/// Reads a secret from `path`: one line, 0600.
+/// Reads a secret from `path`: one line, in a file only its owner can read.
 pub fn read_secret(path: &Path) -> Result<String, FileError> {
-    let io = |e: std::io::Error| FileError::Io {
+    let content = || FileError::Content {
         path: path.display().to_string(),
-        reason: e.to_string(),
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(FileError::Mode {
-            path: path.display().to_string(),
-            mode,
-        });
+    // Bounded before reading: the path is the operator's, the bytes need
+    // not be.
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_SECRET_BYTES as u64 + 2) {
+        return Err(content());
     }
-    if meta.len() > MAX_SECRET_BYTES as u64 + 2 {
-        return Err(FileError::Content {
-            path: path.display().to_string(),
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    let fix = format!(
+        "make one with `trine token secret --out {}`, or point --admin-token-file (TRINE_ADMIN_TOKEN_FILE) at the right file",
+        path.display()
+    );
+    let text = trine_control::tls::read_private(path, "token file", &fix)?;
     let secret = text.trim();
     if secret.is_empty()
         || secret.len() > MAX_SECRET_BYTES
         || !secret.bytes().all(|b| b.is_ascii_graphic())
     {
-        return Err(FileError::Content {
-            path: path.display().to_string(),
-        });
+        return Err(content());
     }
     Ok(secret.to_owned())
 }
 
 /// Writes `secret` to a new file at `path`, 0600; refuses to overwrite.
 pub fn write_secret(path: &Path, secret: &str) -> Result<(), FileError> {
-    let io = |e: std::io::Error| FileError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(secret.as_bytes()).map_err(io)?;
-    f.write_all(b"\n").map_err(io)?;
-    f.sync_all().map_err(io)
+    Ok(trine_control::tls::write_private(
+        path,
+        format!("{secret}\n").as_bytes(),
+    )?)
+}
+
+/// The secret of a new cluster's first admin token: the one in `file`,
+/// else `TRINE_ADMIN_TOKEN`'s, else a new random one.
+pub fn initial_secret(file: Option<&Path>) -> anyhow::Result<String> {
+    Ok(match file {
+        Some(f) => read_secret(f)?,
+        None => match std::env::var("TRINE_ADMIN_TOKEN") {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
+            _ => crate::token_cmd::new_secret()?,
+        },
+    })
 }
 
 /// The marker that says a new cluster's first admin token is not on the
@@ -197,13 +187,7 @@ pub fn pending_marker(data_dir: &Path) -> PathBuf {
 /// [`record_root`] does that.
 pub fn prepare_root(data_dir: &Path, file: Option<&Path>) -> anyhow::Result<PathBuf> {
     let kept = data_dir.join(ADMIN_TOKEN_FILE);
-    let secret = match file {
-        Some(f) => read_secret(f)?,
-        None => match std::env::var("TRINE_ADMIN_TOKEN") {
-            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
-            _ => crate::token_cmd::new_secret()?,
-        },
-    };
+    let secret = initial_secret(file)?;
     if kept.exists() {
         std::fs::remove_file(&kept)
             .map_err(|e| anyhow::anyhow!("replacing {}: {e}", kept.display()))?;
@@ -329,8 +313,17 @@ mod tests {
         write_secret(&p, "trn_x").expect("write");
         assert_eq!(read_secret(&p).expect("read"), "trn_x");
         assert!(write_secret(&p, "trn_y").is_err(), "overwrote");
+        use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        assert!(matches!(read_secret(&p), Err(FileError::Mode { .. })));
+        assert!(matches!(
+            read_secret(&p),
+            Err(FileError::File(trine_control::tls::Error::KeyMode { .. }))
+        ));
+        let missing = read_secret(&d.path().join("none")).expect_err("missing");
+        assert!(
+            missing.to_string().contains("trine token secret"),
+            "{missing}"
+        );
         let q = d.path().join("q");
         write_secret(&q, "two words").expect("write");
         assert!(matches!(read_secret(&q), Err(FileError::Content { .. })));

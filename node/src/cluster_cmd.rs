@@ -261,7 +261,7 @@ fn status_name(s: i32) -> &'static str {
 pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::ClusterStatusResponse>)>> {
     let uri = target.uri()?;
     let bearer = Bearer::new(target.admin_secret()?.as_deref())?;
-    let mut admin = target.admin().await?;
+    let mut admin = connect(&uri, target.timeout, bearer.clone()).await?;
     let nodes = admin
         .list_nodes(v1::ListNodesRequest::default())
         .await

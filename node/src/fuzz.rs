@@ -74,6 +74,12 @@ pub fn config(data: &[u8]) {
 mod tests {
     use proptest::prelude::*;
 
+    fn fuzz_dir(kind: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz")
+            .join(kind)
+    }
+
     type Target = (&'static str, fn(&[u8]));
     const TARGETS: [Target; 4] = [
         ("gossip", super::gossip),
@@ -87,10 +93,9 @@ mod tests {
     /// (node/fuzz/seeds/<target>), replayed.
     #[test]
     fn the_fuzz_corpora_replay_cleanly() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
         for kind in ["corpus", "seeds"] {
             for (name, target) in TARGETS {
-                let dir = root.join(kind).join(name);
+                let dir = fuzz_dir(kind).join(name);
                 let mut n = 0;
                 for entry in std::fs::read_dir(&dir).expect("the corpus dir") {
                     let path = entry.expect("entry").path();
@@ -105,7 +110,7 @@ mod tests {
     /// The valid seeds are accepted, so the targets reach past the parsers.
     #[test]
     fn the_seeds_are_accepted() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        let root = fuzz_dir("seeds");
         let read = |p: &str| std::fs::read(root.join(p)).expect("seed");
         let hb = read("gossip/heartbeat");
         assert!(matches!(
@@ -142,7 +147,7 @@ mod tests {
             for (_, target) in TARGETS {
                 target(&data);
             }
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+            let root = fuzz_dir("seeds");
             let seeds = ["gossip/heartbeat", "stage/request", "stage/response", "openai/completion",
                 "openai/chat", "openai/completion_tokens", "config/small.toml", "gossip/stale"];
             let mut edited = std::fs::read(root.join(seeds[seed])).expect("seed");

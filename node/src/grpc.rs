@@ -80,7 +80,7 @@ pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
     })
 }
 
-fn authorization<T>(req: &Request<T>) -> Option<String> {
+pub(crate) fn authorization<T>(req: &Request<T>) -> Option<String> {
     req.metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())

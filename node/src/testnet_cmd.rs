@@ -429,11 +429,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
     // new one; kept (0600) for the CLI and for restarts.
     let admin_token = root.join(crate::auth::ADMIN_TOKEN_FILE);
     if !admin_token.exists() {
-        let secret = match std::env::var("TRINE_ADMIN_TOKEN") {
-            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
-            _ => crate::token_cmd::new_secret()?,
-        };
-        crate::auth::write_secret(&admin_token, &secret)?;
+        crate::auth::write_secret(&admin_token, &crate::auth::initial_secret(None)?)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

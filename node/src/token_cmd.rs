@@ -88,10 +88,7 @@ pub fn new_secret() -> Result<String> {
 }
 
 fn scope_name(s: i32) -> &'static str {
-    match v1::TokenScope::try_from(s).unwrap_or_default() {
-        v1::TokenScope::Admin => "admin",
-        _ => "inference",
-    }
+    trine_control::Scope::from_wire(s).map_or("unknown", trine_control::Scope::as_str)
 }
 
 pub fn run(command: &TokenCommand) -> Result<()> {
@@ -122,11 +119,7 @@ pub fn run(command: &TokenCommand) -> Result<()> {
                 requests_per_minute: *requests_per_minute,
                 tokens_per_minute: *tokens_per_minute,
                 concurrency: *concurrency,
-                scope: match scope {
-                    trine_control::Scope::Inference => v1::TokenScope::Inference,
-                    trine_control::Scope::Admin => v1::TokenScope::Admin,
-                }
-                .into(),
+                scope: v1::TokenScope::from(*scope).into(),
                 ttl_seconds,
                 ..Default::default()
             };

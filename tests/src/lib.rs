@@ -102,6 +102,13 @@ pub fn command_for(program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// A loopback address (127.0.0.1:port) with a port that was free a moment
+/// ago, for a listener the test's node binds itself.
+pub fn free_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(format!("127.0.0.1:{}", l.local_addr()?.port()))
+}
+
 /// The admin token's secret of every cluster this test process starts: new
 /// for each process, from the OS's random source.
 pub fn admin_secret() -> &'static str {

@@ -53,10 +53,7 @@ fn create(grpc: &str, name: &str, extra: &[&str]) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_wants_a_live_admin_token() -> Result<()> {
-    let raft = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("127.0.0.1:{}", l.local_addr()?.port())
-    };
+    let raft = trine_tests::free_addr()?;
     // trine() gives the node this process's TRINE_ADMIN_TOKEN: --init makes
     // it the cluster's first admin token.
     let mut node = Node::start(&["--init", "--raft-addr", &raft]).await?;

@@ -433,10 +433,7 @@ async fn deploy_from_a_hub_repository_and_a_node_finds_it_in_its_cache() -> Resu
     }))
     .await?;
     let cache = tmp.path().join("hf");
-    let raft = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("127.0.0.1:{}", l.local_addr()?.port())
-    };
+    let raft = trine_tests::free_addr()?;
     let cache_arg = cache.display().to_string();
     let node = Node::start(&["--init", "--raft-addr", &raft, "--model-cache", &cache_arg]).await?;
     let grpc = node.endpoints.grpc.to_string();

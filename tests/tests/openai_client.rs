@@ -35,10 +35,7 @@ fn python() -> Result<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_client_works_unchanged() -> Result<()> {
     let python = python()?;
-    let raft = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("127.0.0.1:{}", l.local_addr()?.port())
-    };
+    let raft = trine_tests::free_addr()?;
     let node = Node::start(&["--init", "--raft-addr", &raft, "--allow-anonymous"]).await?;
     let grpc = node.endpoints.grpc.to_string();
     wait_for("a leader", Duration::from_secs(20), || async {

@@ -37,10 +37,7 @@ fn tokens(grpc: &str) -> Result<Vec<serde_json::Value>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_stored_as_hashes_and_survive_a_restart() -> Result<()> {
-    let raft = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("127.0.0.1:{}", l.local_addr()?.port())
-    };
+    let raft = trine_tests::free_addr()?;
     let mut node = Node::start(&["--init", "--raft-addr", &raft]).await?;
     let grpc = node.endpoints.grpc.to_string();
     wait_for("a leader", Duration::from_secs(20), || async {
@@ -147,27 +144,31 @@ async fn tokens_are_stored_as_hashes_and_survive_a_restart() -> Result<()> {
     ])?;
     ensure!(limited.status.success());
     let slow = String::from_utf8(limited.stdout)?.trim().to_owned();
+    let complete = |token: String| {
+        let url = node.url("/v1/completions");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .header("authorization", format!("Bearer {token}"))
+                .body(r#"{"model":"nope","prompt":"hi"}"#)
+                .send()
+                .await?;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+            anyhow::Ok((status, body))
+        }
+    };
     let mut codes = Vec::new();
     let mut last = serde_json::Value::Null;
     for _ in 0..3 {
-        let r = reqwest::Client::new()
-            .post(node.url("/v1/completions"))
-            .header("authorization", format!("Bearer {slow}"))
-            .body(r#"{"model":"nope","prompt":"hi"}"#)
-            .send()
-            .await?;
-        codes.push(r.status().as_u16());
-        last = serde_json::from_slice(&r.bytes().await?)?;
+        let (status, body) = complete(slow.clone()).await?;
+        codes.push(status);
+        last = body;
     }
     ensure!(codes == [404, 404, 429], "{codes:?} {last}");
     // Only that token is throttled: another one still gets through.
-    let r = reqwest::Client::new()
-        .post(node.url("/v1/completions"))
-        .header("authorization", format!("Bearer {secret}"))
-        .body(r#"{"model":"nope","prompt":"hi"}"#)
-        .send()
-        .await?;
-    ensure!(r.status().as_u16() == 404, "another token: {}", r.status());
+    let (status, _) = complete(secret.clone()).await?;
+    ensure!(status == 404, "another token: {status}");
     ensure!(
         last["error"]["type"] == "rate_limit_error"
             && last["error"]["message"]

@@ -36,25 +36,7 @@ pub fn hf_files(weights: &[u8], config: &[u8], tokenizer: &[u8]) {
 
 fn synthetic_tokenizer() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| {
-        let v = crate::vocab::synthetic(512);
-        let specials: Vec<u32> = v
-            .types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == crate::vocab::CONTROL)
-            .map(|(i, _)| i as u32)
-            .collect();
-        Tokenizer::new(
-            v.tokens,
-            &v.merges,
-            &specials,
-            Some(v.bos),
-            Some(v.eos),
-            true,
-        )
-        .expect("the synthetic vocabulary is valid")
-    })
+    T.get_or_init(|| Tokenizer::synthetic(512).expect("the synthetic vocabulary is valid"))
 }
 
 /// Arbitrary text through the byte-level BPE tokenizer (a synthetic

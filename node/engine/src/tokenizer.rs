@@ -66,6 +66,27 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// Over [`crate::vocab::synthetic`]`(size)`: all 256 bytes, merges and
+    /// LLaMA-3's special tokens (BOS added). The tests' and fuzzers' vocabulary.
+    pub fn synthetic(size: usize) -> Result<Self, TokenizerError> {
+        let v = crate::vocab::synthetic(size);
+        let specials: Vec<u32> = v
+            .types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == crate::vocab::CONTROL)
+            .map(|(i, _)| i as u32)
+            .collect();
+        Self::new(
+            v.tokens,
+            &v.merges,
+            &specials,
+            Some(v.bos),
+            Some(v.eos),
+            true,
+        )
+    }
+
     /// Builds from vocabulary, merges (as "left right") and the special ids.
     pub fn new(
         tokens: Vec<String>,

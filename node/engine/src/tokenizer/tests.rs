@@ -9,23 +9,7 @@ use proptest::prelude::*;
 use super::*;
 
 fn tiny() -> Tokenizer {
-    let v = crate::vocab::synthetic(512);
-    let specials: Vec<u32> = v
-        .types
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| **t == crate::vocab::CONTROL)
-        .map(|(i, _)| i as u32)
-        .collect();
-    Tokenizer::new(
-        v.tokens,
-        &v.merges,
-        &specials,
-        Some(v.bos),
-        Some(v.eos),
-        true,
-    )
-    .unwrap()
+    Tokenizer::synthetic(512).unwrap()
 }
 
 fn pieces(text: &str) -> Vec<String> {
