@@ -189,8 +189,29 @@ pub struct Core {
     /// When the leader last committed a rebalancing move.
     last_rebalance: Mutex<Option<Instant>>,
     faults: Faults,
+    /// When another channel (the node's mesh) last heard each member: a
+    /// new leader's prior for members that have not answered it yet.
+    heard: Mutex<HashMap<NodeId, Instant>>,
     proposals: tokio::sync::mpsc::Sender<Pending>,
     config: Config,
+}
+
+impl Core {
+    /// When this leader last heard `id`: its last Raft answer since it
+    /// took over; failing that, when it took over, or earlier when the
+    /// node's other channel (the mesh) last heard the member before that —
+    /// so a member that died with the old leader is not given a fresh
+    /// `down_after` by the new one. The hint can only move the time back,
+    /// never forward: a member cut off from Raft alone still goes down.
+    fn last_heard(&self, id: NodeId, leader_since: Instant) -> Instant {
+        match self.liveness.last(id) {
+            Some(t) if t >= leader_since => t,
+            _ => {
+                let hint = self.heard.lock().ok().and_then(|h| h.get(&id).copied());
+                hint.map_or(leader_since, |h| h.min(leader_since))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -254,6 +275,7 @@ impl ControlPlane {
             recovering: Mutex::new(BTreeMap::new()),
             last_rebalance: Mutex::new(None),
             faults,
+            heard: Mutex::default(),
             proposals,
             config,
         });
@@ -349,6 +371,19 @@ impl ControlPlane {
     /// The in-node fault layer (tests, chaos): cut this node off from peers.
     pub fn faults(&self) -> &Faults {
         &self.core.faults
+    }
+
+    /// Records when another channel (the node's mesh) last heard member
+    /// `id`; a new leader uses it for members that have not answered it yet.
+    pub fn heard(&self, id: NodeId, at: Instant) {
+        if let Ok(mut h) = self.core.heard.lock() {
+            h.insert(id, at);
+        }
+    }
+
+    /// Simulated and injected delay on this node's Raft RPCs.
+    pub fn delays(&self) -> &Delays {
+        &self.core.config.delays
     }
 
     /// Commits `command` (through the leader) and returns the state
@@ -973,10 +1008,7 @@ async fn place(core: &Core, state: &State, leader_since: Instant) -> Result<(), 
                 if let Some(old) = state.placements.get(&slot)
                     && !health.live.contains(&old.node)
                 {
-                    let last = core
-                        .liveness
-                        .last(old.node)
-                        .map_or(leader_since, |t| t.max(leader_since));
+                    let last = core.last_heard(old.node, leader_since);
                     if let Ok(mut r) = core.recovering.lock() {
                         r.entry(slot).or_insert((old.node, last));
                     }
@@ -1036,11 +1068,7 @@ async fn maintain_once(
         let unanswered = if *id == core.id {
             Duration::ZERO
         } else {
-            let last = core
-                .liveness
-                .last(*id)
-                .map_or(leader_since, |t| t.max(leader_since));
-            last.elapsed()
+            core.last_heard(*id, leader_since).elapsed()
         };
         let down = unanswered > down_after;
         let steady_for = match core.answering_since.lock() {

@@ -5,6 +5,7 @@
 //! - `types`: the openraft type configuration, members, requests, responses.
 //! - `command`: the commands the state machine applies, and their encoding.
 //! - `chain`: blocks, their hashes, and the verifier.
+//! - `clock`: the wall clock, with the seam chaos runs skew.
 //! - `store`: the sled log store and state machine (snapshots included).
 //! - `tls`: the cluster CA, node certificates, rustls configurations.
 //! - `convert`: openraft types to and from the `trine.v1` Raft protobufs.
@@ -20,6 +21,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod chain;
+pub mod clock;
 pub mod command;
 pub mod control;
 pub mod convert;

@@ -3,7 +3,7 @@
 //! the peer alive in [`Liveness`], the leader's failure detector input.
 //! Snapshots are streamed in chunks on one `InstallSnapshot` call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
@@ -50,8 +50,10 @@ impl Liveness {
 }
 
 /// An in-node fault layer for tests and chaos runs: RPCs to the listed
-/// members fail as if the network dropped them (both ways when both sides
-/// are told). Empty in normal operation.
+/// members fail as if the network dropped them, and proposals are not
+/// forwarded to them. A cut is one-way: this node's calls to them are
+/// dropped, their calls to it still arrive (and are answered); telling both
+/// sides cuts both ways. Empty in normal operation.
 #[derive(Debug, Clone, Default)]
 pub struct Faults(Arc<Mutex<std::collections::HashSet<NodeId>>>);
 
@@ -70,14 +72,37 @@ impl Faults {
     pub fn blocked(&self, peer: NodeId) -> bool {
         self.0.lock().is_ok_and(|s| s.contains(&peer))
     }
+
+    /// The members this node is cut off from, sorted.
+    pub fn cut(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .0
+            .lock()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
 }
 
 /// Simulated network delay to other regions, for testnets on one machine
 /// (no `tc netem` there): every Raft RPC to a member waits half the
 /// round-trip time to its region before it is sent and half after its
 /// answer arrives, so each call costs the full RTT. Off (zero) by default.
+/// Fault injection can add delay (and jitter) towards chosen regions on
+/// top, on any node ([`Delays::set_added`]).
 #[derive(Clone, Default)]
-pub struct Delays(Option<Arc<RttTo>>);
+pub struct Delays {
+    sim: Option<Arc<RttTo>>,
+    added: Arc<Mutex<BTreeMap<String, Added>>>,
+}
+
+/// Injected delay towards one region: a fixed round trip plus uniform jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Added {
+    pub rtt: Duration,
+    pub jitter: Duration,
+}
 
 /// The RTT from this node to a region.
 type RttTo = dyn Fn(&str) -> Duration + Send + Sync;
@@ -86,7 +111,7 @@ type RttBetween = dyn Fn(&str, &str) -> Duration + Send + Sync;
 
 impl std::fmt::Debug for Delays {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
+        f.write_str(if self.sim.is_some() {
             "Delays(simulated)"
         } else {
             "Delays(off)"
@@ -98,16 +123,43 @@ impl Delays {
     /// `rtt(region)` is this node's round-trip time to a member in `region`
     /// (it may add jitter per call).
     pub fn simulated(rtt: impl Fn(&str) -> Duration + Send + Sync + 'static) -> Self {
-        Self(Some(Arc::new(rtt)))
+        Self {
+            sim: Some(Arc::new(rtt)),
+            added: Arc::default(),
+        }
     }
 
+    /// Whether inter-region latency is simulated (injected delay aside).
     pub fn is_on(&self) -> bool {
-        self.0.is_some()
+        self.sim.is_some()
+    }
+
+    /// Replaces the injected delays (empty: none).
+    pub fn set_added(&self, added: BTreeMap<String, Added>) {
+        if let Ok(mut a) = self.added.lock() {
+            *a = added;
+        }
+    }
+
+    /// The injected delays now in force.
+    pub fn added(&self) -> BTreeMap<String, Added> {
+        self.added.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// The injected round trip to `region` for one call (jitter drawn).
+    pub fn added_rtt(&self, region: &str) -> Duration {
+        let Some(a) = self.added.lock().ok().and_then(|a| a.get(region).copied()) else {
+            return Duration::ZERO;
+        };
+        if a.jitter.is_zero() {
+            return a.rtt;
+        }
+        a.rtt + a.jitter.mul_f64(rand::random::<f64>())
     }
 
     /// One RPC's round trip to `region`.
     pub fn rtt(&self, region: &str) -> Duration {
-        self.0.as_ref().map_or(Duration::ZERO, |f| f(region))
+        self.sim.as_ref().map_or(Duration::ZERO, |f| f(region)) + self.added_rtt(region)
     }
 
     /// Runs `call` as if it crossed the network to `region` and back.

@@ -56,9 +56,7 @@ impl Request {
     /// `command` by `principal`, stamped with this node's clock.
     pub fn now(principal: impl Into<String>, command: Command) -> Self {
         Self {
-            time_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            time_ms: crate::clock::now_ms(),
             principal: principal.into(),
             command,
         }

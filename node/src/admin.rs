@@ -23,6 +23,8 @@ pub const MAX_NOTE_BYTES: usize = 4096;
 pub struct AdminService {
     pub mesh: Mesh,
     pub control: Option<ControlPlane>,
+    /// Whether InjectFault is accepted (`--fault-injection`).
+    pub fault_injection: bool,
 }
 
 impl AdminService {
@@ -543,6 +545,75 @@ impl Admin for AdminService {
             tokens,
             as_of_index: as_of,
         }))
+    }
+
+    async fn inject_fault(
+        &self,
+        r: Request<v1::InjectFaultRequest>,
+    ) -> Reply<v1::InjectFaultResponse> {
+        let who = self.authorize(&r)?;
+        if !self.fault_injection {
+            return Err(Status::failed_precondition(
+                "fault injection is off on this node: start it with --fault-injection (chaos runs and tests only)",
+            ));
+        }
+        let r = r.into_inner();
+        let control = self.control()?;
+        const MAX_DELAY_MS: u32 = 60_000;
+        const MAX_SKEW_MS: i64 = 7 * 24 * 3_600_000;
+        let mut added = std::collections::BTreeMap::new();
+        for d in &r.delays {
+            if d.region.is_empty() || d.rtt_ms > MAX_DELAY_MS || d.jitter_ms > MAX_DELAY_MS {
+                return Err(Status::invalid_argument(format!(
+                    "delay to {:?}: a region and at most {MAX_DELAY_MS} ms of delay and of jitter",
+                    d.region
+                )));
+            }
+            added.insert(
+                d.region.clone(),
+                trine_control::network::Added {
+                    rtt: Duration::from_millis(u64::from(d.rtt_ms)),
+                    jitter: Duration::from_millis(u64::from(d.jitter_ms)),
+                },
+            );
+        }
+        if r.clock_skew_ms.abs() > MAX_SKEW_MS {
+            return Err(Status::invalid_argument(format!(
+                "clock skew {} ms is over a week",
+                r.clock_skew_ms
+            )));
+        }
+        if r.cut_off.contains(&control.id()) {
+            return Err(Status::invalid_argument(
+                "a node cannot be cut off from itself",
+            ));
+        }
+        control.faults().isolate(r.cut_off.iter().copied());
+        control.delays().set_added(added);
+        trine_control::clock::set_skew_ms(r.clock_skew_ms);
+        let faults = v1::InjectFaultResponse {
+            request_id: r.request_id,
+            cut_off: control.faults().cut(),
+            delays: control
+                .delays()
+                .added()
+                .into_iter()
+                .map(|(region, a)| v1::RegionDelay {
+                    region,
+                    rtt_ms: a.rtt.as_millis() as u32,
+                    jitter_ms: a.jitter.as_millis() as u32,
+                })
+                .collect(),
+            clock_skew_ms: trine_control::clock::skew_ms(),
+        };
+        tracing::warn!(
+            by = %who,
+            cut_off = ?faults.cut_off,
+            delays = faults.delays.len(),
+            clock_skew_ms = faults.clock_skew_ms,
+            "fault injection: faults replaced"
+        );
+        Ok(Response::new(faults))
     }
 
     async fn drain_node(&self, r: Request<v1::DrainNodeRequest>) -> Reply<v1::DrainNodeResponse> {

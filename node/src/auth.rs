@@ -9,7 +9,7 @@
 //! or others can read them.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use trine_control::{Command, ControlPlane, Scope, State, TokenRecord};
 
@@ -82,9 +82,7 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    trine_control::clock::now_ms()
 }
 
 /// The token whose secret is `secret`, if it may do what `need` allows at

@@ -86,6 +86,12 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     /// Look inside model files, score token sequences, make synthetic models.
     #[command(subcommand)]
     Model(crate::model_cmd::ModelCommand),
+    /// Chaos runs: start a testnet, break it on a seeded schedule (kill -9,
+    /// whole regions, SIGSTOP, partitions, latency, clock skew, CPU
+    /// starvation) under a workload, and check that no acknowledged write
+    /// is lost, chains agree, requests complete or fail retryably, and the
+    /// cluster recovers in time. Writes a report (JSON, Markdown, SVG).
+    Chaos(trine_chaos::ChaosArgs),
 }
 
 #[derive(Debug, Args)]
@@ -310,6 +316,12 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
+    /// Accept the Admin API's InjectFault (admin token still needed): cut
+    /// this node off from members, add delay towards regions, skew its
+    /// clock. For chaos runs (`trine chaos`) and tests; never in production.
+    #[arg(long, env = "TRINE_FAULT_INJECTION")]
+    pub fault_injection: bool,
+
     /// Most sequences sharing one batched forward step of a stage
     /// (continuous batching: concurrent generations read each weight once
     /// per step); also the most generations running at once on this node,
@@ -388,6 +400,7 @@ impl NodeArgs {
             voter_replace_after: self.voter_replace_after,
             rebalance_every: self.rebalance_every,
             allow_anonymous: self.allow_anonymous.then_some(true),
+            fault_injection: self.fault_injection.then_some(true),
             max_batch: self.max_batch,
             quant_embd: self.quant_embd,
             request_timeout: self.request_timeout,

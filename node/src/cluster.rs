@@ -196,6 +196,34 @@ pub async fn feed_mesh(control: ControlPlane, mesh: Mesh) {
     }
 }
 
+/// Tells the control plane when the mesh last heard each member (pings,
+/// heartbeats, connection events): a new leader's prior for members that
+/// went silent before it took over.
+pub async fn feed_heard(control: ControlPlane, mesh: Mesh) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(snap) = mesh.snapshot().await else {
+            return;
+        };
+        let by_peer: std::collections::HashMap<String, u64> = control
+            .reader()
+            .state()
+            .nodes
+            .values()
+            .map(|n| (n.peer_id.clone(), n.id))
+            .collect();
+        let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+        for p in snap.peers {
+            if let Some(&id) = by_peer.get(&p.peer_id.to_string()) {
+                let ago = wall.duration_since(p.last_seen).unwrap_or_default();
+                if let Some(at) = now.checked_sub(ago) {
+                    control.heard(id, at);
+                }
+            }
+        }
+    }
+}
+
 /// The simulated inter-region RTT on Raft RPCs: the same matrix (and
 /// jitter) the mesh uses, from this node's region.
 fn raft_delays(config: &Config) -> Result<Delays, Error> {

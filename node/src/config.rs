@@ -110,6 +110,8 @@ pub struct Config {
     pub rebalance_every: Duration,
     /// Serve inference requests that carry no API token.
     pub allow_anonymous: bool,
+    /// Accept the Admin API's InjectFault (chaos runs and tests only).
+    pub fault_injection: bool,
     /// Most sequences sharing one batched forward step of a stage (and
     /// generations running at once on this node); 1 turns batching off.
     pub max_batch: u32,
@@ -180,6 +182,7 @@ pub struct Layer {
     #[serde(default, with = "humantime_serde")]
     pub rebalance_every: Option<Duration>,
     pub allow_anonymous: Option<bool>,
+    pub fault_injection: Option<bool>,
     pub max_batch: Option<u32>,
     pub quant_embd: Option<trine_engine::model::QuantEmbd>,
     #[serde(default, with = "humantime_serde")]
@@ -253,6 +256,7 @@ impl Default for Config {
             voter_replace_after: Duration::from_secs(30),
             rebalance_every: Duration::from_secs(30),
             allow_anonymous: false,
+            fault_injection: false,
             max_batch: 32,
             quant_embd: Default::default(),
             request_timeout: Duration::from_secs(300),
@@ -335,6 +339,7 @@ impl Layer {
             voter_replace_after: over.voter_replace_after.or(self.voter_replace_after),
             rebalance_every: over.rebalance_every.or(self.rebalance_every),
             allow_anonymous: over.allow_anonymous.or(self.allow_anonymous),
+            fault_injection: over.fault_injection.or(self.fault_injection),
             max_batch: over.max_batch.or(self.max_batch),
             quant_embd: over.quant_embd.or(self.quant_embd),
             request_timeout: over.request_timeout.or(self.request_timeout),
@@ -381,6 +386,7 @@ impl Config {
             voter_replace_after: layer.voter_replace_after.unwrap_or(d.voter_replace_after),
             rebalance_every: layer.rebalance_every.unwrap_or(d.rebalance_every),
             allow_anonymous: layer.allow_anonymous.unwrap_or(d.allow_anonymous),
+            fault_injection: layer.fault_injection.unwrap_or(d.fault_injection),
             max_batch: layer.max_batch.unwrap_or(d.max_batch),
             quant_embd: layer.quant_embd.unwrap_or(d.quant_embd),
             request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),

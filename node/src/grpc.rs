@@ -267,6 +267,13 @@ impl Admin for NotYetServed {
         Err(not_served("trine.v1.Admin/DrainNode"))
     }
 
+    async fn inject_fault(
+        &self,
+        _: Request<v1::InjectFaultRequest>,
+    ) -> Reply<v1::InjectFaultResponse> {
+        Err(not_served("trine.v1.Admin/InjectFault"))
+    }
+
     async fn append_note(
         &self,
         _: Request<v1::AppendNoteRequest>,
@@ -287,6 +294,7 @@ pub async fn services(
     mesh: Mesh,
     control: Option<trine_control::ControlPlane>,
     serving: Option<crate::serve::Serving>,
+    fault_injection: bool,
 ) -> Result<Services, tonic_reflection::server::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // Admin answers ListPeers always and the cluster methods when the node
@@ -318,8 +326,12 @@ pub async fn services(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(
-            AdminServer::new(crate::admin::AdminService { mesh, control })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            AdminServer::new(crate::admin::AdminService {
+                mesh,
+                control,
+                fault_injection,
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         );
     let router = match serving {
         Some(serving) => router.add_service(

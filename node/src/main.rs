@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Command::Model(command) => exit(trine_node::model_cmd::run(&command)),
         Command::Peers(args) => exit(trine_node::peers_cmd::run(&args)),
         Command::Bench(command) => exit(trine_node::bench_cmd::run(&command)),
+        Command::Chaos(args) => chaos(&args),
     }
 }
 
@@ -71,6 +72,20 @@ fn run_node(args: &NodeArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, 1),
+    }
+}
+
+/// `trine chaos`: 0 when every check passed, 1 when one failed, 2 when the
+/// run itself could not be made.
+fn chaos(args: &trine_chaos::ChaosArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(&format!("locating the trine binary: {e}"), 2),
+    };
+    match trine_chaos::main(exe, args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => fail(&e, 2),
     }
 }
 

@@ -182,6 +182,8 @@ pub async fn serve(
             c.clone(),
             data_dir.path().to_owned(),
         ));
+        // Ends with the mesh.
+        tokio::spawn(cluster::feed_heard(c.clone(), mesh.clone()));
         tokio::spawn(cluster::feed_mesh(c.clone(), mesh.clone()))
     });
     let store = crate::model_store::Store::new(
@@ -266,8 +268,13 @@ pub async fn serve(
             }
         })
     };
-    let grpc::Services { health, router } =
-        grpc::services(mesh.clone(), control.clone(), serving.clone()).await?;
+    let grpc::Services { health, router } = grpc::services(
+        mesh.clone(),
+        control.clone(),
+        serving.clone(),
+        config.fault_injection,
+    )
+    .await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
     let mut grpc_task = tokio::spawn(
         tonic::transport::Server::builder()

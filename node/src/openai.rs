@@ -7,7 +7,6 @@
 //! ([`crate::serve`]).
 
 use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -208,9 +207,7 @@ fn request(
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    trine_control::clock::now_ms() / 1000
 }
 
 fn finish_reason(u: &v1::Usage) -> &'static str {

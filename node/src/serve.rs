@@ -757,7 +757,21 @@ impl Serving {
         }
         let mut client = self.client(&node.grpc_addr, &node.region)?;
         let stall = self.inner.limits.stall;
-        let mut stream = match tokio::time::timeout(stall, client.generate(request)).await {
+        // Fault injection (chaos runs): a cut-off node is a black hole, and
+        // an added delay to its region is paid once per call.
+        let faults = self.inner.control.faults().clone();
+        let added = self.inner.control.delays().added_rtt(&node.region);
+        let id = node.id;
+        let call = async {
+            if faults.blocked(id) {
+                std::future::pending::<()>().await;
+            }
+            if !added.is_zero() {
+                tokio::time::sleep(added).await;
+            }
+            client.generate(request).await
+        };
+        let mut stream = match tokio::time::timeout(stall, call).await {
             Err(_) => {
                 return Err(ServeError::Unavailable(format!(
                     "node {} did not answer within {stall:?}",
@@ -769,6 +783,7 @@ impl Serving {
         };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
                     ev = stream.next() => {
@@ -776,6 +791,13 @@ impl Serving {
                         if tx.send(ev.map_err(|s| ServeError::from_status(&s))).await.is_err() {
                             return;
                         }
+                    }
+                    // Cut off mid-answer: nothing more arrives (the
+                    // router's stall limit takes over).
+                    _ = tick.tick(), if faults.blocked(id) => {
+                        drop(stream);
+                        tx.closed().await;
+                        return;
                     }
                     // The router gave up on this node: stop reading.
                     () = tx.closed() => return,

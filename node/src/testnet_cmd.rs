@@ -87,6 +87,10 @@ pub struct TestnetArgs {
     /// rules (deploy/monitoring/alerts.yml), on 127.0.0.1:<base-port + 90>.
     #[arg(long)]
     pub prometheus: bool,
+    /// Start every node with --fault-injection (the Admin API's
+    /// InjectFault), as `trine chaos` does.
+    #[arg(long)]
+    pub fault_injection: bool,
 }
 
 /// The alerting rules shipped in deploy/monitoring, carried by the binary.
@@ -283,7 +287,7 @@ fn spawn(
     first: &Slot,
     latency: Latency,
     index: usize,
-    max_batch: Option<u32>,
+    args: &TestnetArgs,
 ) -> Result<Running> {
     let dir = root.join(&slot.name);
     std::fs::create_dir_all(&dir)?;
@@ -316,8 +320,11 @@ fn spawn(
         }
         Latency::None => cmd.args(["--raft-profile", "lan"]),
     };
-    if let Some(b) = max_batch {
+    if let Some(b) = args.max_batch {
         cmd.args(["--max-batch", &b.to_string()]);
+    }
+    if args.fault_injection {
+        cmd.arg("--fault-injection");
     }
     if index == 0 {
         cmd.arg("--init")
@@ -453,7 +460,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
     let mut prometheus: Option<Prometheus> = None;
     let result = runtime.block_on(async {
         for (i, slot) in layout.nodes.iter().enumerate() {
-            running.push(spawn(slot, &root, &first, layout.latency, i, args.max_batch)?);
+            running.push(spawn(slot, &root, &first, layout.latency, i, args)?);
         }
         let target = Target {
             node: format!("127.0.0.1:{}", first.grpc),

@@ -1,0 +1,439 @@
+//! The cluster under test: a `trine testnet` this run starts (real node
+//! processes on loopback, with fault injection on), and the levers a fault
+//! pulls on it — signals to node processes, restarts with the same command
+//! line, the nodes' in-node fault layer (Admin InjectFault), cgroup CPU
+//! quotas.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::ffi::OsStringExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use tonic::transport::Channel;
+use trine_proto::v1;
+use trine_proto::v1::admin_client::AdminClient;
+use trine_proto::v1::inference_client::InferenceClient;
+
+use crate::Error;
+use crate::schedule::Slot;
+
+/// The env var a testnet node reads to tie its life to its parent's.
+const PARENT_PID_ENV: &str = "TRINE_TESTNET_PARENT";
+
+/// One node of the cluster.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub region: String,
+    /// gRPC and HTTP addresses (host:port).
+    pub grpc: String,
+    pub http: String,
+    /// Its data dir.
+    pub data: PathBuf,
+    pub id: u64,
+}
+
+#[derive(Deserialize)]
+struct LayoutFile {
+    nodes: Vec<LayoutSlot>,
+}
+
+#[derive(Deserialize)]
+struct LayoutSlot {
+    name: String,
+    region: String,
+    grpc: u16,
+    http: u16,
+}
+
+#[derive(Deserialize)]
+struct Endpoints {
+    pid: u32,
+    #[serde(default)]
+    node_id: Option<u64>,
+}
+
+/// How to start the testnet.
+#[derive(Debug, Clone)]
+pub struct TestnetOptions {
+    /// The `trine` binary.
+    pub exe: PathBuf,
+    /// Where its data, logs and certificates go.
+    pub dir: PathBuf,
+    pub base_port: u16,
+    /// Also run Prometheus with the alert rules.
+    pub prometheus: bool,
+    /// Passed to `trine testnet --regions`.
+    pub regions: Option<String>,
+}
+
+/// A killed node's command line and environment.
+type Launch = (Vec<OsString>, Vec<(OsString, OsString)>);
+
+/// A node process this run restarted (its child now, not the testnet's).
+#[derive(Debug)]
+struct Restarted {
+    child: Child,
+}
+
+/// A running testnet.
+pub struct Testnet {
+    testnet: Child,
+    opts: TestnetOptions,
+    pub nodes: Vec<Node>,
+    token: String,
+    /// Command line and environment of each node, read before a kill.
+    cmdlines: HashMap<String, Launch>,
+    restarted: HashMap<String, Restarted>,
+    /// Nodes whose processes are down (killed, not yet restarted).
+    pub down: std::collections::BTreeSet<String>,
+    pub prometheus: Option<String>,
+    cgroups: HashMap<String, PathBuf>,
+}
+
+impl Testnet {
+    /// Starts `trine testnet` with fault injection on and waits until it
+    /// is healthy and its model is ready.
+    pub fn start(opts: TestnetOptions) -> Result<Self, Error> {
+        std::fs::create_dir_all(&opts.dir)?;
+        let log_path = opts.dir.join("testnet.out");
+        let mut cmd = Command::new(&opts.exe);
+        cmd.arg("testnet")
+            .arg("--data-dir")
+            .arg(&opts.dir)
+            .args(["--base-port", &opts.base_port.to_string()])
+            .args(["--timeout", "180s", "--fault-injection"]);
+        if let Some(r) = &opts.regions {
+            cmd.args(["--regions", r]);
+        }
+        if opts.prometheus {
+            cmd.arg("--prometheus");
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .map_err(|e| Error::Setup(format!("starting {}: {e}", opts.exe.display())))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut out = String::new();
+        let mut ready = false;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            out.push_str(&line);
+            out.push('\n');
+            if line.starts_with("press Ctrl-C") {
+                ready = true;
+                break;
+            }
+        }
+        std::fs::write(opts.dir.join("testnet.status"), &out)?;
+        if !ready {
+            let _ = child.wait();
+            return Err(Error::Setup(format!(
+                "the testnet did not come up; see {}",
+                log_path.display()
+            )));
+        }
+        let prometheus = out
+            .lines()
+            .find_map(|l| l.strip_prefix("prometheus: "))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_owned);
+        let layout: LayoutFile =
+            serde_json::from_slice(&std::fs::read(opts.dir.join("testnet.json"))?)
+                .map_err(|e| Error::Setup(format!("testnet.json: {e}")))?;
+        let mut nodes = Vec::new();
+        for s in layout.nodes {
+            let data = opts.dir.join(&s.name).join("data");
+            let ep = endpoints(&data)?;
+            nodes.push(Node {
+                id: ep.node_id.unwrap_or(0),
+                name: s.name,
+                region: s.region,
+                grpc: format!("127.0.0.1:{}", s.grpc),
+                http: format!("127.0.0.1:{}", s.http),
+                data,
+            });
+        }
+        let token = std::fs::read_to_string(opts.dir.join("admin.token"))?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            testnet: child,
+            opts,
+            nodes,
+            token,
+            cmdlines: HashMap::new(),
+            restarted: HashMap::new(),
+            down: Default::default(),
+            prometheus,
+            cgroups: HashMap::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    pub fn slots(&self) -> Vec<Slot> {
+        self.nodes
+            .iter()
+            .map(|n| Slot {
+                name: n.name.clone(),
+                region: n.region.clone(),
+            })
+            .collect()
+    }
+
+    pub fn node(&self, name: &str) -> Result<&Node, Error> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| Error::Setup(format!("no node named {name} in this cluster")))
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn pid(&self, name: &str) -> Result<Pid, Error> {
+        let ep = endpoints(&self.node(name)?.data)?;
+        Ok(Pid::from_raw(ep.pid as i32))
+    }
+
+    /// kill -9 the node; its command line is kept for [`Self::restart`].
+    pub fn kill(&mut self, name: &str) -> Result<(), Error> {
+        let pid = self.pid(name)?;
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        let args: Vec<OsString> = std::fs::read(proc.join("cmdline"))?
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| OsString::from_vec(a.to_vec()))
+            .collect();
+        let env: Vec<(OsString, OsString)> = std::fs::read(proc.join("environ"))?
+            .split(|b| *b == 0)
+            .filter_map(|kv| {
+                let i = kv.iter().position(|b| *b == b'=')?;
+                Some((
+                    OsString::from_vec(kv[..i].to_vec()),
+                    OsString::from_vec(kv[i + 1..].to_vec()),
+                ))
+            })
+            .collect();
+        self.cmdlines.insert(name.to_owned(), (args, env));
+        kill(pid, Signal::SIGKILL).map_err(|e| Error::Setup(format!("kill {name}: {e}")))?;
+        // Reap it if it is ours; else wait until it is gone (or a zombie).
+        if let Some(mut r) = self.restarted.remove(name) {
+            let _ = r.child.wait();
+        }
+        let started = Instant::now();
+        while alive(pid) && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.down.insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Starts a killed node again with its command line and environment.
+    pub fn restart(&mut self, name: &str) -> Result<(), Error> {
+        let (args, env) = self
+            .cmdlines
+            .get(name)
+            .ok_or_else(|| Error::Setup(format!("{name} was not killed by this run")))?
+            .clone();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.opts.dir.join(format!("{name}.log")))?;
+        let mut cmd = Command::new(&args[0]);
+        cmd.args(&args[1..])
+            .env_clear()
+            .envs(env)
+            .env(PARENT_PID_ENV, std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Setup(format!("restarting {name}: {e}")))?;
+        self.restarted.insert(name.to_owned(), Restarted { child });
+        self.down.remove(name);
+        Ok(())
+    }
+
+    pub fn signal(&self, name: &str, signal: Signal) -> Result<(), Error> {
+        kill(self.pid(name)?, signal).map_err(|e| Error::Setup(format!("{signal} {name}: {e}")))
+    }
+
+    /// Puts the node in its own CPU cgroup with a quota of `permille`
+    /// thousandths of one core (cgroup v2, else v1).
+    pub fn limit_cpu(&mut self, name: &str, permille: u32) -> Result<(), Error> {
+        let pid = self.pid(name)?;
+        let group = format!("trine-chaos-{}-{name}", std::process::id());
+        let period = 100_000u64;
+        let quota = period * u64::from(permille) / 1000;
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+        let dir = if std::fs::read_to_string(v2)
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
+        {
+            let dir = Path::new("/sys/fs/cgroup").join(&group);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
+            dir
+        } else {
+            let dir = Path::new("/sys/fs/cgroup/cpu").join(&group);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::Setup(format!(
+                    "cpu-pressure needs a writable CPU cgroup (run as root on a host with cgroups): {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+            dir
+        };
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        self.cgroups.insert(name.to_owned(), dir);
+        Ok(())
+    }
+
+    /// Moves the node back to the root CPU group and removes its own.
+    pub fn unlimit_cpu(&mut self, name: &str) -> Result<(), Error> {
+        let Some(dir) = self.cgroups.remove(name) else {
+            return Ok(());
+        };
+        let parent = dir.parent().unwrap_or(Path::new("/sys/fs/cgroup"));
+        if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in pids.lines() {
+                let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+            }
+        }
+        std::fs::remove_dir(&dir)?;
+        Ok(())
+    }
+
+    /// An Admin client for `node` with the admin token.
+    pub fn admin(&self, node: &Node, timeout: Duration) -> Result<Admin, Error> {
+        admin_client(&node.grpc, &self.token, timeout)
+    }
+
+    /// Replaces `node`'s injected faults.
+    pub async fn inject(&self, node: &str, req: v1::InjectFaultRequest) -> Result<(), Error> {
+        let n = self.node(node)?;
+        self.admin(n, Duration::from_secs(5))?
+            .inject_fault(req)
+            .await
+            .map_err(|s| Error::Setup(format!("InjectFault on {node}: {}", s.message())))?;
+        Ok(())
+    }
+
+    /// Stops everything: restarted nodes, then the testnet (which stops the rest).
+    pub fn stop(&mut self) {
+        for name in self.cgroups.keys().cloned().collect::<Vec<_>>() {
+            let _ = self.unlimit_cpu(&name);
+        }
+        for r in self.restarted.values_mut() {
+            let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGCONT);
+            let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGTERM);
+        }
+        for n in &self.nodes {
+            if let Ok(pid) = self.pid(&n.name) {
+                let _ = kill(pid, Signal::SIGCONT);
+            }
+        }
+        let _ = kill(Pid::from_raw(self.testnet.id() as i32), Signal::SIGTERM);
+        let _ = self.testnet.wait();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for r in self.restarted.values_mut() {
+            while matches!(r.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+        self.restarted.clear();
+    }
+}
+
+impl std::fmt::Debug for Testnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Testnet")
+            .field("dir", &self.opts.dir)
+            .field("nodes", &self.nodes.len())
+            .field("down", &self.down)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Testnet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An Admin client with a bearer interceptor.
+pub type Admin = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <secret>` to every call.
+#[derive(Clone)]
+pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(…)")
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+fn channel(addr: &str, timeout: Duration) -> Result<Channel, Error> {
+    Ok(Channel::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::Setup(format!("{addr}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(timeout)
+        .connect_lazy())
+}
+
+pub fn admin_client(addr: &str, token: &str, timeout: Duration) -> Result<Admin, Error> {
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| Error::Setup("the admin token is not ASCII".into()))?;
+    Ok(AdminClient::with_interceptor(
+        channel(addr, timeout)?,
+        Bearer(bearer),
+    ))
+}
+
+pub fn inference_client(addr: &str, timeout: Duration) -> Result<InferenceClient<Channel>, Error> {
+    Ok(InferenceClient::new(channel(addr, timeout)?))
+}
+
+fn endpoints(data: &Path) -> Result<Endpoints, Error> {
+    let path = data.join("endpoints.json");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| Error::Setup(format!("{}: {e} (is the node running?)", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,221 @@
+//! Chaos through the `trine` binary: a short schedule of every scenario
+//! against a real loopback testnet (`trine chaos run --scenario all`), its
+//! verdicts and report read back; the same seed giving the same schedule;
+//! and the fault layer's own boundary (InjectFault is refused unless a node
+//! runs with --fault-injection).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use trine_proto::v1;
+use trine_tests::{Node, run, trine};
+
+#[test]
+fn a_seed_gives_the_same_schedule_every_time() -> Result<()> {
+    let plan = |seed: &str| -> Result<String> {
+        let out = run(
+            {
+                let mut c = trine();
+                c.args(["chaos", "plan", "--seed", seed, "--scenario", "all"]);
+                c
+            },
+            Duration::from_secs(30),
+        )?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let a = plan("11")?;
+    ensure!(a == plan("11")?, "seed 11 gave two schedules");
+    ensure!(a != plan("12")?, "seeds 11 and 12 gave the same schedule");
+    let s: serde_json::Value = serde_json::from_str(&a)?;
+    ensure!(s["faults"].as_array().map(Vec::len) == Some(10), "{a}");
+    // An unknown scenario is refused with the list of known ones.
+    let out = run(
+        {
+            let mut c = trine();
+            c.args(["chaos", "plan", "--scenario", "meteor"]);
+            c
+        },
+        Duration::from_secs(30),
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("partition-region"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inject_fault_needs_the_flag_and_an_admin_token() -> Result<()> {
+    let raft = trine_tests::free_addr()?;
+    let node = Node::start(&["--init", "--raft-addr", &raft]).await?;
+    let mut admin = trine_tests::admin_client(&node.grpc_uri()).await?;
+    let err = admin
+        .inject_fault(v1::InjectFaultRequest {
+            clock_skew_ms: 60_000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("accepted without --fault-injection");
+    ensure!(
+        err.code() == tonic::Code::FailedPrecondition
+            && err.message().contains("--fault-injection"),
+        "{err:?}"
+    );
+
+    let raft = trine_tests::free_addr()?;
+    let node = Node::start(&["--init", "--raft-addr", &raft, "--fault-injection"]).await?;
+    // Without a token: refused before anything else.
+    let channel = node.channel().await?;
+    let err = v1::admin_client::AdminClient::new(channel)
+        .inject_fault(v1::InjectFaultRequest::default())
+        .await
+        .expect_err("accepted without a token");
+    ensure!(err.code() == tonic::Code::Unauthenticated, "{err:?}");
+    let mut admin = trine_tests::admin_client(&node.grpc_uri()).await?;
+    let got = admin
+        .inject_fault(v1::InjectFaultRequest {
+            cut_off: vec![42],
+            delays: vec![v1::RegionDelay {
+                region: "eu-central".into(),
+                rtt_ms: 300,
+                jitter_ms: 50,
+            }],
+            clock_skew_ms: 120_000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    ensure!(got.cut_off == [42] && got.delays.len() == 1 && got.clock_skew_ms == 120_000);
+    // The skew moves the node's clock: a block it proposes carries it
+    // (forward only: block times never go back).
+    let height = admin
+        .append_note(v1::AppendNoteRequest {
+            text: "skewed".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .height;
+    let block = admin
+        .get_block(v1::GetBlockRequest {
+            selector: Some(v1::get_block_request::Selector::Height(height)),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let at = block
+        .block
+        .and_then(|b| b.header)
+        .and_then(|h| h.time)
+        .context("block without a time")?
+        .seconds;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    ensure!(
+        (at - now - 120).abs() < 30,
+        "block time {at} is not two minutes ahead of now ({now})"
+    );
+    let bad = admin
+        .inject_fault(v1::InjectFaultRequest {
+            delays: vec![v1::RegionDelay {
+                region: "eu-central".into(),
+                rtt_ms: 3_600_000,
+                jitter_ms: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect_err("an hour of delay accepted");
+    ensure!(bad.code() == tonic::Code::InvalidArgument, "{bad:?}");
+    // Healing clears everything.
+    let healed = admin
+        .inject_fault(v1::InjectFaultRequest::default())
+        .await?
+        .into_inner();
+    ensure!(healed.cut_off.is_empty() && healed.delays.is_empty() && healed.clock_skew_ms == 0);
+    Ok(())
+}
+
+/// Every scenario once, short holds, against a 7-node testnet: every check
+/// must pass (safety, serving, recovery goals), and the report must be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_against_a_live_testnet_and_passes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let report = dir.path().join("report");
+    let base_port = 20_000 + (std::process::id() % 100) as u16 * 100;
+    let mut cmd = trine();
+    cmd.args([
+        "chaos",
+        "run",
+        "--scenario",
+        "all",
+        "--seed",
+        "3",
+        "--duration",
+        "5s",
+        "--base-port",
+        &base_port.to_string(),
+    ])
+    .arg("--report")
+    .arg(&report);
+    let out = run(cmd, Duration::from_secs(600))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = std::fs::read(report.join("report.json")).with_context(|| {
+        format!(
+            "no report.json; stdout:\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let outcome: serde_json::Value = serde_json::from_slice(&json)?;
+    let failed: Vec<String> = outcome["checks"]
+        .as_array()
+        .context("no checks")?
+        .iter()
+        .filter(|c| c["passed"] != true)
+        .map(|c| format!("{}: {}", c["name"], c["detail"]))
+        .collect();
+    ensure!(
+        out.status.success() && failed.is_empty(),
+        "chaos run failed ({}):\n{}\n{stdout}\nlogs in {}",
+        out.status,
+        failed.join("\n"),
+        report.display()
+    );
+    ensure!(outcome["faults"].as_array().map(Vec::len) == Some(10));
+    // Work really happened, through faults: writes acknowledged, requests served.
+    ensure!(
+        outcome["ops"].as_u64().unwrap_or(0) > 100,
+        "{}",
+        outcome["ops"]
+    );
+    for f in ["report.md", "history.json", "timeline.svg"] {
+        ensure!(report.join(f).exists(), "{f} missing");
+    }
+    let svg = std::fs::read_to_string(report.join("timeline.svg"))?;
+    ensure!(
+        svg.starts_with("<svg") && svg.contains("<circle"),
+        "timeline has no points"
+    );
+    // The schedule in the report is the one the seed gives.
+    let plan = run(
+        {
+            let mut c = trine();
+            c.args(["chaos", "plan", "--seed", "3", "--duration", "5s"]);
+            c
+        },
+        Duration::from_secs(30),
+    )?;
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout)?;
+    ensure!(
+        plan == outcome["schedule"],
+        "the report's schedule is not seed 3's"
+    );
+    Ok(())
+}
