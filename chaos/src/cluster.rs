@@ -71,7 +71,13 @@ pub struct TestnetOptions {
     pub prometheus: bool,
     /// Passed to `trine testnet --regions`.
     pub regions: Option<String>,
+    /// Give each node's directory a filesystem of its own (a 64 MiB tmpfs,
+    /// needs root) so that one node's disk can be filled.
+    pub small_disks: bool,
 }
+
+/// Size of each node's own filesystem with `small_disks`.
+const SMALL_DISK: &str = "64m";
 
 /// A killed node's command line and environment.
 type Launch = (Vec<OsString>, Vec<(OsString, OsString)>);
@@ -95,6 +101,8 @@ pub struct Testnet {
     pub down: std::collections::BTreeSet<String>,
     pub prometheus: Option<String>,
     cgroups: HashMap<String, PathBuf>,
+    mem_cgroups: HashMap<String, PathBuf>,
+    mounts: Vec<PathBuf>,
 }
 
 impl Testnet {
@@ -102,6 +110,28 @@ impl Testnet {
     /// is healthy and its model is ready.
     pub fn start(opts: TestnetOptions) -> Result<Self, Error> {
         std::fs::create_dir_all(&opts.dir)?;
+        let mut mounts = Vec::new();
+        if opts.small_disks {
+            for slot in crate::default_layout() {
+                let dir = opts.dir.join(&slot.name);
+                std::fs::create_dir_all(&dir)?;
+                let out = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={SMALL_DISK}"), "tmpfs"])
+                    .arg(&dir)
+                    .output()
+                    .map_err(|e| Error::Setup(format!("running mount: {e}")))?;
+                if !out.status.success() {
+                    for m in &mounts {
+                        let _ = Command::new("umount").arg(m).status();
+                    }
+                    return Err(Error::Setup(format!(
+                        "disk-full gives each node a {SMALL_DISK} tmpfs of its own and needs root to mount it: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                mounts.push(dir);
+            }
+        }
         let log_path = opts.dir.join("testnet.out");
         let mut cmd = Command::new(&opts.exe);
         cmd.arg("testnet")
@@ -175,6 +205,8 @@ impl Testnet {
             down: Default::default(),
             prometheus,
             cgroups: HashMap::new(),
+            mem_cgroups: HashMap::new(),
+            mounts,
         })
     }
 
@@ -211,13 +243,43 @@ impl Testnet {
     /// kill -9 the node; its command line is kept for [`Self::restart`].
     pub fn kill(&mut self, name: &str) -> Result<(), Error> {
         let pid = self.pid(name)?;
+        self.keep_launch(name, pid)?;
+        kill(pid, Signal::SIGKILL).map_err(|e| Error::Setup(format!("kill {name}: {e}")))?;
+        self.reap(name, pid);
+        Ok(())
+    }
+
+    /// Waits until the killed `pid` is gone (reaping it if it is ours).
+    fn reap(&mut self, name: &str, pid: Pid) {
+        if let Some(mut r) = self.restarted.remove(name) {
+            let _ = r.child.wait();
+        }
+        let started = Instant::now();
+        while alive(pid) && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.down.insert(name.to_owned());
+    }
+
+    /// Whether the node's process runs.
+    pub fn running(&self, name: &str) -> bool {
+        self.pid(name).is_ok_and(alive)
+    }
+
+    /// Keeps the command line and environment of the node's process, for
+    /// a restart after it dies.
+    fn keep_launch(&mut self, name: &str, pid: Pid) -> Result<(), Error> {
         let proc = PathBuf::from(format!("/proc/{pid}"));
-        let args: Vec<OsString> = std::fs::read(proc.join("cmdline"))?
+        let gone =
+            |e: std::io::Error| Error::Setup(format!("{name} (pid {pid}) is not running: {e}"));
+        let args: Vec<OsString> = std::fs::read(proc.join("cmdline"))
+            .map_err(gone)?
             .split(|b| *b == 0)
             .filter(|a| !a.is_empty())
             .map(|a| OsString::from_vec(a.to_vec()))
             .collect();
-        let env: Vec<(OsString, OsString)> = std::fs::read(proc.join("environ"))?
+        let env: Vec<(OsString, OsString)> = std::fs::read(proc.join("environ"))
+            .map_err(gone)?
             .split(|b| *b == 0)
             .filter_map(|kv| {
                 let i = kv.iter().position(|b| *b == b'=')?;
@@ -228,17 +290,129 @@ impl Testnet {
             })
             .collect();
         self.cmdlines.insert(name.to_owned(), (args, env));
-        kill(pid, Signal::SIGKILL).map_err(|e| Error::Setup(format!("kill {name}: {e}")))?;
-        // Reap it if it is ours; else wait until it is gone (or a zombie).
+        Ok(())
+    }
+
+    /// Kills the node, copies its data dir (consistent: nothing writes
+    /// it), and starts it again.
+    pub fn snapshot_data(&mut self, name: &str) -> Result<(), Error> {
+        self.kill(name)?;
+        let data = self.node(name)?.data.clone();
+        let copy = self.opts.dir.join(format!("{name}.stale"));
+        let _ = std::fs::remove_dir_all(&copy);
+        copy_dir(&data, &copy)?;
+        self.restart(name)
+    }
+
+    /// Kills the node, puts the copy [`Self::snapshot_data`] took in place
+    /// of its data dir, and starts it again.
+    pub fn restore_stale(&mut self, name: &str) -> Result<(), Error> {
+        self.kill(name)?;
+        let data = self.node(name)?.data.clone();
+        let copy = self.opts.dir.join(format!("{name}.stale"));
+        // Copied, not renamed: the data dir may be on its own filesystem.
+        std::fs::remove_dir_all(&data)?;
+        copy_dir(&copy, &data)?;
+        std::fs::remove_dir_all(&copy)?;
+        self.restart(name)
+    }
+
+    /// Caps the node's memory `headroom_mb` above what it uses now (its
+    /// own memory cgroup, charges moved in; v2, else v1).
+    pub fn limit_memory(&mut self, name: &str, headroom_mb: u32) -> Result<(), Error> {
+        let pid = self.pid(name)?;
+        self.keep_launch(name, pid)?;
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024;
+        let limit = rss + u64::from(headroom_mb) * (1 << 20);
+        let group = format!("trine-chaos-{}-{name}", std::process::id());
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+        let dir = if std::fs::read_to_string(v2)
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+        {
+            let dir = Path::new("/sys/fs/cgroup").join(&group);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("memory.max"), limit.to_string())?;
+            dir
+        } else {
+            let dir = Path::new("/sys/fs/cgroup/memory").join(&group);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::Setup(format!(
+                    "memory-pressure needs a writable memory cgroup (run as root on a host with cgroups): {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            // Bring the pages it already has along, so the cap bites.
+            let _ = std::fs::write(dir.join("memory.move_charge_at_immigrate"), "3");
+            std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string())?;
+            dir
+        };
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        self.mem_cgroups.insert(name.to_owned(), dir);
+        Ok(())
+    }
+
+    /// Lifts the cap; a node the kernel killed meanwhile is restarted.
+    pub fn unlimit_memory(&mut self, name: &str) -> Result<(), Error> {
+        if let Some(dir) = self.mem_cgroups.remove(name) {
+            let parent = dir.parent().unwrap_or(Path::new("/sys/fs/cgroup"));
+            if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in pids.lines() {
+                    let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        self.restart_if_dead(name)
+    }
+
+    /// Restarts the node if its process died (OOM, ENOSPC…).
+    pub fn restart_if_dead(&mut self, name: &str) -> Result<(), Error> {
+        if self.running(name) {
+            return Ok(());
+        }
         if let Some(mut r) = self.restarted.remove(name) {
             let _ = r.child.wait();
         }
-        let started = Instant::now();
-        while alive(pid) && started.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
+        tracing::info!(node = name, "the node died during the fault; restarting it");
+        self.restart(name)
+    }
+
+    /// Fills the filesystem of the node's directory with a ballast file.
+    pub fn fill_disk(&mut self, name: &str) -> Result<(), Error> {
+        if self.mounts.is_empty() {
+            return Err(Error::Setup(
+                "disk-full needs the nodes' own small filesystems (the run mounts them when its schedule has disk-full)".into(),
+            ));
         }
-        self.down.insert(name.to_owned());
+        let pid = self.pid(name)?;
+        self.keep_launch(name, pid)?;
+        let path = self.opts.dir.join(name).join("ballast");
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![0u8; 1 << 20];
+        loop {
+            match std::io::Write::write(&mut f, &chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // The last partial chunk.
+        let mut small = vec![0u8; 4096];
+        while std::io::Write::write(&mut f, &small).is_ok_and(|n| n > 0) {}
+        small.clear();
         Ok(())
+    }
+
+    /// Removes the ballast; a node that died meanwhile is restarted.
+    pub fn free_disk(&mut self, name: &str) -> Result<(), Error> {
+        let _ = std::fs::remove_file(self.opts.dir.join(name).join("ballast"));
+        self.restart_if_dead(name)
     }
 
     /// Starts a killed node again with its command line and environment.
@@ -260,9 +434,12 @@ impl Testnet {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd
-            .spawn()
-            .map_err(|e| Error::Setup(format!("restarting {name}: {e}")))?;
+        let child = cmd.spawn().map_err(|e| {
+            Error::Setup(format!(
+                "restarting {name} ({}): {e}",
+                args[0].to_string_lossy()
+            ))
+        })?;
         self.restarted.insert(name.to_owned(), Restarted { child });
         self.down.remove(name);
         Ok(())
@@ -339,6 +516,15 @@ impl Testnet {
         for name in self.cgroups.keys().cloned().collect::<Vec<_>>() {
             let _ = self.unlimit_cpu(&name);
         }
+        for (_, dir) in self.mem_cgroups.drain() {
+            let parent = dir.parent().unwrap_or(Path::new("/sys/fs/cgroup"));
+            if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in pids.lines() {
+                    let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
         for r in self.restarted.values_mut() {
             let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGCONT);
             let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGTERM);
@@ -359,6 +545,11 @@ impl Testnet {
             let _ = r.child.wait();
         }
         self.restarted.clear();
+        // The nodes' own filesystems, with what they hold (the report keeps
+        // the logs, which live outside them).
+        for m in self.mounts.drain(..) {
+            let _ = Command::new("umount").arg("--lazy").arg(&m).status();
+        }
     }
 }
 
@@ -425,6 +616,24 @@ fn endpoints(data: &Path) -> Result<Endpoints, Error> {
     let bytes = std::fs::read(&path)
         .map_err(|e| Error::Setup(format!("{}: {e} (is the node running?)", path.display())))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))
+}
+
+/// Copies a directory tree (files and directories only).
+fn copy_dir(from: &Path, to: &Path) -> Result<(), Error> {
+    let err =
+        |what: &Path, e: std::io::Error| Error::Setup(format!("copying {}: {e}", what.display()));
+    std::fs::create_dir_all(to).map_err(|e| err(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| err(from, e))? {
+        let entry = entry.map_err(|e| err(from, e))?;
+        let kind = entry.file_type().map_err(|e| err(&entry.path(), e))?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target).map_err(|e| err(&entry.path(), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether `pid` runs (a zombie does not).

@@ -82,7 +82,7 @@ pub struct RunOptions {
     pub settle: Duration,
 }
 
-fn start(opts: &RunOptions, dir: PathBuf) -> Result<Testnet, Error> {
+fn start(opts: &RunOptions, dir: PathBuf, small_disks: bool) -> Result<Testnet, Error> {
     eprintln!(
         "chaos: starting a testnet in {} (fault injection on)…",
         dir.display()
@@ -93,7 +93,15 @@ fn start(opts: &RunOptions, dir: PathBuf) -> Result<Testnet, Error> {
         base_port: opts.base_port,
         prometheus: opts.prometheus,
         regions: None,
+        small_disks,
     })
+}
+
+fn fills_disks<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> bool {
+    schedules
+        .into_iter()
+        .flat_map(|s| &s.faults)
+        .any(|f| matches!(f.action, Action::FillDisk { .. }))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -106,7 +114,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 /// Runs `schedule` against a testnet started for it (in `<dir>/cluster`).
 /// Progress goes to stderr.
 pub fn run(opts: &RunOptions, schedule: Schedule) -> Result<(Outcome, History), Error> {
-    let mut net = start(opts, opts.dir.join("cluster"))?;
+    let mut net = start(opts, opts.dir.join("cluster"), fills_disks([&schedule]))?;
     let result = runtime()?.block_on(play(&mut net, opts, schedule));
     net.stop();
     result
@@ -117,16 +125,21 @@ pub fn run(opts: &RunOptions, schedule: Schedule) -> Result<(Outcome, History), 
 /// one a fresh testnet. `each` sees every result as it comes.
 pub fn soak(
     opts: &RunOptions,
-    schedules: impl IntoIterator<Item = Schedule>,
+    schedules: Vec<Schedule>,
     mut each: impl FnMut(u64, Result<(Outcome, History), Error>) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let rt = runtime()?;
+    let small_disks = fills_disks(&schedules);
     let mut generation = 0;
     let mut net: Option<Testnet> = None;
     for schedule in schedules {
         if net.is_none() {
             generation += 1;
-            net = Some(start(opts, opts.dir.join(format!("cluster-{generation}")))?);
+            net = Some(start(
+                opts,
+                opts.dir.join(format!("cluster-{generation}")),
+                small_disks,
+            )?);
         }
         let seed = schedule.seed;
         let result = rt.block_on(play(net.as_mut().expect("started"), opts, schedule));
@@ -298,6 +311,9 @@ async fn play(
                     | Action::KillLeader
                     | Action::KillStageHolder { .. }
                     | Action::Pause { .. }
+                    | Action::MemoryLimit { .. }
+                    | Action::FillDisk { .. }
+                    | Action::StaleRestart { .. }
             )
         })
         .flat_map(|r| {
@@ -382,9 +398,12 @@ async fn one_fault(
             }
             vec![holders[*pick as usize % holders.len()].clone()]
         }
-        Action::Pause { node } | Action::ClockSkew { node, .. } | Action::CpuLimit { node, .. } => {
-            vec![node.clone()]
-        }
+        Action::Pause { node }
+        | Action::ClockSkew { node, .. }
+        | Action::CpuLimit { node, .. }
+        | Action::MemoryLimit { node, .. }
+        | Action::FillDisk { node }
+        | Action::StaleRestart { node } => vec![node.clone()],
         Action::Partition { side, .. } => side.clone(),
         Action::Latency { a, b, .. } => net
             .nodes
@@ -667,6 +686,27 @@ async fn apply(
                 net.limit_cpu(node, *permille)?;
             } else {
                 net.unlimit_cpu(node)?;
+            }
+        }
+        Action::MemoryLimit { node, headroom_mb } => {
+            if on {
+                net.limit_memory(node, *headroom_mb)?;
+            } else {
+                net.unlimit_memory(node)?;
+            }
+        }
+        Action::FillDisk { node } => {
+            if on {
+                net.fill_disk(node)?;
+            } else {
+                net.free_disk(node)?;
+            }
+        }
+        Action::StaleRestart { node } => {
+            if on {
+                net.snapshot_data(node)?;
+            } else {
+                net.restore_stale(node)?;
             }
         }
     }

@@ -46,10 +46,19 @@ pub enum Scenario {
     ClockSkew,
     /// Limit one node to a tenth of a CPU core (cgroup CPU quota).
     CpuPressure,
+    /// Cap one node's memory a little above what it uses (cgroup memory
+    /// limit): it reclaims, or the kernel kills it (then it is restarted).
+    MemoryPressure,
+    /// Fill one node's data disk (a small filesystem of its own) to the
+    /// last byte; free it after the hold.
+    DiskFull,
+    /// Copy one node's data dir (stopped, so the copy is consistent), let
+    /// the cluster move on, then restart the node from the old copy.
+    StaleDataDir,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::NodeKill,
         Scenario::LeaderKill,
         Scenario::RegionKill,
@@ -60,6 +69,9 @@ impl Scenario {
         Scenario::Latency,
         Scenario::ClockSkew,
         Scenario::CpuPressure,
+        Scenario::MemoryPressure,
+        Scenario::DiskFull,
+        Scenario::StaleDataDir,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,19 +86,27 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::ClockSkew => "clock-skew",
             Scenario::CpuPressure => "cpu-pressure",
+            Scenario::MemoryPressure => "memory-pressure",
+            Scenario::DiskFull => "disk-full",
+            Scenario::StaleDataDir => "stale-data-dir",
         }
     }
 
     /// Which of the original documents' five scenarios this one covers.
     pub fn family(self) -> &'static str {
         match self {
-            Scenario::NodeKill | Scenario::LeaderKill | Scenario::Pause => "node failure",
+            Scenario::NodeKill
+            | Scenario::LeaderKill
+            | Scenario::Pause
+            | Scenario::StaleDataDir => "node failure",
             Scenario::RegionKill => "regional failure",
             Scenario::PartitionNode | Scenario::PartitionRegion | Scenario::PartitionOneWay => {
                 "network partition"
             }
             Scenario::Latency | Scenario::ClockSkew => "high latency",
-            Scenario::CpuPressure => "resource exhaustion",
+            Scenario::CpuPressure | Scenario::MemoryPressure | Scenario::DiskFull => {
+                "resource exhaustion"
+            }
         }
     }
 }
@@ -134,6 +154,16 @@ pub enum Action {
         node: String,
         permille: u32,
     },
+    MemoryLimit {
+        node: String,
+        headroom_mb: u32,
+    },
+    FillDisk {
+        node: String,
+    },
+    StaleRestart {
+        node: String,
+    },
 }
 
 /// One fault of a schedule.
@@ -175,6 +205,13 @@ impl Fault {
                     "{node} limited to {:.0}% of a core",
                     *permille as f64 / 10.0
                 )
+            }
+            Action::MemoryLimit { node, headroom_mb } => {
+                format!("{node}'s memory capped {headroom_mb} MB above its use")
+            }
+            Action::FillDisk { node } => format!("{node}'s data disk filled"),
+            Action::StaleRestart { node } => {
+                format!("{node} restarted from a copy of its data dir taken when the fault began")
             }
         }
     }
@@ -284,6 +321,12 @@ fn draw(rng: &mut ChaCha8Rng, scenario: Scenario, hold: Duration, layout: &[Slot
             node: node(rng),
             permille: 100,
         },
+        Scenario::MemoryPressure => Action::MemoryLimit {
+            node: node(rng),
+            headroom_mb: 16,
+        },
+        Scenario::DiskFull => Action::FillDisk { node: node(rng) },
+        Scenario::StaleDataDir => Action::StaleRestart { node: node(rng) },
     };
     Fault {
         scenario,

@@ -87,10 +87,11 @@ Exit status: 0 after a clean stop, 78 for an invalid configuration, 1 for any ot
     #[command(subcommand)]
     Model(crate::model_cmd::ModelCommand),
     /// Chaos runs: start a testnet, break it on a seeded schedule (kill -9,
-    /// whole regions, SIGSTOP, partitions, latency, clock skew, CPU
-    /// starvation) under a workload, and check that no acknowledged write
-    /// is lost, chains agree, requests complete or fail retryably, and the
-    /// cluster recovers in time. Writes a report (JSON, Markdown, SVG).
+    /// whole regions, SIGSTOP, partitions, latency, clock skew, CPU and
+    /// memory starvation, a full disk, a stale data dir) under a workload,
+    /// and check that no acknowledged write is lost, chains agree, requests
+    /// complete or fail retryably, and the cluster recovers in time. Writes
+    /// a report (JSON, Markdown, SVG).
     Chaos(trine_chaos::ChaosArgs),
 }
 
