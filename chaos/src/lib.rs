@@ -289,7 +289,13 @@ fn soak(exe: PathBuf, s: &SoakArgs) -> Result<bool, Error> {
                         "ops": outcome.ops,
                         "acked_writes": history.ops.iter().filter(|o| o.kind == workload::OpKind::Note && o.ok).count(),
                         "lost_writes": outcome.checks.iter().any(|c| c.name.starts_with("safety: acknowledged") && !c.passed),
-                        "diverged": outcome.checks.iter().any(|c| c.name.starts_with("safety: every node's chain") && !c.passed),
+                        // Divergence proper: different hashes, or a chain that
+                    // does not verify (not a node that did not answer).
+                    "diverged": outcome.checks.iter().any(|c| {
+                        c.name.starts_with("safety: every node's chain")
+                            && !c.passed
+                            && (c.detail.contains("differ") || c.detail.contains("verify failed"))
+                    }),
                         "recovery": outcome.faults.iter().map(|f| serde_json::json!({
                             "scenario": f.fault.scenario.name(),
                             "new_leader_s": f.new_leader_s,

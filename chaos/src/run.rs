@@ -437,7 +437,20 @@ async fn one_fault(
     let deadline = tokio::time::Instant::now() + opts.settle;
     let mut recovered_ms = None;
     let mut caught_up_ms = None;
+    // A node a resource fault made exit (a full disk stops it; the kernel
+    // kills one over its memory cap) may take a while to go: the run acts
+    // as its supervisor, as systemd or Kubernetes would, and starts it
+    // again once it is gone.
+    let may_die = matches!(
+        fault.action,
+        Action::FillDisk { .. } | Action::MemoryLimit { .. }
+    );
     while tokio::time::Instant::now() < deadline {
+        if may_die {
+            for n in &nodes {
+                net.restart_if_dead(n)?;
+            }
+        }
         let (caught_up, is_whole) = whole(net, target_height).await;
         if caught_up && caught_up_ms.is_none() {
             caught_up_ms = Some(rec.now_ms());
@@ -573,11 +586,14 @@ fn measure(r: &mut FaultRecord, h: &History, faulted: &BTreeSet<u64>, all: &[Str
     );
     // "Ready elsewhere < 5 s plus model load": the move itself is held
     // to 5 s; the load after it is reported beside it.
+    // Judged, as the new leader is, when it happened or the fault held
+    // long enough that it should have (a node back before `down_after`
+    // plus a planning step keeps its stages).
     goal(
         format!("{label}: stages moved elsewhere"),
         r.moved_s,
         GOAL_STAGES_S,
-        killed && held,
+        killed && held && (r.moved_s.is_some() || held_s >= GOAL_STAGES_S),
     );
     goal(
         format!("{label}: chains caught up after healing"),

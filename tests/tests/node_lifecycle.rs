@@ -311,6 +311,7 @@ async fn help_lists_only_working_subcommands() -> Result<()> {
                 "certs",
                 "bench",
                 "model",
+                "chaos",
                 "help"
             ],
         "{commands:?}"

@@ -68,6 +68,32 @@ impl LogStore {
         Ok(())
     }
 
+    /// Forgets, at start, that this node led: a committed vote for itself
+    /// becomes an uncommitted one, so the node starts as a follower and
+    /// must win an election to lead again, with its log compared to the
+    /// others'. openraft would otherwise resume leadership in the same
+    /// term from the vote alone — and a leader restarted from an old copy
+    /// of its data dir then wrote different entries under log ids the
+    /// followers already held, and the chains diverged (found by
+    /// `trine chaos soak`, stale-data-dir on the leader). Stepping down is
+    /// always safe: a vote only loses its claim to leadership.
+    pub(super) fn step_down(&self) -> sled::Result<()> {
+        let Ok(Some(mut vote)) =
+            self.get_meta::<Vote<NodeId>>(VOTE, |e| StorageIOError::read_vote(&e))
+        else {
+            return Ok(());
+        };
+        if !vote.committed {
+            return Ok(());
+        }
+        vote.committed = false;
+        if let Ok(bytes) = serde_json::to_vec(&vote) {
+            self.meta.insert(VOTE, bytes)?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
     fn last_purged(&self) -> Result<Option<LogId<NodeId>>> {
         self.get_meta(PURGED, |e| StorageIOError::read_logs(&e))
     }

@@ -56,6 +56,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
             reason: e.to_string(),
         })?;
     let log = LogStore::new(&db).map_err(|e| damaged(&db_path, &e))?;
+    log.step_down().map_err(|e| damaged(&db_path, &e))?;
     let sm = StateMachine::open(&db, snapshot_path(dir), dir.join("chain"))
         .map_err(|e| damaged(&db_path, &e))?;
     Ok((log, sm))
