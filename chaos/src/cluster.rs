@@ -236,6 +236,9 @@ impl Testnet {
     }
 
     fn pid(&self, name: &str) -> Result<Pid, Error> {
+        if let Some(r) = self.restarted.get(name) {
+            return Ok(Pid::from_raw(r.child.id() as i32));
+        }
         let ep = endpoints(&self.node(name)?.data)?;
         Ok(Pid::from_raw(ep.pid as i32))
     }
@@ -262,7 +265,13 @@ impl Testnet {
     }
 
     /// Whether the node's process runs.
-    pub fn running(&self, name: &str) -> bool {
+    /// A node this run restarted is judged by its child process (its
+    /// endpoints file is missing while it starts, and after a clean exit);
+    /// any other by the pid in its endpoints file.
+    pub fn running(&mut self, name: &str) -> bool {
+        if let Some(r) = self.restarted.get_mut(name) {
+            return matches!(r.child.try_wait(), Ok(None));
+        }
         self.pid(name).is_ok_and(alive)
     }
 
@@ -375,9 +384,8 @@ impl Testnet {
         if self.running(name) {
             return Ok(());
         }
-        if let Some(mut r) = self.restarted.remove(name) {
-            let _ = r.child.wait();
-        }
+        // Exited (running() reaped it if it was ours).
+        self.restarted.remove(name);
         tracing::info!(node = name, "the node died during the fault; restarting it");
         self.restart(name)
     }
