@@ -4,18 +4,15 @@
 
 use crate::check::Check;
 use crate::run::FaultRecord;
-use crate::schedule::Action;
+use crate::schedule::Scenario;
 use crate::workload::History;
 
 /// The alert a fault should raise, and the rule's `for` in seconds
 /// (deploy/monitoring/alerts.yml).
-pub fn expected(action: &Action, nodes: usize, region_size: usize) -> Option<(&'static str, f64)> {
-    match action {
-        Action::Kill { .. } if nodes == region_size && nodes > 0 => Some(("RegionDown", 60.0)),
-        Action::Kill { .. }
-        | Action::KillLeader
-        | Action::KillStageHolder { .. }
-        | Action::Pause { .. } => Some(("NodeDown", 60.0)),
+pub fn expected(scenario: Scenario) -> Option<(&'static str, f64)> {
+    match scenario {
+        Scenario::RegionKill => Some(("RegionDown", 60.0)),
+        Scenario::NodeKill | Scenario::LeaderKill | Scenario::Pause => Some(("NodeDown", 60.0)),
         _ => None,
     }
 }
@@ -27,12 +24,7 @@ pub fn check(records: &[FaultRecord], h: &History, end_ms: f64) -> Check {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
     for r in records {
-        // Region kills name all of a region's nodes; the schedule knows.
-        let region_size = match &r.fault.action {
-            Action::Kill { nodes } if nodes.len() > 1 => nodes.len(),
-            _ => usize::MAX,
-        };
-        let Some((alert, for_s)) = expected(&r.fault.action, r.nodes.len(), region_size) else {
+        let Some((alert, for_s)) = expected(r.fault.scenario) else {
             continue;
         };
         let held = (r.healed_ms - r.start_ms) / 1000.0;

@@ -37,6 +37,12 @@ pub struct Node {
     /// Its data dir.
     pub data: PathBuf,
     pub id: u64,
+    /// Admin clients with the admin token, each on one lazily connected
+    /// channel that every clone shares (it reconnects after a restart):
+    /// `status` for the observers' one-second polls, `admin` for the
+    /// workload's writes and reads.
+    pub status: Admin,
+    pub admin: Admin,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +87,26 @@ const SMALL_DISK: &str = "64m";
 
 /// A killed node's command line and environment.
 type Launch = (Vec<OsString>, Vec<(OsString, OsString)>);
+
+/// The testnet process while [`Testnet::start`] is still checking it: an
+/// early return (it never came up, a file is missing) stops it, so no
+/// cluster is left running behind an error.
+struct Started(Option<Child>);
+
+impl Started {
+    fn get(&mut self) -> &mut Child {
+        self.0.as_mut().expect("taken only on success")
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
 
 /// A node process this run restarted (its child now, not the testnet's).
 #[derive(Debug)]
@@ -145,13 +171,14 @@ impl Testnet {
         if opts.prometheus {
             cmd.arg("--prometheus");
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log_path)?)
-            .spawn()
-            .map_err(|e| Error::Setup(format!("starting {}: {e}", opts.exe.display())))?;
-        let stdout = child.stdout.take().expect("piped");
+        let mut child = Started(Some(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log_path)?)
+                .spawn()
+                .map_err(|e| Error::Setup(format!("starting {}: {e}", opts.exe.display())))?,
+        ));
+        let stdout = child.get().stdout.take().expect("piped");
         let mut out = String::new();
         let mut ready = false;
         for line in BufReader::new(stdout).lines() {
@@ -165,7 +192,6 @@ impl Testnet {
         }
         std::fs::write(opts.dir.join("testnet.status"), &out)?;
         if !ready {
-            let _ = child.wait();
             return Err(Error::Setup(format!(
                 "the testnet did not come up; see {}",
                 log_path.display()
@@ -179,24 +205,27 @@ impl Testnet {
         let layout: LayoutFile =
             serde_json::from_slice(&std::fs::read(opts.dir.join("testnet.json"))?)
                 .map_err(|e| Error::Setup(format!("testnet.json: {e}")))?;
+        let token = std::fs::read_to_string(opts.dir.join("admin.token"))?
+            .trim()
+            .to_owned();
         let mut nodes = Vec::new();
         for s in layout.nodes {
             let data = opts.dir.join(&s.name).join("data");
             let ep = endpoints(&data)?;
+            let grpc = format!("127.0.0.1:{}", s.grpc);
             nodes.push(Node {
                 id: ep.node_id.unwrap_or(0),
                 name: s.name,
                 region: s.region,
-                grpc: format!("127.0.0.1:{}", s.grpc),
+                status: admin_client(&grpc, &token, Duration::from_secs(1))?,
+                admin: admin_client(&grpc, &token, crate::workload::ADMIN_DEADLINE)?,
+                grpc,
                 http: format!("127.0.0.1:{}", s.http),
                 data,
             });
         }
-        let token = std::fs::read_to_string(opts.dir.join("admin.token"))?
-            .trim()
-            .to_owned();
         Ok(Self {
-            testnet: child,
+            testnet: child.0.take().expect("kept until here"),
             opts,
             nodes,
             token,
@@ -229,10 +258,6 @@ impl Testnet {
             .iter()
             .find(|n| n.name == name)
             .ok_or_else(|| Error::Setup(format!("no node named {name} in this cluster")))
-    }
-
-    pub fn token(&self) -> &str {
-        &self.token
     }
 
     fn pid(&self, name: &str) -> Result<Pid, Error> {
@@ -327,7 +352,7 @@ impl Testnet {
     }
 
     /// Caps the node's memory `headroom_mb` above what it uses now (its
-    /// own memory cgroup, charges moved in; v2, else v1).
+    /// own memory cgroup, charges moved in).
     pub fn limit_memory(&mut self, name: &str, headroom_mb: u32) -> Result<(), Error> {
         let pid = self.pid(name)?;
         self.keep_launch(name, pid)?;
@@ -337,29 +362,15 @@ impl Testnet {
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             .unwrap_or(0)
             * 1024;
-        let limit = rss + u64::from(headroom_mb) * (1 << 20);
-        let group = format!("trine-chaos-{}-{name}", std::process::id());
-        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
-        let dir = if std::fs::read_to_string(v2)
-            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
-        {
-            let dir = Path::new("/sys/fs/cgroup").join(&group);
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("memory.max"), limit.to_string())?;
-            dir
+        let limit = (rss + u64::from(headroom_mb) * (1 << 20)).to_string();
+        let (dir, v2) = make_cgroup("memory", "memory-pressure", name)?;
+        if v2 {
+            std::fs::write(dir.join("memory.max"), limit)?;
         } else {
-            let dir = Path::new("/sys/fs/cgroup/memory").join(&group);
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                Error::Setup(format!(
-                    "memory-pressure needs a writable memory cgroup (run as root on a host with cgroups): {}: {e}",
-                    dir.display()
-                ))
-            })?;
             // Bring the pages it already has along, so the cap bites.
             let _ = std::fs::write(dir.join("memory.move_charge_at_immigrate"), "3");
-            std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string())?;
-            dir
-        };
+            std::fs::write(dir.join("memory.limit_in_bytes"), limit)?;
+        }
         std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
         self.mem_cgroups.insert(name.to_owned(), dir);
         Ok(())
@@ -368,13 +379,7 @@ impl Testnet {
     /// Lifts the cap; a node the kernel killed meanwhile is restarted.
     pub fn unlimit_memory(&mut self, name: &str) -> Result<(), Error> {
         if let Some(dir) = self.mem_cgroups.remove(name) {
-            let parent = dir.parent().unwrap_or(Path::new("/sys/fs/cgroup"));
-            if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in pids.lines() {
-                    let _ = std::fs::write(parent.join("cgroup.procs"), pid);
-                }
-            }
-            let _ = std::fs::remove_dir(&dir);
+            dissolve_cgroup(&dir);
         }
         self.restart_if_dead(name)
     }
@@ -401,19 +406,17 @@ impl Testnet {
         self.keep_launch(name, pid)?;
         let path = self.opts.dir.join(name).join("ballast");
         let mut f = std::fs::File::create(&path)?;
-        let chunk = vec![0u8; 1 << 20];
-        loop {
-            match std::io::Write::write(&mut f, &chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
-                Err(e) => return Err(e.into()),
+        // Megabytes until the disk refuses, then pages for the last one.
+        for chunk in [vec![0u8; 1 << 20], vec![0u8; 4096]] {
+            loop {
+                match std::io::Write::write(&mut f, &chunk) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
-        // The last partial chunk.
-        let mut small = vec![0u8; 4096];
-        while std::io::Write::write(&mut f, &small).is_ok_and(|n| n > 0) {}
-        small.clear();
         Ok(())
     }
 
@@ -458,50 +461,28 @@ impl Testnet {
     }
 
     /// Puts the node in its own CPU cgroup with a quota of `permille`
-    /// thousandths of one core (cgroup v2, else v1).
+    /// thousandths of one core.
     pub fn limit_cpu(&mut self, name: &str, permille: u32) -> Result<(), Error> {
         let pid = self.pid(name)?;
-        let group = format!("trine-chaos-{}-{name}", std::process::id());
         let period = 100_000u64;
         let quota = period * u64::from(permille) / 1000;
-        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
-        let dir = if std::fs::read_to_string(v2)
-            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
-        {
-            let dir = Path::new("/sys/fs/cgroup").join(&group);
-            std::fs::create_dir_all(&dir)?;
+        let (dir, v2) = make_cgroup("cpu", "cpu-pressure", name)?;
+        if v2 {
             std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
-            dir
         } else {
-            let dir = Path::new("/sys/fs/cgroup/cpu").join(&group);
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                Error::Setup(format!(
-                    "cpu-pressure needs a writable CPU cgroup (run as root on a host with cgroups): {}: {e}",
-                    dir.display()
-                ))
-            })?;
             std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
-            dir
-        };
+        }
         std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
         self.cgroups.insert(name.to_owned(), dir);
         Ok(())
     }
 
     /// Moves the node back to the root CPU group and removes its own.
-    pub fn unlimit_cpu(&mut self, name: &str) -> Result<(), Error> {
-        let Some(dir) = self.cgroups.remove(name) else {
-            return Ok(());
-        };
-        let parent = dir.parent().unwrap_or(Path::new("/sys/fs/cgroup"));
-        if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            for pid in pids.lines() {
-                let _ = std::fs::write(parent.join("cgroup.procs"), pid);
-            }
+    pub fn unlimit_cpu(&mut self, name: &str) {
+        if let Some(dir) = self.cgroups.remove(name) {
+            dissolve_cgroup(&dir);
         }
-        std::fs::remove_dir(&dir)?;
-        Ok(())
     }
 
     /// An Admin client for `node` with the admin token.
@@ -521,17 +502,8 @@ impl Testnet {
 
     /// Stops everything: restarted nodes, then the testnet (which stops the rest).
     pub fn stop(&mut self) {
-        for name in self.cgroups.keys().cloned().collect::<Vec<_>>() {
-            let _ = self.unlimit_cpu(&name);
-        }
-        for (_, dir) in self.mem_cgroups.drain() {
-            let parent = dir.parent().unwrap_or(Path::new("/sys/fs/cgroup"));
-            if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in pids.lines() {
-                    let _ = std::fs::write(parent.join("cgroup.procs"), pid);
-                }
-            }
-            let _ = std::fs::remove_dir(&dir);
+        for (_, dir) in self.cgroups.drain().chain(self.mem_cgroups.drain()) {
+            dissolve_cgroup(&dir);
         }
         for r in self.restarted.values_mut() {
             let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGCONT);
@@ -624,6 +596,39 @@ fn endpoints(data: &Path) -> Result<Endpoints, Error> {
     let bytes = std::fs::read(&path)
         .map_err(|e| Error::Setup(format!("{}: {e} (is the node running?)", path.display())))?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))
+}
+
+/// Makes this run's own cgroup for node `name` under `controller`: on
+/// cgroup v2 when the unified hierarchy offers the controller, else on v1.
+/// Returns its directory and whether it is v2.
+fn make_cgroup(controller: &str, scenario: &str, name: &str) -> Result<(PathBuf, bool), Error> {
+    let group = format!("trine-chaos-{}-{name}", std::process::id());
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|c| c == controller));
+    let dir = if v2 {
+        Path::new("/sys/fs/cgroup").join(&group)
+    } else {
+        Path::new("/sys/fs/cgroup").join(controller).join(&group)
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Error::Setup(format!(
+            "{scenario} needs a writable {controller} cgroup (run as root on a host with cgroups): {}: {e}",
+            dir.display()
+        ))
+    })?;
+    Ok((dir, v2))
+}
+
+/// Moves every process of the cgroup at `dir` back to its parent group
+/// and removes it.
+fn dissolve_cgroup(dir: &Path) {
+    let parent = dir.parent().unwrap_or(Path::new("/sys/fs/cgroup"));
+    if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in pids.lines() {
+            let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Copies a directory tree (files and directories only).

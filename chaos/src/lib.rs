@@ -333,18 +333,11 @@ fn soak(exe: PathBuf, s: &SoakArgs) -> Result<bool, Error> {
             Ok(())
         },
     )?;
-    let passed = rows
-        .iter()
-        .filter(|r| r["passed"].as_bool() == Some(true))
-        .count();
-    let lost = rows
-        .iter()
-        .filter(|r| r["lost_writes"].as_bool() == Some(true))
-        .count();
-    let diverged = rows
-        .iter()
-        .filter(|r| r["diverged"].as_bool() == Some(true))
-        .count();
+    let (passed, lost, diverged) = (
+        count(&rows, "passed"),
+        count(&rows, "lost_writes"),
+        count(&rows, "diverged"),
+    );
     println!(
         "soak: {passed}/{total} schedules passed; {lost} with a lost acknowledged write, {diverged} with chain divergence; summary: {}",
         dir.join("soak.md").display()
@@ -352,20 +345,20 @@ fn soak(exe: PathBuf, s: &SoakArgs) -> Result<bool, Error> {
     Ok(passed == total)
 }
 
+/// Schedules whose row has `flag` true.
+fn count(rows: &[serde_json::Value], flag: &str) -> usize {
+    rows.iter()
+        .filter(|r| r[flag].as_bool() == Some(true))
+        .count()
+}
+
 /// The soak's summary: totals, recovery percentiles per scenario, a row per schedule.
 fn soak_markdown(s: &SoakArgs, rows: &[serde_json::Value], took: Duration) -> String {
-    let passed = rows
-        .iter()
-        .filter(|r| r["passed"].as_bool() == Some(true))
-        .count();
-    let lost = rows
-        .iter()
-        .filter(|r| r["lost_writes"].as_bool() == Some(true))
-        .count();
-    let diverged = rows
-        .iter()
-        .filter(|r| r["diverged"].as_bool() == Some(true))
-        .count();
+    let (passed, lost, diverged) = (
+        count(rows, "passed"),
+        count(rows, "lost_writes"),
+        count(rows, "diverged"),
+    );
     let acked: u64 = rows.iter().filter_map(|r| r["acked_writes"].as_u64()).sum();
     let mut md = format!(
         "# Chaos soak: {} of {} schedules run, {} random faults each (seeds {}..)\n\n{passed} passed. Acknowledged writes: {acked}; schedules that lost one: {lost}; with chain divergence: {diverged}. {:.0} min.\n\n",

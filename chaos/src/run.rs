@@ -82,11 +82,19 @@ pub struct RunOptions {
     pub settle: Duration,
 }
 
-fn start(opts: &RunOptions, dir: PathBuf, small_disks: bool) -> Result<Testnet, Error> {
+/// Starts the testnet; inside `rt` because the nodes' gRPC channels are
+/// made (lazily connected) on the way.
+fn start(
+    rt: &tokio::runtime::Runtime,
+    opts: &RunOptions,
+    dir: PathBuf,
+    small_disks: bool,
+) -> Result<Testnet, Error> {
     eprintln!(
         "chaos: starting a testnet in {} (fault injection on)…",
         dir.display()
     );
+    let _runtime = rt.enter();
     Testnet::start(TestnetOptions {
         exe: opts.exe.clone(),
         dir,
@@ -114,8 +122,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 /// Runs `schedule` against a testnet started for it (in `<dir>/cluster`).
 /// Progress goes to stderr.
 pub fn run(opts: &RunOptions, schedule: Schedule) -> Result<(Outcome, History), Error> {
-    let mut net = start(opts, opts.dir.join("cluster"), fills_disks([&schedule]))?;
-    let result = runtime()?.block_on(async {
+    let rt = runtime()?;
+    let mut net = start(
+        &rt,
+        opts,
+        opts.dir.join("cluster"),
+        fills_disks([&schedule]),
+    )?;
+    let result = rt.block_on(async {
         tokio::select! {
             r = play(&mut net, opts, schedule) => r,
             () = interrupted() => Err(Error::Setup(INTERRUPTED.into())),
@@ -160,6 +174,7 @@ pub fn soak(
         if net.is_none() {
             generation += 1;
             net = Some(start(
+                &rt,
                 opts,
                 opts.dir.join(format!("cluster-{generation}")),
                 small_disks,
@@ -204,7 +219,7 @@ async fn play(
     let from_height = {
         let mut h = 0;
         for n in &net.nodes {
-            if let Some(s) = workload::status_of(n, net.token()).await {
+            if let Some(s) = workload::status_of(n).await {
                 h = h.max(s.chain_height);
             }
         }
@@ -242,7 +257,6 @@ async fn play(
     let rec = Recorder::new();
     let target = workload::Target {
         nodes: net.nodes.clone(),
-        token: net.token().to_owned(),
         model: model.clone(),
         prometheus: net.prometheus.clone(),
         tag: tag.clone(),
@@ -385,7 +399,7 @@ async fn play(
 
 async fn leader_name(net: &Testnet) -> Option<String> {
     for n in &net.nodes {
-        if let Some(s) = workload::status_of(n, net.token()).await
+        if let Some(s) = workload::status_of(n).await
             && s.leader_id != 0
         {
             return net
@@ -411,14 +425,10 @@ async fn one_fault(
         Action::Kill { nodes } => nodes.clone(),
         Action::KillLeader => vec![leader_before.clone()],
         Action::KillStageHolder { pick } => {
-            let t = workload::Target {
-                nodes: net.nodes.clone(),
-                token: net.token().to_owned(),
-                model: String::new(),
-                prometheus: None,
-                tag: String::new(),
-            };
-            let on = workload::stages(&t).await.map(|s| s.on).unwrap_or_default();
+            let on = workload::stages(&net.nodes)
+                .await
+                .map(|s| s.on)
+                .unwrap_or_default();
             let mut holders: Vec<String> = net
                 .nodes
                 .iter()
@@ -427,7 +437,9 @@ async fn one_fault(
                 .collect();
             holders.sort();
             if holders.is_empty() {
-                return Err(Error::Setup("no node serves a stage".into()));
+                return Err(Error::Setup(
+                    "no node serves a stage of the model (see `trine placement` on the report's cluster)".into(),
+                ));
             }
             vec![holders[*pick as usize % holders.len()].clone()]
         }
@@ -446,7 +458,9 @@ async fn one_fault(
             .collect(),
     };
     if nodes.iter().any(String::is_empty) {
-        return Err(Error::Setup("no leader to kill".into()));
+        return Err(Error::Setup(
+            "no node named a leader when the fault began (is the cluster electing?); rerun, or see the nodes' logs in the report's cluster/".into(),
+        ));
     }
     let description = match &fault.action {
         Action::KillLeader => format!("kill -9 the leader ({leader_before})"),
@@ -459,14 +473,14 @@ async fn one_fault(
     apply(net, &fault.action, &nodes, false).await?;
     let healed_ms = rec.now_ms();
     // Heights every node must reach: the highest any node had at healing.
-    let h = rec.snapshot();
-    let target_height = h
-        .status
-        .iter()
-        .filter(|s| s.t_ms <= healed_ms)
-        .map(|s| s.chain_height)
-        .max()
-        .unwrap_or(0);
+    let target_height = rec.history.lock().map_or(0, |h| {
+        h.status
+            .iter()
+            .filter(|s| s.t_ms <= healed_ms)
+            .map(|s| s.chain_height)
+            .max()
+            .unwrap_or(0)
+    });
     let deadline = tokio::time::Instant::now() + opts.settle;
     let mut recovered_ms = None;
     let mut caught_up_ms = None;
@@ -494,7 +508,6 @@ async fn one_fault(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let history = rec.snapshot();
     let r = FaultRecord {
         index,
         fault: fault.clone(),
@@ -512,7 +525,6 @@ async fn one_fault(
         whole_s: recovered_ms.map(|t| (t - healed_ms) / 1000.0),
         goals: Vec::new(),
     };
-    let _ = history;
     Ok(r)
 }
 
@@ -751,7 +763,7 @@ async fn apply(
             if on {
                 net.limit_cpu(node, *permille)?;
             } else {
-                net.unlimit_cpu(node)?;
+                net.unlimit_cpu(node);
             }
         }
         Action::MemoryLimit { node, headroom_mb } => {
@@ -787,7 +799,7 @@ async fn whole(net: &Testnet, height: u64) -> (bool, bool) {
     let mut caught_up = true;
     let mut up = true;
     for n in &net.nodes {
-        match workload::status_of(n, net.token()).await {
+        match workload::status_of(n).await {
             Some(s) => {
                 caught_up &= s.chain_height >= height;
                 up &= s.leader_id != 0 && s.nodes_up == s.nodes_total;
@@ -799,14 +811,7 @@ async fn whole(net: &Testnet, height: u64) -> (bool, bool) {
     if !caught_up || !up || leaders.len() != 1 {
         return (caught_up, false);
     }
-    let t = workload::Target {
-        nodes: net.nodes.clone(),
-        token: net.token().to_owned(),
-        model: String::new(),
-        prometheus: None,
-        tag: String::new(),
-    };
-    let stages = workload::stages(&t)
+    let stages = workload::stages(&net.nodes)
         .await
         .is_some_and(|s| s.ready == s.total && s.total > 0);
     (true, stages)
@@ -819,7 +824,7 @@ async fn settle(net: &Testnet, limit: Duration) -> bool {
         let mut heads = BTreeSet::new();
         let mut all = true;
         for n in &net.nodes {
-            match workload::status_of(n, net.token()).await {
+            match workload::status_of(n).await {
                 Some(s) => {
                     heads.insert((s.chain_height, s.head));
                 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use trine_proto::v1;
 
-use crate::cluster::{Node, admin_client, inference_client};
+use crate::cluster::{Node, inference_client};
 
 /// The prompts inference requests use (greedy, so each has one right answer).
 pub const PROMPTS: [&str; 4] = [
@@ -142,7 +142,6 @@ impl Default for Recorder {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub nodes: Vec<Node>,
-    pub token: String,
     pub model: String,
     pub prometheus: Option<String>,
     /// 16 hex digits that make this run's note texts, token names and
@@ -208,35 +207,31 @@ async fn writer(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
 }
 
 async fn note(t: &Target, rec: &Recorder, seq: u64) {
-    {
-        let node = &t.nodes[seq as usize % t.nodes.len()];
-        let text = format!("chaos {} note {seq}", t.tag);
-        let start = rec.now_ms();
-        let r = match admin_client(&node.grpc, &t.token, ADMIN_DEADLINE) {
-            Ok(mut c) => {
-                c.append_note(v1::AppendNoteRequest {
-                    request_id: format!("{}-n{seq}", t.tag),
-                    text: text.clone(),
-                })
-                .await
-            }
-            Err(e) => Err(tonic::Status::internal(e.to_string())),
-        };
-        rec.push(Op {
-            id: rec.id(),
-            kind: OpKind::Note,
-            node: node.name.clone(),
-            start_ms: start,
-            end_ms: rec.now_ms(),
-            key: text,
-            ok: r.is_ok(),
-            code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
-            detail: match &r {
-                Ok(h) => format!("height {}", h.get_ref().height),
-                Err(s) => s.message().to_owned(),
-            },
-        });
-    }
+    let node = &t.nodes[seq as usize % t.nodes.len()];
+    let text = format!("chaos {} note {seq}", t.tag);
+    let start = rec.now_ms();
+    let r = node
+        .admin
+        .clone()
+        .append_note(v1::AppendNoteRequest {
+            request_id: format!("{}-n{seq}", t.tag),
+            text: text.clone(),
+        })
+        .await;
+    rec.push(Op {
+        id: rec.id(),
+        kind: OpKind::Note,
+        node: node.name.clone(),
+        start_ms: start,
+        end_ms: rec.now_ms(),
+        key: text,
+        ok: r.is_ok(),
+        code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
+        detail: match &r {
+            Ok(h) => format!("height {}", h.get_ref().height),
+            Err(s) => s.message().to_owned(),
+        },
+    });
 }
 
 /// Token creates, revokes of older ones, and linearizable reads of the
@@ -247,10 +242,7 @@ async fn tokens(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         let node = &t.nodes[(seq as usize * 3 + 1) % t.nodes.len()];
         let start = rec.now_ms();
-        let mut client = match admin_client(&node.grpc, &t.token, ADMIN_DEADLINE) {
-            Ok(c) => c,
-            Err(_) => return,
-        };
+        let mut client = node.admin.clone();
         let (kind, key, r): (OpKind, String, Result<String, tonic::Status>) = match seq % 3 {
             0 => {
                 let name = format!("chaos-{}-{seq}", t.tag);
@@ -380,8 +372,7 @@ async fn observe(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
     let http = reqwest::Client::new();
     let mut tick = 0u64;
     while !*stop.borrow() {
-        let samples =
-            futures_util::future::join_all(t.nodes.iter().map(|n| status_of(n, &t.token)));
+        let samples = futures_util::future::join_all(t.nodes.iter().map(status_of));
         for (n, s) in t.nodes.iter().zip(samples.await) {
             if let Some(s) = s {
                 let sample = StatusSample {
@@ -394,7 +385,7 @@ async fn observe(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
                 }
             }
         }
-        if let Some(s) = stages(&t).await {
+        if let Some(s) = stages(&t.nodes).await {
             let sample = StageSample {
                 t_ms: rec.now_ms(),
                 ..s
@@ -421,8 +412,8 @@ async fn observe(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
 }
 
 /// A node's own view (local read), or None when it does not answer within 1 s.
-pub async fn status_of(n: &Node, token: &str) -> Option<StatusSample> {
-    let mut c = admin_client(&n.grpc, token, Duration::from_secs(1)).ok()?;
+pub async fn status_of(n: &Node) -> Option<StatusSample> {
+    let mut c = n.status.clone();
     let s = c
         .cluster_status(v1::ClusterStatusRequest {
             consistency: v1::ReadConsistency::Local.into(),
@@ -455,12 +446,11 @@ pub async fn status_of(n: &Node, token: &str) -> Option<StatusSample> {
 }
 
 /// Ready and total stage slots, as the first node that answers sees them.
-pub async fn stages(t: &Target) -> Option<StageSample> {
-    for n in &t.nodes {
-        let Ok(mut c) = admin_client(&n.grpc, &t.token, Duration::from_secs(1)) else {
-            continue;
-        };
-        if let Ok(p) = c
+pub async fn stages(nodes: &[Node]) -> Option<StageSample> {
+    for n in nodes {
+        if let Ok(p) = n
+            .status
+            .clone()
             .get_placement(v1::GetPlacementRequest {
                 consistency: v1::ReadConsistency::Local.into(),
                 max_staleness_ms: 3_600_000,
