@@ -1,8 +1,10 @@
-//! The cluster under test: a `trine testnet` this run starts (real node
-//! processes on loopback, with fault injection on), and the levers a fault
-//! pulls on it — signals to node processes, restarts with the same command
-//! line, the nodes' in-node fault layer (Admin InjectFault), cgroup CPU
-//! quotas.
+//! The cluster under test — a `trine testnet` this run starts (real node
+//! processes on loopback, with fault injection on) or the compose cluster
+//! (`compose`) — and the levers a fault pulls on it: signals to node
+//! processes or Docker's kill/pause, restarts (the same command line; the
+//! same container), the nodes' in-node fault layer (Admin InjectFault),
+//! cgroup CPU and memory limits, a ballast on a node's own small disk, a
+//! stale copy of its data dir.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -21,6 +23,7 @@ use trine_proto::v1::admin_client::AdminClient;
 use trine_proto::v1::inference_client::InferenceClient;
 
 use crate::Error;
+use crate::compose::{Compose, ComposeOptions};
 use crate::schedule::Slot;
 
 /// The env var a testnet node reads to tie its life to its parent's.
@@ -45,6 +48,29 @@ pub struct Node {
     pub admin: Admin,
 }
 
+impl Node {
+    fn new(
+        name: String,
+        region: String,
+        grpc: String,
+        http: String,
+        data: PathBuf,
+        id: u64,
+        token: &str,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            status: admin_client(&grpc, token, Duration::from_secs(1))?,
+            admin: admin_client(&grpc, token, crate::workload::ADMIN_DEADLINE)?,
+            name,
+            region,
+            grpc,
+            http,
+            data,
+            id,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct LayoutFile {
     nodes: Vec<LayoutSlot>,
@@ -65,21 +91,22 @@ struct Endpoints {
     node_id: Option<u64>,
 }
 
-/// How to start the testnet.
+/// How to start the cluster.
 #[derive(Debug, Clone)]
-pub struct TestnetOptions {
+pub struct ClusterOptions {
     /// The `trine` binary.
     pub exe: PathBuf,
     /// Where its data, logs and certificates go.
     pub dir: PathBuf,
+    /// First port of the testnet.
     pub base_port: u16,
     /// Also run Prometheus with the alert rules.
     pub prometheus: bool,
-    /// Passed to `trine testnet --regions`.
-    pub regions: Option<String>,
     /// Give each node's directory a filesystem of its own (a 64 MiB tmpfs,
     /// needs root) so that one node's disk can be filled.
     pub small_disks: bool,
+    /// Some: the compose cluster instead of `trine testnet`.
+    pub compose: Option<ComposeOptions>,
 }
 
 /// Size of each node's own filesystem with `small_disks`.
@@ -88,7 +115,7 @@ const SMALL_DISK: &str = "64m";
 /// A killed node's command line and environment.
 type Launch = (Vec<OsString>, Vec<(OsString, OsString)>);
 
-/// The testnet process while [`Testnet::start`] is still checking it: an
+/// The testnet process while [`Cluster::start`] is still checking it: an
 /// early return (it never came up, a file is missing) stops it, so no
 /// cluster is left running behind an error.
 struct Started(Option<Child>);
@@ -108,56 +135,93 @@ impl Drop for Started {
     }
 }
 
+/// The nodes' own small filesystems, unmounted (with what they hold; the
+/// logs live outside them) when dropped.
+#[derive(Debug, Default)]
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    fn make(dir: &Path) -> Result<Self, Error> {
+        let mut mounts = Self::default();
+        for slot in crate::default_layout() {
+            let dir = dir.join(&slot.name);
+            std::fs::create_dir_all(&dir)?;
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={SMALL_DISK}"), "tmpfs"])
+                .arg(&dir)
+                .output()
+                .map_err(|e| Error::Setup(format!("running mount: {e}")))?;
+            if !out.status.success() {
+                return Err(Error::Setup(format!(
+                    "disk-full gives each node a {SMALL_DISK} tmpfs of its own and needs root to mount it: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            mounts.0.push(dir);
+        }
+        Ok(mounts)
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.drain(..) {
+            let _ = Command::new("umount").arg("--lazy").arg(&m).status();
+        }
+    }
+}
+
 /// A node process this run restarted (its child now, not the testnet's).
 #[derive(Debug)]
 struct Restarted {
     child: Child,
 }
 
-/// A running testnet.
-pub struct Testnet {
+/// The levers of a `trine testnet`: node processes, cgroups.
+struct Local {
     testnet: Child,
-    opts: TestnetOptions,
-    pub nodes: Vec<Node>,
-    token: String,
     /// Command line and environment of each node, read before a kill.
     cmdlines: HashMap<String, Launch>,
     restarted: HashMap<String, Restarted>,
+    cgroups: HashMap<String, PathBuf>,
+    mem_cgroups: HashMap<String, PathBuf>,
+}
+
+enum Backend {
+    Testnet(Local),
+    Compose(Compose),
+}
+
+/// A running cluster: a `trine testnet` or a compose project.
+pub struct Cluster {
+    opts: ClusterOptions,
+    pub nodes: Vec<Node>,
+    token: String,
     /// Nodes whose processes are down (killed, not yet restarted).
     pub down: std::collections::BTreeSet<String>,
     pub prometheus: Option<String>,
-    cgroups: HashMap<String, PathBuf>,
-    mem_cgroups: HashMap<String, PathBuf>,
-    mounts: Vec<PathBuf>,
+    backend: Backend,
+    /// Dropped last: the containers or processes stop first.
+    mounts: Mounts,
 }
 
-impl Testnet {
-    /// Starts `trine testnet` with fault injection on and waits until it
-    /// is healthy and its model is ready.
-    pub fn start(opts: TestnetOptions) -> Result<Self, Error> {
+impl Cluster {
+    /// Starts the cluster with fault injection on and waits until it is
+    /// up and its model deployed.
+    pub fn start(opts: ClusterOptions) -> Result<Self, Error> {
         std::fs::create_dir_all(&opts.dir)?;
-        let mut mounts = Vec::new();
-        if opts.small_disks {
-            for slot in crate::default_layout() {
-                let dir = opts.dir.join(&slot.name);
-                std::fs::create_dir_all(&dir)?;
-                let out = Command::new("mount")
-                    .args(["-t", "tmpfs", "-o", &format!("size={SMALL_DISK}"), "tmpfs"])
-                    .arg(&dir)
-                    .output()
-                    .map_err(|e| Error::Setup(format!("running mount: {e}")))?;
-                if !out.status.success() {
-                    for m in &mounts {
-                        let _ = Command::new("umount").arg(m).status();
-                    }
-                    return Err(Error::Setup(format!(
-                        "disk-full gives each node a {SMALL_DISK} tmpfs of its own and needs root to mount it: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
-                mounts.push(dir);
-            }
+        let mounts = if opts.small_disks {
+            Mounts::make(&opts.dir)?
+        } else {
+            Mounts::default()
+        };
+        match opts.compose.clone() {
+            None => Self::start_testnet(opts, mounts),
+            Some(c) => Self::start_compose(opts, &c, mounts),
         }
+    }
+
+    fn start_testnet(opts: ClusterOptions, mounts: Mounts) -> Result<Self, Error> {
         let log_path = opts.dir.join("testnet.out");
         let mut cmd = Command::new(&opts.exe);
         cmd.arg("testnet")
@@ -165,9 +229,6 @@ impl Testnet {
             .arg(&opts.dir)
             .args(["--base-port", &opts.base_port.to_string()])
             .args(["--timeout", "180s", "--fault-injection"]);
-        if let Some(r) = &opts.regions {
-            cmd.args(["--regions", r]);
-        }
         if opts.prometheus {
             cmd.arg("--prometheus");
         }
@@ -212,35 +273,86 @@ impl Testnet {
         for s in layout.nodes {
             let data = opts.dir.join(&s.name).join("data");
             let ep = endpoints(&data)?;
-            let grpc = format!("127.0.0.1:{}", s.grpc);
-            nodes.push(Node {
-                id: ep.node_id.unwrap_or(0),
-                name: s.name,
-                region: s.region,
-                status: admin_client(&grpc, &token, Duration::from_secs(1))?,
-                admin: admin_client(&grpc, &token, crate::workload::ADMIN_DEADLINE)?,
-                grpc,
-                http: format!("127.0.0.1:{}", s.http),
+            nodes.push(Node::new(
+                s.name,
+                s.region,
+                format!("127.0.0.1:{}", s.grpc),
+                format!("127.0.0.1:{}", s.http),
                 data,
-            });
+                ep.node_id.unwrap_or(0),
+                &token,
+            )?);
         }
         Ok(Self {
-            testnet: child.0.take().expect("kept until here"),
+            backend: Backend::Testnet(Local {
+                testnet: child.0.take().expect("kept until here"),
+                cmdlines: HashMap::new(),
+                restarted: HashMap::new(),
+                cgroups: HashMap::new(),
+                mem_cgroups: HashMap::new(),
+            }),
             opts,
             nodes,
             token,
-            cmdlines: HashMap::new(),
-            restarted: HashMap::new(),
             down: Default::default(),
             prometheus,
-            cgroups: HashMap::new(),
-            mem_cgroups: HashMap::new(),
+            mounts,
+        })
+    }
+
+    fn start_compose(
+        opts: ClusterOptions,
+        copts: &ComposeOptions,
+        mounts: Mounts,
+    ) -> Result<Self, Error> {
+        let layout = crate::default_layout();
+        let mut data = Vec::new();
+        for s in &layout {
+            let d = opts.dir.join(&s.name).join("data");
+            std::fs::create_dir_all(&d)?;
+            data.push((s.name.clone(), d));
+        }
+        let up = Compose::start(copts, &opts.exe, &opts.dir, &data, opts.prometheus)?;
+        let mut nodes = Vec::new();
+        for (s, (_, d)) in layout.into_iter().zip(data) {
+            let ip = up.compose.ips[&s.name].clone();
+            // Its endpoints file names its Raft id once it has started.
+            let started = Instant::now();
+            let ep = loop {
+                match endpoints(&d) {
+                    Ok(ep) => break ep,
+                    Err(e) if started.elapsed() > Duration::from_secs(60) => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(250)),
+                }
+            };
+            nodes.push(Node::new(
+                s.name,
+                s.region,
+                format!("{ip}:7400"),
+                format!("{ip}:7401"),
+                d,
+                ep.node_id.unwrap_or(0),
+                &up.token,
+            )?);
+        }
+        Ok(Self {
+            opts,
+            nodes,
+            token: up.token,
+            down: Default::default(),
+            prometheus: up.prometheus,
+            backend: Backend::Compose(up.compose),
             mounts,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.opts.dir
+    }
+
+    /// Whether the cluster runs in containers.
+    pub fn is_compose(&self) -> bool {
+        matches!(self.backend, Backend::Compose(_))
     }
 
     pub fn slots(&self) -> Vec<Slot> {
@@ -260,25 +372,240 @@ impl Testnet {
             .ok_or_else(|| Error::Setup(format!("no node named {name} in this cluster")))
     }
 
-    fn pid(&self, name: &str) -> Result<Pid, Error> {
-        if let Some(r) = self.restarted.get(name) {
-            return Ok(Pid::from_raw(r.child.id() as i32));
-        }
-        let ep = endpoints(&self.node(name)?.data)?;
-        Ok(Pid::from_raw(ep.pid as i32))
+    fn data(&self, name: &str) -> Result<PathBuf, Error> {
+        Ok(self.node(name)?.data.clone())
     }
 
-    /// kill -9 the node; its command line is kept for [`Self::restart`].
+    /// kill -9 the node (`docker kill -s KILL` its container); it can be
+    /// started again with [`Self::restart`].
     pub fn kill(&mut self, name: &str) -> Result<(), Error> {
-        let pid = self.pid(name)?;
-        self.keep_launch(name, pid)?;
-        kill(pid, Signal::SIGKILL).map_err(|e| Error::Setup(format!("kill {name}: {e}")))?;
-        self.reap(name, pid);
+        let data = self.data(name)?;
+        match &mut self.backend {
+            Backend::Testnet(l) => l.kill(name, &data)?,
+            Backend::Compose(c) => c.kill(name)?,
+        }
+        self.down.insert(name.to_owned());
         Ok(())
     }
 
-    /// Waits until the killed `pid` is gone (reaping it if it is ours).
-    fn reap(&mut self, name: &str, pid: Pid) {
+    /// Whether the node's process (container) runs.
+    pub fn running(&mut self, name: &str) -> bool {
+        let Ok(data) = self.data(name) else {
+            return false;
+        };
+        match &mut self.backend {
+            Backend::Testnet(l) => l.running(name, &data),
+            Backend::Compose(c) => c.running(name),
+        }
+    }
+
+    /// Kills the node, copies its data dir (consistent: nothing writes
+    /// it), and starts it again.
+    pub fn snapshot_data(&mut self, name: &str) -> Result<(), Error> {
+        self.kill(name)?;
+        let data = self.data(name)?;
+        let copy = self.opts.dir.join(format!("{name}.stale"));
+        let _ = std::fs::remove_dir_all(&copy);
+        copy_dir(&data, &copy)?;
+        self.restart(name)
+    }
+
+    /// Kills the node, puts the copy [`Self::snapshot_data`] took in place
+    /// of its data dir's contents (the dir itself stays: it may be a mount
+    /// point or a container's bind mount), owned as the dir is, and starts
+    /// it again.
+    pub fn restore_stale(&mut self, name: &str) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt as _;
+        self.kill(name)?;
+        let data = self.data(name)?;
+        let copy = self.opts.dir.join(format!("{name}.stale"));
+        for entry in std::fs::read_dir(&data)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        copy_dir(&copy, &data)?;
+        let meta = std::fs::metadata(&data)?;
+        chown_tree(&data, meta.uid(), meta.gid())?;
+        std::fs::remove_dir_all(&copy)?;
+        self.restart(name)
+    }
+
+    /// Caps the node's memory `headroom_mb` above what it uses now.
+    pub fn limit_memory(&mut self, name: &str, headroom_mb: u32) -> Result<(), Error> {
+        let data = self.data(name)?;
+        match &mut self.backend {
+            Backend::Testnet(l) => l.limit_memory(name, &data, headroom_mb),
+            Backend::Compose(c) => c.limit_memory(name, headroom_mb),
+        }
+    }
+
+    /// Lifts the cap; a node the kernel killed meanwhile is restarted.
+    pub fn unlimit_memory(&mut self, name: &str) -> Result<(), Error> {
+        match &mut self.backend {
+            Backend::Testnet(l) => {
+                if let Some(dir) = l.mem_cgroups.remove(name) {
+                    dissolve_cgroup(&dir);
+                }
+            }
+            Backend::Compose(c) => c.unlimit_memory(name)?,
+        }
+        self.restart_if_dead(name)
+    }
+
+    /// Restarts the node if its process died (OOM, ENOSPC…).
+    pub fn restart_if_dead(&mut self, name: &str) -> Result<(), Error> {
+        if self.running(name) {
+            return Ok(());
+        }
+        if let Backend::Testnet(l) = &mut self.backend {
+            // Exited (running() reaped it if it was ours).
+            l.restarted.remove(name);
+        }
+        tracing::info!(node = name, "the node died during the fault; restarting it");
+        self.restart(name)
+    }
+
+    /// Fills the filesystem of the node's directory with a ballast file.
+    pub fn fill_disk(&mut self, name: &str) -> Result<(), Error> {
+        if self.mounts.0.is_empty() {
+            return Err(Error::Setup(
+                "disk-full needs the nodes' own small filesystems (the run mounts them when its schedule has disk-full)".into(),
+            ));
+        }
+        let data = self.data(name)?;
+        if let Backend::Testnet(l) = &mut self.backend {
+            // For a restart, should the full disk stop it.
+            let pid = l.pid(name, &data)?;
+            l.keep_launch(name, pid)?;
+        }
+        let path = self.opts.dir.join(name).join("ballast");
+        let mut f = std::fs::File::create(&path)?;
+        // Megabytes until the disk refuses, then pages for the last one.
+        for chunk in [vec![0u8; 1 << 20], vec![0u8; 4096]] {
+            loop {
+                match std::io::Write::write(&mut f, &chunk) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the ballast; a node that died meanwhile is restarted.
+    pub fn free_disk(&mut self, name: &str) -> Result<(), Error> {
+        let _ = std::fs::remove_file(self.opts.dir.join(name).join("ballast"));
+        self.restart_if_dead(name)
+    }
+
+    /// Starts a killed node again: its process with the same command line
+    /// and environment, or its container.
+    pub fn restart(&mut self, name: &str) -> Result<(), Error> {
+        match &mut self.backend {
+            Backend::Testnet(l) => l.restart(name, &self.opts.dir)?,
+            Backend::Compose(c) => c.start_node(name)?,
+        }
+        self.down.remove(name);
+        Ok(())
+    }
+
+    /// Freezes the node (SIGSTOP; `docker pause`) or thaws it.
+    pub fn pause(&mut self, name: &str, on: bool) -> Result<(), Error> {
+        let data = self.data(name)?;
+        match &mut self.backend {
+            Backend::Testnet(l) => {
+                let signal = if on { Signal::SIGSTOP } else { Signal::SIGCONT };
+                kill(l.pid(name, &data)?, signal)
+                    .map_err(|e| Error::Setup(format!("{signal} {name}: {e}")))
+            }
+            Backend::Compose(c) => c.pause(name, on),
+        }
+    }
+
+    /// Cuts `side` off the rest both ways at the network, where the
+    /// cluster has one of its own to cut (compose: `docker network
+    /// disconnect`). Returns false on the testnet, whose nodes share
+    /// loopback: the caller cuts them in the nodes' fault layer instead.
+    pub fn cut_network(&mut self, side: &[String], on: bool) -> Result<bool, Error> {
+        match &mut self.backend {
+            Backend::Testnet(_) => Ok(false),
+            Backend::Compose(c) => c.partition(side, on).map(|()| true),
+        }
+    }
+
+    /// Limits the node to `permille` thousandths of one core (its own CPU
+    /// cgroup; `docker update --cpus`).
+    pub fn limit_cpu(&mut self, name: &str, permille: u32) -> Result<(), Error> {
+        let data = self.data(name)?;
+        match &mut self.backend {
+            Backend::Testnet(l) => l.limit_cpu(name, &data, permille),
+            Backend::Compose(c) => c.limit_cpu(name, permille),
+        }
+    }
+
+    /// Gives the node its CPU back.
+    pub fn unlimit_cpu(&mut self, name: &str) -> Result<(), Error> {
+        match &mut self.backend {
+            Backend::Testnet(l) => {
+                if let Some(dir) = l.cgroups.remove(name) {
+                    dissolve_cgroup(&dir);
+                }
+                Ok(())
+            }
+            Backend::Compose(c) => c.unlimit_cpu(name),
+        }
+    }
+
+    /// An Admin client for `node` with the admin token.
+    pub fn admin(&self, node: &Node, timeout: Duration) -> Result<Admin, Error> {
+        admin_client(&node.grpc, &self.token, timeout)
+    }
+
+    /// Replaces `node`'s injected faults.
+    pub async fn inject(&self, node: &str, req: v1::InjectFaultRequest) -> Result<(), Error> {
+        let n = self.node(node)?;
+        self.admin(n, Duration::from_secs(5))?
+            .inject_fault(req)
+            .await
+            .map_err(|s| Error::Setup(format!("InjectFault on {node}: {}", s.message())))?;
+        Ok(())
+    }
+
+    /// Stops everything: faults lifted, then the nodes (the testnet stops
+    /// the ones it started; the compose project goes down).
+    pub fn stop(&mut self) {
+        let data: Vec<(String, PathBuf)> = self
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.data.clone()))
+            .collect();
+        match &mut self.backend {
+            Backend::Testnet(l) => l.stop(&data),
+            Backend::Compose(c) => c.stop(),
+        }
+        drop(std::mem::take(&mut self.mounts));
+    }
+}
+
+impl Local {
+    fn pid(&self, name: &str, data: &Path) -> Result<Pid, Error> {
+        if let Some(r) = self.restarted.get(name) {
+            return Ok(Pid::from_raw(r.child.id() as i32));
+        }
+        Ok(Pid::from_raw(endpoints(data)?.pid as i32))
+    }
+
+    fn kill(&mut self, name: &str, data: &Path) -> Result<(), Error> {
+        let pid = self.pid(name, data)?;
+        self.keep_launch(name, pid)?;
+        kill(pid, Signal::SIGKILL).map_err(|e| Error::Setup(format!("kill {name}: {e}")))?;
+        // Wait until it is gone (reaping it if it is ours).
         if let Some(mut r) = self.restarted.remove(name) {
             let _ = r.child.wait();
         }
@@ -286,18 +613,17 @@ impl Testnet {
         while alive(pid) && started.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.down.insert(name.to_owned());
+        Ok(())
     }
 
-    /// Whether the node's process runs.
     /// A node this run restarted is judged by its child process (its
     /// endpoints file is missing while it starts, and after a clean exit);
     /// any other by the pid in its endpoints file.
-    pub fn running(&mut self, name: &str) -> bool {
+    fn running(&mut self, name: &str, data: &Path) -> bool {
         if let Some(r) = self.restarted.get_mut(name) {
             return matches!(r.child.try_wait(), Ok(None));
         }
-        self.pid(name).is_ok_and(alive)
+        self.pid(name, data).is_ok_and(alive)
     }
 
     /// Keeps the command line and environment of the node's process, for
@@ -327,34 +653,9 @@ impl Testnet {
         Ok(())
     }
 
-    /// Kills the node, copies its data dir (consistent: nothing writes
-    /// it), and starts it again.
-    pub fn snapshot_data(&mut self, name: &str) -> Result<(), Error> {
-        self.kill(name)?;
-        let data = self.node(name)?.data.clone();
-        let copy = self.opts.dir.join(format!("{name}.stale"));
-        let _ = std::fs::remove_dir_all(&copy);
-        copy_dir(&data, &copy)?;
-        self.restart(name)
-    }
-
-    /// Kills the node, puts the copy [`Self::snapshot_data`] took in place
-    /// of its data dir, and starts it again.
-    pub fn restore_stale(&mut self, name: &str) -> Result<(), Error> {
-        self.kill(name)?;
-        let data = self.node(name)?.data.clone();
-        let copy = self.opts.dir.join(format!("{name}.stale"));
-        // Copied, not renamed: the data dir may be on its own filesystem.
-        std::fs::remove_dir_all(&data)?;
-        copy_dir(&copy, &data)?;
-        std::fs::remove_dir_all(&copy)?;
-        self.restart(name)
-    }
-
-    /// Caps the node's memory `headroom_mb` above what it uses now (its
-    /// own memory cgroup, charges moved in).
-    pub fn limit_memory(&mut self, name: &str, headroom_mb: u32) -> Result<(), Error> {
-        let pid = self.pid(name)?;
+    /// Its own memory cgroup, charges moved in.
+    fn limit_memory(&mut self, name: &str, data: &Path, headroom_mb: u32) -> Result<(), Error> {
+        let pid = self.pid(name, data)?;
         self.keep_launch(name, pid)?;
         let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))?
             .lines()
@@ -376,58 +677,25 @@ impl Testnet {
         Ok(())
     }
 
-    /// Lifts the cap; a node the kernel killed meanwhile is restarted.
-    pub fn unlimit_memory(&mut self, name: &str) -> Result<(), Error> {
-        if let Some(dir) = self.mem_cgroups.remove(name) {
-            dissolve_cgroup(&dir);
+    /// Its own CPU cgroup with a quota.
+    fn limit_cpu(&mut self, name: &str, data: &Path, permille: u32) -> Result<(), Error> {
+        let pid = self.pid(name, data)?;
+        let period = 100_000u64;
+        let quota = period * u64::from(permille) / 1000;
+        let (dir, v2) = make_cgroup("cpu", "cpu-pressure", name)?;
+        if v2 {
+            std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
+        } else {
+            std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
         }
-        self.restart_if_dead(name)
-    }
-
-    /// Restarts the node if its process died (OOM, ENOSPC…).
-    pub fn restart_if_dead(&mut self, name: &str) -> Result<(), Error> {
-        if self.running(name) {
-            return Ok(());
-        }
-        // Exited (running() reaped it if it was ours).
-        self.restarted.remove(name);
-        tracing::info!(node = name, "the node died during the fault; restarting it");
-        self.restart(name)
-    }
-
-    /// Fills the filesystem of the node's directory with a ballast file.
-    pub fn fill_disk(&mut self, name: &str) -> Result<(), Error> {
-        if self.mounts.is_empty() {
-            return Err(Error::Setup(
-                "disk-full needs the nodes' own small filesystems (the run mounts them when its schedule has disk-full)".into(),
-            ));
-        }
-        let pid = self.pid(name)?;
-        self.keep_launch(name, pid)?;
-        let path = self.opts.dir.join(name).join("ballast");
-        let mut f = std::fs::File::create(&path)?;
-        // Megabytes until the disk refuses, then pages for the last one.
-        for chunk in [vec![0u8; 1 << 20], vec![0u8; 4096]] {
-            loop {
-                match std::io::Write::write(&mut f, &chunk) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        self.cgroups.insert(name.to_owned(), dir);
         Ok(())
     }
 
-    /// Removes the ballast; a node that died meanwhile is restarted.
-    pub fn free_disk(&mut self, name: &str) -> Result<(), Error> {
-        let _ = std::fs::remove_file(self.opts.dir.join(name).join("ballast"));
-        self.restart_if_dead(name)
-    }
-
     /// Starts a killed node again with its command line and environment.
-    pub fn restart(&mut self, name: &str) -> Result<(), Error> {
+    fn restart(&mut self, name: &str, dir: &Path) -> Result<(), Error> {
         let (args, env) = self
             .cmdlines
             .get(name)
@@ -436,7 +704,7 @@ impl Testnet {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.opts.dir.join(format!("{name}.log")))?;
+            .open(dir.join(format!("{name}.log")))?;
         let mut cmd = Command::new(&args[0]);
         cmd.args(&args[1..])
             .env_clear()
@@ -452,56 +720,12 @@ impl Testnet {
             ))
         })?;
         self.restarted.insert(name.to_owned(), Restarted { child });
-        self.down.remove(name);
         Ok(())
     }
 
-    pub fn signal(&self, name: &str, signal: Signal) -> Result<(), Error> {
-        kill(self.pid(name)?, signal).map_err(|e| Error::Setup(format!("{signal} {name}: {e}")))
-    }
-
-    /// Puts the node in its own CPU cgroup with a quota of `permille`
-    /// thousandths of one core.
-    pub fn limit_cpu(&mut self, name: &str, permille: u32) -> Result<(), Error> {
-        let pid = self.pid(name)?;
-        let period = 100_000u64;
-        let quota = period * u64::from(permille) / 1000;
-        let (dir, v2) = make_cgroup("cpu", "cpu-pressure", name)?;
-        if v2 {
-            std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))?;
-        } else {
-            std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
-            std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
-        }
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-        self.cgroups.insert(name.to_owned(), dir);
-        Ok(())
-    }
-
-    /// Moves the node back to the root CPU group and removes its own.
-    pub fn unlimit_cpu(&mut self, name: &str) {
-        if let Some(dir) = self.cgroups.remove(name) {
-            dissolve_cgroup(&dir);
-        }
-    }
-
-    /// An Admin client for `node` with the admin token.
-    pub fn admin(&self, node: &Node, timeout: Duration) -> Result<Admin, Error> {
-        admin_client(&node.grpc, &self.token, timeout)
-    }
-
-    /// Replaces `node`'s injected faults.
-    pub async fn inject(&self, node: &str, req: v1::InjectFaultRequest) -> Result<(), Error> {
-        let n = self.node(node)?;
-        self.admin(n, Duration::from_secs(5))?
-            .inject_fault(req)
-            .await
-            .map_err(|s| Error::Setup(format!("InjectFault on {node}: {}", s.message())))?;
-        Ok(())
-    }
-
-    /// Stops everything: restarted nodes, then the testnet (which stops the rest).
-    pub fn stop(&mut self) {
+    /// Lifts the cgroups, thaws every node, stops the restarted ones, then
+    /// the testnet (which stops the rest).
+    fn stop(&mut self, nodes: &[(String, PathBuf)]) {
         for (_, dir) in self.cgroups.drain().chain(self.mem_cgroups.drain()) {
             dissolve_cgroup(&dir);
         }
@@ -509,8 +733,8 @@ impl Testnet {
             let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGCONT);
             let _ = kill(Pid::from_raw(r.child.id() as i32), Signal::SIGTERM);
         }
-        for n in &self.nodes {
-            if let Ok(pid) = self.pid(&n.name) {
+        for (name, data) in nodes {
+            if let Ok(pid) = self.pid(name, data) {
                 let _ = kill(pid, Signal::SIGCONT);
             }
         }
@@ -525,25 +749,21 @@ impl Testnet {
             let _ = r.child.wait();
         }
         self.restarted.clear();
-        // The nodes' own filesystems, with what they hold (the report keeps
-        // the logs, which live outside them).
-        for m in self.mounts.drain(..) {
-            let _ = Command::new("umount").arg("--lazy").arg(&m).status();
-        }
     }
 }
 
-impl std::fmt::Debug for Testnet {
+impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Testnet")
+        f.debug_struct("Cluster")
             .field("dir", &self.opts.dir)
+            .field("compose", &self.is_compose())
             .field("nodes", &self.nodes.len())
             .field("down", &self.down)
             .finish_non_exhaustive()
     }
 }
 
-impl Drop for Testnet {
+impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
     }
@@ -629,6 +849,18 @@ fn dissolve_cgroup(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// Gives a directory tree to `uid`:`gid`.
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .map_err(|e| Error::Setup(format!("chown {}: {e}", path.display())))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 /// Copies a directory tree (files and directories only).

@@ -1,11 +1,13 @@
 //! Trine's chaos runs: seeded fault schedules against a live cluster this
-//! crate starts (`trine testnet` on loopback, fault injection on), a
+//! crate starts (`trine testnet` on loopback, or the compose cluster in
+//! containers; fault injection on), a
 //! workload that records every operation, checkers on that history and on
 //! the nodes' final state, and a report per run. `trine chaos` is its CLI.
 //!
 //! - `schedule`: scenarios, and the seeded schedules made of them.
-//! - `cluster`: the testnet and the levers faults pull (signals, restarts,
-//!   the nodes' InjectFault, cgroup CPU quotas).
+//! - `cluster`: the cluster and the levers faults pull (signals, restarts,
+//!   the nodes' InjectFault, cgroup limits); `compose`: the same levers
+//!   in Docker (kill, pause, network disconnect, update).
 //! - `workload`: admin writes, linearizable reads and inference through
 //!   every node, recorded with times; samples of Raft, stages, alerts.
 //! - `check`: safety and serving checkers; `alerts`: the Prometheus check.
@@ -17,6 +19,7 @@
 pub mod alerts;
 pub mod check;
 pub mod cluster;
+pub mod compose;
 pub mod report;
 pub mod run;
 pub mod schedule;
@@ -63,6 +66,10 @@ pub enum ChaosCommand {
 pub enum TargetKind {
     /// `trine testnet`: seven node processes in four simulated regions on loopback.
     Testnet,
+    /// deploy/docker-compose.yml: the same seven nodes in containers on a
+    /// Docker network of the run's own (needs Docker Engine with Compose,
+    /// and root: node data dirs live on the host).
+    Compose,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +87,13 @@ pub struct Common {
     /// First port of the testnet (it uses base .. base+70, and +90 for Prometheus).
     #[arg(long, default_value_t = 7700)]
     pub base_port: u16,
+    /// With --target compose: the compose file to bring up.
+    #[arg(long, default_value = "deploy/docker-compose.yml", value_name = "FILE")]
+    pub compose_file: PathBuf,
+    /// With --target compose: an existing Trine image to run [default:
+    /// build one around this `trine` binary with deploy/docker/build-image.sh].
+    #[arg(long, value_name = "TAG")]
+    pub image: Option<String>,
     /// Also run Prometheus (Debian's `prometheus` on PATH) with Trine's alert
     /// rules and check that each fault's alert fires and clears. Alerts fire
     /// only for faults held longer than the rule's `for` (NodeDown: 1 min).
@@ -178,6 +192,10 @@ fn options(exe: PathBuf, c: &Common, dir: PathBuf) -> run::RunOptions {
         base_port: c.base_port,
         prometheus: c.alerts,
         settle: c.settle,
+        compose: (c.target == TargetKind::Compose).then(|| compose::ComposeOptions {
+            file: c.compose_file.clone(),
+            image: c.image.clone(),
+        }),
     }
 }
 

@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use trine_proto::v1;
 
 use crate::Error;
 use crate::check::{self, ChainNotes, Check, FinalChains};
-use crate::cluster::{Testnet, TestnetOptions};
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::compose::ComposeOptions;
 use crate::schedule::{Action, Fault, Schedule};
 use crate::workload::{self, History, Recorder, StatusSample};
 
@@ -71,7 +71,7 @@ pub struct Outcome {
     pub prometheus: bool,
 }
 
-/// Options of one run against the loopback testnet.
+/// Options of one run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub exe: PathBuf,
@@ -80,29 +80,58 @@ pub struct RunOptions {
     pub prometheus: bool,
     /// How long to wait for the cluster to be whole after a heal.
     pub settle: Duration,
+    /// Some: run against the compose cluster instead of the testnet.
+    pub compose: Option<ComposeOptions>,
 }
 
-/// Starts the testnet; inside `rt` because the nodes' gRPC channels are
-/// made (lazily connected) on the way.
+/// Starts the cluster and waits until it is whole; inside `rt` because
+/// the nodes' gRPC channels are made (lazily connected) on the way.
 fn start(
     rt: &tokio::runtime::Runtime,
     opts: &RunOptions,
     dir: PathBuf,
     small_disks: bool,
-) -> Result<Testnet, Error> {
+) -> Result<Cluster, Error> {
     eprintln!(
-        "chaos: starting a testnet in {} (fault injection on)…",
+        "chaos: starting a {} in {} (fault injection on)…",
+        if opts.compose.is_some() {
+            "compose cluster"
+        } else {
+            "testnet"
+        },
         dir.display()
     );
-    let _runtime = rt.enter();
-    Testnet::start(TestnetOptions {
-        exe: opts.exe.clone(),
-        dir,
-        base_port: opts.base_port,
-        prometheus: opts.prometheus,
-        regions: None,
-        small_disks,
-    })
+    let net = {
+        let _runtime = rt.enter();
+        Cluster::start(ClusterOptions {
+            exe: opts.exe.clone(),
+            dir,
+            base_port: opts.base_port,
+            prometheus: opts.prometheus,
+            small_disks,
+            compose: opts.compose.clone(),
+        })?
+    };
+    // Every node up, one leader, every stage ready: the state each fault
+    // starts from.
+    let limit = Duration::from_secs(180);
+    let whole_at_start = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if whole(&net, 0).await.1 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
+    });
+    if !whole_at_start {
+        return Err(Error::Setup(format!(
+            "the cluster was not whole (every node up, one leader, every stage ready) {limit:?} after it started; see its logs in {}",
+            net.dir().display()
+        )));
+    }
+    Ok(net)
 }
 
 fn fills_disks<'a>(schedules: impl IntoIterator<Item = &'a Schedule>) -> bool {
@@ -169,7 +198,7 @@ pub fn soak(
     let rt = runtime()?;
     let small_disks = fills_disks(&schedules);
     let mut generation = 0;
-    let mut net: Option<Testnet> = None;
+    let mut net: Option<Cluster> = None;
     for schedule in schedules {
         if net.is_none() {
             generation += 1;
@@ -210,7 +239,7 @@ pub fn soak(
 }
 
 async fn play(
-    net: &mut Testnet,
+    net: &mut Cluster,
     opts: &RunOptions,
     schedule: Schedule,
 ) -> Result<(Outcome, History), Error> {
@@ -397,7 +426,7 @@ async fn play(
     ))
 }
 
-async fn leader_name(net: &Testnet) -> Option<String> {
+async fn leader_name(net: &Cluster) -> Option<String> {
     for n in &net.nodes {
         if let Some(s) = workload::status_of(n).await
             && s.leader_id != 0
@@ -414,7 +443,7 @@ async fn leader_name(net: &Testnet) -> Option<String> {
 
 /// Applies, holds, heals one fault and waits for the cluster to be whole.
 async fn one_fault(
-    net: &mut Testnet,
+    net: &mut Cluster,
     rec: &Recorder,
     opts: &RunOptions,
     index: usize,
@@ -467,6 +496,10 @@ async fn one_fault(
         Action::KillStageHolder { .. } => format!("kill -9 {}, serving a stage", nodes.join(", ")),
         _ => fault.describe(),
     };
+    let description = format!(
+        "{description} (by {})",
+        lever(&fault.action, net.is_compose())
+    );
     let start_ms = rec.now_ms();
     apply(net, &fault.action, &nodes, true).await?;
     tokio::time::sleep(fault.hold).await;
@@ -665,9 +698,34 @@ fn measure(r: &mut FaultRecord, h: &History, faulted: &BTreeSet<u64>, all: &[Str
     );
 }
 
+/// How [`apply`] puts the fault on, for the report.
+pub fn lever(action: &Action, compose: bool) -> &'static str {
+    match (action, compose) {
+        (Action::Kill { .. } | Action::KillLeader | Action::KillStageHolder { .. }, false) => {
+            "SIGKILL; restarted with its command line"
+        }
+        (Action::Kill { .. } | Action::KillLeader | Action::KillStageHolder { .. }, true) => {
+            "docker kill -s KILL; docker start"
+        }
+        (Action::Pause { .. }, false) => "SIGSTOP; SIGCONT",
+        (Action::Pause { .. }, true) => "docker pause; unpause",
+        (Action::Partition { one_way: false, .. }, true) => "docker network disconnect; connect",
+        (Action::Partition { .. } | Action::Latency { .. } | Action::ClockSkew { .. }, _) => {
+            "the nodes' fault layer"
+        }
+        (Action::CpuLimit { .. }, false) => "a cgroup CPU quota",
+        (Action::CpuLimit { .. }, true) => "docker update --cpus",
+        (Action::MemoryLimit { .. }, false) => "a memory cgroup",
+        (Action::MemoryLimit { .. }, true) => "docker update --memory",
+        (Action::FillDisk { .. }, _) => "a ballast on the node's own 64 MiB tmpfs",
+        (Action::StaleRestart { .. }, false) => "kill, copy, restart",
+        (Action::StaleRestart { .. }, true) => "docker kill, copy on the host, docker start",
+    }
+}
+
 /// Puts the fault on (`on`) or heals it.
 async fn apply(
-    net: &mut Testnet,
+    net: &mut Cluster,
     action: &Action,
     nodes: &[String],
     on: bool,
@@ -682,9 +740,9 @@ async fn apply(
                 }
             }
         }
-        Action::Pause { node } => {
-            net.signal(node, if on { Signal::SIGSTOP } else { Signal::SIGCONT })?;
-        }
+        Action::Pause { node } => net.pause(node, on)?,
+        // Two-way, where the cluster has a network of its own to cut.
+        Action::Partition { side, one_way } if !*one_way && net.cut_network(side, on)? => {}
         Action::Partition { side, one_way } => {
             let inside: Vec<u64> = net
                 .nodes
@@ -763,7 +821,7 @@ async fn apply(
             if on {
                 net.limit_cpu(node, *permille)?;
             } else {
-                net.unlimit_cpu(node);
+                net.unlimit_cpu(node)?;
             }
         }
         Action::MemoryLimit { node, headroom_mb } => {
@@ -794,7 +852,7 @@ async fn apply(
 /// (caught up, whole). Caught up: every node answers and has reached
 /// `height`. Whole: also every node names the same leader and sees every
 /// node up, and every stage slot is ready.
-async fn whole(net: &Testnet, height: u64) -> (bool, bool) {
+async fn whole(net: &Cluster, height: u64) -> (bool, bool) {
     let mut leaders = BTreeSet::new();
     let mut caught_up = true;
     let mut up = true;
@@ -818,7 +876,7 @@ async fn whole(net: &Testnet, height: u64) -> (bool, bool) {
 }
 
 /// Waits (up to `limit`) until every node reports the same head.
-async fn settle(net: &Testnet, limit: Duration) -> bool {
+async fn settle(net: &Cluster, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
         let mut heads = BTreeSet::new();
@@ -841,7 +899,7 @@ async fn settle(net: &Testnet, limit: Duration) -> bool {
 
 /// The note texts on the chain, from `from` up, of the node that holds
 /// the most of it.
-async fn chain_notes(net: &Testnet, from: u64) -> ChainNotes {
+async fn chain_notes(net: &Cluster, from: u64) -> ChainNotes {
     let mut best: Option<(u64, u64, &crate::cluster::Node)> = None;
     for n in &net.nodes {
         let Ok(mut c) = net.admin(n, Duration::from_secs(30)) else {
@@ -891,7 +949,7 @@ async fn chain_notes(net: &Testnet, from: u64) -> ChainNotes {
 
 /// Each node's verify verdict and head, and every node's block at the
 /// lowest head height.
-async fn final_chains(net: &Testnet) -> FinalChains {
+async fn final_chains(net: &Cluster) -> FinalChains {
     let mut f = FinalChains::default();
     for n in &net.nodes {
         let Ok(mut c) = net.admin(n, Duration::from_secs(30)) else {
@@ -925,7 +983,7 @@ async fn final_chains(net: &Testnet) -> FinalChains {
     f
 }
 
-async fn final_tokens(net: &Testnet) -> BTreeMap<String, BTreeSet<String>> {
+async fn final_tokens(net: &Cluster) -> BTreeMap<String, BTreeSet<String>> {
     let mut out = BTreeMap::new();
     for n in &net.nodes {
         let Ok(mut c) = net.admin(n, Duration::from_secs(10)) else {

@@ -185,7 +185,7 @@ impl Fault {
             Action::Kill { nodes } => format!("kill -9 {}", nodes.join(", ")),
             Action::KillLeader => "kill -9 the leader".into(),
             Action::KillStageHolder { .. } => "kill -9 a node serving a stage".into(),
-            Action::Pause { node } => format!("SIGSTOP {node}"),
+            Action::Pause { node } => format!("freeze {node}"),
             Action::Partition { side, one_way } => format!(
                 "cut {} off from the rest{}",
                 side.join(", "),

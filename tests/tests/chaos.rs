@@ -146,11 +146,70 @@ async fn inject_fault_needs_the_flag_and_an_admin_token() -> Result<()> {
 /// Every scenario once, short holds, against a 7-node testnet: every
 /// safety and serving check must pass and the cluster must be whole again
 /// after each fault; the report must be there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scenario_runs_against_a_live_testnet_and_passes() -> Result<()> {
+#[test]
+fn every_scenario_runs_against_a_live_testnet_and_passes() -> Result<()> {
+    let base_port = 20_000 + (std::process::id() % 100) as u16 * 100;
+    let outcome = every_scenario(&["--base-port", &base_port.to_string()])?;
+    let faults = outcome["faults"].as_array().context("no faults")?;
+    ensure!(
+        faults.iter().any(|f| f["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("SIGSTOP")),
+        "the testnet's pause is not a SIGSTOP"
+    );
+    Ok(())
+}
+
+/// The same short schedule against deploy/docker-compose.yml's cluster:
+/// Docker's levers (kill, pause, network disconnect, update) on real
+/// containers, and the project (containers, volumes, network, images) gone
+/// afterwards.
+#[test]
+fn every_scenario_runs_against_the_compose_cluster_and_passes() -> Result<()> {
+    let compose_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker-compose.yml");
+    let outcome = every_scenario(&[
+        "--target",
+        "compose",
+        "--compose-file",
+        compose_file.to_str().context("path")?,
+    ])?;
+    let faults = outcome["faults"].as_array().context("no faults")?;
+    for lever in [
+        "docker kill",
+        "docker pause",
+        "docker network disconnect",
+        "docker update --cpus",
+        "docker update --memory",
+    ] {
+        ensure!(
+            faults.iter().any(|f| f["description"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(lever)),
+            "no fault was applied by {lever}: {faults:?}"
+        );
+    }
+    // Nothing of the run's project is left behind.
+    for kind in ["ps -aq", "volume ls -q", "network ls -q"] {
+        let mut args: Vec<&str> = kind.split(' ').collect();
+        args.extend(["--filter", "name=trine-chaos-"]);
+        let out = std::process::Command::new("docker").args(&args).output()?;
+        ensure!(
+            out.status.success() && out.stdout.is_empty(),
+            "docker {kind}: left behind: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
+}
+
+/// `trine chaos run --scenario all --seed 3 --duration 5s` with `target`
+/// args; checks the report and returns it.
+fn every_scenario(target: &[&str]) -> Result<serde_json::Value> {
     let dir = tempfile::tempdir()?;
     let report = dir.path().join("report");
-    let base_port = 20_000 + (std::process::id() % 100) as u16 * 100;
     let mut cmd = trine();
     cmd.args([
         "chaos",
@@ -161,12 +220,11 @@ async fn every_scenario_runs_against_a_live_testnet_and_passes() -> Result<()> {
         "3",
         "--duration",
         "5s",
-        "--base-port",
-        &base_port.to_string(),
     ])
+    .args(target)
     .arg("--report")
     .arg(&report);
-    let out = run(cmd, Duration::from_secs(600))?;
+    let out = run(cmd, Duration::from_secs(900))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json = std::fs::read(report.join("report.json")).with_context(|| {
         format!(
@@ -245,5 +303,5 @@ async fn every_scenario_runs_against_a_live_testnet_and_passes() -> Result<()> {
         plan == outcome["schedule"],
         "the report's schedule is not seed 3's"
     );
-    Ok(())
+    Ok(outcome)
 }
