@@ -12,7 +12,10 @@ use crate::workload::History;
 pub fn expected(scenario: Scenario) -> Option<(&'static str, f64)> {
     match scenario {
         Scenario::RegionKill => Some(("RegionDown", 60.0)),
-        Scenario::NodeKill | Scenario::LeaderKill | Scenario::Pause => Some(("NodeDown", 60.0)),
+        Scenario::NodeKill
+        | Scenario::LeaderKill
+        | Scenario::Pause
+        | Scenario::MembershipChange => Some(("NodeDown", 60.0)),
         _ => None,
     }
 }

@@ -228,7 +228,9 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&opts.dir)
             .args(["--base-port", &opts.base_port.to_string()])
-            .args(["--timeout", "180s", "--fault-injection"]);
+            .args(["--timeout", "180s", "--fault-injection"])
+            // It stops (and stops its nodes) if this run dies, even by SIGKILL.
+            .env(PARENT_PID_ENV, std::process::id().to_string());
         if opts.prometheus {
             cmd.arg("--prometheus");
         }

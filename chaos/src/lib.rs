@@ -109,6 +109,10 @@ pub struct RunArgs {
     /// Scenarios to run in order, comma-separated, or `all`.
     #[arg(long, default_value = "all", value_name = "S,...|all", value_parser = parse_scenarios)]
     pub scenario: ScenarioList,
+    /// Draw this many random faults instead, as `soak` does (a soak
+    /// schedule replays with its seed and this).
+    #[arg(long, value_name = "N", conflicts_with = "scenario")]
+    pub random: Option<usize>,
     /// Seed of the schedule's targets and timings; the same seed replays the same schedule.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -224,8 +228,10 @@ pub fn main(exe: PathBuf, args: &ChaosArgs) -> Result<bool, Error> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("chaos-report-{}", r.seed)));
             prepare(&dir)?;
-            let schedule =
-                Schedule::new(r.seed, &r.scenario.0, r.common.duration, &default_layout());
+            let schedule = match r.random {
+                Some(n) => Schedule::random(r.seed, n, r.common.duration, &default_layout()),
+                None => Schedule::new(r.seed, &r.scenario.0, r.common.duration, &default_layout()),
+            };
             let (outcome, history) = run::run(&options(exe, &r.common, dir.clone()), schedule)?;
             report::write(&dir, &outcome, &history)?;
             print_summary(&outcome, &dir);

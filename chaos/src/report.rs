@@ -44,19 +44,13 @@ pub fn markdown(o: &Outcome, h: &History) -> String {
     );
     let _ = writeln!(
         s,
-        "{} nodes ({}), {} faults, {:.0} s, {} operations recorded. Replay: `trine chaos run --seed {} --scenario {}`.\n",
+        "{} nodes ({}), {} faults, {:.0} s, {} operations recorded. Replay: `trine chaos run {}` (the same schedule; timings on a live cluster vary).\n",
         o.nodes.len(),
         o.nodes.join(", "),
         o.faults.len(),
         o.duration_s,
         o.ops,
-        o.seed,
-        o.schedule
-            .faults
-            .iter()
-            .map(|f| f.scenario.name())
-            .collect::<Vec<_>>()
-            .join(",")
+        o.schedule.replay
     );
     let _ = writeln!(s, "## Faults\n");
     let _ = writeln!(

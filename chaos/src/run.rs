@@ -356,10 +356,16 @@ async fn play(
     // may end long after it healed).
     let all: Vec<String> = net.nodes.iter().map(|n| n.name.clone()).collect();
     for r in &mut records {
+        // The nodes the fault took down (a drained node stays up and may
+        // lead).
+        let down: &[String] = match r.fault.action {
+            Action::DrainKillLeader { .. } => &r.nodes[..1],
+            _ => &r.nodes,
+        };
         let faulted: BTreeSet<u64> = net
             .nodes
             .iter()
-            .filter(|n| r.nodes.contains(&n.name))
+            .filter(|n| down.contains(&n.name))
             .map(|n| n.id)
             .collect();
         measure(r, &history, &faulted, &all);
@@ -390,6 +396,7 @@ async fn play(
                     | Action::MemoryLimit { .. }
                     | Action::FillDisk { .. }
                     | Action::StaleRestart { .. }
+                    | Action::DrainKillLeader { .. }
             )
         })
         .flat_map(|r| {
@@ -479,6 +486,33 @@ async fn one_fault(
         | Action::FillDisk { node }
         | Action::StaleRestart { node } => vec![node.clone()],
         Action::Partition { side, .. } => side.clone(),
+        Action::DrainKillLeader { pick, .. } => {
+            // Voters other than the leader, and other than the first node
+            // (started with --init: it has no join addresses to come back
+            // through once drained).
+            let voters = voters(net).await;
+            let first = net.nodes.first().map(|n| n.name.clone());
+            let mut candidates: Vec<String> = net
+                .nodes
+                .iter()
+                .filter(|n| {
+                    voters.contains(&n.id)
+                        && n.name != leader_before
+                        && Some(&n.name) != first.as_ref()
+                })
+                .map(|n| n.name.clone())
+                .collect();
+            candidates.sort();
+            if candidates.is_empty() {
+                return Err(Error::Setup(
+                    "no voter to drain besides the leader and the first node".into(),
+                ));
+            }
+            vec![
+                leader_before.clone(),
+                candidates[*pick as usize % candidates.len()].clone(),
+            ]
+        }
         Action::Latency { a, b, .. } => net
             .nodes
             .iter()
@@ -494,6 +528,10 @@ async fn one_fault(
     let description = match &fault.action {
         Action::KillLeader => format!("kill -9 the leader ({leader_before})"),
         Action::KillStageHolder { .. } => format!("kill -9 {}, serving a stage", nodes.join(", ")),
+        Action::DrainKillLeader { delay_ms, .. } => format!(
+            "drain {}, kill -9 the leader ({}) {delay_ms} ms into the change",
+            nodes[1], nodes[0]
+        ),
         _ => fault.describe(),
     };
     let description = format!(
@@ -568,6 +606,7 @@ fn measure(r: &mut FaultRecord, h: &History, faulted: &BTreeSet<u64>, all: &[Str
         Action::Kill { .. }
             | Action::KillLeader
             | Action::KillStageHolder { .. }
+            | Action::DrainKillLeader { .. }
             | Action::Pause { .. }
             | Action::Partition { .. }
     );
@@ -608,7 +647,10 @@ fn measure(r: &mut FaultRecord, h: &History, faulted: &BTreeSet<u64>, all: &[Str
     // Stages: slots that were on faulted nodes, ready elsewhere.
     let killed = matches!(
         r.fault.action,
-        Action::Kill { .. } | Action::KillLeader | Action::KillStageHolder { .. }
+        Action::Kill { .. }
+            | Action::KillLeader
+            | Action::KillStageHolder { .. }
+            | Action::DrainKillLeader { .. }
     );
     let held = h
         .stages
@@ -720,6 +762,12 @@ pub fn lever(action: &Action, compose: bool) -> &'static str {
         (Action::FillDisk { .. }, _) => "a ballast on the node's own 64 MiB tmpfs",
         (Action::StaleRestart { .. }, false) => "kill, copy, restart",
         (Action::StaleRestart { .. }, true) => "docker kill, copy on the host, docker start",
+        (Action::DrainKillLeader { .. }, false) => {
+            "DrainNode, SIGKILL; restart, the drain finished, the drained node restarted to rejoin"
+        }
+        (Action::DrainKillLeader { .. }, true) => {
+            "DrainNode, docker kill; docker start, the drain finished, the drained node restarted to rejoin"
+        }
     }
 }
 
@@ -845,8 +893,85 @@ async fn apply(
                 net.restore_stale(node)?;
             }
         }
+        Action::DrainKillLeader { delay_ms, .. } => {
+            let (leader, drained) = (&nodes[0], &nodes[1]);
+            let id = net.node(drained)?.id;
+            if on {
+                // The drain runs on the leader (a joint-consensus change,
+                // then the removal) while the leader is killed under it.
+                let mut c = net.admin(net.node(leader)?, Duration::from_secs(30))?;
+                let name = drained.clone();
+                tokio::spawn(async move {
+                    let r = c
+                        .drain_node(v1::DrainNodeRequest {
+                            node_id: id,
+                            ..Default::default()
+                        })
+                        .await;
+                    tracing::info!(node = name, outcome = ?r.map(|_| ()), "the drain under the leader kill ended");
+                });
+                tokio::time::sleep(Duration::from_millis(u64::from(*delay_ms))).await;
+                net.kill(leader)?;
+            } else {
+                net.restart(leader)?;
+                finish_drain(net, drained, id).await?;
+                // Back as a new member, through its join addresses.
+                net.kill(drained)?;
+                net.restart(drained)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// Asks the cluster (any live node but `drained`) to drain `drained` until
+/// it is done: the operator's retry after the first attempt lost its leader.
+async fn finish_drain(net: &Cluster, drained: &str, id: u64) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for n in net
+            .nodes
+            .iter()
+            .filter(|n| n.name != drained && !net.down.contains(&n.name))
+        {
+            let mut c = n.admin.clone();
+            match c
+                .drain_node(v1::DrainNodeRequest {
+                    node_id: id,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Removed already, by the first attempt.
+                Err(s) if s.message().contains("not registered") => return Ok(()),
+                Err(s) => last = format!("{}: {}", n.name, s.message()),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(Error::Setup(format!(
+        "the drain of {drained} could not be finished within 60 s: {last}"
+    )))
+}
+
+/// The voters' ids, as the first node that answers sees them.
+async fn voters(net: &Cluster) -> BTreeSet<u64> {
+    for n in &net.nodes {
+        let mut c = n.status.clone();
+        if let Ok(s) = c
+            .cluster_status(v1::ClusterStatusRequest {
+                consistency: v1::ReadConsistency::Local.into(),
+                max_staleness_ms: 3_600_000,
+                ..Default::default()
+            })
+            .await
+        {
+            return s.into_inner().voters.into_iter().collect();
+        }
+    }
+    BTreeSet::new()
 }
 
 /// (caught up, whole). Caught up: every node answers and has reached

@@ -55,10 +55,15 @@ pub enum Scenario {
     /// Copy one node's data dir (stopped, so the copy is consistent), let
     /// the cluster move on, then restart the node from the old copy.
     StaleDataDir,
+    /// Drain a voter (a membership change: its seat handed to a learner,
+    /// then it is removed) and kill -9 the leader while the change runs;
+    /// after the hold the leader restarts, the drain is finished, and the
+    /// drained node restarts and joins again.
+    MembershipChange,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::NodeKill,
         Scenario::LeaderKill,
         Scenario::RegionKill,
@@ -72,6 +77,7 @@ impl Scenario {
         Scenario::MemoryPressure,
         Scenario::DiskFull,
         Scenario::StaleDataDir,
+        Scenario::MembershipChange,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +95,7 @@ impl Scenario {
             Scenario::MemoryPressure => "memory-pressure",
             Scenario::DiskFull => "disk-full",
             Scenario::StaleDataDir => "stale-data-dir",
+            Scenario::MembershipChange => "membership-change",
         }
     }
 
@@ -98,7 +105,8 @@ impl Scenario {
             Scenario::NodeKill
             | Scenario::LeaderKill
             | Scenario::Pause
-            | Scenario::StaleDataDir => "node failure",
+            | Scenario::StaleDataDir
+            | Scenario::MembershipChange => "node failure",
             Scenario::RegionKill => "regional failure",
             Scenario::PartitionNode | Scenario::PartitionRegion | Scenario::PartitionOneWay => {
                 "network partition"
@@ -164,6 +172,14 @@ pub enum Action {
     StaleRestart {
         node: String,
     },
+    /// Drain the `pick`-th (modulo their number, in name order) of the
+    /// voters that are not the leader and have join addresses (not the
+    /// first node, which was started with --init), and kill -9 the leader
+    /// `delay_ms` after the drain was asked for.
+    DrainKillLeader {
+        pick: u32,
+        delay_ms: u32,
+    },
 }
 
 /// One fault of a schedule.
@@ -213,6 +229,9 @@ impl Fault {
             Action::StaleRestart { node } => {
                 format!("{node} restarted from a copy of its data dir taken when the fault began")
             }
+            Action::DrainKillLeader { delay_ms, .. } => {
+                format!("drain a voter, kill -9 the leader {delay_ms} ms into the change")
+            }
         }
     }
 }
@@ -222,6 +241,9 @@ impl Fault {
 pub struct Schedule {
     pub seed: u64,
     pub faults: Vec<Fault>,
+    /// The `trine chaos run` arguments that make this schedule again.
+    #[serde(default)]
+    pub replay: String,
 }
 
 impl Schedule {
@@ -233,7 +255,20 @@ impl Schedule {
             .iter()
             .map(|&s| draw(&mut rng, s, hold, layout))
             .collect();
-        Self { seed, faults }
+        let replay = format!(
+            "--seed {seed} --scenario {} --duration {}",
+            scenarios
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(","),
+            humantime::format_duration(hold)
+        );
+        Self {
+            seed,
+            faults,
+            replay,
+        }
     }
 
     /// `n` faults of scenarios drawn at random (the soak's schedules).
@@ -245,7 +280,15 @@ impl Schedule {
                 draw(&mut rng, s, hold, layout)
             })
             .collect();
-        Self { seed, faults }
+        let replay = format!(
+            "--seed {seed} --random {n} --duration {}",
+            humantime::format_duration(hold)
+        );
+        Self {
+            seed,
+            faults,
+            replay,
+        }
     }
 }
 
@@ -327,6 +370,10 @@ fn draw(rng: &mut ChaCha8Rng, scenario: Scenario, hold: Duration, layout: &[Slot
         },
         Scenario::DiskFull => Action::FillDisk { node: node(rng) },
         Scenario::StaleDataDir => Action::StaleRestart { node: node(rng) },
+        Scenario::MembershipChange => Action::DrainKillLeader {
+            pick: rng.random(),
+            delay_ms: rng.random_range(0..300),
+        },
     };
     Fault {
         scenario,

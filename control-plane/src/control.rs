@@ -40,7 +40,12 @@ impl Profile {
     pub fn timeouts(self) -> (Duration, Duration) {
         match self {
             Self::Lan => (Duration::from_millis(100), Duration::from_millis(300)),
-            Self::Wan => (Duration::from_millis(300), Duration::from_millis(1000)),
+            // openraft 0.9 gives each AppendEntries the heartbeat interval
+            // as its deadline: it must clear the longest RTT (215 ms between
+            // the testnet's farthest regions) with room for the follower's
+            // write on a busy machine. At 300 ms a far follower flapped
+            // down and up, or never caught up (chaos soak seeds 67-99).
+            Self::Wan => (Duration::from_millis(500), Duration::from_millis(1500)),
         }
     }
 }
@@ -94,7 +99,13 @@ impl Config {
             election_timeout_min: election.as_millis() as u64,
             election_timeout_max: election.as_millis() as u64 * 2,
             install_snapshot_timeout: 30_000,
-            max_payload_entries: 1000,
+            // Every AppendEntries must finish within the heartbeat interval
+            // (see `Profile::timeouts`). A follower that fell behind was
+            // sent everything it missed (up to 1000 entries) in one call,
+            // which overran the deadline across the WAN, was cut off and
+            // sent again, bigger: it never caught up (chaos soak, seed 67).
+            // Small calls keep each one inside it.
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.snapshot_keep,
             // Purge in steps of a tenth of the snapshot interval.
@@ -160,6 +171,8 @@ impl From<Error> for tonic::Status {
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 /// Most commands grouped into one Raft entry (one chain block).
 pub const MAX_BATCH: usize = 1024;
+/// Most log entries in one AppendEntries call (see `raft_config`).
+const MAX_PAYLOAD_ENTRIES: u64 = 64;
 /// Groups in flight at once; the next group forms while these commit.
 const BATCHES_IN_FLIGHT: usize = 4;
 /// Commands waiting for a group; proposers wait when it is full.
@@ -869,9 +882,10 @@ async fn group_commit(
     }
 }
 
-/// Registers this node: through `--join` addresses when it is not a member
-/// yet, else by proposing its record (addresses may have changed). Retries
-/// with backoff until it succeeds.
+/// Registers this node: through its `--join` addresses when it has them
+/// (which adds it as a learner when it is not a member, also after it was
+/// removed), else by proposing its record (addresses may have changed).
+/// Retries with backoff until it succeeds.
 async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     let mut warned = false;
@@ -885,14 +899,27 @@ async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
             .get_node(&core.id)
             .is_some();
         let record = core.config.record.clone();
-        let result = if member {
+        let register = |record: NodeRecord| {
             core.propose(Request::now(
                 format!("node:{}", record.name),
                 Command::RegisterNode(Box::new(record)),
             ))
-            .await
-            .map(|_| ())
-        } else if core.config.join.is_empty() {
+        };
+        let result = if !core.config.join.is_empty() {
+            // Through the join addresses first, member or not: a node that
+            // was removed (drained) and restarted still finds itself in
+            // the membership of its own log, which the cluster has moved
+            // past; the leader adds it back, or only registers its record
+            // when it is a member. A member whose join addresses are all
+            // gone registers through its own view of the leader.
+            match join_any(&core, &record).await {
+                Ok(()) => Ok(()),
+                Err(e) if member => register(record).await.map(|_| ()).map_err(|_| e),
+                Err(e) => Err(e),
+            }
+        } else if member {
+            register(record).await.map(|_| ())
+        } else {
             // Metrics may lag a fresh `initialize`; a node that was neither
             // initialized nor told where to join waits to be added.
             if !warned && !core.config.init {
@@ -902,8 +929,6 @@ async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
                 warned = true;
             }
             Err(Error::NoLeader)
-        } else {
-            join_any(&core, &record).await
         };
         match result {
             Ok(()) => {
@@ -919,6 +944,10 @@ async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
+
+/// How long one join call may take (the leader adds a learner and commits
+/// the node's record).
+const JOIN_DEADLINE: Duration = Duration::from_secs(15);
 
 async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
     let mut last = Error::NoLeader;
@@ -939,12 +968,19 @@ async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
             peer: Some(convert::peer_to(&core.config.member)),
             record: serde_json::to_vec(record).unwrap_or_default(),
         };
-        match c.join(req).await {
-            Ok(_) => return Ok(()),
-            Err(s) => {
+        // Bounded: a frozen member accepts the connection and never answers.
+        match tokio::time::timeout(JOIN_DEADLINE, c.join(req)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(s)) => {
                 last = Error::Forward {
                     addr: addr.clone(),
                     reason: format!("{}: {}", s.code(), s.message()),
+                };
+            }
+            Err(_) => {
+                last = Error::Forward {
+                    addr: addr.clone(),
+                    reason: format!("no answer in {JOIN_DEADLINE:?}"),
                 };
             }
         }

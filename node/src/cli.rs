@@ -286,7 +286,7 @@ pub struct NodeArgs {
     pub cluster: Option<String>,
 
     /// Raft timeouts: lan (heartbeat 100 ms, election 0.3-0.6 s) or wan
-    /// (heartbeat 300 ms, election 1-2 s, for regions ~200 ms apart).
+    /// (heartbeat 500 ms, election 1.5-3 s, for regions up to ~300 ms apart).
     /// [default: lan]
     #[arg(long, env = "TRINE_RAFT_PROFILE", value_enum)]
     pub raft_profile: Option<config::RaftProfile>,

@@ -133,7 +133,7 @@ pub enum RaftProfile {
     /// One site: heartbeat 100 ms, election timeout 300-600 ms.
     #[default]
     Lan,
-    /// Regions ~200 ms apart: heartbeat 300 ms, election timeout 1-2 s.
+    /// Regions up to ~300 ms apart: heartbeat 500 ms, election timeout 1.5-3 s.
     Wan,
 }
 

@@ -25,7 +25,12 @@ fn main() -> ExitCode {
             }
             None => run_node(&args),
         },
-        Command::Testnet(args) => exit(trine_node::testnet_cmd::run(&args)),
+        Command::Testnet(args) => {
+            // Started by `trine chaos`: stop (SIGTERM, which stops the
+            // nodes) when it dies, even by SIGKILL.
+            trine_node::testnet_cmd::tie_to_parent();
+            exit(trine_node::testnet_cmd::run(&args))
+        }
         Command::Status(args) => exit(trine_node::cluster_cmd::status(&args)),
         Command::Nodes(args) => exit(trine_node::cluster_cmd::nodes(&args)),
         Command::Chain(command) => exit(trine_node::cluster_cmd::chain(&command)),

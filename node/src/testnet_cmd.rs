@@ -705,7 +705,8 @@ async fn watch(running: &mut [Running]) -> Result<()> {
     }
 }
 
-/// In a node started by a testnet: die with the testnet.
+/// In a node started by a testnet (or a testnet started by `trine chaos`):
+/// get SIGTERM when the parent dies.
 pub fn tie_to_parent() {
     let Some(parent) = std::env::var(PARENT_PID_ENV)
         .ok()

@@ -32,7 +32,7 @@ fn a_seed_gives_the_same_schedule_every_time() -> Result<()> {
     ensure!(a == plan("11")?, "seed 11 gave two schedules");
     ensure!(a != plan("12")?, "seeds 11 and 12 gave the same schedule");
     let s: serde_json::Value = serde_json::from_str(&a)?;
-    ensure!(s["faults"].as_array().map(Vec::len) == Some(13), "{a}");
+    ensure!(s["faults"].as_array().map(Vec::len) == Some(14), "{a}");
     // An unknown scenario is refused with the list of known ones.
     let out = run(
         {
@@ -274,7 +274,7 @@ fn every_scenario(target: &[&str]) -> Result<serde_json::Value> {
         failed.join("\n"),
         report.display()
     );
-    ensure!(outcome["faults"].as_array().map(Vec::len) == Some(13));
+    ensure!(outcome["faults"].as_array().map(Vec::len) == Some(14));
     // Work really happened, through faults: writes acknowledged, requests served.
     ensure!(
         outcome["ops"].as_u64().unwrap_or(0) > 100,
