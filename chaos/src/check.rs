@@ -266,6 +266,61 @@ pub fn final_tokens(ops: &[Op], finals: &BTreeMap<String, BTreeSet<String>>, tag
     )
 }
 
+/// Every node ends with the same models of this run; each acknowledged
+/// deploy that no undeploy touched is among them, no acknowledged
+/// undeploy's model is, and each one there had a deploy call (acknowledged
+/// or not: a failed call may have landed). `finals`: each node's models of
+/// this run.
+pub fn final_models(ops: &[Op], finals: &BTreeMap<String, BTreeSet<String>>) -> Check {
+    const NAME: &str = "safety: final deployments agree and hold every acknowledged change";
+    let mut problems = Vec::new();
+    let sets: BTreeSet<&BTreeSet<String>> = finals.values().collect();
+    if sets.len() > 1 {
+        problems.push(format!("nodes end with different models: {finals:?}"));
+    }
+    let Some((node, set)) = finals.iter().next() else {
+        return Check::new(
+            NAME,
+            &["no node answered GetPlacement at the end".into()],
+            String::new(),
+        );
+    };
+    let of = |kind: OpKind| ops.iter().filter(move |o| o.kind == kind);
+    for d in of(OpKind::Deploy).filter(|o| o.ok) {
+        let touched = of(OpKind::Undeploy).any(|u| u.key == d.key);
+        if !touched && !set.contains(&d.key) {
+            problems.push(format!(
+                "{node} lacks model {} (deploy op {} through {}, acknowledged: {})",
+                d.key, d.id, d.node, d.detail
+            ));
+        }
+    }
+    for u in of(OpKind::Undeploy).filter(|o| o.ok) {
+        if set.contains(&u.key) {
+            problems.push(format!(
+                "{node} still has undeployed model {} (op {})",
+                u.key, u.id
+            ));
+        }
+    }
+    for m in set {
+        if !of(OpKind::Deploy).any(|d| &d.key == m) {
+            problems.push(format!("{node} has model {m}, which no call deployed"));
+        }
+    }
+    let deploys = of(OpKind::Deploy).filter(|o| o.ok).count();
+    let undeploys = of(OpKind::Undeploy).filter(|o| o.ok).count();
+    Check::new(
+        NAME,
+        &problems,
+        format!(
+            "{} nodes hold the same {} models of this run ({deploys} deploys and {undeploys} undeploys acknowledged)",
+            finals.len(),
+            set.len()
+        ),
+    )
+}
+
 /// gRPC codes a client may retry (documented in the README's chaos section).
 pub const RETRYABLE: [&str; 4] = [
     "Unavailable",
@@ -393,6 +448,38 @@ mod tests {
             },
             detail: detail.into(),
         }
+    }
+
+    #[test]
+    fn final_models_hold_acknowledged_deploys_and_lack_acknowledged_undeploys() {
+        let ops = vec![
+            op(1, OpKind::Deploy, "m0", 0.0, 1.0, true, ""),
+            op(2, OpKind::Deploy, "m1", 2.0, 3.0, true, ""),
+            op(3, OpKind::Undeploy, "m0", 4.0, 5.0, true, ""),
+            op(4, OpKind::Deploy, "m2", 6.0, 7.0, false, ""),
+            op(5, OpKind::Deploy, "m3", 8.0, 9.0, true, ""),
+            op(6, OpKind::Undeploy, "m3", 10.0, 11.0, false, ""),
+        ];
+        let set =
+            |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+        let finals = |names: &[&str]| -> BTreeMap<String, BTreeSet<String>> {
+            [("a".to_string(), set(names)), ("b".to_string(), set(names))].into()
+        };
+        // m2's deploy failed and m3's undeploy failed: either way is right.
+        assert!(final_models(&ops, &finals(&["m1"])).passed);
+        assert!(final_models(&ops, &finals(&["m1", "m2", "m3"])).passed);
+        // An acknowledged deploy lost, an acknowledged undeploy undone, a
+        // model nobody deployed, two nodes that disagree, no answer.
+        assert!(!final_models(&ops, &finals(&[])).passed);
+        assert!(!final_models(&ops, &finals(&["m0", "m1"])).passed);
+        assert!(!final_models(&ops, &finals(&["m1", "m9"])).passed);
+        let split: BTreeMap<String, BTreeSet<String>> = [
+            ("a".to_string(), set(&["m1"])),
+            ("b".to_string(), set(&["m1", "m2"])),
+        ]
+        .into();
+        assert!(!final_models(&ops, &split).passed);
+        assert!(!final_models(&ops, &BTreeMap::new()).passed);
     }
 
     #[test]

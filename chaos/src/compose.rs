@@ -230,6 +230,26 @@ impl Compose {
                 format!("trine:{tag}")
             }
         };
+        if opts.image.is_some() {
+            // Given, not built: say which is missing before compose tries
+            // (and fails) to pull it from a registry.
+            let mut needed = vec![image.clone()];
+            if alerts {
+                for (var, default) in [
+                    ("TRINE_PROMETHEUS_IMAGE", "trine-prometheus:local"),
+                    ("TRINE_ALERTMANAGER_IMAGE", "trine-alertmanager:local"),
+                ] {
+                    needed.push(std::env::var(var).unwrap_or_else(|_| default.into()));
+                }
+            }
+            for i in needed {
+                docker(&["image", "inspect", "--format", "{{.Id}}", &i]).map_err(|_| {
+                    setup(format!(
+                        "image {i} is not on this host: build it with deploy/docker/build-image.sh (--monitoring for Prometheus and Alertmanager), or leave out --image and the run builds its own"
+                    ))
+                })?;
+            }
+        }
         c.env.push(("TRINE_IMAGE".into(), image));
         // Nothing published on the host: the run reaches every container
         // at its address on the network.

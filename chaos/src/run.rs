@@ -243,7 +243,7 @@ async fn play(
     opts: &RunOptions,
     schedule: Schedule,
 ) -> Result<(Outcome, History), Error> {
-    let model = "tiny".to_string();
+    let model = workload::MODEL.to_string();
     // Notes of this run are above the chain's height now.
     let from_height = {
         let mut h = 0;
@@ -384,6 +384,11 @@ async fn play(
         &final_tokens(net).await,
         &tag,
     ));
+    checks.push(check::final_models(
+        &history.ops,
+        &final_models(net, &tag).await,
+    ));
+    undeploy_ours(net, &tag).await;
     let outages: Vec<check::Outage> = records
         .iter()
         .filter(|r| {
@@ -461,7 +466,7 @@ async fn one_fault(
         Action::Kill { nodes } => nodes.clone(),
         Action::KillLeader => vec![leader_before.clone()],
         Action::KillStageHolder { pick } => {
-            let on = workload::stages(&net.nodes)
+            let on = workload::stages(&net.nodes, workload::MODEL)
                 .await
                 .map(|s| s.on)
                 .unwrap_or_default();
@@ -926,6 +931,8 @@ async fn apply(
 
 /// Asks the cluster (any live node but `drained`) to drain `drained` until
 /// it is done: the operator's retry after the first attempt lost its leader.
+/// Draining a node the first attempt already removed succeeds (the state
+/// machine's refusals land on the chain; they are not errors).
 async fn finish_drain(net: &Cluster, drained: &str, id: u64) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut last = String::new();
@@ -944,8 +951,6 @@ async fn finish_drain(net: &Cluster, drained: &str, id: u64) -> Result<(), Error
                 .await
             {
                 Ok(_) => return Ok(()),
-                // Removed already, by the first attempt.
-                Err(s) if s.message().contains("not registered") => return Ok(()),
                 Err(s) => last = format!("{}: {}", n.name, s.message()),
             }
         }
@@ -959,16 +964,8 @@ async fn finish_drain(net: &Cluster, drained: &str, id: u64) -> Result<(), Error
 /// The voters' ids, as the first node that answers sees them.
 async fn voters(net: &Cluster) -> BTreeSet<u64> {
     for n in &net.nodes {
-        let mut c = n.status.clone();
-        if let Ok(s) = c
-            .cluster_status(v1::ClusterStatusRequest {
-                consistency: v1::ReadConsistency::Local.into(),
-                max_staleness_ms: 3_600_000,
-                ..Default::default()
-            })
-            .await
-        {
-            return s.into_inner().voters.into_iter().collect();
+        if let Some(s) = workload::local_status(n).await {
+            return s.voters.into_iter().collect();
         }
     }
     BTreeSet::new()
@@ -994,7 +991,7 @@ async fn whole(net: &Cluster, height: u64) -> (bool, bool) {
     if !caught_up || !up || leaders.len() != 1 {
         return (caught_up, false);
     }
-    let stages = workload::stages(&net.nodes)
+    let stages = workload::stages(&net.nodes, workload::MODEL)
         .await
         .is_some_and(|s| s.ready == s.total && s.total > 0);
     (true, stages)
@@ -1106,6 +1103,62 @@ async fn final_chains(net: &Cluster) -> FinalChains {
         }
     }
     f
+}
+
+/// Each node's models of this run (tagged `tag`), read locally.
+async fn final_models(net: &Cluster, tag: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let prefix = workload::model_prefix(tag);
+    let mut out = BTreeMap::new();
+    for n in &net.nodes {
+        let Ok(mut c) = net.admin(n, Duration::from_secs(10)) else {
+            continue;
+        };
+        if let Ok(p) = c
+            .get_placement(v1::GetPlacementRequest {
+                consistency: v1::ReadConsistency::Local.into(),
+                max_staleness_ms: 3_600_000,
+                ..Default::default()
+            })
+            .await
+        {
+            out.insert(
+                n.name.clone(),
+                p.into_inner()
+                    .models
+                    .into_iter()
+                    .map(|m| m.name)
+                    .filter(|m| m.starts_with(&prefix))
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+/// Undeploys what is left of this run's models (the next run on the same
+/// cluster starts without them); best effort, after the checks.
+async fn undeploy_ours(net: &Cluster, tag: &str) {
+    let left: BTreeSet<String> = final_models(net, tag)
+        .await
+        .into_values()
+        .flatten()
+        .collect();
+    for name in left {
+        for n in &net.nodes {
+            let Ok(mut c) = net.admin(n, Duration::from_secs(10)) else {
+                continue;
+            };
+            let r = c
+                .undeploy_model(v1::UndeployModelRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await;
+            if r.is_ok() {
+                break;
+            }
+        }
+    }
 }
 
 async fn final_tokens(net: &Cluster) -> BTreeMap<String, BTreeSet<String>> {

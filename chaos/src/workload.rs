@@ -21,6 +21,9 @@ pub const PROMPTS: [&str; 4] = [
     "1, 2, 3, 4,",
     "Ternary weights are",
 ];
+/// The model the cluster serves (the testnet's and the compose file's
+/// default deployment).
+pub const MODEL: &str = "tiny";
 /// Tokens each inference request asks for.
 pub const MAX_TOKENS: u32 = 12;
 /// Each inference request's deadline (sent to the node as its timeout).
@@ -37,6 +40,9 @@ pub enum OpKind {
     RevokeToken,
     /// ListTokens, linearizable.
     ReadTokens,
+    /// DeployModel of a model of this run's own.
+    Deploy,
+    Undeploy,
     Generate,
 }
 
@@ -158,6 +164,11 @@ pub async fn run(target: Target, rec: Recorder, stop: watch::Receiver<bool>) {
         stop.clone(),
     )));
     tasks.push(tokio::spawn(tokens(
+        target.clone(),
+        rec.clone(),
+        stop.clone(),
+    )));
+    tasks.push(tokio::spawn(models(
         target.clone(),
         rec.clone(),
         stop.clone(),
@@ -307,6 +318,111 @@ async fn tokens(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
     }
 }
 
+/// What the names of this run's models start with.
+pub fn model_prefix(tag: &str) -> String {
+    format!("chaos-{tag}-m")
+}
+
+/// The name of this run's `seq`th model.
+pub fn model_name(tag: &str, seq: u64) -> String {
+    format!("{}{seq}", model_prefix(tag))
+}
+
+/// The record of the deployed model `name`, from the first node that has it.
+pub async fn deployed(nodes: &[Node], name: &str) -> Option<v1::DeployedModel> {
+    for n in nodes {
+        if let Ok(p) = n
+            .status
+            .clone()
+            .get_placement(v1::GetPlacementRequest {
+                model: name.to_owned(),
+                consistency: v1::ReadConsistency::Local.into(),
+                max_staleness_ms: 3_600_000,
+                ..Default::default()
+            })
+            .await
+            && let Some(m) = p.into_inner().models.into_iter().find(|m| m.name == name)
+        {
+            return Some(m);
+        }
+    }
+    None
+}
+
+/// Deploys and undeploys models of this run's own (the served model's
+/// file under new names, one stage, one replica), a call a second, each
+/// through another node: writes whose outcome the final state must show,
+/// and placement churn while faults hit. At most two are deployed at once;
+/// a deploy that failed is undeployed too (it may have landed).
+async fn models(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
+    let Some(base) = deployed(&t.nodes, &t.model).await else {
+        rec.push(Op {
+            id: rec.id(),
+            kind: OpKind::Deploy,
+            node: String::new(),
+            start_ms: rec.now_ms(),
+            end_ms: rec.now_ms(),
+            key: String::new(),
+            ok: false,
+            code: "NotFound".into(),
+            detail: format!("no node knows the record of model {}: no deploys", t.model),
+        });
+        return;
+    };
+    let mut seq = 0u64;
+    let mut next_model = 0u64;
+    let mut live: std::collections::VecDeque<String> = Default::default();
+    while !*stop.borrow() {
+        let node = &t.nodes[(seq as usize * 2 + 3) % t.nodes.len()];
+        let mut client = node.admin.clone();
+        let start = rec.now_ms();
+        let (kind, key, r) = if live.len() >= 2 || (seq % 2 == 1 && !live.is_empty()) {
+            let name = live.pop_front().unwrap_or_default();
+            let r = client
+                .undeploy_model(v1::UndeployModelRequest {
+                    request_id: format!("{}-u{seq}", t.tag),
+                    name: name.clone(),
+                })
+                .await
+                .map(|r| format!("log index {}", r.get_ref().log_index));
+            (OpKind::Undeploy, name, r)
+        } else {
+            let name = model_name(&t.tag, next_model);
+            next_model += 1;
+            let r = client
+                .deploy_model(v1::DeployModelRequest {
+                    request_id: format!("{}-d{seq}", t.tag),
+                    name: name.clone(),
+                    source: base.source.clone(),
+                    sha256: base.sha256.clone(),
+                    stages: 1,
+                    replicas: 1,
+                    regions: Vec::new(),
+                    layers: base.layers,
+                    bytes_per_layer: base.bytes_per_layer,
+                    fixed_bytes: base.fixed_bytes,
+                })
+                .await
+                .map(|r| format!("log index {}", r.get_ref().log_index));
+            live.push_back(name.clone());
+            (OpKind::Deploy, name, r)
+        };
+        rec.push(Op {
+            id: rec.id(),
+            kind,
+            node: node.name.clone(),
+            start_ms: start,
+            end_ms: rec.now_ms(),
+            key,
+            ok: r.is_ok(),
+            code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
+            detail: r.unwrap_or_else(|s| s.message().to_owned()),
+        });
+        seq += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// One greedy generation of prompt `p` through `node`: the text, or the
 /// status it failed with.
 pub async fn generate(
@@ -385,7 +501,7 @@ async fn observe(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
                 }
             }
         }
-        if let Some(s) = stages(&t.nodes).await {
+        if let Some(s) = stages(&t.nodes, &t.model).await {
             let sample = StageSample {
                 t_ms: rec.now_ms(),
                 ..s
@@ -411,18 +527,24 @@ async fn observe(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
     }
 }
 
+/// A node's ClusterStatus from its own replica (local read), or None when
+/// it does not answer within 1 s.
+pub async fn local_status(n: &Node) -> Option<v1::ClusterStatusResponse> {
+    let mut c = n.status.clone();
+    c.cluster_status(v1::ClusterStatusRequest {
+        consistency: v1::ReadConsistency::Local.into(),
+        max_staleness_ms: 3_600_000,
+        ..Default::default()
+    })
+    .await
+    .ok()
+    .map(tonic::Response::into_inner)
+}
+
 /// A node's own view (local read), or None when it does not answer within 1 s.
 pub async fn status_of(n: &Node) -> Option<StatusSample> {
+    let s = local_status(n).await?;
     let mut c = n.status.clone();
-    let s = c
-        .cluster_status(v1::ClusterStatusRequest {
-            consistency: v1::ReadConsistency::Local.into(),
-            max_staleness_ms: 3_600_000,
-            ..Default::default()
-        })
-        .await
-        .ok()?
-        .into_inner();
     let head = c
         .chain_head(v1::ChainHeadRequest {
             consistency: v1::ReadConsistency::Local.into(),
@@ -445,13 +567,15 @@ pub async fn status_of(n: &Node) -> Option<StatusSample> {
     })
 }
 
-/// Ready and total stage slots, as the first node that answers sees them.
-pub async fn stages(nodes: &[Node]) -> Option<StageSample> {
+/// Ready and total stage slots of `model` (the served one), as the first
+/// node that answers sees them.
+pub async fn stages(nodes: &[Node], model: &str) -> Option<StageSample> {
     for n in nodes {
         if let Ok(p) = n
             .status
             .clone()
             .get_placement(v1::GetPlacementRequest {
+                model: model.to_owned(),
                 consistency: v1::ReadConsistency::Local.into(),
                 max_staleness_ms: 3_600_000,
                 ..Default::default()

@@ -293,10 +293,28 @@ impl Admin for AdminService {
                 failed_on: p.failed_on.clone(),
             })
             .collect();
+        let models = state
+            .models
+            .values()
+            .filter(|m| r.model.is_empty() || m.name == r.model)
+            .map(|m| v1::DeployedModel {
+                name: m.name.clone(),
+                source: m.source.clone(),
+                sha256: m.sha256.clone(),
+                layers: m.layers,
+                bytes_per_layer: m.bytes_per_layer,
+                fixed_bytes: m.fixed_bytes,
+                stages: m.stages,
+                replicas: m.replicas,
+                regions: m.regions.clone(),
+                deployed_ms: m.deployed_ms,
+            })
+            .collect();
         Ok(Response::new(v1::GetPlacementResponse {
             request_id: r.request_id,
             assignments,
             as_of_index: as_of,
+            models,
         }))
     }
 

@@ -568,6 +568,23 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
             if resp.assignments.is_empty() {
                 writeln!(out, "(no stage is placed)")?;
             }
+            for m in &resp.models {
+                writeln!(
+                    out,
+                    "model {}: {} stage(s) × {} replica(s) of {} layers, sha256 {}, from {}{}",
+                    m.name,
+                    m.stages,
+                    m.replicas,
+                    m.layers,
+                    m.sha256.get(..12).unwrap_or(&m.sha256),
+                    m.source,
+                    if m.regions.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", in {}", m.regions.join(", "))
+                    }
+                )?;
+            }
         }
         Output::Json => {
             for a in &resp.assignments {

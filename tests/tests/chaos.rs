@@ -284,6 +284,16 @@ fn every_scenario(target: &[&str]) -> Result<serde_json::Value> {
     for f in ["report.md", "history.json", "timeline.svg"] {
         ensure!(report.join(f).exists(), "{f} missing");
     }
+    // Every kind of write the workload makes was made and acknowledged.
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("history.json"))?)?;
+    let ops = history["ops"].as_array().context("history has no ops")?;
+    for kind in ["note", "create-token", "revoke-token", "deploy", "undeploy"] {
+        ensure!(
+            ops.iter().any(|o| o["kind"] == kind && o["ok"] == true),
+            "no acknowledged {kind} in the history"
+        );
+    }
     let svg = std::fs::read_to_string(report.join("timeline.svg"))?;
     ensure!(
         svg.starts_with("<svg") && svg.contains("<circle"),
