@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::workload::{DEADLINE, History, Op, OpKind};
+use crate::workload::{DEADLINE, History, Op, OpKind, StageSample};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
@@ -321,6 +321,70 @@ pub fn final_models(ops: &[Op], finals: &BTreeMap<String, BTreeSet<String>>) -> 
     )
 }
 
+/// How far before a request began and after it ended a placement sample
+/// may show a node holding a slot for that node to count as a holder while
+/// the request ran: the samples come every 250 ms or more, and a request
+/// routed just before a move may run on the old holder.
+pub const HOLDER_BEFORE_MS: f64 = 1000.0;
+pub const HOLDER_AFTER_MS: f64 = 2000.0;
+
+/// A fenced stage never serves: the node that finished each completed
+/// request (the last on its path; those before it failed over) held a slot
+/// of the model in some placement sample (the leader's view) from
+/// [`HOLDER_BEFORE_MS`] before the request began to [`HOLDER_AFTER_MS`]
+/// after it ended. A node whose slot moved to another node (a new
+/// generation there) and that went on serving the old one fails this.
+/// Requests with no sample in their window are not judged (counted).
+pub fn fenced_stages(ops: &[Op], stages: &[StageSample]) -> Check {
+    let mut problems = Vec::new();
+    let (mut judged, mut unjudged, mut no_path) = (0, 0, 0);
+    for g in ops.iter().filter(|o| o.kind == OpKind::Generate && o.ok) {
+        let Some(node) = g.path.last() else {
+            no_path += 1;
+            continue;
+        };
+        let window: Vec<&StageSample> = stages
+            .iter()
+            .filter(|s| {
+                s.t_ms >= g.start_ms - HOLDER_BEFORE_MS && s.t_ms <= g.end_ms + HOLDER_AFTER_MS
+            })
+            .collect();
+        if window.is_empty() {
+            unjudged += 1;
+            continue;
+        }
+        judged += 1;
+        if !window.iter().any(|s| s.on.contains(node)) {
+            let last = stages
+                .iter()
+                .rev()
+                .find(|s| s.t_ms <= g.start_ms && s.on.contains(node))
+                .map_or("never before".to_owned(), |s| {
+                    format!("last at {:.1} s", s.t_ms / 1000.0)
+                });
+            problems.push(format!(
+                "op {} ({:.1}-{:.1} s, through {}) was served by node {node}, which held no slot then (the placement had it {last})",
+                g.id,
+                g.start_ms / 1000.0,
+                g.end_ms / 1000.0,
+                g.node
+            ));
+        }
+    }
+    if no_path > 0 {
+        problems.push(format!(
+            "{no_path} completed requests reported no path (the nodes that served them)"
+        ));
+    }
+    Check::new(
+        "safety: a fenced (moved-away) stage never serves",
+        &problems,
+        format!(
+            "each of {judged} completed requests was served by nodes that held a slot then ({unjudged} had no placement sample near them)"
+        ),
+    )
+}
+
 /// gRPC codes a client may retry (documented in the README's chaos section).
 pub const RETRYABLE: [&str; 4] = [
     "Unavailable",
@@ -447,7 +511,48 @@ mod tests {
                 "Unavailable".into()
             },
             detail: detail.into(),
+            path: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_request_served_by_a_node_whose_slot_moved_is_caught() {
+        let sample = |t_ms: f64, on: &[u64]| StageSample {
+            t_ms,
+            ready: on.len(),
+            total: on.len(),
+            on: on.to_vec(),
+        };
+        // Node 1's slot moves to node 3 at 10 s.
+        let stages: Vec<StageSample> = (0..40)
+            .map(|i| {
+                let t = f64::from(i) * 500.0;
+                sample(t, if t < 10_000.0 { &[1, 2] } else { &[3, 2] })
+            })
+            .collect();
+        let served = |id: u64, start: f64, path: &[u64]| Op {
+            path: path.to_vec(),
+            ..op(id, OpKind::Generate, "0", start, start + 300.0, true, "x")
+        };
+        // Before the move, across it, by the new holder, and after failing
+        // over from the old one: fine.
+        let ok = vec![
+            served(1, 2_000.0, &[1]),
+            served(2, 9_800.0, &[1]),
+            served(3, 12_000.0, &[3]),
+            served(4, 12_000.0, &[2]),
+            served(5, 14_000.0, &[1, 3]),
+        ];
+        assert!(fenced_stages(&ok, &stages).passed);
+        // Node 1 serving well after its slot moved: fenced, caught.
+        let mut bad = ok.clone();
+        bad.push(served(6, 14_000.0, &[1]));
+        let c = fenced_stages(&bad, &stages);
+        assert!(!c.passed && c.detail.contains("op 6"), "{}", c.detail);
+        // A completed request without its path cannot be judged: a failure.
+        let mut blind = ok;
+        blind.push(served(7, 3_000.0, &[]));
+        assert!(!fenced_stages(&blind, &stages).passed);
     }
 
     #[test]

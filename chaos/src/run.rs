@@ -262,7 +262,7 @@ async fn play(
         for attempt in 0..5 {
             let node = &net.nodes[attempt % net.nodes.len()];
             match workload::generate(node, &model, p, format!("{tag}-base{p}-{attempt}")).await {
-                Ok(t) => {
+                Ok((t, _)) => {
                     last = Some(Ok(t));
                     break;
                 }

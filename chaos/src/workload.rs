@@ -61,6 +61,10 @@ pub struct Op {
     pub code: String,
     /// The error message, the generated text, or the token names read.
     pub detail: String,
+    /// Inference: the nodes that served the request (node ids, pipeline
+    /// order), as the node reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<u64>,
 }
 
 /// One node's own view of Raft at one moment.
@@ -242,6 +246,7 @@ async fn note(t: &Target, rec: &Recorder, seq: u64) {
             Ok(h) => format!("height {}", h.get_ref().height),
             Err(s) => s.message().to_owned(),
         },
+        path: Vec::new(),
     });
 }
 
@@ -312,6 +317,7 @@ async fn tokens(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
             ok: r.is_ok(),
             code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
             detail: r.unwrap_or_else(|s| s.message().to_owned()),
+            path: Vec::new(),
         });
         seq += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -366,6 +372,7 @@ async fn models(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
             ok: false,
             code: "NotFound".into(),
             detail: format!("no node knows the record of model {}: no deploys", t.model),
+            path: Vec::new(),
         });
         return;
     };
@@ -417,20 +424,21 @@ async fn models(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
             ok: r.is_ok(),
             code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
             detail: r.unwrap_or_else(|s| s.message().to_owned()),
+            path: Vec::new(),
         });
         seq += 1;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-/// One greedy generation of prompt `p` through `node`: the text, or the
-/// status it failed with.
+/// One greedy generation of prompt `p` through `node`: the text and the
+/// nodes that served it, or the status it failed with.
 pub async fn generate(
     node: &Node,
     model: &str,
     p: usize,
     id: String,
-) -> Result<String, tonic::Status> {
+) -> Result<(String, Vec<u64>), tonic::Status> {
     let mut client = inference_client(&node.grpc, DEADLINE + Duration::from_secs(5))
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
     let req = v1::GenerateRequest {
@@ -450,12 +458,15 @@ pub async fn generate(
     };
     let mut stream = client.generate(req).await?.into_inner();
     let mut text = String::new();
+    let mut path = Vec::new();
     while let Some(ev) = stream.next().await {
-        if let Some(v1::generate_response::Event::Token(t)) = ev?.event {
-            text.push_str(&t.text);
+        match ev?.event {
+            Some(v1::generate_response::Event::Token(t)) => text.push_str(&t.text),
+            Some(v1::generate_response::Event::Usage(u)) => path = u.path,
+            None => {}
         }
     }
-    Ok(text)
+    Ok((text, path))
 }
 
 /// Greedy generations through each node in turn.
@@ -466,6 +477,10 @@ async fn inference(t: Target, rec: Recorder, stop: watch::Receiver<bool>, lane: 
         let p = seq % PROMPTS.len();
         let start = rec.now_ms();
         let r = generate(node, &t.model, p, format!("{}-g{seq}", t.tag)).await;
+        let (r, path) = match r {
+            Ok((text, path)) => (Ok(text), path),
+            Err(e) => (Err(e), Vec::new()),
+        };
         rec.push(Op {
             id: rec.id(),
             kind: OpKind::Generate,
@@ -476,6 +491,7 @@ async fn inference(t: Target, rec: Recorder, stop: watch::Receiver<bool>, lane: 
             ok: r.is_ok(),
             code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
             detail: r.unwrap_or_else(|s| s.message().to_owned()),
+            path,
         });
         seq += 2;
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -488,8 +504,20 @@ async fn observe(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
     let http = reqwest::Client::new();
     let mut tick = 0u64;
     while !*stop.borrow() {
-        let samples = futures_util::future::join_all(t.nodes.iter().map(status_of));
-        for (n, s) in t.nodes.iter().zip(samples.await) {
+        let samples = futures_util::future::join_all(t.nodes.iter().map(status_of)).await;
+        // Placement as the leader of the highest term sees it (the first to
+        // know of a move), then as any node does.
+        let mut order: Vec<(u64, usize)> = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let lead = s.as_ref().filter(|s| s.is_leader).map_or(0, |s| s.term + 1);
+                (u64::MAX - lead, i)
+            })
+            .collect();
+        order.sort();
+        let by_leader: Vec<Node> = order.iter().map(|(_, i)| t.nodes[*i].clone()).collect();
+        for (n, s) in t.nodes.iter().zip(samples) {
             if let Some(s) = s {
                 let sample = StatusSample {
                     t_ms: rec.now_ms(),
@@ -501,7 +529,7 @@ async fn observe(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
                 }
             }
         }
-        if let Some(s) = stages(&t.nodes, &t.model).await {
+        if let Some(s) = stages(&by_leader, &t.model).await {
             let sample = StageSample {
                 t_ms: rec.now_ms(),
                 ..s

@@ -681,6 +681,14 @@ impl Core {
                 })?
                 .into_inner());
         }
+        if req.raft_mode != convert::RAFT_MODE {
+            return Err(Error::Invalid(format!(
+                "join: node {} runs Raft mode {} and this cluster runs mode {} (standard Raft, one leader per term); run the same trine release on every node",
+                req.node_id,
+                req.raft_mode,
+                convert::RAFT_MODE
+            )));
+        }
         let peer = req
             .peer
             .ok_or_else(|| Error::Invalid("join: peer is missing".into()))?;
@@ -967,6 +975,7 @@ async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
             node_id: core.id,
             peer: Some(convert::peer_to(&core.config.member)),
             record: serde_json::to_vec(record).unwrap_or_default(),
+            raft_mode: convert::RAFT_MODE,
         };
         // Bounded: a frozen member accepts the connection and never answers.
         match tokio::time::timeout(JOIN_DEADLINE, c.join(req)).await {

@@ -5,7 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use openraft::{EntryPayload, LeaderId, LogId, Membership, SnapshotMeta, StoredMembership, Vote};
+use openraft::{
+    CommittedLeaderId, EntryPayload, LeaderId, LogId, Membership, SnapshotMeta, StoredMembership,
+    Vote,
+};
 use trine_proto::v1 as pb;
 
 use crate::types::{Member, NodeId, TypeConfig};
@@ -21,11 +24,19 @@ fn need<T>(v: Option<T>, field: &str) -> Result<T> {
     v.ok_or_else(|| Malformed(format!("{field} is missing")))
 }
 
+/// The Raft mode a joiner states (`JoinRequest.raft_mode`): 2, standard.
+pub const RAFT_MODE: u32 = 2;
+
+// openraft runs in standard Raft mode (its `single-term-leader` feature):
+// a vote is (term, the node voted for, if any) and each term has at most
+// one leader, so a log id is (term, index); node id 0, which no member
+// has, stands for "no one" on the wire.
+
 pub fn vote_to(v: &Vote<NodeId>) -> pb::RaftVote {
     pb::RaftVote {
         leader_id: Some(pb::LeaderId {
             term: v.leader_id.term,
-            node_id: v.leader_id.node_id,
+            node_id: v.leader_id.voted_for.unwrap_or(0),
         }),
         committed: v.committed,
     }
@@ -37,7 +48,7 @@ pub fn vote_from(v: Option<pb::RaftVote>) -> Result<Vote<NodeId>> {
     Ok(Vote {
         leader_id: LeaderId {
             term: l.term,
-            node_id: l.node_id,
+            voted_for: (l.node_id != 0).then_some(l.node_id),
         },
         committed: v.committed,
     })
@@ -47,7 +58,7 @@ pub fn log_id_to(l: &LogId<NodeId>) -> pb::LogId {
     pb::LogId {
         leader_id: Some(pb::LeaderId {
             term: l.leader_id.term,
-            node_id: l.leader_id.node_id,
+            node_id: 0,
         }),
         index: l.index,
     }
@@ -60,7 +71,7 @@ pub fn opt_log_id_to(l: Option<&LogId<NodeId>>) -> Option<pb::LogId> {
 pub fn log_id_from(l: pb::LogId) -> Result<LogId<NodeId>> {
     let leader = need(l.leader_id, "log_id.leader_id")?;
     Ok(LogId::new(
-        LeaderId::new(leader.term, leader.node_id),
+        CommittedLeaderId::new(leader.term, leader.node_id),
         l.index,
     ))
 }
@@ -280,7 +291,7 @@ mod tests {
 
     #[test]
     fn append_entries_round_trips_every_payload() {
-        let lid = |t, n, i| LogId::new(LeaderId::new(t, n), i);
+        let lid = |t, n, i| LogId::new(CommittedLeaderId::new(t, n), i);
         let m = Membership::new(
             vec![[1, 2].into(), [2, 3].into()],
             BTreeMap::from([(1, member(1)), (2, member(2)), (3, member(3))]),

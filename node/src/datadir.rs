@@ -18,8 +18,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Data-dir format this build writes and understands.
-pub const FORMAT: u32 = 1;
+/// Data-dir format this build writes and understands. 2: Raft in standard
+/// mode (one leader per term), whose votes and log ids format 1's (two
+/// leaders could share a term) cannot be read as.
+pub const FORMAT: u32 = 2;
 const LOCK_FILE: &str = "LOCK";
 const META_FILE: &str = "trine-data.json";
 const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -61,6 +63,14 @@ pub enum Error {
         "data dir {path} has format {found}, newer than this trine understands ({FORMAT}); run a newer trine or choose another --data-dir"
     )]
     TooNew { path: PathBuf, found: u32 },
+    #[error(
+        "data dir {path} has format {found} ({created_by}), older than this trine's ({FORMAT}): its Raft log records votes and log ids in the form of trine's earlier Raft mode, which this build does not read, and the two modes do not mix in one cluster (deploy/runbooks/rolling-upgrade.md, \"Across data-dir formats\"). Run the trine that wrote it, or move the whole cluster over as that runbook section says"
+    )]
+    TooOld {
+        path: PathBuf,
+        found: u32,
+        created_by: String,
+    },
     #[error("data dir {path}: writing {file} failed: {source}; check free space and permissions")]
     Write {
         path: PathBuf,
@@ -279,6 +289,13 @@ fn load_or_init_meta(dir: &Path) -> Result<Meta, Error> {
                     found: meta.format,
                 });
             }
+            if meta.format < FORMAT {
+                return Err(Error::TooOld {
+                    path: dir.to_owned(),
+                    found: meta.format,
+                    created_by: meta.created_by,
+                });
+            }
             Ok(meta)
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -399,7 +416,7 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_and_newer_meta_are_refused() {
+    fn corrupt_newer_and_older_meta_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join(META_FILE), "{not json").unwrap();
         assert!(matches!(
@@ -415,6 +432,20 @@ mod tests {
             DataDir::open(tmp.path()),
             Err(Error::TooNew { found: 99, .. })
         ));
+        // Format 1 (openraft's two-leaders-per-term mode) is refused with
+        // the way out, and left as it was.
+        let old = r#"{"format": 1, "created_by": "trine 0.1.0 (abc)", "created_at_unix": 0}"#;
+        std::fs::write(tmp.path().join(META_FILE), old).unwrap();
+        let e = DataDir::open(tmp.path()).expect_err("format 1 must be refused");
+        assert!(matches!(e, Error::TooOld { found: 1, .. }), "{e}");
+        assert!(
+            e.to_string().contains("trine 0.1.0 (abc)")
+                && e.to_string().contains("Across data-dir formats")
+        );
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join(META_FILE)).unwrap(),
+            old
+        );
     }
 
     #[test]
