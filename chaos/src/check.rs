@@ -380,7 +380,7 @@ pub fn fenced_stages(ops: &[Op], stages: &[StageSample]) -> Check {
         "safety: a fenced (moved-away) stage never serves",
         &problems,
         format!(
-            "each of {judged} completed requests was served by nodes that held a slot then ({unjudged} had no placement sample near them)"
+            "each of {judged} completed requests was finished by a node that held a slot then ({unjudged} had no placement sample near them)"
         ),
     )
 }

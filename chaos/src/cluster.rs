@@ -509,8 +509,12 @@ impl Cluster {
     /// Starts a killed node again: its process with the same command line
     /// and environment, or its container.
     pub fn restart(&mut self, name: &str) -> Result<(), Error> {
+        let data = self.data(name)?;
         match &mut self.backend {
-            Backend::Testnet(l) => l.restart(name, &self.opts.dir)?,
+            Backend::Testnet(l) => {
+                wait_unlocked(name, &data);
+                l.restart(name, &self.opts.dir)?
+            }
             Backend::Compose(c) => c.start_node(name)?,
         }
         self.down.remove(name);
@@ -884,6 +888,29 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), Error> {
 }
 
 /// Whether `pid` runs (a zombie does not).
+/// Waits (up to 10 s) until no process holds the data dir's lock: a
+/// killed multi-threaded node shows as a zombie once its main thread is
+/// gone, while its other threads, which still hold the lock, are exiting.
+fn wait_unlocked(name: &str, data: &Path) {
+    let Ok(f) = std::fs::File::open(data.join("LOCK")) else {
+        return;
+    };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        match f.try_lock() {
+            Ok(()) => {
+                let _ = f.unlock();
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    tracing::warn!(
+        node = name,
+        "its data dir is still locked 10 s after it was killed"
+    );
+}
+
 fn alive(pid: Pid) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat

@@ -413,6 +413,7 @@ async fn play(
         })
         .collect();
     checks.extend(check::serving(&history.ops, &baseline, &outages));
+    checks.push(check::fenced_stages(&history.ops, &history.stages));
     if net.prometheus.is_some() {
         checks.push(crate::alerts::check(&records, &history, end_ms));
     }

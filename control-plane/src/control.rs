@@ -193,6 +193,11 @@ pub struct Core {
     tls: ClientTlsConfig,
     liveness: Liveness,
     last_leader_contact: Mutex<Option<Instant>>,
+    /// The leader's quorum clock (shared with the network layer).
+    quorum: network::Quorum,
+    /// This node's serving lease: from when (a majority last accepted the
+    /// leader that renewed it), and the commit index it must have applied.
+    lease: Mutex<Option<(Instant, u64)>>,
     /// Since when each member has answered without a gap longer than
     /// `down_after` (leader's view; for damping).
     answering_since: Mutex<HashMap<NodeId, Instant>>,
@@ -268,15 +273,25 @@ impl ControlPlane {
         let tls = config.tls.client();
         let faults = Faults::default();
         let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
+        let quorum = network::Quorum::default();
         let network = Network {
             tls: tls.clone(),
             liveness: liveness.clone(),
+            quorum: quorum.clone(),
             faults: faults.clone(),
             delays: config.delays.clone(),
         };
         let raft = Raft::new(config.id, raft_config, network, log, sm)
             .await
             .map_err(|e| Error::Fatal(e.to_string()))?;
+        quorum.set_voters(
+            config.id,
+            raft.metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids(),
+        );
         let core = Arc::new(Core {
             raft,
             reader,
@@ -284,6 +299,8 @@ impl ControlPlane {
             tls,
             liveness,
             last_leader_contact: Mutex::new(None),
+            quorum,
+            lease: Mutex::new(None),
             answering_since: Mutex::new(HashMap::new()),
             recovering: Mutex::new(BTreeMap::new()),
             last_rebalance: Mutex::new(None),
@@ -434,6 +451,46 @@ impl ControlPlane {
         }
     }
 
+    /// Why this node must not serve its stages now, or None when it may:
+    /// its serving lease has run out. A node holds a lease while a leader
+    /// that a majority of the voters accepted within the last
+    /// `down_after / 2` keeps it (each AppendEntries renews it, dated from
+    /// that majority's acceptance) and it has applied up to that leader's
+    /// commit index; a leader holds one while a majority accepts it. A
+    /// leader moves a node's stages only after `down_after` without an
+    /// answer from it, so by then the node has stopped serving them: cut off
+    /// with a deposed leader or alone, it cannot renew (its leader has no
+    /// majority). Assumes calls that arrive are answered (no one-way loss
+    /// of replies) and clocks that run at the same rate, not the same time.
+    pub fn fenced(&self) -> Option<String> {
+        let lease = self.core.config.down_after / 2;
+        let m = self.core.raft.metrics().borrow().clone();
+        if m.state.is_leader() {
+            return match self.core.quorum.acked() {
+                Some(t) if t.elapsed() <= lease => None,
+                Some(t) => Some(format!(
+                    "this node leads but no majority of the voters has accepted it for {:.1} s (its serving lease is {:.1} s)",
+                    t.elapsed().as_secs_f64(),
+                    lease.as_secs_f64()
+                )),
+                None => Some("this node leads but no majority has accepted it yet".into()),
+            };
+        }
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        match *self.core.lease.lock().ok()? {
+            Some((from, _)) if from.elapsed() > lease => Some(format!(
+                "this node has not heard from a leader backed by a majority for {:.1} s (its serving lease is {:.1} s)",
+                from.elapsed().as_secs_f64(),
+                lease.as_secs_f64()
+            )),
+            Some((_, commit)) if applied < commit => Some(format!(
+                "this node has applied the control plane's log to {applied}, short of the leader's commit {commit}"
+            )),
+            Some(_) => None,
+            None => Some("this node has not heard from a leader since it started".into()),
+        }
+    }
+
     pub fn status(&self) -> Status {
         let m = self.core.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
@@ -491,6 +548,26 @@ impl Core {
     pub(crate) fn heard_from_leader(&self) {
         if let Ok(mut t) = self.last_leader_contact.lock() {
             *t = Some(Instant::now());
+        }
+    }
+
+    /// A leader's AppendEntries, sent `quorum_age` after a majority last
+    /// accepted it and committed to `commit`, was accepted at `received`.
+    /// A lease that had run out (or never ran) starts again only once this
+    /// node has applied up to `commit`: while it was out of touch, its
+    /// stages may have moved, and it learns so by applying the log. A lease
+    /// still running is extended as it is (a stage is moved off a node in
+    /// touch only by entries it applies as they come).
+    pub(crate) fn renew_lease(&self, received: Instant, quorum_age: Duration, commit: u64) {
+        let Some(from) = received.checked_sub(quorum_age) else {
+            return;
+        };
+        let lease = self.config.down_after / 2;
+        if let Ok(mut l) = self.lease.lock() {
+            match &mut *l {
+                Some((f, _)) if f.elapsed() <= lease => *f = (*f).max(from),
+                _ => *l = Some((from, commit)),
+            }
         }
     }
 
@@ -1007,6 +1084,8 @@ async fn maintain(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         }
         let m = core.raft.metrics().borrow().clone();
+        core.quorum
+            .set_voters(core.id, m.membership_config.membership().voter_ids());
         if m.current_leader != Some(core.id) || !m.state.is_leader() {
             leader_since = None;
             continue;

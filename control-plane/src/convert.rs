@@ -167,6 +167,7 @@ pub fn append_to(
         prev_log_id: opt_log_id_to(r.prev_log_id.as_ref()),
         entries: r.entries.iter().map(entry_to).collect(),
         leader_commit: opt_log_id_to(r.leader_commit.as_ref()),
+        quorum_age_ms: None,
     }
 }
 

@@ -49,6 +49,62 @@ impl Liveness {
     }
 }
 
+/// The leader's quorum clock: when each member last accepted this node's
+/// AppendEntries (counted from when they were sent; a refusal for a higher
+/// vote does not count), and the voters, so that it can tell when a
+/// majority last did. That moment starts the serving lease the leader
+/// hands its followers with every AppendEntries, and its own.
+#[derive(Debug, Clone, Default)]
+pub struct Quorum(Arc<Mutex<QuorumInner>>);
+
+#[derive(Debug, Default)]
+struct QuorumInner {
+    me: NodeId,
+    voters: Vec<NodeId>,
+    acked: HashMap<NodeId, Instant>,
+}
+
+impl Quorum {
+    pub fn set_voters(&self, me: NodeId, voters: impl IntoIterator<Item = NodeId>) {
+        if let Ok(mut q) = self.0.lock() {
+            q.me = me;
+            q.voters = voters.into_iter().collect();
+        }
+    }
+
+    /// `id` accepted an AppendEntries this node sent at `sent`.
+    pub fn ack(&self, id: NodeId, sent: Instant) {
+        if let Ok(mut q) = self.0.lock() {
+            let t = q.acked.entry(id).or_insert(sent);
+            *t = (*t).max(sent);
+        }
+    }
+
+    /// When a majority of the voters (this node counting as now) had last
+    /// accepted this node's AppendEntries; None before the voters are known
+    /// or while no majority ever has.
+    pub fn acked(&self) -> Option<Instant> {
+        let q = self.0.lock().ok()?;
+        if q.voters.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut times: Vec<Instant> = q
+            .voters
+            .iter()
+            .filter_map(|v| {
+                if *v == q.me {
+                    Some(now)
+                } else {
+                    q.acked.get(v).copied()
+                }
+            })
+            .collect();
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        times.get(q.voters.len() / 2).copied()
+    }
+}
+
 /// An in-node fault layer for tests and chaos runs: RPCs to the listed
 /// members fail as if the network dropped them, and proposals are not
 /// forwarded to them. A cut is one-way: this node's calls to them are
@@ -219,6 +275,7 @@ pub fn client(addr: &str, tls: &ClientTlsConfig) -> Result<RaftClient<Channel>, 
 pub struct Network {
     pub tls: ClientTlsConfig,
     pub liveness: Liveness,
+    pub quorum: Quorum,
     pub faults: Faults,
     pub delays: Delays,
 }
@@ -234,6 +291,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             tls: self.tls.clone(),
             client: None,
             liveness: self.liveness.clone(),
+            quorum: self.quorum.clone(),
             faults: self.faults.clone(),
             delays: self.delays.clone(),
         }
@@ -249,6 +307,7 @@ pub struct Conn {
     tls: ClientTlsConfig,
     client: Option<RaftClient<Channel>>,
     liveness: Liveness,
+    quorum: Quorum,
     faults: Faults,
     delays: Delays,
 }
@@ -333,11 +392,20 @@ impl RaftNetwork<TypeConfig> for Conn {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let mut c = self.client()?;
-        let req = convert::append_to(&rpc, request_id());
+        let mut req = convert::append_to(&rpc, request_id());
+        req.quorum_age_ms = self
+            .quorum
+            .acked()
+            .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let sent = Instant::now();
         let resp = self
             .timed("append_entries", option.hard_ttl(), c.append_entries(req))
             .await?;
-        convert::append_resp_from(resp).map_err(malformed)
+        let resp = convert::append_resp_from(resp).map_err(malformed)?;
+        if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+            self.quorum.ack(self.target, sent);
+        }
+        Ok(resp)
     }
 
     async fn vote(

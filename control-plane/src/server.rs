@@ -4,6 +4,7 @@
 
 use std::io::Cursor;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
@@ -37,9 +38,17 @@ impl RaftRpc for Service {
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         let req = request.into_inner();
         let id = req.request_id.clone();
+        let quorum_age = req.quorum_age_ms.map(Duration::from_millis);
         let rpc = convert::append_from(req).map_err(invalid)?;
+        let commit = rpc.leader_commit.map_or(0, |l| l.index);
+        let received = Instant::now();
         let resp = self.core.raft.append_entries(rpc).await.map_err(fatal)?;
         self.core.heard_from_leader();
+        if let Some(age) = quorum_age
+            && !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_))
+        {
+            self.core.renew_lease(received, age, commit);
+        }
         Ok(Response::new(convert::append_resp_to(&resp, id)))
     }
 

@@ -45,6 +45,10 @@ use crate::batcher::{Owned, StepError};
 /// gRPC metadata key marking a request one node forwarded to another.
 pub const HOP: &str = "x-trine-hop";
 
+/// Longest a request waits for this node's serving lease (an election in
+/// progress) before it is refused as `Unavailable`.
+pub const LEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// Bounds on what one request may ask and how much waits.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -536,8 +540,38 @@ impl Serving {
         rank(nodes, me, self.waiting(), &seen)
     }
 
+    /// Waits, at most [`LEASE_WAIT`] and within `budget`, until this node
+    /// may serve its stages ([`ControlPlane::fenced`]): a node cut off from
+    /// the control plane's majority stops serving before a leader can move
+    /// its stages elsewhere, and a pause while a new leader is elected is a
+    /// pause, not an error.
+    async fn leased(&self, budget: Duration) -> Result<(), ServeError> {
+        let until = Instant::now() + budget.min(LEASE_WAIT);
+        let mut logged = false;
+        loop {
+            let Some(why) = self.inner.control.fenced() else {
+                return Ok(());
+            };
+            if Instant::now() >= until {
+                return Err(ServeError::Unavailable(format!(
+                    "{why}: its stages may have moved, so it does not serve them; retry through another node"
+                )));
+            }
+            if !logged {
+                tracing::info!(reason = %why, "serving waits for this node's lease");
+                logged = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs `req` on the replica this node holds.
     async fn run_here(&self, req: v1::GenerateRequest) -> Result<Events, ServeError> {
+        let budget = req
+            .timeout
+            .and_then(|t| Duration::try_from(t).ok())
+            .unwrap_or(LEASE_WAIT);
+        self.leased(budget).await?;
         let pipeline = self.pipeline(&req.model)?;
         let limits = &self.inner.limits;
         let waiting = self.inner.waiting.fetch_add(1, Ordering::AcqRel);
