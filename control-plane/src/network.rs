@@ -502,3 +502,39 @@ impl RaftNetwork<TypeConfig> for Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quorum_clock_is_the_majoritys_oldest_acceptance() {
+        let q = Quorum::default();
+        assert_eq!(q.acked(), None, "no voters known yet");
+        q.set_voters(1, [1, 2, 3, 4, 5]);
+        // Only this node: no majority of five.
+        assert_eq!(q.acked(), None);
+        // Acceptances in the past (this node counts as now, the newest).
+        let t0 = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .expect("a second of uptime");
+        let at = |ms| t0 + Duration::from_millis(ms);
+        q.ack(2, at(10));
+        q.ack(3, at(30));
+        // This node (now), 3 at 30 ms, 2 at 10 ms: the third newest is 10 ms.
+        assert_eq!(q.acked(), Some(at(10)));
+        q.ack(4, at(50));
+        assert_eq!(q.acked(), Some(at(30)));
+        // An older acceptance never moves the clock back; a newer one moves it on.
+        q.ack(4, at(5));
+        assert_eq!(q.acked(), Some(at(30)));
+        q.ack(2, at(70));
+        assert_eq!(q.acked(), Some(at(50)));
+        // A member that is not a voter does not count.
+        q.ack(9, at(90));
+        assert_eq!(q.acked(), Some(at(50)));
+        // One voter alone: always now.
+        q.set_voters(1, [1]);
+        assert!(q.acked().is_some_and(|t| t > at(900)));
+    }
+}

@@ -608,3 +608,99 @@ async fn a_returning_region_gets_its_replica_back_by_rebalancing() -> Result<()>
     reporter.await?;
     Ok(())
 }
+
+/// The serving lease: every member holds one while the cluster is whole; a
+/// follower cut off from the rest loses it before `down_after` (when a
+/// leader could move its stages) while the others keep theirs; a leader cut
+/// off loses its own while the majority elects another; healed, all hold
+/// one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_the_majority_loses_its_serving_lease() -> Result<()> {
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    let down_after = tuning().down_after;
+    note(cluster.any().context("a member")?, "start").await?;
+    let all_leased = async || {
+        cluster
+            .nodes
+            .values()
+            .all(|c| c.fenced().is_none())
+            .then_some(())
+    };
+    wait_for(
+        "every member to hold a lease",
+        Duration::from_secs(10),
+        all_leased,
+    )
+    .await?;
+
+    let leader = cluster.leader().context("a leader")?;
+    let follower = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader)
+        .context("a follower")?;
+    partition(&cluster, follower);
+    let cut = Instant::now();
+    let why = wait_for(
+        "the cut-off follower to lose its lease",
+        Duration::from_secs(10),
+        async || cluster.nodes[&follower].fenced(),
+    )
+    .await?;
+    let lost_after = cut.elapsed();
+    assert!(
+        lost_after < down_after,
+        "the follower kept serving {lost_after:?} after the cut, past down_after ({down_after:?}): {why}"
+    );
+    assert!(why.contains("majority"), "{why}");
+    for (id, c) in &cluster.nodes {
+        if *id != follower {
+            assert_eq!(
+                c.fenced(),
+                None,
+                "node {id} on the majority side lost its lease"
+            );
+        }
+    }
+    for c in cluster.nodes.values() {
+        c.faults().heal();
+    }
+    wait_for(
+        "every member to hold a lease again",
+        Duration::from_secs(10),
+        all_leased,
+    )
+    .await?;
+
+    partition(&cluster, leader);
+    let why = wait_for(
+        "the cut-off leader to lose its lease",
+        Duration::from_secs(10),
+        async || cluster.nodes[&leader].fenced(),
+    )
+    .await?;
+    assert!(why.contains("majority"), "{why}");
+    wait_for(
+        "the majority to elect another leader and hold leases",
+        Duration::from_secs(15),
+        async || {
+            cluster
+                .nodes
+                .iter()
+                .filter(|(id, _)| **id != leader)
+                .all(|(_, c)| c.fenced().is_none())
+                .then_some(())
+        },
+    )
+    .await?;
+    for c in cluster.nodes.values() {
+        c.faults().heal();
+    }
+    wait_for(
+        "every member to hold a lease after healing",
+        Duration::from_secs(15),
+        all_leased,
+    )
+    .await?;
+    Ok(())
+}
