@@ -864,6 +864,29 @@ impl Serving {
         let mut first_token: Option<Duration> = None;
         let mut last = started;
         loop {
+            // The replica that failed had sent every token asked for (only
+            // its closing event was lost): end here rather than ask another
+            // for zero more, which it would read as "the default". The
+            // prompt's token count came in that lost event: 0 here.
+            if failovers > 0 && generated.len() - already >= req.max_tokens as usize {
+                let usage = v1::Usage {
+                    completion_tokens: (generated.len() - already) as u32,
+                    finish_reason: v1::FinishReason::Length.into(),
+                    time_to_first_token: first_token.map(duration),
+                    total: Some(duration(started.elapsed())),
+                    path: path.clone(),
+                    failovers,
+                    ..Default::default()
+                };
+                crate::metrics::request_done(started.elapsed());
+                let _ = tx
+                    .send(Ok(v1::GenerateResponse {
+                        request_id: req.request_id.clone(),
+                        event: Some(v1::generate_response::Event::Usage(usage)),
+                    }))
+                    .await;
+                return;
+            }
             let Some(node) = (!candidates.is_empty()).then(|| candidates.remove(0)) else {
                 let _ = tx
                     .send(Err(ServeError::Unavailable(format!(
