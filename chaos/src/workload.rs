@@ -137,6 +137,30 @@ impl Recorder {
         }
     }
 
+    /// Records an admin call through `node`, begun at `start`: its
+    /// outcome (or the status it failed with) as the op's detail.
+    fn admin_op(
+        &self,
+        kind: OpKind,
+        node: &Node,
+        start: f64,
+        key: String,
+        r: Result<String, tonic::Status>,
+    ) {
+        self.push(Op {
+            id: self.id(),
+            kind,
+            node: node.name.clone(),
+            start_ms: start,
+            end_ms: self.now_ms(),
+            key,
+            ok: r.is_ok(),
+            code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
+            detail: r.unwrap_or_else(|s| s.message().to_owned()),
+            path: Vec::new(),
+        });
+    }
+
     pub fn snapshot(&self) -> History {
         self.history.lock().map(|h| h.clone()).unwrap_or_default()
     }
@@ -233,21 +257,8 @@ async fn note(t: &Target, rec: &Recorder, seq: u64) {
             text: text.clone(),
         })
         .await;
-    rec.push(Op {
-        id: rec.id(),
-        kind: OpKind::Note,
-        node: node.name.clone(),
-        start_ms: start,
-        end_ms: rec.now_ms(),
-        key: text,
-        ok: r.is_ok(),
-        code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
-        detail: match &r {
-            Ok(h) => format!("height {}", h.get_ref().height),
-            Err(s) => s.message().to_owned(),
-        },
-        path: Vec::new(),
-    });
+    let r = r.map(|h| format!("height {}", h.get_ref().height));
+    rec.admin_op(OpKind::Note, node, start, text, r);
 }
 
 /// Token creates, revokes of older ones, and linearizable reads of the
@@ -307,18 +318,7 @@ async fn tokens(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
                 (OpKind::ReadTokens, String::new(), r)
             }
         };
-        rec.push(Op {
-            id: rec.id(),
-            kind,
-            node: node.name.clone(),
-            start_ms: start,
-            end_ms: rec.now_ms(),
-            key,
-            ok: r.is_ok(),
-            code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
-            detail: r.unwrap_or_else(|s| s.message().to_owned()),
-            path: Vec::new(),
-        });
+        rec.admin_op(kind, node, start, key, r);
         seq += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -414,18 +414,7 @@ async fn models(t: Target, rec: Recorder, stop: watch::Receiver<bool>) {
             live.push_back(name.clone());
             (OpKind::Deploy, name, r)
         };
-        rec.push(Op {
-            id: rec.id(),
-            kind,
-            node: node.name.clone(),
-            start_ms: start,
-            end_ms: rec.now_ms(),
-            key,
-            ok: r.is_ok(),
-            code: r.as_ref().map_or_else(code_name, |_| "Ok".into()),
-            detail: r.unwrap_or_else(|s| s.message().to_owned()),
-            path: Vec::new(),
-        });
+        rec.admin_op(kind, node, start, key, r);
         seq += 1;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

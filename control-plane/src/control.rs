@@ -463,7 +463,7 @@ impl ControlPlane {
     /// majority). Assumes calls that arrive are answered (no one-way loss
     /// of replies) and clocks that run at the same rate, not the same time.
     pub fn fenced(&self) -> Option<String> {
-        let lease = self.core.config.down_after / 2;
+        let lease = self.core.lease_span();
         let m = self.core.raft.metrics().borrow().clone();
         if m.state.is_leader() {
             return match self.core.quorum.acked() {
@@ -551,6 +551,12 @@ impl Core {
         }
     }
 
+    /// How long a serving lease runs: half of `down_after`, the silence
+    /// after which a leader moves a node's stages.
+    fn lease_span(&self) -> Duration {
+        self.config.down_after / 2
+    }
+
     /// A leader's AppendEntries, sent `quorum_age` after a majority last
     /// accepted it and committed to `commit`, was accepted at `received`.
     /// A lease that had run out (or never ran) starts again only once this
@@ -562,7 +568,7 @@ impl Core {
         let Some(from) = received.checked_sub(quorum_age) else {
             return;
         };
-        let lease = self.config.down_after / 2;
+        let lease = self.lease_span();
         if let Ok(mut l) = self.lease.lock() {
             match &mut *l {
                 Some((f, _)) if f.elapsed() <= lease => *f = (*f).max(from),
