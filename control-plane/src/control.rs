@@ -274,10 +274,12 @@ impl ControlPlane {
         let faults = Faults::default();
         let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let quorum = network::Quorum::default();
+        let campaigns = network::Campaigns::default();
         let network = Network {
             tls: tls.clone(),
             liveness: liveness.clone(),
             quorum: quorum.clone(),
+            campaigns: campaigns.clone(),
             faults: faults.clone(),
             delays: config.delays.clone(),
         };
@@ -361,6 +363,11 @@ impl ControlPlane {
         )));
         tasks.push(tokio::spawn(announce(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(maintain(core.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(rerun_split_votes(
+            core.raft.clone(),
+            campaigns,
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(export_metrics(core.clone(), stop_rx)));
         Ok(Self {
             core,
@@ -1082,6 +1089,62 @@ async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
 
 /// The leader's housekeeping: marks members down or up from RPC liveness,
 /// and keeps the voter set placed by [`voters::plan`].
+/// Starts the next election at once when a campaign split the vote.
+///
+/// openraft 0.9 draws one election timeout per process and checks it on a
+/// tick of 1.5 heartbeats. Two candidates whose timeouts round to the same
+/// number of ticks, and whose ticks fall closer together than a message
+/// takes, split the vote in every term, forever: in standard Raft a voter
+/// votes once per term, and each has voted for itself (the CI run of
+/// 2026-12-04 saw two survivors do so for ten seconds). Raft's cure is a
+/// fresh random timeout for every election; this draws one, in
+/// [election_timeout_min/2, election_timeout_min), for each term a
+/// candidate has not won, and starts the next term when it runs out: before
+/// openraft's own timer, so the two no longer move in step. A candidate
+/// that a voter turned down for a shorter log is left to openraft's longer
+/// wait, so that the voter with the longer log wins.
+async fn rerun_split_votes(
+    raft: Raft,
+    campaigns: network::Campaigns,
+    mut stop: watch::Receiver<bool>,
+) {
+    let min = Duration::from_millis(raft.config().election_timeout_min.max(2));
+    let mut metrics = raft.metrics();
+    loop {
+        let candidate_in = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Candidate).then_some(m.current_term)
+        };
+        let Some(term) = candidate_in else {
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        };
+        let wait = rand::random_range(min / 2..min);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let m = metrics.borrow_and_update().clone();
+        if m.state != ServerState::Candidate
+            || m.current_term != term
+            || campaigns.was_behind_in(term)
+        {
+            continue;
+        }
+        tracing::info!(
+            term,
+            waited = ?wait,
+            "no leader elected in this term (split vote); starting the next election now"
+        );
+        if raft.trigger().elect().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn maintain(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     let mut leader_since: Option<Instant> = None;
     loop {

@@ -105,6 +105,24 @@ impl Quorum {
     }
 }
 
+/// What this node's vote requests learnt: the highest term in which a voter
+/// turned this node down for having a shorter log than its own. A candidate
+/// that is behind must not hurry the next election (openraft already delays
+/// its own timer then): the voter with the longer log has to win.
+#[derive(Debug, Clone, Default)]
+pub struct Campaigns(Arc<std::sync::atomic::AtomicU64>);
+
+impl Campaigns {
+    pub fn behind_in(&self, term: u64) {
+        self.0.fetch_max(term, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a voter had a longer log than this node's campaign in `term`.
+    pub fn was_behind_in(&self, term: u64) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) >= term
+    }
+}
+
 /// An in-node fault layer for tests and chaos runs: RPCs to the listed
 /// members fail as if the network dropped them, and proposals are not
 /// forwarded to them. A cut is one-way: this node's calls to them are
@@ -276,6 +294,7 @@ pub struct Network {
     pub tls: ClientTlsConfig,
     pub liveness: Liveness,
     pub quorum: Quorum,
+    pub campaigns: Campaigns,
     pub faults: Faults,
     pub delays: Delays,
 }
@@ -292,6 +311,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: None,
             liveness: self.liveness.clone(),
             quorum: self.quorum.clone(),
+            campaigns: self.campaigns.clone(),
             faults: self.faults.clone(),
             delays: self.delays.clone(),
         }
@@ -308,6 +328,7 @@ pub struct Conn {
     client: Option<RaftClient<Channel>>,
     liveness: Liveness,
     quorum: Quorum,
+    campaigns: Campaigns,
     faults: Faults,
     delays: Delays,
 }
@@ -416,7 +437,11 @@ impl RaftNetwork<TypeConfig> for Conn {
         let mut c = self.client()?;
         let req = convert::vote_req_to(&rpc, request_id());
         let resp = self.timed("vote", option.hard_ttl(), c.vote(req)).await?;
-        convert::vote_resp_from(resp).map_err(malformed)
+        let resp = convert::vote_resp_from(resp).map_err(malformed)?;
+        if !resp.vote_granted && resp.last_log_id > rpc.last_log_id {
+            self.campaigns.behind_in(rpc.vote.leader_id().term);
+        }
+        Ok(resp)
     }
 
     async fn install_snapshot(

@@ -132,6 +132,65 @@ async fn survive_the_leader(regions: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Two survivors that each voted for themselves in the same term split the
+/// vote. openraft's own election timer is switched off on both, so only the
+/// control plane's split-vote rerun can start the next term; without it they
+/// stay candidates forever (in CI, ticks that fired in step made openraft's
+/// timer do exactly that for ten seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_vote_is_rerun_until_one_candidate_wins() -> Result<()> {
+    let mut cluster = cluster(&["a", "b", "c"]).await?;
+    let index = note(cluster.any().context("a member")?, "before").await?;
+    wait_for(
+        "every member applied",
+        Duration::from_secs(10),
+        async || {
+            cluster
+                .nodes
+                .values()
+                .all(|c| c.status().applied >= index)
+                .then_some(())
+        },
+    )
+    .await?;
+    let old = cluster.leader().context("a leader")?;
+    cluster.stop(old).await.context("leader present")?;
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for (id, c) in &cluster.nodes {
+        c.raft().runtime_config().elect(false);
+        c.faults().isolate(ids.iter().copied().filter(|o| o != id));
+    }
+    for c in cluster.nodes.values() {
+        c.raft().trigger().elect().await?;
+    }
+    // Each campaigned for itself where the other could not hear it.
+    let split = wait_for(
+        "both survivors to be candidates",
+        Duration::from_secs(10),
+        async || {
+            let s: Vec<_> = cluster.nodes.values().map(|c| c.status()).collect();
+            s.iter()
+                .all(|s| s.state == openraft::ServerState::Candidate)
+                .then(|| s.iter().map(|s| s.term).min().unwrap_or(0))
+        },
+    )
+    .await?;
+    for c in cluster.nodes.values() {
+        c.faults().heal();
+    }
+    let leader = wait_for(
+        "a leader after the split vote",
+        Duration::from_secs(10),
+        async || cluster.leader(),
+    )
+    .await?;
+    assert!(ids.contains(&leader));
+    let term = cluster.nodes[&leader].status().term;
+    assert!(term > split, "won in term {term}, the split was in {split}");
+    note(&cluster.nodes[&leader], "after").await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_catches_up_and_a_far_behind_one_by_snapshot() -> Result<()> {
     let mut cluster = cluster(&["a", "b", "c"]).await?;
