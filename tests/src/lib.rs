@@ -453,6 +453,57 @@ pub fn error_lines(stderr: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// A block of [`PORT_BLOCK`] loopback ports held by this test process for a
+/// testnet or chaos cluster (node i uses base+10i..base+10i+3, Prometheus
+/// base+90). Test processes run in parallel: a lock file per block (in the
+/// temp dir, released when the process exits, however it exits) keeps two
+/// of them off the same block, and each port is bound once to make sure
+/// nothing else holds it. Picking the block from the process id alone let
+/// two tests share one (CI run of 2026-12-04: "port 25600 is in use").
+#[derive(Debug)]
+pub struct Ports {
+    pub base: u16,
+    _lock: File,
+}
+
+/// Ports per block.
+pub const PORT_BLOCK: u16 = 100;
+
+/// Reserves a free block of ports in 12000-29999 (below Linux's ephemeral
+/// range, so no outgoing connection takes one), starting the search at a
+/// block chosen by the process id.
+pub fn reserve_ports() -> Result<Ports> {
+    const FIRST: u16 = 12_000;
+    const BLOCKS: u16 = 180;
+    let dir = std::env::temp_dir().join("trine-test-ports");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let start = (std::process::id() % u32::from(BLOCKS)) as u16;
+    for k in 0..BLOCKS {
+        let base = FIRST + (start + k) % BLOCKS * PORT_BLOCK;
+        let path = dir.join(base.to_string());
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        let free = (base..base + PORT_BLOCK).all(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        });
+        if free {
+            return Ok(Ports { base, _lock: lock });
+        }
+    }
+    bail!(
+        "no free block of {PORT_BLOCK} loopback ports between {FIRST} and {}: stop leftover testnets (`pkill -f 'trine testnet'`)",
+        FIRST + BLOCKS * PORT_BLOCK - 1
+    )
+}
+
 /// A running `trine testnet` (a child process with its own node children).
 /// SIGKILLed on drop if still running; its nodes then get SIGTERM from the
 /// kernel (parent-death signal).
@@ -461,6 +512,7 @@ pub struct Testnet {
     child: Child,
     pub dir: tempfile::TempDir,
     pub base_port: u16,
+    _ports: Ports,
     out_path: PathBuf,
 }
 
@@ -495,8 +547,8 @@ impl Testnet {
 
     async fn start_with(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        // 100 ports per test process, below the ephemeral range.
-        let base_port = 12_000 + (std::process::id() % 150) as u16 * 100;
+        let ports = reserve_ports()?;
+        let base_port = ports.base;
         let out_path = dir.path().join("testnet.out");
         let mut cmd = trine();
         cmd.arg("testnet")
@@ -511,6 +563,7 @@ impl Testnet {
             child,
             dir,
             base_port,
+            _ports: ports,
             out_path,
         };
         let out = t.out_path.clone();
@@ -631,4 +684,25 @@ pub fn chain_note(node: &str, text: &str) -> Result<u64> {
         .next()
         .and_then(|h| h.parse().ok())
         .with_context(|| format!("unexpected output {text:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_blocks_are_not_shared_and_skip_ports_in_use() -> Result<()> {
+        let a = reserve_ports()?;
+        let b = reserve_ports()?;
+        assert_ne!(a.base, b.base, "two holders got the same block");
+        let freed = a.base;
+        drop(a);
+        // Something else now listens inside the freed block: it is skipped.
+        let squatter = std::net::TcpListener::bind(("127.0.0.1", freed + 55))?;
+        let c = reserve_ports()?;
+        assert_ne!(c.base, freed, "a block with a port in use was handed out");
+        assert_ne!(c.base, b.base);
+        drop(squatter);
+        Ok(())
+    }
 }

@@ -148,8 +148,8 @@ async fn inject_fault_needs_the_flag_and_an_admin_token() -> Result<()> {
 /// after each fault; the report must be there.
 #[test]
 fn every_scenario_runs_against_a_live_testnet_and_passes() -> Result<()> {
-    let base_port = 20_000 + (std::process::id() % 100) as u16 * 100;
-    let outcome = every_scenario(&["--base-port", &base_port.to_string()])?;
+    let ports = trine_tests::reserve_ports()?;
+    let outcome = every_scenario(&["--base-port", &ports.base.to_string()])?;
     let faults = outcome["faults"].as_array().context("no faults")?;
     ensure!(
         faults.iter().any(|f| f["description"]
