@@ -368,6 +368,10 @@ impl ControlPlane {
             campaigns,
             stop_rx.clone(),
         )));
+        tasks.push(tokio::spawn(elect_when_overdue(
+            core.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(export_metrics(core.clone(), stop_rx)));
         Ok(Self {
             core,
@@ -1087,8 +1091,6 @@ async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
     Err(last)
 }
 
-/// The leader's housekeeping: marks members down or up from RPC liveness,
-/// and keeps the voter set placed by [`voters::plan`].
 /// Starts the next election at once when a campaign split the vote.
 ///
 /// openraft 0.9 draws one election timeout per process and checks it on a
@@ -1145,6 +1147,58 @@ async fn rerun_split_votes(
     }
 }
 
+/// Starts an election on a voter that has heard from no leader for twice
+/// the longest election timeout (plus a random fraction of the shortest).
+///
+/// openraft 0.9 campaigns after the dead leader's lease (the longest
+/// election timeout) plus its own timeout, so before this fires. But a node
+/// that once lost a campaign to a longer log keeps a flag that adds twice
+/// the longest timeout to its next wait, and only its own next campaign
+/// clears it: after a few elections most members carry it. In the chaos
+/// soak, survivors of a killed leader then sat for 8-10 s without a single
+/// campaign, until the killed leader restarted and won (the WAN profile:
+/// 6-12 s instead of 4.5-6 s). This bounds that wait.
+async fn elect_when_overdue(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let c = core.raft.config().clone();
+    let min = Duration::from_millis(c.election_timeout_min.max(4));
+    let overdue = Duration::from_millis(c.election_timeout_max) * 2;
+    // Since this task started or last started an election: one election
+    // per `overdue` at most, so a campaign under way gets its time.
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(min / 4) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let m = core.raft.metrics().borrow().clone();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == core.id);
+        if m.state != ServerState::Follower || !voter {
+            continue;
+        }
+        let silent = core
+            .leader_heard()
+            .map_or(quiet_since.elapsed(), |h| h.min(quiet_since.elapsed()));
+        if silent < overdue + rand::random_range(Duration::ZERO..min / 2) {
+            continue;
+        }
+        tracing::info!(
+            term = m.current_term,
+            silent = ?silent,
+            "no leader heard from for twice the longest election timeout; starting an election"
+        );
+        quiet_since = Instant::now();
+        if core.raft.trigger().elect().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The leader's housekeeping: marks members down or up from RPC liveness,
+/// and keeps the voter set placed by [`voters::plan`].
 async fn maintain(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
     let mut leader_since: Option<Instant> = None;
     loop {

@@ -191,6 +191,83 @@ async fn a_split_vote_is_rerun_until_one_candidate_wins() -> Result<()> {
     Ok(())
 }
 
+/// openraft's own election timer is switched off on every member (it stands
+/// in for a timer held back by openraft's "seen a greater log" delay, which
+/// outlives the campaign that set it): when the leader stops, the control
+/// plane's overdue-election fallback still elects a new one, once no leader
+/// has been heard from for twice the longest election timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivors_whose_election_timer_is_held_back_still_elect() -> Result<()> {
+    let mut cluster = cluster(&["a", "b", "c"]).await?;
+    note(cluster.any().context("a member")?, "before").await?;
+    for c in cluster.nodes.values() {
+        c.raft().runtime_config().elect(false);
+    }
+    let old = cluster.leader().context("a leader")?;
+    let stopped = Instant::now();
+    cluster.stop(old).await.context("leader present")?;
+    let new = wait_for("a new leader", Duration::from_secs(15), async || {
+        cluster.leader().filter(|l| *l != old)
+    })
+    .await?;
+    let took = stopped.elapsed();
+    let election = tuning().election_timeout.context("tuned")?;
+    // Twice the longest timeout (2 x 2 x min), plus at most half the
+    // shortest and the checking step, plus the campaign.
+    assert!(
+        took < election * 6,
+        "elected only after {took:?} (election timeout {election:?})"
+    );
+    note(&cluster.nodes[&new], "after").await?;
+    Ok(())
+}
+
+/// The leader dies while a voter is being drained (the soak's
+/// membership-change scenario): the survivors elect a new leader in about
+/// the time a plain leader loss takes, without waiting for the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_during_a_membership_change_is_replaced() -> Result<()> {
+    let regions = [
+        "us-east",
+        "us-east",
+        "us-west",
+        "us-west",
+        "eu-central",
+        "eu-central",
+        "ap-southeast",
+    ];
+    let mut cluster = cluster(&regions).await?;
+    let status = cluster.any().context("a member")?.status();
+    let old = status.leader.context("a leader")?;
+    let leaver = *status
+        .voters
+        .iter()
+        .find(|v| **v != old)
+        .context("another voter")?;
+    let through = cluster.nodes[&old].clone();
+    let drain = tokio::spawn(async move { through.leave(Some(leaver)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let stopped = Instant::now();
+    cluster.stop(old).await.context("leader present")?;
+    drain.abort();
+    let new = wait_for("a new leader", Duration::from_secs(20), async || {
+        cluster.leader().filter(|l| *l != old)
+    })
+    .await?;
+    let took = stopped.elapsed();
+    eprintln!("new leader {new} {took:?} after the leader stopped mid-change");
+    let tuning = tuning();
+    let election = tuning.election_timeout.context("tuned")?;
+    // openraft waits out the dead leader's lease (the longest election
+    // timeout, 2x the shortest) and then its own timeout: at most 4x.
+    assert!(
+        took < election * 4 + Duration::from_secs(2),
+        "no new leader for {took:?}"
+    );
+    note(&cluster.nodes[&new], "after").await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_catches_up_and_a_far_behind_one_by_snapshot() -> Result<()> {
     let mut cluster = cluster(&["a", "b", "c"]).await?;
