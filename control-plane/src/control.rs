@@ -215,6 +215,28 @@ pub struct Core {
 }
 
 impl Core {
+    /// `id`'s entry in this node's view of the Raft membership.
+    pub(crate) fn member(&self, id: NodeId) -> Option<Member> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// Whether a certificate with these names speaks for a member.
+    pub(crate) fn is_member_name(&self, names: &[String]) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(_, m)| crate::tls::certifies(names, &m.name))
+    }
+
     /// When this leader last heard `id`: its last Raft answer since it
     /// took over; failing that, when it took over, or earlier when the
     /// node's other channel (the mesh) last heard the member before that —

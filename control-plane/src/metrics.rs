@@ -17,6 +17,7 @@ pub const RAFT_SNAPSHOTS: &str = "trine_raft_snapshots_total";
 pub const RAFT_VOTERS: &str = "trine_raft_voters";
 pub const RAFT_MEMBERS: &str = "trine_raft_members";
 pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
+pub const RAFT_REFUSED: &str = "trine_raft_refused_total";
 pub const PLACEMENT_MOVES: &str = "trine_placement_moves_total";
 pub const STAGE_RECOVERY: &str = "trine_stage_recovery_seconds";
 
@@ -67,6 +68,10 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ),
     (RAFT_RPC_FAILURES, "Raft RPCs to a peer that failed, by RPC"),
     (
+        RAFT_REFUSED,
+        "Raft calls this member refused, by RPC and reason (identity: the caller's certificate does not name the node it claims to be)",
+    ),
+    (
         PLACEMENT_MOVES,
         "Placement changes the leader's planner committed, by kind (place: a new slot; move: a slot to another node; unplace: a slot left empty; rebalance: a slot moved to improve the layout)",
     ),
@@ -109,6 +114,10 @@ pub(crate) fn commit(took: Duration) {
 
 pub(crate) fn pending(delta: f64) {
     metrics::gauge!(CHAIN_PENDING_TXS).increment(delta);
+}
+
+pub(crate) fn raft_refused(rpc: &'static str, reason: &'static str) {
+    metrics::counter!(RAFT_REFUSED, "rpc" => rpc, "reason" => reason).increment(1);
 }
 
 pub(crate) fn rpc_failure(rpc: &'static str) {

@@ -12,7 +12,8 @@ use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::Raft as RaftRpc;
 
 use crate::control::Core;
-use crate::convert;
+use crate::types::NodeId;
+use crate::{convert, metrics, tls};
 
 /// Largest snapshot a member accepts (the sender states the size first).
 pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
@@ -30,16 +31,65 @@ fn fatal(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("this member's Raft has stopped: {e}"))
 }
 
+/// The DNS names of the caller's TLS client certificate (empty without one).
+fn caller_names<T>(request: &Request<T>) -> Vec<String> {
+    request
+        .peer_certs()
+        .and_then(|certs| certs.first().map(|c| tls::names(c)))
+        .unwrap_or_default()
+}
+
+impl Service {
+    /// Refuses a call whose client certificate does not name `claimed`,
+    /// the member the call says it comes from (the candidate of a vote, the
+    /// leader of an append or snapshot). A node not in this member's view
+    /// of the membership (this member is new and has not been told it yet)
+    /// is let through: there is nothing to check it against.
+    fn check_sender(
+        &self,
+        names: &[String],
+        claimed: NodeId,
+        rpc: &'static str,
+    ) -> Result<(), Status> {
+        let Some(member) = self.core.member(claimed) else {
+            return Ok(());
+        };
+        if tls::certifies(names, &member.name) {
+            return Ok(());
+        }
+        metrics::raft_refused(rpc, "identity");
+        tracing::warn!(
+            rpc,
+            claimed,
+            member = %member,
+            certificate_names = ?names,
+            "refused a Raft call: the caller's certificate does not name the member it claims to be"
+        );
+        Err(Status::permission_denied(format!(
+            "this {rpc} call claims to come from node {claimed} ({}) but the caller's certificate names [{}]; every node needs its own certificate: `trine certs issue --name {}`",
+            member.name,
+            names.join(", "),
+            member.name
+        )))
+    }
+}
+
 #[tonic::async_trait]
 impl RaftRpc for Service {
     async fn append_entries(
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let names = caller_names(&request);
         let req = request.into_inner();
         let id = req.request_id.clone();
         let quorum_age = req.quorum_age_ms.map(Duration::from_millis);
         let rpc = convert::append_from(req).map_err(invalid)?;
+        self.check_sender(
+            &names,
+            rpc.vote.leader_id().voted_for().unwrap_or_default(),
+            "append_entries",
+        )?;
         let commit = rpc.leader_commit.map_or(0, |l| l.index);
         let received = Instant::now();
         let resp = self.core.raft.append_entries(rpc).await.map_err(fatal)?;
@@ -56,9 +106,15 @@ impl RaftRpc for Service {
         &self,
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
+        let names = caller_names(&request);
         let req = request.into_inner();
         let id = req.request_id.clone();
         let rpc = convert::vote_req_from(req).map_err(invalid)?;
+        self.check_sender(
+            &names,
+            rpc.vote.leader_id().voted_for().unwrap_or_default(),
+            "vote",
+        )?;
         let resp = self.core.raft.vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(convert::vote_resp_to(&resp, id)))
     }
@@ -67,6 +123,7 @@ impl RaftRpc for Service {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        let names = caller_names(&request);
         let mut stream = request.into_inner();
         let first = stream
             .next()
@@ -74,6 +131,11 @@ impl RaftRpc for Service {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let id = first.request_id.clone();
         let vote = convert::vote_from(first.vote).map_err(invalid)?;
+        self.check_sender(
+            &names,
+            vote.leader_id().voted_for().unwrap_or_default(),
+            "install_snapshot",
+        )?;
         let meta = first
             .meta
             .clone()
@@ -135,7 +197,22 @@ impl RaftRpc for Service {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let names = caller_names(&request);
         let req = request.into_inner();
+        // The joiner itself, or a member forwarding its join to the leader.
+        let joiner = req
+            .peer
+            .as_ref()
+            .map(|p| p.name.as_str())
+            .unwrap_or_default();
+        if !tls::certifies(&names, joiner) && !self.core.is_member_name(&names) {
+            metrics::raft_refused("join", "identity");
+            tracing::warn!(joiner, certificate_names = ?names, "refused a join: the certificate names neither the joining node nor a member");
+            return Err(Status::permission_denied(format!(
+                "a join for node {joiner:?} from a certificate that names [{}]; a node joins with its own certificate: `trine certs issue --name {joiner}`",
+                names.join(", ")
+            )));
+        }
         let resp = self.core.join(req).await.map_err(Status::from)?;
         Ok(Response::new(resp))
     }

@@ -3,9 +3,12 @@
 //! of the Raft port built from them.
 //!
 //! Every node certificate carries the DNS name [`NODE_NAME`] (as
-//! CockroachDB's node certificates carry "node"), plus the names and
-//! addresses it was issued for; peers verify that name and the chain to the
-//! cluster CA, so a node without a certificate from this CA is refused.
+//! CockroachDB's node certificates carry "node"), plus the node's own name
+//! and the names and addresses it was issued for; peers verify that name
+//! and the chain to the cluster CA, so a node without a certificate from
+//! this CA is refused. A member also checks that the certificate names the
+//! node a Raft call claims to come from ([`names`]), so one node's key
+//! cannot speak for another.
 //! Private keys are written 0600 and refused when group or others can read
 //! them.
 
@@ -47,6 +50,14 @@ pub enum Error {
         path: String,
         what: &'static str,
         fix: String,
+    },
+    #[error(
+        "{path} names [{names}], not this node's name {name:?}: members refuse Raft calls from a certificate that does not name the node; issue one with `trine certs issue --ca-dir <CA dir> --name {name} --out <tls dir>` (or start the node with the name its certificate holds)"
+    )]
+    WrongName {
+        path: String,
+        names: String,
+        name: String,
     },
     #[error("certificate generation: {0}")]
     Generate(String),
@@ -150,6 +161,30 @@ pub fn issue_node(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> Res
     Ok(())
 }
 
+/// The DNS names a DER certificate holds (its subject alternative names),
+/// lower-cased; empty for bytes that are not a certificate.
+pub fn names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a certificate with these [`names`] speaks for the node `name`.
+pub fn certifies(names: &[String], name: &str) -> bool {
+    names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
 /// A node's certificate, key and the cluster CA, loaded from its TLS dir.
 #[derive(Clone)]
 pub struct NodeTls {
@@ -175,6 +210,28 @@ impl NodeTls {
             ca: read(&dir.join(CA_CERT), "cluster CA certificate", &fix)?,
             cert: read(&dir.join(NODE_CERT), "node certificate", &fix)?,
             key: read_private(&dir.join(NODE_KEY), "node key", &fix)?,
+        })
+    }
+
+    /// The DNS names of this node's certificate.
+    pub fn cert_names(&self) -> Vec<String> {
+        x509_parser::pem::parse_x509_pem(self.cert.as_bytes())
+            .map(|(_, pem)| names(&pem.contents))
+            .unwrap_or_default()
+    }
+
+    /// Checks that this node's certificate names the node `name`: members
+    /// refuse Raft calls from a certificate that does not name the node
+    /// they claim to come from, so a mismatch would cut this node off.
+    pub fn check_names(&self, name: &str, dir: &Path) -> Result<(), Error> {
+        let names = self.cert_names();
+        if certifies(&names, name) {
+            return Ok(());
+        }
+        Err(Error::WrongName {
+            path: dir.join(NODE_CERT).display().to_string(),
+            names: names.join(", "),
+            name: name.to_owned(),
         })
     }
 
@@ -269,6 +326,27 @@ mod tests {
         let e = NodeTls::load(&node).unwrap_err();
         assert!(matches!(e, Error::KeyMode { .. }), "{e}");
         assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn a_node_certificate_names_its_node_and_no_other() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca");
+        init_ca(&ca, "t").unwrap();
+        let node = d.path().join("n1");
+        issue_node(&ca, "eu-1", &["eu-1.example.internal".into()], &node).unwrap();
+        let tls = NodeTls::load(&node).unwrap();
+        let held = tls.cert_names();
+        assert!(
+            certifies(&held, "eu-1") && certifies(&held, "EU-1"),
+            "{held:?}"
+        );
+        assert!(certifies(&held, NODE_NAME), "{held:?}");
+        assert!(!certifies(&held, "eu-2"), "{held:?}");
+        tls.check_names("eu-1", &node).unwrap();
+        let e = tls.check_names("eu-2", &node).unwrap_err().to_string();
+        assert!(e.contains("--name eu-2") && e.contains("eu-1"), "{e}");
+        assert!(names(b"not a certificate").is_empty());
     }
 
     #[test]

@@ -357,6 +357,108 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_speaks_only_for_the_node_it_names() -> Result<()> {
+    use trine_proto::v1 as pb;
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    let leader = cluster.leader().context("a leader")?;
+    let target = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .context("a follower")?;
+    let other = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader && *id != target)
+        .context("a second follower")?;
+    let addr = cluster.addr(target).context("the follower's address")?;
+    // A certificate from the cluster's own CA, for a node no member is.
+    let mallory = cluster.dir.path().join("mallory");
+    tls::issue_node(&cluster.dir.path().join("ca"), "mallory", &[], &mallory)?;
+    let tls_of = |name: &str| cluster.dir.path().join(name).join("tls");
+
+    let vote = |claimed: u64, term: u64| pb::VoteRequest {
+        request_id: "t".into(),
+        vote: Some(pb::RaftVote {
+            leader_id: Some(pb::LeaderId {
+                term,
+                node_id: claimed,
+            }),
+            committed: false,
+        }),
+        last_log_id: None,
+    };
+    let call = async |dir: std::path::PathBuf, req: pb::VoteRequest| -> Result<_> {
+        let tls = NodeTls::load(&dir)?;
+        let mut c =
+            trine_control::network::client(&addr, &tls.client()).map_err(anyhow::Error::msg)?;
+        Ok(c.vote(req).await)
+    };
+
+    // A member's own certificate, for itself: an answer (a stale vote is
+    // turned down, not refused).
+    let own = call(tls_of(&format!("n{other}")), vote(other, 0)).await?;
+    assert!(
+        own.is_ok(),
+        "a member speaking for itself was refused: {own:?}"
+    );
+    // Another member's certificate, or one for a non-member, claiming to be
+    // `other`, even with a term that would unseat the leader: refused.
+    for (dir, who) in [
+        (tls_of(&format!("n{leader}")), "another member"),
+        (mallory.clone(), "a non-member"),
+    ] {
+        let e = call(dir, vote(other, 1_000))
+            .await?
+            .expect_err("a certificate spoke for another node");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{who}: {e:?}");
+        assert!(e.message().contains("certs issue"), "{who}: {e:?}");
+    }
+    // The same for appends claiming to come from the leader.
+    let tls = NodeTls::load(&mallory)?;
+    let mut c = trine_control::network::client(&addr, &tls.client()).map_err(anyhow::Error::msg)?;
+    let e = c
+        .append_entries(pb::AppendEntriesRequest {
+            request_id: "t".into(),
+            vote: Some(pb::RaftVote {
+                leader_id: Some(pb::LeaderId {
+                    term: 1_000,
+                    node_id: leader,
+                }),
+                committed: true,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a forged append was taken");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A join under a name the certificate does not hold.
+    let e = c
+        .join(pb::JoinRequest {
+            request_id: "t".into(),
+            node_id: 77,
+            peer: Some(pb::RaftPeer {
+                addr: "127.0.0.1:1".into(),
+                region: "a".into(),
+                name: "n77".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a join for another name was taken");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    // Nothing moved: the leader and its term are the same.
+    let status = cluster.nodes[&target].status();
+    assert_eq!(cluster.leader(), Some(leader));
+    assert!(status.term < 1_000, "{status:?}");
+    assert!(!status.members.contains_key(&77));
+    Ok(())
+}
+
 /// Cuts `alone` off from everyone else, both ways.
 fn partition(cluster: &LocalCluster, alone: u64) {
     let others: Vec<u64> = cluster

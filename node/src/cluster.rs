@@ -2,7 +2,7 @@
 //! `--init`, `--join`), the node's record, and feeding the mesh's peer filter
 //! with the cluster's members.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -17,6 +17,7 @@ use trine_control::{ControlPlane, Member, NodeRecord, NodeStatus, Profile};
 use crate::config::{Config, RaftProfile};
 use crate::datadir::{DataDir, Endpoints};
 use crate::mesh::Mesh;
+use crate::mesh::filter::Identity;
 use crate::node::Error;
 
 /// The Raft node id of a libp2p identity: the first 8 bytes of the SHA-256
@@ -90,6 +91,7 @@ pub async fn start(
         }
     }
     let tls = NodeTls::load(&tls_dir)?;
+    tls.check_names(&config.name, &tls_dir)?;
     match cert_expiry(&tls_dir.join(trine_control::tls::NODE_CERT)) {
         Some(t) => crate::metrics::cert_expiry(t),
         None => {
@@ -177,14 +179,21 @@ pub async fn start(
 
 /// Keeps the mesh's peer filter equal to the cluster's members.
 pub async fn feed_mesh(control: ControlPlane, mesh: Mesh) {
-    let mut last: HashSet<PeerId> = HashSet::new();
+    let mut last: HashMap<PeerId, Identity> = HashMap::new();
     loop {
-        let members: HashSet<PeerId> = control
+        let members: HashMap<PeerId, Identity> = control
             .reader()
             .state()
             .nodes
             .values()
-            .filter_map(|n| n.peer_id.parse().ok())
+            .filter_map(|n| {
+                let peer = n.peer_id.parse().ok()?;
+                let id = Identity {
+                    name: n.name.clone(),
+                    region: n.region.clone(),
+                };
+                Some((peer, id))
+            })
             .collect();
         if members != last {
             if mesh.set_members(members.clone()).await.is_err() {

@@ -14,15 +14,20 @@ pub fn gossip(data: &[u8]) {
     use crate::mesh::health::{Last, Verdict, judge};
     let now = 1_700_000_000_000;
     let interval = Duration::from_secs(1);
-    let first = judge(data, None, interval, now);
+    let first = judge(data, None, None, interval, now);
     if let Verdict::Accept(hb) = &first {
         // What is accepted holds to the documented bounds.
         assert!(data.len() <= crate::mesh::health::MAX_BYTES);
         assert!(hb.stages.len() <= crate::mesh::health::MAX_STAGES);
         assert!(hb.load.is_finite() && hb.load >= 0.0);
     }
+    let signer = crate::mesh::filter::Identity {
+        name: "n1".into(),
+        region: "us-east".into(),
+    };
     let _ = judge(
         data,
+        Some(&signer),
         Some(Last {
             seq: 5,
             received_unix_ms: now - 500,
@@ -116,6 +121,7 @@ mod tests {
         assert!(matches!(
             crate::mesh::health::judge(
                 &hb,
+                None,
                 None,
                 std::time::Duration::from_secs(1),
                 1_700_000_000_000

@@ -464,3 +464,169 @@ async fn a_peer_outside_the_filter_cannot_use_the_application_protocols() -> Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_gossip_heartbeats_in_another_nodes_name() -> Result<()> {
+    use trine_control::tls::{self, NodeTls};
+    use trine_proto::v1::Heartbeat;
+
+    // A one-node cluster (mesh closed to non-members) and an in-process
+    // peer that becomes a member under the name "liar", through a Raft
+    // join with its own certificate from the cluster's CA.
+    let raft = trine_tests::free_addr()?;
+    let node = Node::start(&[
+        "--init",
+        "--raft-addr",
+        &raft,
+        "--name",
+        "honest",
+        "--region",
+        "us-east",
+        // One heartbeat at start, then none for a minute: the liar (whose
+        // own interval is an hour) would count the node's as too fast and
+        // stop sending to it.
+        "--heartbeat-interval",
+        "60s",
+        "--peer-ttl",
+        "120s",
+    ])
+    .await?;
+    let liar = liar(&node.p2p_addr(), 1 << 20).await?;
+    let liar_peer = liar.mesh.peer_id();
+    let liar_id = liar_peer.to_string();
+    let certs = tempfile::tempdir()?;
+    tls::issue_node(&node.data_dir.join("ca"), "liar", &[], certs.path())?;
+    let record = trine_control::NodeRecord {
+        id: trine_node::cluster::node_id(&liar_peer),
+        name: "liar".into(),
+        region: "us-west".into(),
+        zone: String::new(),
+        raft_addr: trine_tests::free_addr()?,
+        grpc_addr: String::new(),
+        http_addr: String::new(),
+        peer_id: liar_id.clone(),
+        p2p_addrs: Vec::new(),
+        cpu_cores: 1,
+        simd: String::new(),
+        memory_bytes: 0,
+        version: String::new(),
+        status: trine_control::NodeStatus::Up,
+        status_since_ms: 0,
+    };
+    let join = trine_proto::v1::JoinRequest {
+        request_id: "liar".into(),
+        node_id: record.id,
+        peer: Some(trine_proto::v1::RaftPeer {
+            addr: record.raft_addr.clone(),
+            region: record.region.clone(),
+            name: record.name.clone(),
+        }),
+        record: serde_json::to_vec(&record)?,
+        raft_mode: trine_control::convert::RAFT_MODE,
+    };
+    let tls = NodeTls::load(certs.path())?;
+    let raft_client =
+        trine_control::network::client(&raft, &tls.client()).map_err(anyhow::Error::msg)?;
+    wait_for("the liar's join", Duration::from_secs(30), || {
+        let req = join.clone();
+        let mut c = raft_client.clone();
+        async move { c.join(req).await.ok() }
+    })
+    .await?;
+    wait_for("the liar admitted", Duration::from_secs(30), || async {
+        let peers = node.peers().await.ok()?;
+        peers
+            .peers
+            .iter()
+            .any(|p| p.peer_id == liar_id && p.admitted && p.connected)
+            .then_some(())
+    })
+    .await?;
+
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let (node, liar, liar_id) = (&node, &liar, &liar_id);
+    // The node checks a heartbeat's claim before its pace, so the forgeries
+    // below are judged on their claim alone.
+    let publish = async |seq: u64, name: &str, region: &str| {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let hb = Heartbeat {
+            seq,
+            name: name.into(),
+            region: region.into(),
+            sent_unix_ms: now_ms(),
+            ..Heartbeat::default()
+        };
+        if let Err(e) = liar
+            .mesh
+            .publish_health_bytes(prost::Message::encode_to_vec(&hb))
+            .await
+        {
+            eprintln!("publish {seq}: {e}");
+        }
+    };
+    let seen = async || -> Option<trine_proto::v1::Peer> {
+        let peers = node.peers().await.ok()?;
+        peers.peers.into_iter().find(|p| p.peer_id == *liar_id)
+    };
+
+    // The member speaking for itself is believed.
+    let mut seq = 0;
+    let believed = wait_for(
+        "its own heartbeat believed",
+        Duration::from_secs(30),
+        || {
+            seq += 1;
+            let seq = seq;
+            async move {
+                publish(seq, "liar", "us-west").await;
+                seen()
+                    .await
+                    .filter(|p| p.heartbeat_seq > 0 && p.name == "liar")
+            }
+        },
+    )
+    .await?;
+
+    // In another member's name, or in its own name but another region:
+    // rejected and counted as impersonation, never believed.
+    let series = "trine_gossip_messages_invalid_total{reason=\"impersonation\"}";
+    for (name, region) in [("honest", "us-west"), ("liar", "us-east")] {
+        let before = metric(&node.metrics().await?, series).unwrap_or(0.0);
+        wait_for("an impersonation counted", Duration::from_secs(30), || {
+            seq += 1;
+            let seq = seq;
+            async move {
+                publish(seq, name, region).await;
+                let text = node.metrics().await.ok()?;
+                (metric(&text, series).unwrap_or(0.0) > before).then_some(())
+            }
+        })
+        .await
+        .with_context(|| format!("{name} in {region}; the node's log:\n{}", node.logs()))
+        .context(
+            metric_lines(&node.metrics().await.unwrap_or_default(), "trine_gossip").join("\n"),
+        )?;
+    }
+    let after = seen().await.context("liar listed")?;
+    ensure!(
+        after.heartbeat_seq == believed.heartbeat_seq
+            && after.name == "liar"
+            && after
+                .locality
+                .as_ref()
+                .is_some_and(|l| l.region == "us-west"),
+        "a forged heartbeat was believed: {after:?}"
+    );
+    Ok(())
+}
+
+fn metric_lines(text: &str, prefix: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}

@@ -672,6 +672,7 @@ impl Loop {
             }
             Some(author) => health::judge(
                 &message.data,
+                self.filter.identity(&author),
                 self.table.last_heartbeat(&author),
                 self.config.heartbeat_interval,
                 now_ms(),

@@ -4,15 +4,23 @@
 //! everyone, when the operator says so with `--open-mesh`. Never a silent
 //! allow-all.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use libp2p::PeerId;
+
+/// Who a member is, as the control plane records it: what its heartbeats
+/// must say of themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub region: String,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct PeerFilter {
     open: bool,
     /// Cluster members, as the control plane last said.
-    members: HashSet<PeerId>,
+    members: HashMap<PeerId, Identity>,
     /// Peers named in, or answering at, a bootstrap address.
     bootstrap: HashSet<PeerId>,
 }
@@ -26,14 +34,19 @@ impl PeerFilter {
     }
 
     pub fn admits(&self, peer: &PeerId) -> bool {
-        self.open || self.members.contains(peer) || self.bootstrap.contains(peer)
+        self.open || self.members.contains_key(peer) || self.bootstrap.contains(peer)
+    }
+
+    /// The member record of `peer`, when it is a member.
+    pub fn identity(&self, peer: &PeerId) -> Option<&Identity> {
+        self.members.get(peer)
     }
 
     pub fn add_bootstrap(&mut self, peer: PeerId) {
         self.bootstrap.insert(peer);
     }
 
-    pub fn set_members(&mut self, members: HashSet<PeerId>) {
+    pub fn set_members(&mut self, members: HashMap<PeerId, Identity>) {
         self.members = members;
     }
 
@@ -57,9 +70,15 @@ mod tests {
         let mut f = PeerFilter::new(false);
         assert!(!f.admits(&a));
         f.add_bootstrap(a);
-        f.set_members(HashSet::from([b]));
+        let id = Identity {
+            name: "b".into(),
+            region: "r".into(),
+        };
+        f.set_members(HashMap::from([(b, id.clone())]));
         assert!(f.admits(&a) && f.admits(&b) && !f.admits(&c));
-        f.set_members(HashSet::new());
+        assert_eq!(f.identity(&b), Some(&id));
+        assert_eq!(f.identity(&a), None, "a bootstrap peer has no record");
+        f.set_members(HashMap::new());
         assert!(!f.admits(&b), "a removed member loses admission");
         assert!(PeerFilter::new(true).admits(&c));
     }

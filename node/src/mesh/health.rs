@@ -9,6 +9,8 @@ use std::time::Duration;
 use prost::Message as _;
 use trine_proto::v1::Heartbeat;
 
+use super::filter::Identity;
+
 pub const TOPIC: &str = "trine/health/1";
 /// Largest heartbeat accepted; a real one is about 200 bytes.
 pub const MAX_BYTES: usize = 2048;
@@ -45,8 +47,16 @@ fn label_ok(s: &str, may_be_empty: bool) -> bool {
 }
 
 /// Judges `data` from an author whose previous heartbeat was `last`;
+/// `signer` is the author's member record when it is a member (a heartbeat
+/// must name that node and region: a member signs for itself only);
 /// `interval` is the cluster's heartbeat interval, `now_ms` our clock.
-pub fn judge(data: &[u8], last: Option<Last>, interval: Duration, now_ms: u64) -> Verdict {
+pub fn judge(
+    data: &[u8],
+    signer: Option<&Identity>,
+    last: Option<Last>,
+    interval: Duration,
+    now_ms: u64,
+) -> Verdict {
     if data.len() > MAX_BYTES {
         return Verdict::Reject("oversized");
     }
@@ -68,6 +78,9 @@ pub fn judge(data: &[u8], last: Option<Last>, interval: Duration, now_ms: u64) -
         && hb.version.len() <= 64;
     if !fields_ok {
         return Verdict::Reject("field");
+    }
+    if signer.is_some_and(|me| me.name != hb.name || me.region != hb.region) {
+        return Verdict::Reject("impersonation");
     }
     if hb.sent_unix_ms.abs_diff(now_ms) > MAX_CLOCK_SKEW.as_millis() as u64 {
         return Verdict::Ignore("clock");
@@ -117,12 +130,15 @@ mod tests {
     fn a_good_heartbeat_is_accepted_once() {
         let data = encode(&hb());
         assert!(data.len() < 200);
-        assert_eq!(judge(&data, None, EVERY, NOW), Verdict::Accept(hb()));
+        assert_eq!(judge(&data, None, None, EVERY, NOW), Verdict::Accept(hb()));
         let last = Some(Last {
             seq: 5,
             received_unix_ms: NOW - 2000,
         });
-        assert_eq!(judge(&data, last, EVERY, NOW), Verdict::Ignore("stale"));
+        assert_eq!(
+            judge(&data, None, last, EVERY, NOW),
+            Verdict::Ignore("stale")
+        );
     }
 
     #[test]
@@ -132,11 +148,11 @@ mod tests {
             ..hb()
         };
         assert_eq!(
-            judge(&encode(&big), None, EVERY, NOW),
+            judge(&encode(&big), None, None, EVERY, NOW),
             Verdict::Reject("oversized")
         );
         assert_eq!(
-            judge(&[0xff; 16], None, EVERY, NOW),
+            judge(&[0xff; 16], None, None, EVERY, NOW),
             Verdict::Reject("malformed")
         );
         let cases = [
@@ -160,7 +176,7 @@ mod tests {
         ];
         for c in cases {
             assert_eq!(
-                judge(&encode(&c), None, EVERY, NOW),
+                judge(&encode(&c), None, None, EVERY, NOW),
                 Verdict::Reject("field"),
                 "{c:?}"
             );
@@ -170,7 +186,7 @@ mod tests {
             ..hb()
         };
         assert_eq!(
-            judge(&encode(&old), None, EVERY, NOW),
+            judge(&encode(&old), None, None, EVERY, NOW),
             Verdict::Ignore("clock")
         );
         let fast = Heartbeat { seq: 6, ..hb() };
@@ -179,8 +195,50 @@ mod tests {
             received_unix_ms: NOW - 100,
         });
         assert_eq!(
-            judge(&encode(&fast), last, EVERY, NOW),
+            judge(&encode(&fast), None, last, EVERY, NOW),
             Verdict::Reject("rate")
+        );
+    }
+
+    #[test]
+    fn a_member_signs_for_itself_only() {
+        let me = Identity {
+            name: "n1".into(),
+            region: "us-east".into(),
+        };
+        let data = encode(&hb());
+        assert_eq!(
+            judge(&data, Some(&me), None, EVERY, NOW),
+            Verdict::Accept(hb())
+        );
+        for other in [
+            Identity {
+                name: "n2".into(),
+                ..me.clone()
+            },
+            Identity {
+                region: "eu-central".into(),
+                ..me.clone()
+            },
+        ] {
+            assert_eq!(
+                judge(&data, Some(&other), None, EVERY, NOW),
+                Verdict::Reject("impersonation"),
+                "{other:?}"
+            );
+        }
+        // Checked before the rate: a forgery is a forgery however paced.
+        let last = Some(Last {
+            seq: 4,
+            received_unix_ms: NOW - 1,
+        });
+        let other = Identity {
+            name: "n2".into(),
+            ..me
+        };
+        assert_eq!(
+            judge(&data, Some(&other), last, EVERY, NOW),
+            Verdict::Reject("impersonation")
         );
     }
 }

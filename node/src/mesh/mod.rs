@@ -20,7 +20,7 @@ pub mod peers;
 pub mod stage;
 pub mod transport;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -176,7 +176,7 @@ enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), Error>>,
     },
-    SetMembers(HashSet<PeerId>),
+    SetMembers(HashMap<PeerId, filter::Identity>),
 }
 
 /// Handle to a running mesh. Cheap to clone; the mesh stops when every
@@ -269,7 +269,10 @@ impl Mesh {
     }
 
     /// Replaces the peer filter's member list (the control plane feeds it).
-    pub async fn set_members(&self, members: HashSet<PeerId>) -> Result<(), Error> {
+    pub async fn set_members(
+        &self,
+        members: HashMap<PeerId, filter::Identity>,
+    ) -> Result<(), Error> {
         self.commands
             .send(Command::SetMembers(members))
             .await
