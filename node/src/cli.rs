@@ -347,6 +347,45 @@ pub struct NodeArgs {
     /// [default: 10000]
     #[arg(long, env = "TRINE_SNAPSHOT_EVERY", value_name = "N")]
     pub snapshot_every: Option<u64>,
+
+    /// Most prompt tokens one inference request may carry; a longer prompt is
+    /// refused with 400 / INVALID_ARGUMENT naming the limit. [default: 8192]
+    #[arg(long, env = "TRINE_MAX_PROMPT_TOKENS", value_name = "N")]
+    pub max_prompt_tokens: Option<u32>,
+
+    /// Most tokens one request may ask to generate (`max_tokens`, and the
+    /// default when it asks none is the smaller of 256 and this); more is
+    /// refused with 400 / INVALID_ARGUMENT. [default: 4096]
+    #[arg(long, env = "TRINE_MAX_TOKENS", value_name = "N")]
+    pub max_tokens: Option<u32>,
+
+    /// Generations that may wait for a slot on this node (beyond --max-batch
+    /// running); more are refused at once with 429 / RESOURCE_EXHAUSTED rather
+    /// than queued without bound. [default: 64]
+    #[arg(long, env = "TRINE_MAX_QUEUE", value_name = "N")]
+    pub max_queue: Option<u32>,
+
+    /// Largest HTTP request body, in bytes (the OpenAI-compatible API); a
+    /// larger one is refused with 413. [default: 1048576]
+    #[arg(long, env = "TRINE_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<u64>,
+
+    /// Largest gRPC message, in bytes, the client gRPC port (Inference, Admin)
+    /// decodes; a larger one is refused with OUT_OF_RANGE ("decoded message
+    /// length too large"). [default: 4194304]
+    #[arg(long, env = "TRINE_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<u64>,
+
+    /// Concurrent gRPC calls one client connection may have open on the client
+    /// gRPC port (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); further calls wait
+    /// for a free stream. [default: 128]
+    #[arg(long, env = "TRINE_MAX_STREAMS", value_name = "N")]
+    pub max_streams: Option<u32>,
+
+    /// Most libp2p connections one peer may hold to this node at once; further
+    /// ones are refused (a peer needs one, two while it redials). [default: 2]
+    #[arg(long, env = "TRINE_MAX_CONNECTIONS_PER_PEER", value_name = "N")]
+    pub max_connections_per_peer: Option<u32>,
 }
 
 /// What `trine node` does besides running a node.
@@ -406,6 +445,13 @@ impl NodeArgs {
             quant_embd: self.quant_embd,
             request_timeout: self.request_timeout,
             snapshot_every: self.snapshot_every,
+            max_prompt_tokens: self.max_prompt_tokens,
+            max_tokens: self.max_tokens,
+            max_queue: self.max_queue,
+            max_body_bytes: self.max_body_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_streams: self.max_streams,
+            max_connections_per_peer: self.max_connections_per_peer,
         }
     }
 

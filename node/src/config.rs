@@ -124,6 +124,20 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Raft entries between snapshots (the log is purged behind them).
     pub snapshot_every: u64,
+    /// Most prompt tokens one inference request may carry; longer prompts are refused (400 / INVALID_ARGUMENT).
+    pub max_prompt_tokens: u32,
+    /// Most tokens one request may ask to generate (`max_tokens`); more is refused (400 / INVALID_ARGUMENT).
+    pub max_tokens: u32,
+    /// Generations waiting for a slot on this node; more are refused (429 / RESOURCE_EXHAUSTED) instead of queued.
+    pub max_queue: u32,
+    /// Largest HTTP request body (the OpenAI API); larger is refused (413).
+    pub max_body_bytes: u64,
+    /// Largest gRPC message the client port decodes; larger is refused (OUT_OF_RANGE).
+    pub max_message_bytes: u64,
+    /// Concurrent gRPC streams one client connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams: u32,
+    /// Most libp2p connections one peer may hold to this node (the rest are refused).
+    pub max_connections_per_peer: u32,
 }
 
 /// Raft timeout profile.
@@ -188,6 +202,13 @@ pub struct Layer {
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
     pub snapshot_every: Option<u64>,
+    pub max_prompt_tokens: Option<u32>,
+    pub max_tokens: Option<u32>,
+    pub max_queue: Option<u32>,
+    pub max_body_bytes: Option<u64>,
+    pub max_message_bytes: Option<u64>,
+    pub max_streams: Option<u32>,
+    pub max_connections_per_peer: Option<u32>,
 }
 
 /// Why a configuration could not be loaded or is not valid. Each message is
@@ -261,6 +282,13 @@ impl Default for Config {
             quant_embd: Default::default(),
             request_timeout: Duration::from_secs(300),
             snapshot_every: 10_000,
+            max_prompt_tokens: 8192,
+            max_tokens: 4096,
+            max_queue: 64,
+            max_body_bytes: 1 << 20,
+            max_message_bytes: 4 << 20,
+            max_streams: 128,
+            max_connections_per_peer: 2,
         }
     }
 }
@@ -344,6 +372,15 @@ impl Layer {
             quant_embd: over.quant_embd.or(self.quant_embd),
             request_timeout: over.request_timeout.or(self.request_timeout),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
+            max_prompt_tokens: over.max_prompt_tokens.or(self.max_prompt_tokens),
+            max_tokens: over.max_tokens.or(self.max_tokens),
+            max_queue: over.max_queue.or(self.max_queue),
+            max_body_bytes: over.max_body_bytes.or(self.max_body_bytes),
+            max_message_bytes: over.max_message_bytes.or(self.max_message_bytes),
+            max_streams: over.max_streams.or(self.max_streams),
+            max_connections_per_peer: over
+                .max_connections_per_peer
+                .or(self.max_connections_per_peer),
         }
     }
 }
@@ -391,6 +428,15 @@ impl Config {
             quant_embd: layer.quant_embd.unwrap_or(d.quant_embd),
             request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
+            max_prompt_tokens: layer.max_prompt_tokens.unwrap_or(d.max_prompt_tokens),
+            max_tokens: layer.max_tokens.unwrap_or(d.max_tokens),
+            max_queue: layer.max_queue.unwrap_or(d.max_queue),
+            max_body_bytes: layer.max_body_bytes.unwrap_or(d.max_body_bytes),
+            max_message_bytes: layer.max_message_bytes.unwrap_or(d.max_message_bytes),
+            max_streams: layer.max_streams.unwrap_or(d.max_streams),
+            max_connections_per_peer: layer
+                .max_connections_per_peer
+                .unwrap_or(d.max_connections_per_peer),
         };
         config.validate()?;
         Ok(config)
@@ -518,6 +564,38 @@ impl Config {
                 &humantime::format_duration(self.request_timeout).to_string(),
                 "it must be at least 1s, e.g. \"300s\"",
             ));
+        }
+        for (key, value, lo, hi) in [
+            (
+                "max_prompt_tokens",
+                u64::from(self.max_prompt_tokens),
+                1,
+                1_048_576,
+            ),
+            ("max_tokens", u64::from(self.max_tokens), 1, 1_048_576),
+            ("max_queue", u64::from(self.max_queue), 1, 65_536),
+            ("max_body_bytes", self.max_body_bytes, 1024, 64 << 20),
+            (
+                "max_message_bytes",
+                self.max_message_bytes,
+                64 << 10,
+                256 << 20,
+            ),
+            ("max_streams", u64::from(self.max_streams), 1, 65_536),
+            (
+                "max_connections_per_peer",
+                u64::from(self.max_connections_per_peer),
+                1,
+                16,
+            ),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err(invalid(
+                    key,
+                    &value.to_string(),
+                    &format!("it must be between {lo} and {hi}"),
+                ));
+            }
         }
         if !(100..=10_000_000).contains(&self.snapshot_every) {
             return Err(invalid(

@@ -295,6 +295,7 @@ pub async fn services(
     control: Option<trine_control::ControlPlane>,
     serving: Option<crate::serve::Serving>,
     fault_injection: bool,
+    max_message: usize,
 ) -> Result<Services, tonic_reflection::server::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // Admin answers ListPeers always and the cluster methods when the node
@@ -331,16 +332,15 @@ pub async fn services(
                 control,
                 fault_injection,
             })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(max_message),
         );
     let router = match serving {
         Some(serving) => router.add_service(
             InferenceServer::new(InferenceService { serving })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         ),
-        None => router.add_service(
-            InferenceServer::new(NotYetServed).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        ),
+        None => router
+            .add_service(InferenceServer::new(NotYetServed).max_decoding_message_size(max_message)),
     };
     Ok(Services { health, router })
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     /// The marker [`crate::auth::record_root`] clears once a new cluster's
     /// first admin token is on the chain; not ready while it exists.
     pub admin_pending: Option<std::path::PathBuf>,
+    /// Largest request body (`max_body_bytes`).
+    pub max_body: usize,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -47,7 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(crate::openai::models))
         .route("/v1/completions", post(crate::openai::completions))
         .route("/v1/chat/completions", post(crate::openai::chat))
-        .layer(DefaultBodyLimit::max(crate::openai::MAX_BODY))
+        .layer(DefaultBodyLimit::max(state.max_body))
         .with_state(state);
     match console {
         Some(c) => router.merge(c.router()),

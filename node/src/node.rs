@@ -217,6 +217,10 @@ pub async fn serve(
                 crate::serve::Limits {
                     concurrency: config.max_batch as usize,
                     request_timeout: config.request_timeout,
+                    max_prompt_tokens: config.max_prompt_tokens as usize,
+                    max_tokens: config.max_tokens,
+                    default_max_tokens: config.max_tokens.min(256),
+                    queue: config.max_queue as usize,
                     ..crate::serve::Limits::default()
                 },
                 config.allow_anonymous,
@@ -273,6 +277,7 @@ pub async fn serve(
         control.clone(),
         serving.clone(),
         config.fault_injection,
+        usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX),
     )
     .await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
@@ -280,6 +285,7 @@ pub async fn serve(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(config.max_streams)
             .tcp_nodelay(true)
             .add_routes(router)
             .serve_with_incoming_shutdown(
@@ -314,6 +320,7 @@ pub async fn serve(
         admin_pending: control
             .as_ref()
             .map(|_| crate::auth::pending_marker(data_dir.path())),
+        max_body: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
     };
     let mut http_task = tokio::spawn(
         axum::serve(
@@ -435,6 +442,7 @@ fn mesh_config(config: &Config) -> Result<mesh::Config, Error> {
     m.ping_interval = config.ping_interval;
     m.peer_ttl = config.peer_ttl;
     m.max_connections = config.max_connections;
+    m.max_connections_per_peer = config.max_connections_per_peer;
     m.target_peers = m.target_peers.min(config.max_connections / 2);
     Ok(m)
 }

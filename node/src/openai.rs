@@ -21,9 +21,6 @@ use trine_proto::v1;
 use crate::http::AppState;
 use crate::serve::{Principal, ServeError, Serving};
 
-/// Largest request body (bytes).
-pub const MAX_BODY: usize = 1 << 20;
-
 fn error(e: &ServeError) -> Response {
     error_response("openai", e)
 }
@@ -231,15 +228,15 @@ enum Api {
     Chat,
 }
 
-/// The body, or why it was not read (over [`MAX_BODY`], or cut off).
+/// The body, or why it was not read (over the node's `max_body_bytes`, or
+/// cut off).
 type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
-fn body(b: Body) -> Result<Bytes, ServeError> {
+fn body(b: Body, limit: usize) -> Result<Bytes, ServeError> {
     b.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ServeError::TooLarge(format!(
-                "the request body is over this node's limit of {} KiB; shorten the prompt",
-                MAX_BODY / 1024
+                "the request body is over this node's limit of {limit} bytes (max_body_bytes); shorten the prompt"
             ))
         } else {
             ServeError::Invalid(format!("the request body could not be read: {r}"))
@@ -249,7 +246,7 @@ fn body(b: Body) -> Result<Bytes, ServeError> {
 
 pub async fn completions(State(state): State<AppState>, headers: HeaderMap, raw: Body) -> Response {
     let prepared = (|| {
-        let body = body(raw)?;
+        let body = body(raw, state.max_body)?;
         let s = serving(&state)?;
         let a = auth(s, &headers)?;
         let (req, stream) = completion_request(&body)?;
@@ -309,7 +306,7 @@ pub fn chat_request(body: &[u8]) -> Result<(v1::GenerateRequest, bool), ServeErr
 
 pub async fn chat(State(state): State<AppState>, headers: HeaderMap, raw: Body) -> Response {
     let prepared = (|| {
-        let body = body(raw)?;
+        let body = body(raw, state.max_body)?;
         let s = serving(&state)?;
         let a = auth(s, &headers)?;
         let (req, stream) = chat_request(&body)?;

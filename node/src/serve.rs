@@ -440,7 +440,7 @@ impl Serving {
         }
         if req.max_tokens > limits.max_tokens {
             return Err(ServeError::Invalid(format!(
-                "max_tokens {} is over this node's limit of {}",
+                "max_tokens {} is over this node's limit of {} (its max_tokens setting); ask for fewer",
                 req.max_tokens, limits.max_tokens
             )));
         }
@@ -579,7 +579,7 @@ impl Serving {
         if waiting >= limits.queue {
             crate::metrics::queue_depth(self.inner.waiting.fetch_sub(1, Ordering::AcqRel) - 1);
             return Err(ServeError::Busy(format!(
-                "this node has {} requests waiting; retry later",
+                "this node has {} requests waiting (its max_queue setting); retry later",
                 limits.queue
             )));
         }
@@ -861,6 +861,10 @@ impl Serving {
         let mut path = Vec::new();
         let mut tried = Vec::new();
         let mut errors: Vec<String> = Vec::new();
+        // Whether every replica tried so far turned the request away as
+        // busy (its queue full): then the answer is "busy, retry later"
+        // (429), not "no replica could finish it" (503).
+        let mut all_busy = true;
         let mut first_token: Option<Duration> = None;
         let mut last = started;
         loop {
@@ -888,13 +892,20 @@ impl Serving {
                 return;
             }
             let Some(node) = (!candidates.is_empty()).then(|| candidates.remove(0)) else {
-                let _ = tx
-                    .send(Err(ServeError::Unavailable(format!(
+                let e = if all_busy && !errors.is_empty() {
+                    ServeError::Busy(format!(
+                        "every replica of {} is busy ({}); retry later",
+                        req.model,
+                        errors.join("; ")
+                    ))
+                } else {
+                    ServeError::Unavailable(format!(
                         "no replica of {} could finish the request ({})",
                         req.model,
                         errors.join("; ")
-                    ))))
-                    .await;
+                    ))
+                };
+                let _ = tx.send(Err(e)).await;
                 return;
             };
             tried.push(node.id);
@@ -975,6 +986,7 @@ impl Serving {
             match outcome {
                 Ok(()) => return,
                 Err(e) if e.retryable() && failovers < limits.max_failovers => {
+                    all_busy &= matches!(e, ServeError::Busy(_));
                     failovers += 1;
                     path.push(node.id);
                     errors.push(format!("{}: {e}", node.name));
@@ -1455,7 +1467,7 @@ fn generate_local(
         Some(v1::generate_request::Input::Prompt(p)) => {
             if p.len() > max_prompt * 16 {
                 return Err(ServeError::Invalid(format!(
-                    "the prompt is {} bytes; the limit is {max_prompt} tokens",
+                    "the prompt is {} bytes; this node's limit is {max_prompt} tokens (max_prompt_tokens); shorten the prompt",
                     p.len()
                 )));
             }
@@ -1494,7 +1506,7 @@ fn generate_local(
     }
     if prompt.len() > max_prompt {
         return Err(ServeError::Invalid(format!(
-            "the prompt is {} tokens; this node's limit is {max_prompt}",
+            "the prompt is {} tokens; this node's limit is {max_prompt} (max_prompt_tokens); shorten the prompt",
             prompt.len()
         )));
     }
