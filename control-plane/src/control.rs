@@ -15,14 +15,13 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::ClientTlsConfig;
 use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::RaftServer;
 
 use crate::command::{Command, NodeRecord, NodeStatus, SlotKey, StageState, State};
 use crate::network::{self, Delays, Faults, Liveness, Network};
 use crate::store::{self, Reader};
-use crate::tls::NodeTls;
+use crate::tls::{Certs, NodeTls};
 use crate::types::{Batch, Member, NodeId, Raft, Request, Response};
 use crate::voters::{self, Candidate, Rules};
 use crate::{convert, metrics, planner, server};
@@ -190,7 +189,7 @@ pub struct Core {
     pub(crate) raft: Raft,
     reader: Reader,
     id: NodeId,
-    tls: ClientTlsConfig,
+    certs: Certs,
     liveness: Liveness,
     last_leader_contact: Mutex<Option<Instant>>,
     /// The leader's quorum clock (shared with the network layer).
@@ -292,13 +291,13 @@ impl ControlPlane {
         let (log, sm) = store::open(&config.dir)?;
         let reader = sm.reader();
         let liveness = Liveness::default();
-        let tls = config.tls.client();
+        let certs = Certs::new(config.tls.clone()).map_err(|e| Error::Serve(e.to_string()))?;
         let faults = Faults::default();
         let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let quorum = network::Quorum::default();
         let campaigns = network::Campaigns::default();
         let network = Network {
-            tls: tls.clone(),
+            certs: certs.clone(),
             liveness: liveness.clone(),
             quorum: quorum.clone(),
             campaigns: campaigns.clone(),
@@ -320,7 +319,7 @@ impl ControlPlane {
             raft,
             reader,
             id: config.id,
-            tls,
+            certs,
             liveness,
             last_leader_contact: Mutex::new(None),
             quorum,
@@ -339,17 +338,16 @@ impl ControlPlane {
         let service = RaftServer::new(server::Service { core: core.clone() })
             .max_decoding_message_size(network::MAX_MESSAGE)
             .max_encoding_message_size(network::MAX_MESSAGE);
+        // TLS is ours, not tonic's: each connection gets the certificates
+        // current when it arrives, so a rotation needs no restart.
         let serve = tonic::transport::Server::builder()
-            .tls_config(core.config.tls.server())
-            .map_err(|e| Error::Serve(e.to_string()))?
             .tcp_nodelay(true)
             .add_service(service)
             .serve_with_incoming_shutdown(
-                // TCP_NODELAY on accepted sockets (the builder's flag
-                // covers only listeners tonic binds itself).
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                accept_tls(listener, core.certs.clone(), stop_rx.clone()),
                 stopped(stop_rx.clone()),
             );
+        tasks.push(tokio::spawn(reload_certs(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "Raft gRPC server failed");
@@ -429,6 +427,11 @@ impl ControlPlane {
 
     pub fn raft(&self) -> &Raft {
         &self.core.raft
+    }
+
+    /// How many times this member has swapped in rotated certificates.
+    pub fn cert_generation(&self) -> u64 {
+        self.core.certs.generation()
     }
 
     /// The in-node fault layer (tests, chaos): cut this node off from peers.
@@ -577,6 +580,92 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// How often a member looks for rotated certificates in its TLS dir.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// Longest a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepts TCP connections on the Raft port and completes their mutual-TLS
+/// handshake with the certificates current at that moment; the connections
+/// that pass go to the gRPC server.
+fn accept_tls(
+    listener: TcpListener,
+    certs: Certs,
+    mut stop: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Raft port: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(certs.server());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "Raft port: TLS handshake refused");
+                    }
+                    Err(_) => tracing::debug!(%peer, "Raft port: TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Picks up rotated certificates (`trine certs rotate`) from the TLS dir:
+/// new connections and channels use them; open ones finish as they are.
+async fn reload_certs(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let mut last_error = String::new();
+    if let Some(t) = core.certs.not_after() {
+        metrics::cert_expiry(t);
+    }
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(RELOAD_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match core.certs.reload(&core.config.member.name) {
+            Ok(false) => {}
+            Ok(true) => {
+                last_error.clear();
+                let expires = core.certs.not_after();
+                if let Some(t) = expires {
+                    metrics::cert_expiry(t);
+                }
+                tracing::info!(
+                    generation = core.certs.generation(),
+                    expires_unix = expires,
+                    "loaded rotated certificates; new connections use them"
+                );
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if e != last_error {
+                    tracing::warn!(error = %e, "the TLS dir changed but its certificates cannot be used yet; keeping the current ones");
+                    last_error = e;
+                }
+            }
+        }
+    }
+}
+
 impl Core {
     pub(crate) fn heard_from_leader(&self) {
         if let Ok(mut t) = self.last_leader_contact.lock() {
@@ -632,9 +721,11 @@ impl Core {
         Error,
     > {
         let (_, member) = self.leader_member().ok_or(Error::NoLeader)?;
-        let c = network::client(&member.addr, &self.tls).map_err(|reason| Error::Forward {
-            addr: member.addr.clone(),
-            reason,
+        let c = network::client(&member.addr, &self.certs.client()).map_err(|reason| {
+            Error::Forward {
+                addr: member.addr.clone(),
+                reason,
+            }
         })?;
         Ok((member, c))
     }
@@ -721,7 +812,7 @@ impl Core {
             addr: addr.to_owned(),
             reason,
         };
-        let mut c = network::client(addr, &self.tls).map_err(fwd)?;
+        let mut c = network::client(addr, &self.certs.client()).map_err(fwd)?;
         let request = pb::ProposeRequest {
             request_id: String::new(),
             request: serde_json::to_vec(batch).map_err(|e| fwd(e.to_string()))?,
@@ -752,13 +843,12 @@ impl Core {
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                     match f.leader_node {
                         Some(node) if f.leader_id != Some(self.id) => {
-                            let mut c =
-                                network::client(&node.addr, &self.tls).map_err(|reason| {
-                                    Error::Forward {
-                                        addr: node.addr.clone(),
-                                        reason,
-                                    }
-                                })?;
+                            let mut c = network::client(&node.addr, &self.certs.client()).map_err(
+                                |reason| Error::Forward {
+                                    addr: node.addr.clone(),
+                                    reason,
+                                },
+                            )?;
                             let r = self
                                 .config
                                 .delays
@@ -1076,7 +1166,7 @@ const JOIN_DEADLINE: Duration = Duration::from_secs(15);
 async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
     let mut last = Error::NoLeader;
     for addr in &core.config.join {
-        let mut c = match network::client(addr, &core.tls) {
+        let mut c = match network::client(addr, &core.certs.client()) {
             Ok(c) => c,
             Err(reason) => {
                 last = Error::Forward {

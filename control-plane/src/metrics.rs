@@ -18,6 +18,8 @@ pub const RAFT_VOTERS: &str = "trine_raft_voters";
 pub const RAFT_MEMBERS: &str = "trine_raft_members";
 pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
 pub const RAFT_REFUSED: &str = "trine_raft_refused_total";
+/// Described by the node (`trine_node::metrics`), set here on every reload.
+pub const CERT_EXPIRY: &str = "trine_cert_expiry_seconds";
 pub const PLACEMENT_MOVES: &str = "trine_placement_moves_total";
 pub const STAGE_RECOVERY: &str = "trine_stage_recovery_seconds";
 
@@ -114,6 +116,10 @@ pub(crate) fn commit(took: Duration) {
 
 pub(crate) fn pending(delta: f64) {
     metrics::gauge!(CHAIN_PENDING_TXS).increment(delta);
+}
+
+pub(crate) fn cert_expiry(unix_seconds: i64) {
+    metrics::gauge!(CERT_EXPIRY).set(unix_seconds as f64);
 }
 
 pub(crate) fn raft_refused(rpc: &'static str, reason: &'static str) {

@@ -291,7 +291,7 @@ pub fn client(addr: &str, tls: &ClientTlsConfig) -> Result<RaftClient<Channel>, 
 /// openraft's network factory.
 #[derive(Debug, Clone)]
 pub struct Network {
-    pub tls: ClientTlsConfig,
+    pub certs: crate::tls::Certs,
     pub liveness: Liveness,
     pub quorum: Quorum,
     pub campaigns: Campaigns,
@@ -307,7 +307,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             region: node.region.clone(),
-            tls: self.tls.clone(),
+            certs: self.certs.clone(),
             client: None,
             liveness: self.liveness.clone(),
             quorum: self.quorum.clone(),
@@ -324,8 +324,9 @@ pub struct Conn {
     target: NodeId,
     addr: String,
     region: String,
-    tls: ClientTlsConfig,
-    client: Option<RaftClient<Channel>>,
+    certs: crate::tls::Certs,
+    /// The channel and the certificate generation it was made under.
+    client: Option<(u64, RaftClient<Channel>)>,
     liveness: Liveness,
     quorum: Quorum,
     campaigns: Campaigns,
@@ -372,12 +373,17 @@ impl Conn {
                 self.addr
             )))));
         }
-        if self.client.is_none() {
-            let c = client(&self.addr, &self.tls)
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;
-            self.client = Some(c);
+        let generation = self.certs.generation();
+        match &self.client {
+            Some((g, c)) if *g == generation => Ok(c.clone()),
+            _ => {
+                // New, or made under certificates since rotated.
+                let c = client(&self.addr, &self.certs.client())
+                    .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;
+                self.client = Some((generation, c.clone()));
+                Ok(c)
+            }
         }
-        Ok(self.client.clone().expect("set above"))
     }
 
     async fn timed<T, E: std::error::Error>(

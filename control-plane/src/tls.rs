@@ -16,12 +16,13 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The name every node certificate holds and every peer checks.
 pub const NODE_NAME: &str = "node.trine";
@@ -93,10 +94,20 @@ pub fn init_ca(dir: &Path, cluster: &str) -> Result<PathBuf, Error> {
             });
         }
     }
+    let (cert, key) = new_ca(cluster)?;
+    write_private(&key_path, key.as_bytes())?;
+    write_public(&cert_path, cert.as_bytes())?;
+    Ok(cert_path)
+}
+
+/// A new self-signed CA: its certificate and key, PEM.
+fn new_ca(cluster: &str) -> Result<(String, String), Error> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("trine cluster CA ({cluster})"));
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("trine cluster CA ({cluster}, {stamp})"),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -106,9 +117,7 @@ pub fn init_ca(dir: &Path, cluster: &str) -> Result<PathBuf, Error> {
     validity(&mut params, CA_DAYS);
     let key = KeyPair::generate().map_err(gen_err)?;
     let cert = params.self_signed(&key).map_err(gen_err)?;
-    write_private(&key_path, key.serialize_pem().as_bytes())?;
-    write_public(&cert_path, cert.pem().as_bytes())?;
-    Ok(cert_path)
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Signs a node certificate for `name` (plus `sans`: host names or IP
@@ -186,11 +195,13 @@ pub fn certifies(names: &[String], name: &str) -> bool {
 }
 
 /// A node's certificate, key and the cluster CA, loaded from its TLS dir.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct NodeTls {
     ca: String,
     cert: String,
     key: String,
+    /// Where they were read from (reloaded from there when they change).
+    dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -210,7 +221,84 @@ impl NodeTls {
             ca: read(&dir.join(CA_CERT), "cluster CA certificate", &fix)?,
             cert: read(&dir.join(NODE_CERT), "node certificate", &fix)?,
             key: read_private(&dir.join(NODE_KEY), "node key", &fix)?,
+            dir: Some(dir.to_owned()),
         })
+    }
+
+    /// The directory these were loaded from.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// When this node's certificate expires, in Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
+    /// Checks that the key is the certificate's (a rotation writes the two
+    /// files one after the other: a reader between them sees a mismatch).
+    pub fn check_pair(&self) -> Result<(), Error> {
+        let path = || {
+            self.dir.as_deref().map_or_else(
+                || NODE_KEY.to_owned(),
+                |d| d.join(NODE_KEY).display().to_string(),
+            )
+        };
+        let key = KeyPair::from_pem(&self.key).map_err(|e| Error::Io {
+            path: path(),
+            reason: format!("not a private key: {e}"),
+        })?;
+        let (_, pem) =
+            x509_parser::pem::parse_x509_pem(self.cert.as_bytes()).map_err(|e| Error::Io {
+                path: path(),
+                reason: format!("node.crt is not a PEM certificate: {e}"),
+            })?;
+        let cert = pem.parse_x509().map_err(|e| Error::Io {
+            path: path(),
+            reason: format!("node.crt: {e}"),
+        })?;
+        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            return Err(Error::Io {
+                path: path(),
+                reason: "the key does not belong to node.crt (a rotation half done?); issue both again with `trine certs rotate`".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The rustls server side: present our certificate, require a client
+    /// certificate from one of the CAs in `ca.crt`, speak HTTP/2.
+    pub fn rustls_server(&self) -> Result<rustls::ServerConfig, Error> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: &dyn std::fmt::Display| Error::Generate(format!("{what}: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
+            let ca = ca.map_err(|e| bad("ca.crt", &e))?;
+            roots.add(ca).map_err(|e| bad("ca.crt", &e))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad("ca.crt", &e))?;
+        let chain = CertificateDer::pem_slice_iter(self.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("node.crt", &e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key.as_bytes()).map_err(|e| bad("node.key", &e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("TLS versions", &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad("node.crt and node.key", &e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
     }
 
     /// The DNS names of this node's certificate.
@@ -240,13 +328,6 @@ impl NodeTls {
         dir.join(NODE_CERT).exists()
     }
 
-    /// Server side: present our certificate, require one from the CA.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-    }
-
     /// Client side: present our certificate, verify the peer's against the
     /// CA and [`NODE_NAME`].
     pub fn client(&self) -> ClientTlsConfig {
@@ -255,6 +336,220 @@ impl NodeTls {
             .identity(Identity::from_pem(&self.cert, &self.key))
             .domain_name(NODE_NAME)
     }
+}
+
+/// A member's live certificates: what its Raft server presents and trusts
+/// for each new connection, and what its clients use for each new channel.
+/// [`Certs::reload`] swaps in new files (a rotation) without a restart;
+/// connections already open keep the certificates they were made with.
+#[derive(Clone)]
+pub struct Certs(Arc<RwLock<Current>>);
+
+struct Current {
+    tls: NodeTls,
+    server: Arc<rustls::ServerConfig>,
+    client: ClientTlsConfig,
+    generation: u64,
+}
+
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Certs {{ generation: {} }}", self.generation())
+    }
+}
+
+impl Certs {
+    pub fn new(tls: NodeTls) -> Result<Self, Error> {
+        let server = Arc::new(tls.rustls_server()?);
+        Ok(Self(Arc::new(RwLock::new(Current {
+            client: tls.client(),
+            server,
+            tls,
+            generation: 0,
+        }))))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The server configuration for the next accepted connection.
+    pub fn server(&self) -> Arc<rustls::ServerConfig> {
+        self.read().server.clone()
+    }
+
+    /// The client configuration for the next channel.
+    pub fn client(&self) -> ClientTlsConfig {
+        self.read().client.clone()
+    }
+
+    /// Bumped by every reload that changed something: channels made under
+    /// an older generation are made again.
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
+    /// When the current node certificate expires, in Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        self.read().tls.not_after()
+    }
+
+    /// Reads the files again and swaps them in when they changed and make
+    /// a usable set: key and certificate belong together, the certificate
+    /// names `name`, and rustls accepts them. `Ok(false)`: nothing changed.
+    /// On an error the current certificates stay.
+    pub fn reload(&self, name: &str) -> Result<bool, Error> {
+        let Some(dir) = self.read().tls.dir.clone() else {
+            return Ok(false);
+        };
+        let tls = NodeTls::load(&dir)?;
+        if tls == self.read().tls {
+            return Ok(false);
+        }
+        tls.check_pair()?;
+        tls.check_names(name, &dir)?;
+        let server = Arc::new(tls.rustls_server()?);
+        let mut current = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        current.client = tls.client();
+        current.server = server;
+        current.tls = tls;
+        current.generation += 1;
+        Ok(true)
+    }
+}
+
+/// The PEM blocks of a bundle, each with its trailing newline.
+fn pem_blocks(bundle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in bundle.lines() {
+        if line.starts_with("-----BEGIN ") {
+            cur.clear();
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if line.starts_with("-----END ") {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    out
+}
+
+/// `trine certs rotate-ca`: a new CA signs from now on. `ca.crt` becomes a
+/// bundle: the new CA first (the one `ca.key` signs as), then the ones it
+/// replaces, so nodes trust both while their certificates are re-issued
+/// (the overlap). The old key is kept as `ca.key.<unix time>` (0600).
+/// With `retire`, `ca.crt` keeps only the signing CA (the overlap ends).
+/// Returns the number of CAs `ca.crt` now holds.
+pub fn rotate_ca(dir: &Path, cluster: &str, retire: bool) -> Result<usize, Error> {
+    let fix = "run `trine certs init` first";
+    let bundle = read(&dir.join(CA_CERT), "CA certificate", fix)?;
+    let old_key = read_private(&dir.join(CA_KEY), "CA key", fix)?;
+    let blocks = pem_blocks(&bundle);
+    if blocks.is_empty() {
+        return Err(Error::Generate(format!(
+            "{} holds no certificate",
+            dir.join(CA_CERT).display()
+        )));
+    }
+    if retire {
+        write_public(&dir.join(CA_CERT), blocks[0].as_bytes())?;
+        return Ok(1);
+    }
+    let (cert, key) = new_ca(cluster)?;
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    write_private(&dir.join(format!("{CA_KEY}.{stamp}")), old_key.as_bytes())?;
+    replace_private(&dir.join(CA_KEY), key.as_bytes())?;
+    let mut out = cert;
+    for b in &blocks {
+        out.push_str(b);
+    }
+    write_public(&dir.join(CA_CERT), out.as_bytes())?;
+    Ok(blocks.len() + 1)
+}
+
+/// `trine certs rotate`: copies the CA bundle into a node's TLS dir and,
+/// unless `trust_only`, replaces its key and certificate with new ones from
+/// the signing CA (for the names the old certificate held when `sans` is
+/// empty). A running node picks the files up within seconds.
+pub fn rotate_node(
+    ca_dir: &Path,
+    name: &str,
+    sans: &[String],
+    out: &Path,
+    trust_only: bool,
+) -> Result<(), Error> {
+    let bundle = read(
+        &ca_dir.join(CA_CERT),
+        "CA certificate",
+        "run `trine certs init` first",
+    )?;
+    if trust_only {
+        fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+        return write_public(&out.join(CA_CERT), bundle.as_bytes());
+    }
+    let mut sans = sans.to_vec();
+    if sans.is_empty()
+        && let Ok(pem) = fs::read(out.join(NODE_CERT))
+        && let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(&pem)
+    {
+        sans = alt_names(&pem.contents);
+    }
+    let staged = tempfile::Builder::new()
+        .prefix(".rotate")
+        .tempdir_in(out.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| io_err(out, e))?;
+    issue_node(ca_dir, name, &sans, staged.path())?;
+    fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    write_public(&out.join(CA_CERT), bundle.as_bytes())?;
+    // Key first, then certificate: a reader between the two sees a pair
+    // that does not match and keeps what it has (Certs::reload).
+    for f in [NODE_KEY, NODE_CERT] {
+        fs::rename(staged.path().join(f), out.join(f)).map_err(|e| io_err(&out.join(f), e))?;
+    }
+    Ok(())
+}
+
+/// Every subject alternative name of a DER certificate: DNS names and IP
+/// addresses, as `certs issue --san` takes them.
+fn alt_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Replaces a secret file: a new 0600 file renamed over the old one.
+fn replace_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = path.with_extension("new");
+    let _ = fs::remove_file(&tmp);
+    write_private(&tmp, bytes)?;
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
 fn read(path: &Path, what: &'static str, fix: &str) -> Result<String, Error> {
@@ -347,6 +642,69 @@ mod tests {
         let e = tls.check_names("eu-2", &node).unwrap_err().to_string();
         assert!(e.contains("--name eu-2") && e.contains("eu-1"), "{e}");
         assert!(names(b"not a certificate").is_empty());
+    }
+
+    #[test]
+    fn a_ca_rotation_overlaps_then_retires_and_a_node_keeps_its_names() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca");
+        init_ca(&ca, "t").unwrap();
+        let node = d.path().join("n1");
+        issue_node(&ca, "n1", &["10.1.2.3".into(), "n1.example".into()], &node).unwrap();
+        let before = NodeTls::load(&node).unwrap();
+        let first_ca = fs::read_to_string(ca.join(CA_CERT)).unwrap();
+
+        assert_eq!(rotate_ca(&ca, "t", false).unwrap(), 2);
+        let bundle = fs::read_to_string(ca.join(CA_CERT)).unwrap();
+        assert_eq!(pem_blocks(&bundle).len(), 2);
+        assert!(
+            bundle.ends_with(&first_ca),
+            "the old CA follows the new one"
+        );
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&ca.join(CA_KEY)), 0o600);
+        let kept: Vec<_> = fs::read_dir(&ca)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("ca.key."))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(mode(&ca.join(&kept[0])), 0o600);
+
+        // Trust first: the certificate and key stay.
+        rotate_node(&ca, "n1", &[], &node, true).unwrap();
+        let trusted = NodeTls::load(&node).unwrap();
+        assert_eq!((&trusted.cert, &trusted.key), (&before.cert, &before.key));
+        assert_eq!(trusted.ca, bundle);
+        // Then a new pair from the new CA, with the names the old one held.
+        rotate_node(&ca, "n1", &[], &node, false).unwrap();
+        let after = NodeTls::load(&node).unwrap();
+        assert_ne!(after.cert, before.cert);
+        after.check_pair().unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(after.cert.as_bytes()).unwrap();
+        let sans = alt_names(&pem.contents);
+        for want in ["n1", "n1.example", "10.1.2.3", NODE_NAME] {
+            assert!(
+                sans.iter().any(|s| s == want),
+                "{want} missing from {sans:?}"
+            );
+        }
+        // A key that is not the certificate's is caught.
+        let mixed = NodeTls {
+            key: before.key.clone(),
+            ..after.clone()
+        };
+        assert!(
+            mixed
+                .check_pair()
+                .unwrap_err()
+                .to_string()
+                .contains("does not belong")
+        );
+
+        assert_eq!(rotate_ca(&ca, "t", true).unwrap(), 1);
+        let retired = fs::read_to_string(ca.join(CA_CERT)).unwrap();
+        assert_eq!(pem_blocks(&retired), pem_blocks(&bundle)[..1]);
     }
 
     #[test]

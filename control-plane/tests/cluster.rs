@@ -459,6 +459,85 @@ async fn a_certificate_speaks_only_for_the_node_it_names() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_to_a_new_ca_without_a_restart() -> Result<()> {
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    let root = cluster.dir.path();
+    let ca = root.join("ca");
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    let tls_of = |id: u64| root.join(format!("n{id}")).join("tls");
+    // A certificate from the old CA, to knock with at the end.
+    let old_client = root.join("old-client");
+    tls::issue_node(&ca, "old-client", &[], &old_client)?;
+    let any = cluster.any().context("a member")?.clone();
+    note(&any, "before").await?;
+
+    // Every phase: each member picks the files up (no restart: the same
+    // control planes throughout) and the cluster still commits.
+    let phase = async |what: &str, generation: u64| -> Result<()> {
+        wait_for(
+            &format!("{what}: every member reloaded"),
+            Duration::from_secs(15),
+            async || {
+                cluster
+                    .nodes
+                    .values()
+                    .all(|c| c.cert_generation() >= generation)
+                    .then_some(())
+            },
+        )
+        .await?;
+        wait_for(
+            &format!("a commit after {what}"),
+            Duration::from_secs(15),
+            async || note(&any, what).await.ok(),
+        )
+        .await?;
+        Ok(())
+    };
+    // 1. A new CA signs; ca.crt holds it and the old one (the overlap), and
+    //    goes to every member before any certificate changes.
+    assert_eq!(tls::rotate_ca(&ca, "local", false)?, 2);
+    for id in &ids {
+        tls::rotate_node(&ca, &format!("n{id}"), &[], &tls_of(*id), true)?;
+    }
+    phase("the new CA is trusted", 1).await?;
+    // 2. New node certificates from the new CA, one member at a time.
+    for id in &ids {
+        tls::rotate_node(&ca, &format!("n{id}"), &[], &tls_of(*id), false)?;
+    }
+    phase("new node certificates", 2).await?;
+    // 3. The old CA retired everywhere.
+    assert_eq!(tls::rotate_ca(&ca, "local", true)?, 1);
+    for id in &ids {
+        tls::rotate_node(&ca, &format!("n{id}"), &[], &tls_of(*id), true)?;
+    }
+    phase("the old CA retired", 3).await?;
+
+    // A certificate from the retired CA is refused by every member; a
+    // member's new one is accepted.
+    let ask = |dir: std::path::PathBuf, addr: String| async move {
+        let tls = NodeTls::load(&dir)?;
+        let mut c =
+            trine_control::network::client(&addr, &tls.client()).map_err(anyhow::Error::msg)?;
+        anyhow::Ok(
+            c.read_index(trine_proto::v1::ReadIndexRequest::default())
+                .await,
+        )
+    };
+    for id in &ids {
+        let addr = cluster.addr(*id).context("address")?;
+        let old = ask(old_client.clone(), addr.clone()).await?;
+        let e = old.expect_err("a certificate from the retired CA was accepted");
+        assert!(e.message().contains("certificate"), "{e:?}");
+        let new = ask(tls_of(ids[0]), addr).await?;
+        assert!(new.is_ok(), "a new certificate was refused: {new:?}");
+    }
+    let height = cluster.chains_agree()?;
+    assert!(height >= 4);
+    Ok(())
+}
+
 /// Cuts `alone` off from everyone else, both ways.
 fn partition(cluster: &LocalCluster, alone: u64) {
     let others: Vec<u64> = cluster

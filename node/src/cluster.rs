@@ -92,11 +92,9 @@ pub async fn start(
     }
     let tls = NodeTls::load(&tls_dir)?;
     tls.check_names(&config.name, &tls_dir)?;
-    match cert_expiry(&tls_dir.join(trine_control::tls::NODE_CERT)) {
-        Some(t) => crate::metrics::cert_expiry(t),
-        None => {
-            tracing::warn!(dir = %tls_dir.display(), "cannot read this node's certificate expiry; trine_cert_expiry_seconds is not exported")
-        }
+    tls.check_pair()?;
+    if tls.not_after().is_none() {
+        tracing::warn!(dir = %tls_dir.display(), "cannot read this node's certificate expiry; trine_cert_expiry_seconds is not exported");
     }
     let id = node_id(&peer_id);
     let p2p: Vec<String> = if config.p2p_announce.is_empty() {
@@ -263,14 +261,6 @@ pub fn rtt_matrix(matrix: crate::mesh::Matrix, seed: &str) -> RttMatrix {
         };
         rtt + jitter
     })
-}
-
-/// When the PEM certificate at `path` expires, in Unix seconds.
-fn cert_expiry(path: &std::path::Path) -> Option<i64> {
-    let pem = std::fs::read(path).ok()?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    Some(cert.validity().not_after.timestamp())
 }
 
 /// The address others should dial: the configured announce address, else

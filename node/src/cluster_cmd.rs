@@ -197,6 +197,46 @@ pub enum CertsCommand {
         #[arg(long = "san", value_name = "HOST")]
         sans: Vec<String>,
     },
+    /// Start a CA rotation: a new CA signs from now on, and ca.crt holds it
+    /// and the old one (the overlap: nodes trust both while their
+    /// certificates are re-issued); the old key is kept as ca.key.<time>.
+    /// With --retire, end it: ca.crt keeps only the new CA. Each step
+    /// reaches the nodes with `trine certs rotate`; running nodes pick up
+    /// their TLS dir's files within seconds, without a restart. The order:
+    /// rotate-ca; `certs rotate --trust-only` on every node; `certs rotate`
+    /// on every node; rotate-ca --retire; `certs rotate --trust-only` on
+    /// every node.
+    RotateCa {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Cluster name, recorded in the new CA's subject.
+        #[arg(long, default_value = "trine")]
+        cluster: String,
+        /// End the overlap: drop the old CAs from ca.crt.
+        #[arg(long)]
+        retire: bool,
+    },
+    /// Renew a node's certificate in place: a new key and certificate from
+    /// the CA's signing key, and the CA's ca.crt, written into the node's TLS
+    /// dir (key first, then certificate). The running node swaps them in
+    /// within seconds for new connections; no restart, no downtime.
+    Rotate {
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Node name (the certificate must name the node).
+        #[arg(long)]
+        name: String,
+        /// The node's TLS dir, e.g. <data-dir>/tls.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Host names or IP addresses (repeatable); default: the names the
+        /// current certificate holds.
+        #[arg(long = "san", value_name = "HOST")]
+        sans: Vec<String>,
+        /// Only copy ca.crt (the trust bundle), keeping key and certificate.
+        #[arg(long)]
+        trust_only: bool,
+    },
 }
 
 pub fn certs(command: &CertsCommand) -> Result<()> {
@@ -222,6 +262,49 @@ pub fn certs(command: &CertsCommand) -> Result<()> {
                 out,
                 "certificate for {name} written to {} (ca.crt, node.crt, node.key); start the node with --tls-dir {}",
                 dir.display(),
+                dir.display()
+            )?;
+        }
+        CertsCommand::RotateCa {
+            ca_dir,
+            cluster,
+            retire,
+        } => {
+            let n = trine_control::tls::rotate_ca(ca_dir, cluster, *retire)?;
+            if *retire {
+                writeln!(
+                    out,
+                    "{}/ca.crt now holds only the signing CA; give it to every node with `trine certs rotate --ca-dir {} --name <node> --out <tls dir> --trust-only`",
+                    ca_dir.display(),
+                    ca_dir.display()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "a new CA signs from now on; {}/ca.crt holds it and {} older CA(s). Next: `trine certs rotate --ca-dir {} --name <node> --out <tls dir> --trust-only` on every node, then the same without --trust-only on every node, then `trine certs rotate-ca --ca-dir {} --retire`",
+                    ca_dir.display(),
+                    n - 1,
+                    ca_dir.display(),
+                    ca_dir.display()
+                )?;
+            }
+        }
+        CertsCommand::Rotate {
+            ca_dir,
+            name,
+            out: dir,
+            sans,
+            trust_only,
+        } => {
+            trine_control::tls::rotate_node(ca_dir, name, sans, dir, *trust_only)?;
+            let what = if *trust_only {
+                "the CA bundle (ca.crt)"
+            } else {
+                "a new key and certificate and the CA bundle"
+            };
+            writeln!(
+                out,
+                "{what} written to {}; a running node uses them for new connections within seconds",
                 dir.display()
             )?;
         }

@@ -76,7 +76,7 @@ pub const PLACEMENT_UNREADY: &str = "trine_placement_unready_slots";
 pub const DATA_DIR_AVAILABLE: &str = "trine_data_dir_available_bytes";
 pub const DATA_DIR_CAPACITY: &str = "trine_data_dir_capacity_bytes";
 /// Gauge: when this node's certificate expires, Unix seconds.
-pub const CERT_EXPIRY: &str = "trine_cert_expiry_seconds";
+pub const CERT_EXPIRY: &str = trine_control::metrics::CERT_EXPIRY;
 /// Counter: requests ended by their deadline on this node.
 pub const REQUEST_TIMEOUTS: &str = "trine_request_timeouts_total";
 /// Histogram: sequences in each batched forward step on this node.

@@ -380,3 +380,123 @@ async fn a_leader_cut_off_from_its_quorum_stops_reporting_itself_leader() -> Res
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_ca_rotates_through_the_cli_without_a_restart() -> Result<()> {
+    // Three regions of one node: three voters, quick to start.
+    let net = Testnet::start(&[
+        "--regions",
+        "us-east:1,us-west:1,eu-central:1",
+        "--latency",
+        "none",
+    ])
+    .await?;
+    let names = ["us-east-1", "us-west-1", "eu-central-1"];
+    let ca = net.root().join("ca");
+    let ca_arg = ca.to_str().context("utf-8 path")?.to_owned();
+    let tls = |name: &str| net.root().join("tls").join(name);
+    let certs = |args: &[&str]| -> Result<String> {
+        let mut c = trine();
+        c.arg("certs").args(args);
+        let out = run(c, Duration::from_secs(30))?;
+        ensure!(
+            out.status.success(),
+            "trine certs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    // A certificate from the CA about to be retired.
+    let old = tempfile::tempdir()?;
+    let old_dir = old.path().join("tls");
+    certs(&[
+        "issue",
+        "--ca-dir",
+        &ca_arg,
+        "--name",
+        "old",
+        "--out",
+        old_dir.to_str().context("path")?,
+    ])?;
+
+    let pids: Vec<u32> = names
+        .iter()
+        .map(|n| net.endpoints(n).map(|e| e.pid))
+        .collect::<Result<_>>()?;
+    let expiry = async |name: &str| -> Option<f64> {
+        let http = net.endpoints(name).ok()?.http;
+        let text = reqwest::get(format!("http://{http}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        trine_tests::metric(&text, "trine_cert_expiry_seconds")
+    };
+    let mut before = Vec::new();
+    for n in names {
+        before.push(expiry(n).await.context("trine_cert_expiry_seconds")?);
+    }
+    let grpcs: Vec<String> = names
+        .iter()
+        .map(|n| net.endpoints(n).map(|e| e.grpc.to_string()))
+        .collect::<Result<_>>()?;
+    // Node certificates are dated to the second: renewed ones must differ.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let said = certs(&["rotate-ca", "--ca-dir", &ca_arg])?;
+    ensure!(said.contains("1 older CA"), "{said}");
+    let step = async |extra: &[&str], what: &str| -> Result<()> {
+        for n in names {
+            let dir = tls(n);
+            let mut args = vec!["rotate", "--ca-dir", &ca_arg, "--name", n, "--out"];
+            args.push(dir.to_str().context("path")?);
+            args.extend_from_slice(extra);
+            certs(&args)?;
+        }
+        // The nodes pick the files up within seconds and keep committing.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        commit_through(&grpcs, what, Duration::from_secs(30)).await?;
+        Ok(())
+    };
+    step(&["--trust-only"], "trusting the new CA").await?;
+    step(&[], "new node certificates").await?;
+    // Every node now presents a certificate renewed in place.
+    for (n, was) in names.iter().zip(&before) {
+        let now = wait_for(
+            "the renewed certificate's expiry",
+            Duration::from_secs(15),
+            || async { expiry(n).await.filter(|t| t > was) },
+        )
+        .await?;
+        eprintln!("{n}: certificate expiry {was} -> {now}");
+    }
+    certs(&["rotate-ca", "--ca-dir", &ca_arg, "--retire"])?;
+    step(&["--trust-only"], "the old CA retired").await?;
+
+    // No node restarted; a certificate from the retired CA is refused on
+    // every Raft port, a renewed one accepted.
+    for (n, pid) in names.iter().zip(&pids) {
+        let e = net.endpoints(n)?;
+        ensure!(e.pid == *pid, "{n} restarted");
+        let raft = e.raft.context("a Raft address")?.to_string();
+        let ask = async |dir: &std::path::Path| -> Result<Result<(), tonic::Status>> {
+            let tls = trine_control::tls::NodeTls::load(dir)?;
+            let mut c =
+                trine_control::network::client(&raft, &tls.client()).map_err(anyhow::Error::msg)?;
+            Ok(c.read_index(v1::ReadIndexRequest::default())
+                .await
+                .map(|_| ()))
+        };
+        let refused = ask(&old_dir).await?;
+        ensure!(
+            refused
+                .as_ref()
+                .is_err_and(|s| s.message().contains("certificate")),
+            "{n}: the retired CA's certificate: {refused:?}"
+        );
+        let accepted = ask(&tls(names[0])).await?;
+        ensure!(accepted.is_ok(), "{n}: a renewed certificate: {accepted:?}");
+    }
+    Ok(())
+}
