@@ -52,6 +52,44 @@ pub fn stage(data: &[u8]) {
     let _ = trine_proto::v1::StageResponse::decode(data);
 }
 
+/// Bytes a peer writes on a `/trine/stage/1` stream, read by the codec as a
+/// request and as a response, at a small limit (the oversized path) and at
+/// the node's default: a frame is never longer than the limit nor than the
+/// bytes that arrived, and an oversized one reads nothing past its header.
+pub fn stage_frame(data: &[u8]) {
+    use crate::mesh::stage::{Codec, Frame, PROTOCOL};
+    use libp2p::request_response::Codec as _;
+    for max in [64, 64 << 20] {
+        let mut codec = Codec { max };
+        let mut io = futures_util::io::Cursor::new(data);
+        match from_memory(codec.read_request(&PROTOCOL, &mut io)) {
+            Ok(Frame::Body(body)) => {
+                assert!(body.len() <= max);
+                assert_eq!(&data[4..4 + body.len()], body.as_slice());
+            }
+            Ok(Frame::Oversized(len)) => {
+                assert!(len as usize > max);
+                assert_eq!(io.position(), 4, "nothing read past the header");
+            }
+            Err(_) => {}
+        }
+        let mut io = futures_util::io::Cursor::new(data);
+        if let Ok(body) = from_memory(codec.read_response(&PROTOCOL, &mut io)) {
+            assert!(body.len() <= max && body.len() + 4 <= data.len());
+        }
+    }
+}
+
+/// Runs a read from memory to completion (it never waits).
+fn from_memory<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => unreachable!("a read from memory never waits"),
+    }
+}
+
 /// A body of `/v1/completions` and of `/v1/chat/completions`.
 pub fn openai(data: &[u8]) {
     let parsed = [
@@ -86,9 +124,10 @@ mod tests {
     }
 
     type Target = (&'static str, fn(&[u8]));
-    const TARGETS: [Target; 4] = [
+    const TARGETS: [Target; 5] = [
         ("gossip", super::gossip),
         ("stage", super::stage),
+        ("stage_frame", super::stage_frame),
         ("openai", super::openai),
         ("config", super::config),
     ];
@@ -146,7 +185,7 @@ mod tests {
         #[test]
         fn random_inputs_are_refused_or_accepted_never_a_panic(
             data in proptest::collection::vec(any::<u8>(), 0..2048),
-            seed in 0usize..8,
+            seed in 0usize..9,
             at in any::<usize>(),
             byte in any::<u8>(),
         ) {
@@ -155,7 +194,8 @@ mod tests {
             }
             let root = fuzz_dir("seeds");
             let seeds = ["gossip/heartbeat", "stage/request", "stage/response", "openai/completion",
-                "openai/chat", "openai/completion_tokens", "config/small.toml", "gossip/stale"];
+                "openai/chat", "openai/completion_tokens", "config/small.toml", "gossip/stale",
+                "stage_frame/request"];
             let mut edited = std::fs::read(root.join(seeds[seed])).expect("seed");
             if !edited.is_empty() {
                 let i = at % edited.len();
