@@ -212,10 +212,15 @@ async fn survivors_whose_election_timer_is_held_back_still_elect() -> Result<()>
     .await?;
     let took = stopped.elapsed();
     let election = tuning().election_timeout.context("tuned")?;
-    // Twice the longest timeout (2 x 2 x min), plus at most half the
-    // shortest and the checking step, plus the campaign.
+    // Without the fallback nobody campaigns at all (openraft's timer is
+    // off), and the wait above fails. One overdue span is twice the longest
+    // timeout (2 x 2 x min) plus at most half the shortest; a first
+    // campaign that splits waits for the next span. The bound allows two
+    // spans on a loaded CI machine (one CI run took 5.3 s); the election
+    // times themselves are measured by the chaos soak, not here.
+    eprintln!("elected after {took:?} (election timeout {election:?})");
     assert!(
-        took < election * 6,
+        took < election * 12,
         "elected only after {took:?} (election timeout {election:?})"
     );
     note(&cluster.nodes[&new], "after").await?;
