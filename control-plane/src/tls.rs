@@ -170,22 +170,14 @@ pub fn issue_node(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> Res
     Ok(())
 }
 
-/// The DNS names a DER certificate holds (its subject alternative names),
-/// lower-cased; empty for bytes that are not a certificate.
+/// The DNS names a DER certificate holds (its subject alternative names
+/// other than IP addresses), lower-cased; empty for bytes that are not a
+/// certificate.
 pub fn names(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
-            _ => None,
-        })
+    alt_names(der)
+        .into_iter()
+        .filter(|n| n.parse::<std::net::IpAddr>().is_err())
+        .map(|n| n.to_ascii_lowercase())
         .collect()
 }
 
@@ -232,38 +224,30 @@ impl NodeTls {
 
     /// When this node's certificate expires, in Unix seconds.
     pub fn not_after(&self) -> Option<i64> {
-        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert.as_bytes()).ok()?;
-        let cert = pem.parse_x509().ok()?;
+        let der = self.cert_der().ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
         Some(cert.validity().not_after.timestamp())
     }
 
     /// Checks that the key is the certificate's (a rotation writes the two
     /// files one after the other: a reader between them sees a mismatch).
     pub fn check_pair(&self) -> Result<(), Error> {
-        let path = || {
-            self.dir.as_deref().map_or_else(
-                || NODE_KEY.to_owned(),
-                |d| d.join(NODE_KEY).display().to_string(),
-            )
+        let err = |reason: String| Error::Io {
+            path: self.dir.as_deref().map_or_else(
+                || format!("{NODE_CERT} and {NODE_KEY}"),
+                |d| format!("{} and {NODE_KEY}", d.join(NODE_CERT).display()),
+            ),
+            reason,
         };
-        let key = KeyPair::from_pem(&self.key).map_err(|e| Error::Io {
-            path: path(),
-            reason: format!("not a private key: {e}"),
-        })?;
-        let (_, pem) =
-            x509_parser::pem::parse_x509_pem(self.cert.as_bytes()).map_err(|e| Error::Io {
-                path: path(),
-                reason: format!("node.crt is not a PEM certificate: {e}"),
-            })?;
-        let cert = pem.parse_x509().map_err(|e| Error::Io {
-            path: path(),
-            reason: format!("node.crt: {e}"),
-        })?;
+        let key = KeyPair::from_pem(&self.key)
+            .map_err(|e| err(format!("{NODE_KEY} is not a private key: {e}")))?;
+        let der = self.cert_der().map_err(err)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| err(format!("{NODE_CERT}: {e}")))?;
         if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
-            return Err(Error::Io {
-                path: path(),
-                reason: "the key does not belong to node.crt (a rotation half done?); issue both again with `trine certs rotate`".into(),
-            });
+            return Err(err(
+                "the key does not belong to the certificate (a rotation half done?); issue both again with `trine certs rotate`".into(),
+            ));
         }
         Ok(())
     }
@@ -301,11 +285,16 @@ impl NodeTls {
         Ok(config)
     }
 
+    /// This node's certificate, DER (the first block of node.crt).
+    fn cert_der(&self) -> Result<Vec<u8>, String> {
+        x509_parser::pem::parse_x509_pem(self.cert.as_bytes())
+            .map(|(_, pem)| pem.contents)
+            .map_err(|e| format!("node.crt is not a PEM certificate: {e}"))
+    }
+
     /// The DNS names of this node's certificate.
     pub fn cert_names(&self) -> Vec<String> {
-        x509_parser::pem::parse_x509_pem(self.cert.as_bytes())
-            .map(|(_, pem)| names(&pem.contents))
-            .unwrap_or_default()
+        self.cert_der().map(|der| names(&der)).unwrap_or_default()
     }
 
     /// Checks that this node's certificate names the node `name`: members
@@ -347,8 +336,8 @@ pub struct Certs(Arc<RwLock<Current>>);
 
 struct Current {
     tls: NodeTls,
+    /// Built from `tls` (parsing and checking it is the costly part).
     server: Arc<rustls::ServerConfig>,
-    client: ClientTlsConfig,
     generation: u64,
 }
 
@@ -362,7 +351,6 @@ impl Certs {
     pub fn new(tls: NodeTls) -> Result<Self, Error> {
         let server = Arc::new(tls.rustls_server()?);
         Ok(Self(Arc::new(RwLock::new(Current {
-            client: tls.client(),
             server,
             tls,
             generation: 0,
@@ -382,7 +370,7 @@ impl Certs {
 
     /// The client configuration for the next channel.
     pub fn client(&self) -> ClientTlsConfig {
-        self.read().client.clone()
+        self.read().tls.client()
     }
 
     /// Bumped by every reload that changed something: channels made under
@@ -415,7 +403,6 @@ impl Certs {
             .0
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        current.client = tls.client();
         current.server = server;
         current.tls = tls;
         current.generation += 1;
@@ -530,14 +517,11 @@ fn alt_names(der: &[u8]) -> Vec<String> {
         .iter()
         .filter_map(|n| match n {
             GeneralName::DNSName(d) => Some((*d).to_owned()),
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => <[u8; 4]>::try_from(*b)
+            GeneralName::IPAddress(b) => match *b {
+                [a, b, c, d] => Some(std::net::IpAddr::from([*a, *b, *c, *d]).to_string()),
+                _ => <[u8; 16]>::try_from(*b)
                     .ok()
                     .map(|a| std::net::IpAddr::from(a).to_string()),
-                16 => <[u8; 16]>::try_from(*b)
-                    .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
-                _ => None,
             },
             _ => None,
         })

@@ -459,10 +459,6 @@ pub fn data_dir_space(dir: &std::path::Path) {
     }
 }
 
-pub fn cert_expiry(unix_seconds: i64) {
-    gauge!(CERT_EXPIRY).set(unix_seconds as f64);
-}
-
 pub fn request_timed_out() {
     counter!(REQUEST_TIMEOUTS).increment(1);
 }
@@ -595,7 +591,8 @@ mod tests {
         request_timed_out();
         placement_unready(0);
         data_dir_space(std::path::Path::new("."));
-        cert_expiry(2_000_000_000);
+        // Set by the control plane on every certificate (re)load.
+        gauge!(CERT_EXPIRY).set(2e9);
         let text = m.render();
         assert!(
             text.contains("trine_batch_size_bucket{le=\"3\"} 1"),

@@ -317,9 +317,9 @@ impl Drop for Frozen {
 /// stops reporting itself leader within its lease (the longest election
 /// timeout), so NoRaftLeader sees the quorum loss, and a leader is back once
 /// they thaw.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_cut_off_from_its_quorum_stops_reporting_itself_leader() -> Result<()> {
-    // Three regions of one node: three voters.
+/// A testnet of three regions of one node each: three voters, quick to
+/// start, no simulated latency; and the nodes' names.
+async fn three_voters() -> Result<(Testnet, [&'static str; 3])> {
     let net = Testnet::start(&[
         "--regions",
         "us-east:1,us-west:1,eu-central:1",
@@ -327,7 +327,12 @@ async fn a_leader_cut_off_from_its_quorum_stops_reporting_itself_leader() -> Res
         "none",
     ])
     .await?;
-    let names = ["us-east-1", "us-west-1", "eu-central-1"];
+    Ok((net, ["us-east-1", "us-west-1", "eu-central-1"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_stops_reporting_itself_leader() -> Result<()> {
+    let (net, names) = three_voters().await?;
     let leader = wait_for(
         "a node reporting itself leader",
         Duration::from_secs(20),
@@ -383,15 +388,7 @@ async fn a_leader_cut_off_from_its_quorum_stops_reporting_itself_leader() -> Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_ca_rotates_through_the_cli_without_a_restart() -> Result<()> {
-    // Three regions of one node: three voters, quick to start.
-    let net = Testnet::start(&[
-        "--regions",
-        "us-east:1,us-west:1,eu-central:1",
-        "--latency",
-        "none",
-    ])
-    .await?;
-    let names = ["us-east-1", "us-west-1", "eu-central-1"];
+    let (net, names) = three_voters().await?;
     let ca = net.root().join("ca");
     let ca_arg = ca.to_str().context("utf-8 path")?.to_owned();
     let tls = |name: &str| net.root().join("tls").join(name);
