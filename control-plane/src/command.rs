@@ -42,6 +42,10 @@ pub struct NodeRecord {
     /// Client gRPC and HTTP endpoints, host:port.
     pub grpc_addr: String,
     pub http_addr: String,
+    /// The client endpoints speak TLS only, with a certificate naming the
+    /// node (absent from records written before it existed: false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub api_tls: bool,
     /// libp2p identity and addresses.
     pub peer_id: String,
     pub p2p_addrs: Vec<String>,

@@ -24,7 +24,7 @@ use crate::store::{self, Reader};
 use crate::tls::{Certs, NodeTls};
 use crate::types::{Batch, Member, NodeId, Raft, Request, Response};
 use crate::voters::{self, Candidate, Rules};
-use crate::{convert, metrics, planner, server};
+use crate::{convert, metrics, planner, server, tls};
 
 /// Timeout profile: LAN (one site) or WAN (regions ~200 ms apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -344,7 +344,10 @@ impl ControlPlane {
             .tcp_nodelay(true)
             .add_service(service)
             .serve_with_incoming_shutdown(
-                accept_tls(listener, core.certs.clone(), stop_rx.clone()),
+                {
+                    let certs = core.certs.clone();
+                    tls::accept(listener, move || certs.server(), "raft", stop_rx.clone())
+                },
                 stopped(stop_rx.clone()),
             );
         tasks.push(tokio::spawn(reload_certs(core.clone(), stop_rx.clone())));
@@ -582,53 +585,6 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 
 /// How often a member looks for rotated certificates in its TLS dir.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
-/// Longest a client may take over its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// Accepts TCP connections on the Raft port and completes their mutual-TLS
-/// handshake with the certificates current at that moment; the connections
-/// that pass go to the gRPC server.
-fn accept_tls(
-    listener: TcpListener,
-    certs: Certs,
-    mut stop: watch::Receiver<bool>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = stop.wait_for(|s| *s) => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Raft port: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(certs.server());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "Raft port: TLS handshake refused");
-                    }
-                    Err(_) => tracing::debug!(%peer, "Raft port: TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
 /// Picks up rotated certificates (`trine certs rotate`) from the TLS dir:
 /// new connections and channels use them; open ones finish as they are.
 async fn reload_certs(core: Arc<Core>, mut stop: watch::Receiver<bool>) {

@@ -87,6 +87,7 @@ pub(crate) fn record(id: u64, name: &str, region: &str, addr: &str) -> NodeRecor
         raft_addr: addr.into(),
         grpc_addr: String::new(),
         http_addr: String::new(),
+        api_tls: false,
         peer_id: String::new(),
         p2p_addrs: Vec::new(),
         cpu_cores: 1,

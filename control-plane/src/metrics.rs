@@ -119,7 +119,7 @@ pub(crate) fn pending(delta: f64) {
 }
 
 pub(crate) fn cert_expiry(unix_seconds: i64) {
-    metrics::gauge!(CERT_EXPIRY).set(unix_seconds as f64);
+    metrics::gauge!(CERT_EXPIRY, "cert" => "raft").set(unix_seconds as f64);
 }
 
 pub(crate) fn raft_refused(rpc: &'static str, reason: &'static str) {

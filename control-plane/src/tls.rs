@@ -181,6 +181,127 @@ pub fn names(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The DNS names of the first certificate in a PEM chain ([`names`]);
+/// empty when it holds none.
+pub fn pem_names(pem: &str) -> Vec<String> {
+    first_der(pem).map(|der| names(&der)).unwrap_or_default()
+}
+
+/// When the first certificate in a PEM chain expires, in Unix seconds.
+pub fn pem_not_after(pem: &str) -> Option<i64> {
+    let der = first_der(pem).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+fn first_der(pem: &str) -> Result<Vec<u8>, String> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map(|(_, pem)| pem.contents)
+        .map_err(|e| format!("not a PEM certificate: {e}"))
+}
+
+/// A rustls server configuration (ring provider, TLS 1.2 and 1.3) that
+/// presents the PEM `chain` with its `key`, requires a client certificate
+/// from one of the CAs in `client_ca` when given, and offers `alpn`.
+/// rustls checks that the key is the certificate's.
+pub fn server_config(
+    chain: &str,
+    key: &str,
+    client_ca: Option<&str>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, Error> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| Error::Generate(format!("{what}: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS versions", &e))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                let ca = ca.map_err(|e| bad("the CA bundle", &e))?;
+                roots.add(ca).map_err(|e| bad("the CA bundle", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad("the CA bundle", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("the certificate", &e))?;
+    if chain.is_empty() {
+        return Err(bad("the certificate", &"no PEM CERTIFICATE block"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad("the key", &e))?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("the certificate and key", &e))?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// A TLS connection accepted by [`accept`].
+pub type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Longest a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts TCP connections on `listener` and completes each one's TLS
+/// handshake, concurrently, with the configuration `config` gives at that
+/// moment (so reloaded certificates apply to new connections); those that
+/// pass come out of the stream. `port` names the listener in logs. Ends
+/// when `stop` turns true.
+pub fn accept<F>(
+    listener: tokio::net::TcpListener,
+    config: F,
+    port: &'static str,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>>
+where
+    F: Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(config());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(port, %peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => tracing::debug!(port, %peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// Whether a certificate with these [`names`] speaks for the node `name`.
 pub fn certifies(names: &[String], name: &str) -> bool {
     names.iter().any(|n| n.eq_ignore_ascii_case(name))
@@ -224,9 +345,7 @@ impl NodeTls {
 
     /// When this node's certificate expires, in Unix seconds.
     pub fn not_after(&self) -> Option<i64> {
-        let der = self.cert_der().ok()?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-        Some(cert.validity().not_after.timestamp())
+        pem_not_after(&self.cert)
     }
 
     /// Checks that the key is the certificate's (a rotation writes the two
@@ -255,46 +374,17 @@ impl NodeTls {
     /// The rustls server side: present our certificate, require a client
     /// certificate from one of the CAs in `ca.crt`, speak HTTP/2.
     pub fn rustls_server(&self) -> Result<rustls::ServerConfig, Error> {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let bad = |what: &str, e: &dyn std::fmt::Display| Error::Generate(format!("{what}: {e}"));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(self.ca.as_bytes()) {
-            let ca = ca.map_err(|e| bad("ca.crt", &e))?;
-            roots.add(ca).map_err(|e| bad("ca.crt", &e))?;
-        }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| bad("ca.crt", &e))?;
-        let chain = CertificateDer::pem_slice_iter(self.cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad("node.crt", &e))?;
-        let key =
-            PrivateKeyDer::from_pem_slice(self.key.as_bytes()).map_err(|e| bad("node.key", &e))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad("TLS versions", &e))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .map_err(|e| bad("node.crt and node.key", &e))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(config)
+        server_config(&self.cert, &self.key, Some(&self.ca), b"h2")
     }
 
     /// This node's certificate, DER (the first block of node.crt).
     fn cert_der(&self) -> Result<Vec<u8>, String> {
-        x509_parser::pem::parse_x509_pem(self.cert.as_bytes())
-            .map(|(_, pem)| pem.contents)
-            .map_err(|e| format!("node.crt is not a PEM certificate: {e}"))
+        first_der(&self.cert).map_err(|e| format!("{NODE_CERT}: {e}"))
     }
 
     /// The DNS names of this node's certificate.
     pub fn cert_names(&self) -> Vec<String> {
-        self.cert_der().map(|der| names(&der)).unwrap_or_default()
+        pem_names(&self.cert)
     }
 
     /// Checks that this node's certificate names the node `name`: members
@@ -536,7 +626,9 @@ fn replace_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
-fn read(path: &Path, what: &'static str, fix: &str) -> Result<String, Error> {
+/// Reads a public file (a certificate); a missing one is
+/// [`Error::Missing`] with `fix`.
+pub fn read(path: &Path, what: &'static str, fix: &str) -> Result<String, Error> {
     match fs::read_to_string(path) {
         Ok(s) => Ok(s),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Missing {

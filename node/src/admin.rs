@@ -117,6 +117,7 @@ fn node_to(n: &NodeRecord, role: v1::RaftRole) -> v1::Node {
         role: role.into(),
         grpc_addr: n.grpc_addr.clone(),
         http_addr: n.http_addr.clone(),
+        api_tls: n.api_tls,
         p2p_addrs: n.p2p_addrs.clone(),
         capacity: Some(v1::Capacity {
             cpu_cores: n.cpu_cores,

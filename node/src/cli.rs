@@ -266,6 +266,41 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_TLS_DIR", value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
 
+    /// Serve the client ports (gRPC and HTTP, the OpenAI API and /metrics
+    /// included) over TLS only. The certificate is the node's own from the
+    /// TLS dir (clients trust the cluster's ca.crt) unless --api-tls-cert
+    /// names another; in a cluster it must name the node (a DNS name equal
+    /// to --name), as other nodes forwarding requests check it. Files are
+    /// re-read every 2 s: renewing them needs no restart.
+    #[arg(long, env = "TRINE_API_TLS")]
+    pub api_tls: bool,
+
+    /// Certificate chain (PEM) for the client ports, e.g. from your own CA.
+    /// [default: <tls-dir>/node.crt]
+    #[arg(
+        long,
+        env = "TRINE_API_TLS_CERT",
+        value_name = "FILE",
+        requires = "api_tls_key"
+    )]
+    pub api_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --api-tls-cert; refused unless only its
+    /// owner can read it (0600). [default: <tls-dir>/node.key]
+    #[arg(
+        long,
+        env = "TRINE_API_TLS_KEY",
+        value_name = "FILE",
+        requires = "api_tls_cert"
+    )]
+    pub api_tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM) that verifies other nodes' client ports when this
+    /// node forwards a request to one serving TLS. Needed whether or not
+    /// this node serves TLS itself. [default: <tls-dir>/ca.crt]
+    #[arg(long, env = "TRINE_API_TLS_CA", value_name = "FILE")]
+    pub api_tls_ca: Option<PathBuf>,
+
     /// With --init on a new cluster: a file (0600) holding the secret of
     /// the cluster's first admin token (named root). Without it the secret
     /// comes from TRINE_ADMIN_TOKEN, else a new random one. Either way it is
@@ -432,6 +467,10 @@ impl NodeArgs {
             init: self.init.then_some(true),
             join: self.join.clone(),
             tls_dir: self.tls_dir.clone(),
+            api_tls: self.api_tls.then_some(true),
+            api_tls_cert: self.api_tls_cert.clone(),
+            api_tls_key: self.api_tls_key.clone(),
+            api_tls_ca: self.api_tls_ca.clone(),
             admin_token_file: self.admin_token_file.clone(),
             model_cache: self.model_cache.clone(),
             cluster: self.cluster.clone(),

@@ -114,6 +114,7 @@ pub async fn start(
         raft_addr: announce.clone(),
         grpc_addr: announced("--grpc-announce", &config.grpc_announce, endpoints.grpc),
         http_addr: announced("--http-announce", &config.http_announce, endpoints.http),
+        api_tls: config.api_tls,
         peer_id: peer_id.to_string(),
         p2p_addrs: p2p,
         cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),

@@ -18,7 +18,9 @@ use crate::datadir::DataDir;
 /// Which node a command asks.
 #[derive(Debug, Clone, Args)]
 pub struct Target {
-    /// gRPC address of the node to ask (host:port).
+    /// gRPC address of the node to ask: host:port, or https://host:port
+    /// for a node serving its client ports over TLS (--api-tls; then give
+    /// --ca-cert).
     #[arg(
         long,
         env = "TRINE_NODE",
@@ -37,6 +39,11 @@ pub struct Target {
     /// (the --init node keeps the cluster's first admin token there).
     #[arg(long, env = "TRINE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) that verifies an https:// node's certificate, e.g.
+    /// the cluster's ca.crt. With --data-dir the node's own (from its
+    /// endpoints.json) is used.
+    #[arg(long, env = "TRINE_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Adds `authorization: Bearer <secret>` to every call.
@@ -89,20 +96,65 @@ pub enum Output {
 impl Target {
     pub fn uri(&self) -> Result<String> {
         if let Some(dir) = &self.data_dir {
-            let e = DataDir::read_endpoints(dir).with_context(|| {
-                format!(
-                    "no running node on data dir {} (no endpoints.json); start one with `trine node --data-dir {}`",
-                    dir.display(),
-                    dir.display()
-                )
-            })?;
-            return Ok(format!("http://{}", e.grpc));
+            let e = self.endpoints(dir)?;
+            let scheme = if e.api_tls { "https" } else { "http" };
+            return Ok(format!("{scheme}://{}", e.grpc));
         }
         Ok(if self.node.contains("://") {
             self.node.clone()
         } else {
             format!("http://{}", self.node)
         })
+    }
+
+    fn endpoints(&self, dir: &std::path::Path) -> Result<crate::datadir::Endpoints> {
+        DataDir::read_endpoints(dir).with_context(|| {
+            format!(
+                "no running node on data dir {} (no endpoints.json); start one with `trine node --data-dir {}`",
+                dir.display(),
+                dir.display()
+            )
+        })
+    }
+
+    /// The CA bundle for nodes serving TLS: --ca-cert, else the data
+    /// dir's node's.
+    pub fn ca_bundle(&self) -> Option<PathBuf> {
+        self.ca_cert.clone().or_else(|| {
+            self.data_dir
+                .as_deref()
+                .and_then(DataDir::read_endpoints)
+                .and_then(|e| e.api_ca)
+        })
+    }
+
+    /// The node's address and a channel endpoint for it, with TLS set up
+    /// for an https:// address: verified against --ca-cert (with
+    /// --data-dir, the node's own CA bundle and name).
+    pub fn endpoint(&self) -> Result<(String, tonic::transport::Endpoint)> {
+        let uri = self.uri()?;
+        let endpoint = tonic::transport::Endpoint::from_shared(uri.clone()).with_context(|| {
+            format!("{uri} is not a valid address; use host:port or https://host:port")
+        })?;
+        if !uri.starts_with("https://") {
+            return Ok((uri, endpoint));
+        }
+        let (ca, name) = match &self.data_dir {
+            Some(dir) => {
+                let e = self.endpoints(dir)?;
+                let ca = self.ca_cert.clone().or(e.api_ca).with_context(|| {
+                    format!("{} serves TLS but names no CA bundle; give --ca-cert", dir.display())
+                })?;
+                (ca, Some(e.name).filter(|n| !n.is_empty()))
+            }
+            None => (
+                self.ca_cert.clone().with_context(|| {
+                    format!("{uri} is https: give the CA bundle that signed its certificate with --ca-cert (the cluster's ca.crt, unless the node was given its own with --api-tls-cert)")
+                })?,
+                None,
+            ),
+        };
+        Ok((uri.clone(), tls_endpoint(endpoint, &ca, name.as_deref())?))
     }
 
     /// The admin token's secret: `--admin-token-file`, else
@@ -127,7 +179,8 @@ impl Target {
 
     pub async fn admin(&self) -> Result<AdminConn> {
         let bearer = Bearer::new(self.admin_secret()?.as_deref())?;
-        connect(&self.uri()?, self.timeout, bearer).await
+        let (uri, endpoint) = self.endpoint()?;
+        connect(endpoint, &uri, self.timeout, bearer).await
     }
 
     /// Runs one Admin call on the node, on a runtime of its own, and
@@ -148,9 +201,34 @@ impl Target {
     }
 }
 
-pub(crate) async fn connect(uri: &str, timeout: Duration, bearer: Bearer) -> Result<AdminConn> {
-    let channel = tonic::transport::Endpoint::from_shared(uri.to_owned())
-        .with_context(|| format!("{uri} is not a valid address; use host:port"))?
+/// `endpoint` verified against the CA bundle in `ca`, and the name
+/// `name` (else the address's host).
+pub fn tls_endpoint(
+    endpoint: tonic::transport::Endpoint,
+    ca: &std::path::Path,
+    name: Option<&str>,
+) -> Result<tonic::transport::Endpoint> {
+    let pem = std::fs::read_to_string(ca)
+        .with_context(|| format!("cannot read the CA bundle {}", ca.display()))?;
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    if let Some(name) = name {
+        tls = tls.domain_name(name);
+    }
+    endpoint
+        .tls_config(tls)
+        .with_context(|| format!("TLS with the CA bundle {}", ca.display()))
+}
+
+/// An Admin client on `endpoint` (TLS set up where it is https); `uri`
+/// names it in errors.
+pub(crate) async fn connect(
+    endpoint: tonic::transport::Endpoint,
+    uri: &str,
+    timeout: Duration,
+    bearer: Bearer,
+) -> Result<AdminConn> {
+    let channel = endpoint
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
@@ -159,8 +237,27 @@ pub(crate) async fn connect(uri: &str, timeout: Duration, bearer: Bearer) -> Res
     Ok(AdminClient::with_interceptor(channel, bearer))
 }
 
-fn answered(uri: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
-    move |s| anyhow::anyhow!("{uri} answered {:?}: {}", s.code(), s.message())
+pub(crate) fn answered(uri: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
+    move |s| {
+        anyhow::anyhow!(
+            "{uri} answered {:?}: {}{}",
+            s.code(),
+            s.message(),
+            tls_hint(uri, s.message())
+        )
+    }
+}
+
+/// A hint for a plain-text call that met a TLS port: HTTP/2 over plain
+/// TCP fails the protocol there (the server closes the connection, or
+/// answers with TLS bytes).
+pub(crate) fn tls_hint(uri: &str, message: &str) -> &'static str {
+    let protocol = ["h2 protocol error", "http2 error", "transport error"];
+    if uri.starts_with("http://") && protocol.iter().any(|p| message.contains(p)) {
+        " (does the node serve TLS on its client ports, --api-tls? then use https://host:port with --ca-cert)"
+    } else {
+        ""
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -342,9 +439,10 @@ fn status_name(s: i32) -> &'static str {
 
 /// Every node of the cluster and what each says of itself.
 pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::ClusterStatusResponse>)>> {
-    let uri = target.uri()?;
+    let (uri, endpoint) = target.endpoint()?;
     let bearer = Bearer::new(target.admin_secret()?.as_deref())?;
-    let mut admin = connect(&uri, target.timeout, bearer.clone()).await?;
+    let mut admin = connect(endpoint, &uri, target.timeout, bearer.clone()).await?;
+    let ca = target.ca_bundle();
     let nodes = admin
         .list_nodes(v1::ListNodesRequest::default())
         .await
@@ -353,8 +451,22 @@ pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::Cluster
         .nodes;
     let mut out = Vec::new();
     for n in nodes {
-        let uri = format!("http://{}", n.grpc_addr);
-        let own = match connect(&uri, Duration::from_secs(2), bearer.clone()).await {
+        // A node serving TLS is verified by its name, with the same CA
+        // bundle; without one its own status stays unknown.
+        let endpoint = if n.api_tls {
+            let uri = format!("https://{}", n.grpc_addr);
+            ca.as_deref().and_then(|ca| {
+                let e = tonic::transport::Endpoint::from_shared(uri).ok()?;
+                tls_endpoint(e, ca, Some(&n.name)).ok()
+            })
+        } else {
+            tonic::transport::Endpoint::from_shared(format!("http://{}", n.grpc_addr)).ok()
+        };
+        let connected = match endpoint {
+            Some(e) => connect(e, &n.grpc_addr, Duration::from_secs(2), bearer.clone()).await,
+            None => Err(anyhow::anyhow!("no endpoint")),
+        };
+        let own = match connected {
             Ok(mut c) => c
                 .cluster_status(v1::ClusterStatusRequest {
                     max_staleness_ms: 60_000,
@@ -449,6 +561,7 @@ pub fn status(args: &StatusArgs) -> Result<()> {
                     "leader_rtt_seconds": s.as_ref().map(|s| s.leader_rtt_seconds),
                     "grpc_addr": n.grpc_addr,
                     "raft_addr": n.raft_addr,
+                    "api_tls": n.api_tls,
                 });
                 writeln!(out, "{line}")?;
             }

@@ -109,8 +109,8 @@ fn ms(d: Option<&prost_types::Duration>) -> f64 {
 }
 
 async fn connect(target: &Target) -> Result<InferenceClient<tonic::transport::Channel>> {
-    let uri = target.uri()?;
-    let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
+    let (uri, endpoint) = target.endpoint()?;
+    let channel = endpoint
         .connect_timeout(target.timeout)
         .connect()
         .await
@@ -139,7 +139,14 @@ async fn stream_answer(
     let mut stream = client
         .generate(request)
         .await
-        .map_err(|s| anyhow::anyhow!("{uri}: {}: {}", s.code(), s.message()))?
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "{uri}: {}: {}{}",
+                s.code(),
+                s.message(),
+                crate::cluster_cmd::tls_hint(uri, s.message())
+            )
+        })?
         .into_inner();
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();

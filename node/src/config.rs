@@ -88,6 +88,16 @@ pub struct Config {
     /// Directory with ca.crt, node.crt and node.key; empty means
     /// <data_dir>/tls.
     pub tls_dir: PathBuf,
+    /// Serve the client ports (gRPC and HTTP) over TLS only.
+    pub api_tls: bool,
+    /// Certificate chain (PEM) the client ports present; empty means the
+    /// node certificate in the TLS dir. Reloaded when it changes.
+    pub api_tls_cert: PathBuf,
+    /// Its private key (PEM, 0600); empty means the TLS dir's node.key.
+    pub api_tls_key: PathBuf,
+    /// CA bundle that verifies other nodes' client ports when this node
+    /// forwards a request over TLS; empty means the TLS dir's ca.crt.
+    pub api_tls_ca: PathBuf,
     /// With `init` on a new cluster: a file (0600) holding the secret of the
     /// first admin token; empty means TRINE_ADMIN_TOKEN, else a new one.
     /// Either way the secret is kept in <data_dir>/admin.token.
@@ -185,6 +195,10 @@ pub struct Layer {
     pub init: Option<bool>,
     pub join: Option<Vec<String>>,
     pub tls_dir: Option<PathBuf>,
+    pub api_tls: Option<bool>,
+    pub api_tls_cert: Option<PathBuf>,
+    pub api_tls_key: Option<PathBuf>,
+    pub api_tls_ca: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
     pub model_cache: Option<PathBuf>,
     pub cluster: Option<String>,
@@ -269,6 +283,10 @@ impl Default for Config {
             init: false,
             join: Vec::new(),
             tls_dir: PathBuf::new(),
+            api_tls: false,
+            api_tls_cert: PathBuf::new(),
+            api_tls_key: PathBuf::new(),
+            api_tls_ca: PathBuf::new(),
             admin_token_file: PathBuf::new(),
             model_cache: PathBuf::new(),
             cluster: "trine".into(),
@@ -359,6 +377,10 @@ impl Layer {
             init: over.init.or(self.init),
             join: over.join.or(self.join),
             tls_dir: over.tls_dir.or(self.tls_dir),
+            api_tls: over.api_tls.or(self.api_tls),
+            api_tls_cert: over.api_tls_cert.or(self.api_tls_cert),
+            api_tls_key: over.api_tls_key.or(self.api_tls_key),
+            api_tls_ca: over.api_tls_ca.or(self.api_tls_ca),
             admin_token_file: over.admin_token_file.or(self.admin_token_file),
             model_cache: over.model_cache.or(self.model_cache),
             cluster: over.cluster.or(self.cluster),
@@ -415,6 +437,10 @@ impl Config {
             init: layer.init.unwrap_or(d.init),
             join: layer.join.unwrap_or(d.join),
             tls_dir: layer.tls_dir.unwrap_or(d.tls_dir),
+            api_tls: layer.api_tls.unwrap_or(d.api_tls),
+            api_tls_cert: layer.api_tls_cert.unwrap_or(d.api_tls_cert),
+            api_tls_key: layer.api_tls_key.unwrap_or(d.api_tls_key),
+            api_tls_ca: layer.api_tls_ca.unwrap_or(d.api_tls_ca),
             admin_token_file: layer.admin_token_file.unwrap_or(d.admin_token_file),
             model_cache: layer.model_cache.unwrap_or(d.model_cache),
             cluster: layer.cluster.unwrap_or(d.cluster),
@@ -478,7 +504,34 @@ impl Config {
             ));
         }
         self.validate_mesh()?;
+        self.validate_api_tls()?;
         self.validate_raft()
+    }
+
+    fn validate_api_tls(&self) -> Result<(), Error> {
+        let (cert, key) = (&self.api_tls_cert, &self.api_tls_key);
+        if cert.as_os_str().is_empty() != key.as_os_str().is_empty() {
+            let (set, unset) = if key.as_os_str().is_empty() {
+                ("api_tls_cert", "api_tls_key")
+            } else {
+                ("api_tls_key", "api_tls_cert")
+            };
+            return Err(invalid(
+                unset,
+                "",
+                &format!(
+                    "{set} is set; give the certificate and its key together (--api-tls-cert, --api-tls-key)"
+                ),
+            ));
+        }
+        if !self.api_tls && !cert.as_os_str().is_empty() {
+            return Err(invalid(
+                "api_tls",
+                "false",
+                "api_tls_cert is set but the client ports would stay plain; add --api-tls (or drop --api-tls-cert and --api-tls-key)",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_raft(&self) -> Result<(), Error> {
@@ -605,6 +658,30 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The client ports' certificate and key: `api_tls_cert` and
+    /// `api_tls_key`, or the node's own in the TLS dir.
+    pub fn api_tls_files(&self) -> (PathBuf, PathBuf) {
+        if self.api_tls_cert.as_os_str().is_empty() {
+            let dir = self.tls_dir();
+            (
+                dir.join(trine_control::tls::NODE_CERT),
+                dir.join(trine_control::tls::NODE_KEY),
+            )
+        } else {
+            (self.api_tls_cert.clone(), self.api_tls_key.clone())
+        }
+    }
+
+    /// The CA bundle that verifies other nodes' client ports:
+    /// `api_tls_ca`, or the TLS dir's ca.crt.
+    pub fn api_tls_ca(&self) -> PathBuf {
+        if self.api_tls_ca.as_os_str().is_empty() {
+            self.tls_dir().join(trine_control::tls::CA_CERT)
+        } else {
+            self.api_tls_ca.clone()
+        }
     }
 
     /// The TLS directory: `tls_dir`, or `<data_dir>/tls`.

@@ -27,7 +27,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use trine_control::ControlPlane;
-use trine_control::command::{NodeStatus, StageState};
+use trine_control::command::{NodeRecord, NodeStatus, StageState};
 use trine_proto::v1;
 
 use tokio_stream::{Stream, StreamExt as _};
@@ -62,6 +62,8 @@ impl std::fmt::Debug for Console {
 }
 
 struct Inner {
+    /// TLS to other nodes' client ports (the peer-table fan-out).
+    api_tls: crate::api_tls::ApiTls,
     control: ControlPlane,
     mesh: Mesh,
     serving: Option<Serving>,
@@ -77,9 +79,11 @@ impl Console {
         mesh: Mesh,
         serving: Option<Serving>,
         cluster: String,
+        api_tls: crate::api_tls::ApiTls,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                api_tls,
                 control,
                 mesh,
                 serving,
@@ -342,10 +346,15 @@ fn ms(d: f64) -> String {
 }
 
 /// Other nodes' peer tables (their measured RTTs), asked in parallel.
-async fn peer_tables(nodes: &[(u64, String)]) -> BTreeMap<u64, v1::ListPeersResponse> {
-    let asks = nodes.iter().map(|(id, grpc)| async move {
+async fn peer_tables(
+    api_tls: &crate::api_tls::ApiTls,
+    nodes: &[NodeRecord],
+) -> BTreeMap<u64, v1::ListPeersResponse> {
+    let asks = nodes.iter().map(|n| async move {
+        let id = &n.id;
         let ask = async {
-            crate::cluster_cmd::connect(&format!("http://{grpc}"), PEER_TIMEOUT, Default::default())
+            let endpoint = api_tls.endpoint(&n.grpc_addr, &n.name, n.api_tls).ok()?;
+            crate::cluster_cmd::connect(endpoint, &n.grpc_addr, PEER_TIMEOUT, Default::default())
                 .await
                 .ok()?
                 .list_peers(v1::ListPeersRequest::default())
@@ -385,13 +394,13 @@ async fn gather(inner: &Inner) -> View {
         .map(|n| n.peer_id.clone());
 
     // Every other reachable node's pings (its RTT to each peer).
-    let others: Vec<(u64, String)> = state
+    let others: Vec<NodeRecord> = state
         .nodes
         .values()
         .filter(|n| n.id != me && n.status != NodeStatus::Down && !n.grpc_addr.is_empty())
-        .map(|n| (n.id, n.grpc_addr.clone()))
+        .cloned()
         .collect();
-    let tables = peer_tables(&others).await;
+    let tables = peer_tables(&inner.api_tls, &others).await;
 
     // Cards, by region.
     let mut regions: BTreeMap<String, Vec<Card>> = BTreeMap::new();

@@ -104,6 +104,15 @@ pub struct Endpoints {
     pub raft: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<u64>,
+    /// The gRPC and HTTP ports speak TLS only (`--api-tls`); `api_ca` is
+    /// the CA bundle that verifies them and `name` the node name their
+    /// certificate holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub api_tls: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 /// An open, locked data directory. Dropping it releases the lock;
@@ -475,6 +484,9 @@ mod tests {
             p2p: vec!["/ip4/127.0.0.1/tcp/3".into()],
             raft: Some("127.0.0.1:4".parse().unwrap()),
             node_id: Some(9),
+            api_tls: true,
+            api_ca: Some(PathBuf::from("/etc/trine/ca.crt")),
+            name: "a".into(),
         };
         d.write_endpoints(&e).unwrap();
         assert_eq!(DataDir::read_endpoints(tmp.path()), Some(e));

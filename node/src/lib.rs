@@ -21,6 +21,7 @@
 //! - [`bench_engine`]: `trine bench engine`, the engine against the bandwidth limit.
 
 pub mod admin;
+pub mod api_tls;
 pub mod auth;
 pub mod batcher;
 pub mod bench_cmd;

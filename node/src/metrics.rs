@@ -337,7 +337,7 @@ fn describe() {
     );
     describe_gauge!(
         CERT_EXPIRY,
-        "When this node's certificate (mutual TLS on the Raft port) expires, in Unix seconds."
+        "When a certificate of this node expires, in Unix seconds: cert=\"raft\" is the node certificate (mutual TLS on the Raft port), cert=\"api\" the client ports' (with --api-tls)."
     );
     describe_counter!(
         REQUEST_TIMEOUTS,
@@ -592,7 +592,7 @@ mod tests {
         placement_unready(0);
         data_dir_space(std::path::Path::new("."));
         // Set by the control plane on every certificate (re)load.
-        gauge!(CERT_EXPIRY).set(2e9);
+        gauge!(CERT_EXPIRY, "cert" => "raft").set(2e9);
         let text = m.render();
         assert!(
             text.contains("trine_batch_size_bucket{le=\"3\"} 1"),

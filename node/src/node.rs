@@ -148,6 +148,9 @@ pub async fn serve(
             .collect(),
         raft: None,
         node_id: None,
+        api_tls: false,
+        api_ca: None,
+        name: config.name.clone(),
     };
     tracing::info!(
         p2p = ?endpoints.p2p,
@@ -204,6 +207,15 @@ pub async fn serve(
             executor_stop_rx,
         ))
     });
+    // After the control plane: on --init it creates the node certificate
+    // the client ports serve by default.
+    let api_tls = crate::api_tls::ApiTls::load(config, control.is_some())?;
+    if api_tls.serves() {
+        endpoints.api_tls = true;
+        // Absolute: CLI commands read it from another directory.
+        endpoints.api_ca =
+            Some(std::path::absolute(config.api_tls_ca()).unwrap_or_else(|_| config.api_tls_ca()));
+    }
     let (receipts_stop, receipts_stop_rx) = watch::channel(false);
     let receipts = control
         .as_ref()
@@ -225,12 +237,15 @@ pub async fn serve(
                 },
                 config.allow_anonymous,
                 receipts.as_ref().map(|(r, _)| r.clone()),
-                Some(mesh.clone()),
-                config
-                    .latency_matrix()
-                    .ok()
-                    .flatten()
-                    .map(|m| (config.region.clone(), Arc::new(m))),
+                crate::serve::Links {
+                    mesh: Some(mesh.clone()),
+                    latency: config
+                        .latency_matrix()
+                        .ok()
+                        .flatten()
+                        .map(|m| (config.region.clone(), Arc::new(m))),
+                    api_tls: api_tls.clone(),
+                },
             )
         })
         .transpose()
@@ -281,21 +296,34 @@ pub async fn serve(
     )
     .await?;
     let (grpc_stop, grpc_stop_rx) = watch::channel(false);
-    let mut grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .max_concurrent_streams(config.max_streams)
-            .tcp_nodelay(true)
-            .add_routes(router)
-            .serve_with_incoming_shutdown(
-                // Accepted sockets get TCP_NODELAY (the builder's
-                // flag covers only listeners tonic binds itself).
-                tonic::transport::server::TcpIncoming::from(listeners.grpc)
-                    .with_nodelay(Some(true)),
-                stopped(grpc_stop_rx),
+    let grpc_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(config.max_streams)
+        .tcp_nodelay(true)
+        .add_routes(router);
+    let mut grpc_task = if api_tls.serves() {
+        let tls = api_tls.clone();
+        let first = tls
+            .grpc_server()
+            .ok_or_else(|| Error::Cluster("client-port TLS without a certificate".into()))?;
+        tokio::spawn(grpc_server.serve_with_incoming_shutdown(
+            trine_control::tls::accept(
+                listeners.grpc,
+                move || tls.grpc_server().unwrap_or_else(|| first.clone()),
+                "gRPC",
+                grpc_stop_rx.clone(),
             ),
-    );
+            stopped(grpc_stop_rx),
+        ))
+    } else {
+        tokio::spawn(grpc_server.serve_with_incoming_shutdown(
+            // Accepted sockets get TCP_NODELAY (the builder's flag covers
+            // only listeners tonic binds itself).
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            stopped(grpc_stop_rx),
+        ))
+    };
     let (http_stop, http_stop_rx) = watch::channel(false);
     // The operator console (/ui) and its watcher (RTT history, events).
     let console = control.as_ref().map(|c| {
@@ -304,6 +332,7 @@ pub async fn serve(
             mesh.clone(),
             serving.clone(),
             config.cluster.clone(),
+            api_tls.clone(),
         )
     });
     if let Some(c) = &console {
@@ -322,17 +351,29 @@ pub async fn serve(
             .map(|_| crate::auth::pending_marker(data_dir.path())),
         max_body: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
     };
-    let mut http_task = tokio::spawn(
-        axum::serve(
-            // Streamed answers (SSE) go out token by token: no Nagle.
-            axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            http::router(state),
+    tokio::spawn(api_tls.clone().watch(http_stop_rx.clone()));
+    let mut http_task = if api_tls.serves() {
+        let listener =
+            crate::api_tls::Listener::new(listeners.http, api_tls.clone(), http_stop_rx.clone())
+                .map_err(|e| Error::Cluster(format!("HTTP TLS listener: {e}")))?;
+        tokio::spawn(
+            axum::serve(listener, http::router(state))
+                .with_graceful_shutdown(stopped(http_stop_rx))
+                .into_future(),
         )
-        .with_graceful_shutdown(stopped(http_stop_rx))
-        .into_future(),
-    );
+    } else {
+        tokio::spawn(
+            axum::serve(
+                // Streamed answers (SSE) go out token by token: no Nagle.
+                axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                http::router(state),
+            )
+            .with_graceful_shutdown(stopped(http_stop_rx))
+            .into_future(),
+        )
+    };
 
     data_dir.write_endpoints(&endpoints)?;
     ready.store(true, Ordering::Release);
@@ -342,6 +383,7 @@ pub async fn serve(
         region = %config.region,
         grpc = %endpoints.grpc,
         http = %endpoints.http,
+        tls = api_tls.serves(),
         data_dir = %data_dir.path().display(),
         version = crate::build::VERSION,
         git_sha = crate::build::GIT_SHA,

@@ -291,7 +291,11 @@ struct Inner {
     allow_anonymous: bool,
     running: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
-    clients: Mutex<HashMap<String, InferenceClient<Channel>>>,
+    /// Channels to other nodes, by address and TLS, with the generation of
+    /// the trust they were made with (a reload makes them again).
+    clients: Mutex<Clients>,
+    /// TLS to other nodes' client ports (those serving it).
+    api_tls: crate::api_tls::ApiTls,
     receipts: Option<crate::receipts::Receipts>,
     quotas: Arc<Quotas>,
     mesh: Option<crate::mesh::Mesh>,
@@ -299,6 +303,20 @@ struct Inner {
     latency: Option<(String, Arc<crate::mesh::Matrix>)>,
     /// Later stages held here, for pipelines whose next stage is local.
     stage_server: crate::stage_server::StageServer,
+}
+
+/// Channels to other nodes by (address, TLS): the trust generation each
+/// was made under, and the client.
+type Clients = HashMap<(String, bool), (u64, InferenceClient<Channel>)>;
+
+/// How this node reaches others: the mesh (pipelines), the simulated
+/// latency (this node's region and the matrix, when on), and TLS to other
+/// nodes' client ports (forwarded requests).
+#[derive(Debug, Default)]
+pub struct Links {
+    pub mesh: Option<crate::mesh::Mesh>,
+    pub latency: Option<(String, Arc<crate::mesh::Matrix>)>,
+    pub api_tls: crate::api_tls::ApiTls,
 }
 
 /// Who is asking: the token's name, or "anonymous".
@@ -314,9 +332,13 @@ impl Serving {
         limits: Limits,
         allow_anonymous: bool,
         receipts: Option<crate::receipts::Receipts>,
-        mesh: Option<crate::mesh::Mesh>,
-        latency: Option<(String, Arc<crate::mesh::Matrix>)>,
+        links: Links,
     ) -> anyhow::Result<Self> {
+        let Links {
+            mesh,
+            latency,
+            api_tls,
+        } = links;
         Ok(Self {
             inner: Arc::new(Inner {
                 running: Arc::new(Semaphore::new(limits.concurrency.max(1))),
@@ -327,6 +349,7 @@ impl Serving {
                 stage_server,
                 waiting: Arc::default(),
                 clients: Mutex::default(),
+                api_tls,
                 receipts,
                 quotas: Arc::default(),
                 mesh,
@@ -683,17 +706,25 @@ impl Serving {
         Some((matrix.rtt(mine, region)?, matrix.jitter))
     }
 
-    fn client(&self, addr: &str, region: &str) -> Result<InferenceClient<Channel>, ServeError> {
+    fn client(&self, node: &NodeRecord) -> Result<InferenceClient<Channel>, ServeError> {
+        let (addr, region) = (node.grpc_addr.as_str(), node.region.as_str());
         let mut clients = self
             .inner
             .clients
             .lock()
             .map_err(|_| ServeError::Internal("client cache poisoned".into()))?;
-        if let Some(c) = clients.get(addr) {
+        let key = (addr.to_owned(), node.api_tls);
+        let generation = self.inner.api_tls.generation();
+        if let Some((g, c)) = clients.get(&key)
+            && *g == generation
+        {
             return Ok(c.clone());
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ServeError::Internal(format!("node address {addr}: {e}")))?
+        let endpoint = self
+            .inner
+            .api_tls
+            .endpoint(addr, &node.name, node.api_tls)
+            .map_err(ServeError::Unavailable)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             // A frozen or cut-off node stops answering HTTP/2 pings: the
@@ -728,7 +759,7 @@ impl Serving {
         };
         let c =
             InferenceClient::new(channel).max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
-        clients.insert(addr.to_owned(), c.clone());
+        clients.insert(key, (generation, c.clone()));
         Ok(c)
     }
 
@@ -789,7 +820,7 @@ impl Serving {
         {
             request.metadata_mut().insert("authorization", v);
         }
-        let mut client = self.client(&node.grpc_addr, &node.region)?;
+        let mut client = self.client(node)?;
         let stall = self.inner.limits.stall;
         // Fault injection (chaos runs): a cut-off node is a black hole, and
         // an added delay to its region is paid once per call.
@@ -1766,6 +1797,7 @@ mod tests {
             raft_addr: String::new(),
             grpc_addr: String::new(),
             http_addr: String::new(),
+            api_tls: false,
             peer_id: format!("peer{id}"),
             p2p_addrs: Vec::new(),
             cpu_cores: 1,

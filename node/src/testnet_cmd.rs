@@ -467,6 +467,7 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
             data_dir: None,
             timeout: Duration::from_secs(2),
             admin_token_file: Some(root.join(crate::auth::ADMIN_TOKEN_FILE)),
+            ca_cert: None,
         };
         let deadline = started + args.timeout;
         let mut last = String::new();
@@ -630,6 +631,7 @@ async fn deploy_model(args: &TestnetArgs, root: &Path, first: &Slot) -> Result<S
                 data_dir: None,
                 timeout: Duration::from_secs(30),
                 admin_token_file: Some(root.join(crate::auth::ADMIN_TOKEN_FILE)),
+                ca_cert: None,
             },
             model: path.clone(),
             file: None,

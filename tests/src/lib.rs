@@ -240,7 +240,12 @@ pub async fn wait_for<T, F: Future<Output = Option<T>>>(
 
 /// GET `url`; the status and body, or `None` if nothing answered.
 pub async fn http_get(url: &str) -> Option<(u16, String)> {
-    let response = reqwest::get(url).await.ok()?;
+    get_with(&reqwest::Client::new(), url).await
+}
+
+/// [`http_get`] with `client`.
+pub async fn get_with(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {
+    let response = client.get(url).send().await.ok()?;
     let status = response.status().as_u16();
     Some((status, response.text().await.ok()?))
 }
@@ -258,6 +263,11 @@ pub struct Endpoints {
     pub raft: Option<SocketAddr>,
     #[serde(default)]
     pub node_id: Option<u64>,
+    /// The client ports speak TLS (`--api-tls`), verified by `api_ca`.
+    #[serde(default)]
+    pub api_tls: bool,
+    #[serde(default)]
+    pub api_ca: Option<PathBuf>,
 }
 
 /// A running `trine node` child process. Killed (SIGKILL) on drop if it is
@@ -326,8 +336,11 @@ impl Node {
             tmp: Some(tmp),
         };
         let url = node.url("/readyz");
+        let http = node.http()?;
         wait_for("/readyz = 200", START_DEADLINE, || async {
-            http_get(&url).await.filter(|(status, _)| *status == 200)
+            get_with(&http, &url)
+                .await
+                .filter(|(status, _)| *status == 200)
         })
         .await?;
         Ok(node)
@@ -339,20 +352,56 @@ impl Node {
         self.tmp.take()
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.endpoints.api_tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.endpoints.http)
+        format!("{}://{}{path}", self.scheme(), self.endpoints.http)
     }
 
     pub fn grpc_uri(&self) -> String {
-        format!("http://{}", self.endpoints.grpc)
+        format!("{}://{}", self.scheme(), self.endpoints.grpc)
     }
 
-    /// A gRPC channel to the node.
+    /// The CA bundle that verifies the node's client ports (with TLS).
+    pub fn api_ca(&self) -> Result<String> {
+        let path = self
+            .endpoints
+            .api_ca
+            .as_ref()
+            .context("endpoints.json names no CA bundle")?;
+        Ok(std::fs::read_to_string(path)?)
+    }
+
+    /// An HTTP client for the node: trusting its CA bundle when it serves
+    /// TLS.
+    pub fn http(&self) -> Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder();
+        if self.endpoints.api_tls {
+            b = b
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(self.api_ca()?.as_bytes())?);
+        }
+        Ok(b.build()?)
+    }
+
+    /// A gRPC channel to the node (TLS verified by its CA bundle when it
+    /// serves TLS).
     pub async fn channel(&self) -> Result<tonic::transport::Channel> {
-        Ok(tonic::transport::Channel::from_shared(self.grpc_uri())?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await?)
+        let mut endpoint = tonic::transport::Channel::from_shared(self.grpc_uri())?
+            .connect_timeout(Duration::from_secs(5));
+        if self.endpoints.api_tls {
+            endpoint = endpoint.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(self.api_ca()?)),
+            )?;
+        }
+        Ok(endpoint.connect().await?)
     }
 
     pub fn pid(&self) -> u32 {
@@ -390,7 +439,7 @@ impl Node {
 
     /// The node's `/metrics` text.
     pub async fn metrics(&self) -> Result<String> {
-        let (status, body) = http_get(&self.url("/metrics"))
+        let (status, body) = get_with(&self.http()?, &self.url("/metrics"))
             .await
             .context("no answer from /metrics")?;
         anyhow::ensure!(status == 200, "/metrics answered {status}");

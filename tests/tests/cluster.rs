@@ -428,7 +428,7 @@ async fn the_cluster_ca_rotates_through_the_cli_without_a_restart() -> Result<()
             .text()
             .await
             .ok()?;
-        trine_tests::metric(&text, "trine_cert_expiry_seconds")
+        trine_tests::metric(&text, "trine_cert_expiry_seconds{cert=\"raft\"}")
     };
     let mut before = Vec::new();
     for n in names {

@@ -504,6 +504,7 @@ async fn a_member_cannot_gossip_heartbeats_in_another_nodes_name() -> Result<()>
         raft_addr: trine_tests::free_addr()?,
         grpc_addr: String::new(),
         http_addr: String::new(),
+        api_tls: false,
         peer_id: liar_id.clone(),
         p2p_addrs: Vec::new(),
         cpu_cores: 1,
