@@ -51,10 +51,44 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(crate::openai::chat))
         .layer(DefaultBodyLimit::max(state.max_body))
         .with_state(state);
-    match console {
+    let router = match console {
         Some(c) => router.merge(c.router()),
         None => router,
-    }
+    };
+    router
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+}
+
+/// An unknown path: a JSON error (OpenAI's shape) listing what is served.
+async fn no_route(uri: axum::http::Uri) -> impl IntoResponse {
+    openai_error(
+        StatusCode::NOT_FOUND,
+        &format!(
+            "no such path {}: this node serves POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /metrics, /healthz, /readyz and /ui",
+            uri.path()
+        ),
+    )
+}
+
+/// A known path with the wrong method.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> impl IntoResponse {
+    let want = match uri.path() {
+        "/v1/completions" | "/v1/chat/completions" => "POST with a JSON body",
+        _ => "GET",
+    };
+    openai_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("{method} is not served on {}: use {want}", uri.path()),
+    )
+}
+
+fn openai_error(status: StatusCode, message: &str) -> axum::response::Response {
+    json(
+        status,
+        serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}}),
+    )
+    .into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -16,6 +16,32 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
+
+/// Why a safetensors file's header was refused, with the length its first
+/// eight bytes claim (the usual lie of a corrupt file) and the fix.
+pub(crate) fn header_error(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
+    let claimed = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
+    let claim = claimed.map_or_else(
+        || {
+            format!(
+                " (the file is {} bytes, shorter than a header)",
+                bytes.len()
+            )
+        },
+        |n| {
+            format!(
+                " (its header claims {n} bytes in a {}-byte file)",
+                bytes.len()
+            )
+        },
+    );
+    format!(
+        "{e}{claim}; the safetensors header is corrupt or lies about its data: fetch the file again"
+    )
+}
 use serde::Deserialize;
 
 use crate::Error;
@@ -324,7 +350,7 @@ pub fn open(dir: &Path, range: Option<Range<usize>>) -> Result<(Model, Tokenizer
     let mut files = Vec::with_capacity(maps.len());
     for (p, m) in &maps {
         let st = SafeTensors::deserialize(m.bytes())
-            .map_err(|e| model_error(p, format!("{e}; the safetensors header is corrupt or lies about its data: fetch the file again")))?;
+            .map_err(|e| model_error(p, header_error(m.bytes(), &e)))?;
         files.push((p.as_path(), m, st));
     }
     let t = Tensors { dir, files };

@@ -264,7 +264,11 @@ pub fn inspect_hf(dir: &Path) -> Result<HfReport, crate::Error> {
                     ));
                 }
             }
-            Err(e) => findings.push(format!("{}: {e}", file.display())),
+            Err(e) => findings.push(format!(
+                "{}: {}",
+                file.display(),
+                crate::hf::header_error(map.bytes(), &e)
+            )),
         }
     }
     if let Err(e) = crate::hf::open(dir, None) {
