@@ -9,6 +9,11 @@
 //! `--api-tls-ca` (the cluster's ca.crt by default), and the name to check,
 //! the target's node name. A node that does not serve TLS still forwards
 //! over TLS to one that does, so TLS can be turned on one node at a time.
+//!
+//! With `--api-tls-client-ca` the client ports also require a client
+//! certificate from that bundle (mutual TLS, as etcd's client-cert-auth);
+//! this node presents its own node certificate when it forwards, so the
+//! bundle must hold the cluster CA.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -33,6 +38,10 @@ struct Inner {
     files: Option<(PathBuf, PathBuf)>,
     /// The CA bundle that verifies other nodes.
     ca_file: Option<PathBuf>,
+    /// The CA bundle client certificates must chain to, when required.
+    client_ca_file: Option<PathBuf>,
+    /// This node's certificate and key, presented when it forwards.
+    identity_files: Option<(PathBuf, PathBuf)>,
     /// The node name the certificate must hold (in a cluster), else empty.
     name: String,
     current: RwLock<Current>,
@@ -43,6 +52,9 @@ struct Files {
     cert: String,
     key: String,
     ca: String,
+    client_ca: String,
+    id_cert: String,
+    id_key: String,
 }
 
 #[derive(Default)]
@@ -73,6 +85,13 @@ impl ApiTls {
             // The default bundle may be absent (a node outside a cluster);
             // one named explicitly must be there.
             ca_file: (ca.exists() || !config.api_tls_ca.as_os_str().is_empty()).then_some(ca),
+            client_ca_file: (config.api_tls && !config.api_tls_client_ca.as_os_str().is_empty())
+                .then(|| config.api_tls_client_ca.clone()),
+            identity_files: {
+                let dir = config.tls_dir();
+                let (cert, key) = (dir.join(tls::NODE_CERT), dir.join(tls::NODE_KEY));
+                (clustered && cert.exists()).then_some((cert, key))
+            },
             name: if clustered {
                 config.name.clone()
             } else {
@@ -89,6 +108,11 @@ impl ApiTls {
     /// Whether the client ports speak TLS.
     pub fn serves(&self) -> bool {
         self.0.files.is_some()
+    }
+
+    /// Whether the client ports require a client certificate.
+    pub fn requires_client_certs(&self) -> bool {
+        self.0.client_ca_file.is_some()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
@@ -129,19 +153,29 @@ impl ApiTls {
             return Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| format!("node address {addr}: {e}"));
         }
-        let ca = self.read().files.ca.clone();
+        let (ca, identity) = {
+            let current = self.read();
+            let f = &current.files;
+            let identity = (!f.id_cert.is_empty())
+                .then(|| tonic::transport::Identity::from_pem(&f.id_cert, &f.id_key));
+            (f.ca.clone(), identity)
+        };
         if ca.is_empty() {
             return Err(format!(
                 "node {name} serves its client ports over TLS and this node has no CA bundle to verify it; set --api-tls-ca (or put the cluster's ca.crt in the TLS dir)"
             ));
         }
+        // This node's certificate goes along: a node requiring client
+        // certificates accepts it when its bundle holds the cluster CA.
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name(name);
+        if let Some(identity) = identity {
+            config = config.identity(identity);
+        }
         Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| format!("node address {addr}: {e}"))?
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .domain_name(name),
-            )
+            .tls_config(config)
             .map_err(|e| format!("TLS to node {name}: {e}"))
     }
 
@@ -207,6 +241,18 @@ impl Inner {
             files.cert = tls::read(cert, "client-port certificate", fix)?;
             files.key = tls::read_private(key, "client-port key", fix)?;
         }
+        if let Some(ca) = &self.client_ca_file {
+            files.client_ca = tls::read(
+                ca,
+                "CA bundle for client certificates",
+                "set --api-tls-client-ca to the bundle that signs your clients' certificates",
+            )?;
+        }
+        if let Some((cert, key)) = &self.identity_files {
+            let fix = "issue the node's certificate with `trine certs issue`";
+            files.id_cert = tls::read(cert, "node certificate", fix)?;
+            files.id_key = tls::read_private(key, "node key", fix)?;
+        }
         if let Some(ca) = &self.ca_file {
             files.ca = tls::read(
                 ca,
@@ -237,11 +283,12 @@ impl Inner {
                     });
                 }
             }
+            let client_ca = (!files.client_ca.is_empty()).then_some(files.client_ca.as_str());
             current.grpc = Some(Arc::new(
-                tls::server_config(&files.cert, &files.key, None, b"h2").map_err(bad)?,
+                tls::server_config(&files.cert, &files.key, client_ca, b"h2").map_err(bad)?,
             ));
             current.http = Some(Arc::new(
-                tls::server_config(&files.cert, &files.key, None, b"http/1.1").map_err(bad)?,
+                tls::server_config(&files.cert, &files.key, client_ca, b"http/1.1").map_err(bad)?,
             ));
         }
         current.files = files;

@@ -301,6 +301,14 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_API_TLS_CA", value_name = "FILE")]
     pub api_tls_ca: Option<PathBuf>,
 
+    /// With --api-tls: require a client certificate signed by a CA in this
+    /// bundle (PEM) on the client ports: mutual TLS, as etcd's
+    /// --client-cert-auth, on top of tokens. Other nodes forward requests
+    /// with their node certificates, so the bundle must hold the cluster's
+    /// CA (give <tls-dir>/ca.crt, or a bundle with it). Re-read every 2 s.
+    #[arg(long, env = "TRINE_API_TLS_CLIENT_CA", value_name = "FILE")]
+    pub api_tls_client_ca: Option<PathBuf>,
+
     /// With --init on a new cluster: a file (0600) holding the secret of
     /// the cluster's first admin token (named root). Without it the secret
     /// comes from TRINE_ADMIN_TOKEN, else a new random one. Either way it is
@@ -471,6 +479,7 @@ impl NodeArgs {
             api_tls_cert: self.api_tls_cert.clone(),
             api_tls_key: self.api_tls_key.clone(),
             api_tls_ca: self.api_tls_ca.clone(),
+            api_tls_client_ca: self.api_tls_client_ca.clone(),
             admin_token_file: self.admin_token_file.clone(),
             model_cache: self.model_cache.clone(),
             cluster: self.cluster.clone(),

@@ -44,6 +44,23 @@ pub struct Target {
     /// endpoints.json) is used.
     #[arg(long, env = "TRINE_CA_CERT", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for a node that requires one
+    /// (--api-tls-client-ca). With --data-dir the node's own is used.
+    #[arg(
+        long,
+        env = "TRINE_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// The key (PEM, 0600) of --client-cert.
+    #[arg(
+        long,
+        env = "TRINE_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
 }
 
 /// Adds `authorization: Bearer <secret>` to every call.
@@ -154,7 +171,23 @@ impl Target {
                 None,
             ),
         };
-        Ok((uri.clone(), tls_endpoint(endpoint, &ca, name.as_deref())?))
+        let identity = self.client_identity();
+        let endpoint = tls_endpoint(endpoint, &ca, name.as_deref(), identity.as_ref())?;
+        Ok((uri, endpoint))
+    }
+
+    /// The client certificate and key to present: --client-cert and
+    /// --client-key, else the data dir's node's when it requires one.
+    pub fn client_identity(&self) -> Option<(PathBuf, PathBuf)> {
+        self.client_cert
+            .clone()
+            .zip(self.client_key.clone())
+            .or_else(|| {
+                self.data_dir
+                    .as_deref()
+                    .and_then(DataDir::read_endpoints)
+                    .and_then(|e| e.api_client_identity)
+            })
     }
 
     /// The admin token's secret: `--admin-token-file`, else
@@ -207,6 +240,7 @@ pub fn tls_endpoint(
     endpoint: tonic::transport::Endpoint,
     ca: &std::path::Path,
     name: Option<&str>,
+    identity: Option<&(PathBuf, PathBuf)>,
 ) -> Result<tonic::transport::Endpoint> {
     let pem = std::fs::read_to_string(ca)
         .with_context(|| format!("cannot read the CA bundle {}", ca.display()))?;
@@ -214,6 +248,12 @@ pub fn tls_endpoint(
         .ca_certificate(tonic::transport::Certificate::from_pem(pem));
     if let Some(name) = name {
         tls = tls.domain_name(name);
+    }
+    if let Some((cert, key)) = identity {
+        let fix = "give a certificate and key with --client-cert and --client-key";
+        let cert = trine_control::tls::read(cert, "client certificate", fix)?;
+        let key = trine_control::tls::read_private(key, "client key", fix)?;
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
     }
     endpoint
         .tls_config(tls)
@@ -248,15 +288,25 @@ pub(crate) fn answered(uri: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '
     }
 }
 
-/// A hint for a plain-text call that met a TLS port: HTTP/2 over plain
-/// TCP fails the protocol there (the server closes the connection, or
-/// answers with TLS bytes).
+/// A hint for a call that failed in the transport: a plain-text call that
+/// met a TLS port (the server closes the connection, or answers with TLS
+/// bytes), or a TLS call without the client certificate the port wants.
 pub(crate) fn tls_hint(uri: &str, message: &str) -> &'static str {
-    let protocol = ["h2 protocol error", "http2 error", "transport error"];
-    if uri.starts_with("http://") && protocol.iter().any(|p| message.contains(p)) {
+    let protocol = [
+        "h2 protocol error",
+        "http2 error",
+        "transport error",
+        "operation was canceled",
+        "connection reset",
+    ];
+    if !protocol.iter().any(|p| message.contains(p)) {
+        ""
+    } else if uri.starts_with("http://") {
         " (does the node serve TLS on its client ports, --api-tls? then use https://host:port with --ca-cert)"
     } else {
-        ""
+        // A TLS 1.3 server refuses a missing or foreign client certificate
+        // after the client's side of the handshake: the call fails.
+        " (does the node require a client certificate, --api-tls-client-ca? give one from that CA with --client-cert and --client-key)"
     }
 }
 
@@ -443,6 +493,7 @@ pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::Cluster
     let bearer = Bearer::new(target.admin_secret()?.as_deref())?;
     let mut admin = connect(endpoint, &uri, target.timeout, bearer.clone()).await?;
     let ca = target.ca_bundle();
+    let identity = target.client_identity();
     let nodes = admin
         .list_nodes(v1::ListNodesRequest::default())
         .await
@@ -457,7 +508,7 @@ pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::Cluster
             let uri = format!("https://{}", n.grpc_addr);
             ca.as_deref().and_then(|ca| {
                 let e = tonic::transport::Endpoint::from_shared(uri).ok()?;
-                tls_endpoint(e, ca, Some(&n.name)).ok()
+                tls_endpoint(e, ca, Some(&n.name), identity.as_ref()).ok()
             })
         } else {
             tonic::transport::Endpoint::from_shared(format!("http://{}", n.grpc_addr)).ok()

@@ -98,6 +98,9 @@ pub struct Config {
     /// CA bundle that verifies other nodes' client ports when this node
     /// forwards a request over TLS; empty means the TLS dir's ca.crt.
     pub api_tls_ca: PathBuf,
+    /// With `api_tls`: require a client certificate from this CA bundle on
+    /// the client ports (mutual TLS, on top of tokens); empty means none.
+    pub api_tls_client_ca: PathBuf,
     /// With `init` on a new cluster: a file (0600) holding the secret of the
     /// first admin token; empty means TRINE_ADMIN_TOKEN, else a new one.
     /// Either way the secret is kept in <data_dir>/admin.token.
@@ -199,6 +202,7 @@ pub struct Layer {
     pub api_tls_cert: Option<PathBuf>,
     pub api_tls_key: Option<PathBuf>,
     pub api_tls_ca: Option<PathBuf>,
+    pub api_tls_client_ca: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
     pub model_cache: Option<PathBuf>,
     pub cluster: Option<String>,
@@ -287,6 +291,7 @@ impl Default for Config {
             api_tls_cert: PathBuf::new(),
             api_tls_key: PathBuf::new(),
             api_tls_ca: PathBuf::new(),
+            api_tls_client_ca: PathBuf::new(),
             admin_token_file: PathBuf::new(),
             model_cache: PathBuf::new(),
             cluster: "trine".into(),
@@ -381,6 +386,7 @@ impl Layer {
             api_tls_cert: over.api_tls_cert.or(self.api_tls_cert),
             api_tls_key: over.api_tls_key.or(self.api_tls_key),
             api_tls_ca: over.api_tls_ca.or(self.api_tls_ca),
+            api_tls_client_ca: over.api_tls_client_ca.or(self.api_tls_client_ca),
             admin_token_file: over.admin_token_file.or(self.admin_token_file),
             model_cache: over.model_cache.or(self.model_cache),
             cluster: over.cluster.or(self.cluster),
@@ -441,6 +447,7 @@ impl Config {
             api_tls_cert: layer.api_tls_cert.unwrap_or(d.api_tls_cert),
             api_tls_key: layer.api_tls_key.unwrap_or(d.api_tls_key),
             api_tls_ca: layer.api_tls_ca.unwrap_or(d.api_tls_ca),
+            api_tls_client_ca: layer.api_tls_client_ca.unwrap_or(d.api_tls_client_ca),
             admin_token_file: layer.admin_token_file.unwrap_or(d.admin_token_file),
             model_cache: layer.model_cache.unwrap_or(d.model_cache),
             cluster: layer.cluster.unwrap_or(d.cluster),
@@ -522,6 +529,13 @@ impl Config {
                 &format!(
                     "{set} is set; give the certificate and its key together (--api-tls-cert, --api-tls-key)"
                 ),
+            ));
+        }
+        if !self.api_tls && !self.api_tls_client_ca.as_os_str().is_empty() {
+            return Err(invalid(
+                "api_tls",
+                "false",
+                "api_tls_client_ca is set but client certificates need TLS on the client ports; add --api-tls",
             ));
         }
         if !self.api_tls && !cert.as_os_str().is_empty() {

@@ -113,6 +113,11 @@ pub struct Endpoints {
     pub api_ca: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
+    /// The client ports require a client certificate
+    /// (`--api-tls-client-ca`): a certificate and key the CLI on this
+    /// machine may present (the node's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// An open, locked data directory. Dropping it releases the lock;
@@ -487,6 +492,7 @@ mod tests {
             api_tls: true,
             api_ca: Some(PathBuf::from("/etc/trine/ca.crt")),
             name: "a".into(),
+            api_client_identity: Some((PathBuf::from("/t/node.crt"), PathBuf::from("/t/node.key"))),
         };
         d.write_endpoints(&e).unwrap();
         assert_eq!(DataDir::read_endpoints(tmp.path()), Some(e));

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -151,6 +152,7 @@ pub async fn serve(
         api_tls: false,
         api_ca: None,
         name: config.name.clone(),
+        api_client_identity: None,
     };
     tracing::info!(
         p2p = ?endpoints.p2p,
@@ -213,8 +215,15 @@ pub async fn serve(
     if api_tls.serves() {
         endpoints.api_tls = true;
         // Absolute: CLI commands read it from another directory.
-        endpoints.api_ca =
-            Some(std::path::absolute(config.api_tls_ca()).unwrap_or_else(|_| config.api_tls_ca()));
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        endpoints.api_ca = Some(absolute(config.api_tls_ca()));
+        if api_tls.requires_client_certs() {
+            let dir = config.tls_dir();
+            endpoints.api_client_identity = Some((
+                absolute(dir.join(trine_control::tls::NODE_CERT)),
+                absolute(dir.join(trine_control::tls::NODE_KEY)),
+            ));
+        }
     }
     let (receipts_stop, receipts_stop_rx) = watch::channel(false);
     let receipts = control

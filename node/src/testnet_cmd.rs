@@ -468,6 +468,8 @@ pub fn run(args: &TestnetArgs) -> Result<()> {
             timeout: Duration::from_secs(2),
             admin_token_file: Some(root.join(crate::auth::ADMIN_TOKEN_FILE)),
             ca_cert: None,
+            client_cert: None,
+            client_key: None,
         };
         let deadline = started + args.timeout;
         let mut last = String::new();
@@ -632,6 +634,8 @@ async fn deploy_model(args: &TestnetArgs, root: &Path, first: &Slot) -> Result<S
                 timeout: Duration::from_secs(30),
                 admin_token_file: Some(root.join(crate::auth::ADMIN_TOKEN_FILE)),
                 ca_cert: None,
+                client_cert: None,
+                client_key: None,
             },
             model: path.clone(),
             file: None,

@@ -268,6 +268,9 @@ pub struct Endpoints {
     pub api_tls: bool,
     #[serde(default)]
     pub api_ca: Option<PathBuf>,
+    /// The client ports require a client certificate: the node's own.
+    #[serde(default)]
+    pub api_client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// A running `trine node` child process. Killed (SIGKILL) on drop if it is
@@ -379,13 +382,18 @@ impl Node {
     }
 
     /// An HTTP client for the node: trusting its CA bundle when it serves
-    /// TLS.
+    /// TLS, presenting its node certificate when it requires a client one.
     pub fn http(&self) -> Result<reqwest::Client> {
         let mut b = reqwest::Client::builder();
         if self.endpoints.api_tls {
             b = b
                 .tls_built_in_root_certs(false)
                 .add_root_certificate(reqwest::Certificate::from_pem(self.api_ca()?.as_bytes())?);
+        }
+        if let Some((cert, key)) = &self.endpoints.api_client_identity {
+            let mut pem = std::fs::read(cert)?;
+            pem.extend_from_slice(&std::fs::read(key)?);
+            b = b.identity(reqwest::Identity::from_pem(&pem)?);
         }
         Ok(b.build()?)
     }
@@ -396,10 +404,15 @@ impl Node {
         let mut endpoint = tonic::transport::Channel::from_shared(self.grpc_uri())?
             .connect_timeout(Duration::from_secs(5));
         if self.endpoints.api_tls {
-            endpoint = endpoint.tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(self.api_ca()?)),
-            )?;
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(self.api_ca()?));
+            if let Some((cert, key)) = &self.endpoints.api_client_identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(cert)?,
+                    std::fs::read(key)?,
+                ));
+            }
+            endpoint = endpoint.tls_config(tls)?;
         }
         Ok(endpoint.connect().await?)
     }

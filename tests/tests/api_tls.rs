@@ -1,12 +1,14 @@
 //! TLS on the client ports (`trine node --api-tls`), between real `trine`
 //! processes: two members serve their gRPC and HTTP ports over TLS only,
-//! with their node certificates from the cluster CA. Plain-text clients,
-//! and TLS clients that do not trust the CA, are refused; the CLI and the
-//! OpenAI API work over TLS; a node without the model's replica forwards
-//! to the one holding it over TLS (checked against the node's name); a
-//! renewed certificate is served without a restart; a world-readable key
-//! and a certificate that does not name the node stop a node at start
-//! with one clear error.
+//! with their node certificates from the cluster CA, and require client
+//! certificates from it (`--api-tls-client-ca`). Plain-text clients, TLS
+//! clients that do not trust the CA, and clients without a certificate or
+//! with one from another CA are refused; the CLI and the OpenAI API work
+//! over mutual TLS; a node without the model's replica forwards to the one
+//! holding it over TLS (checked against the node's name, presenting its
+//! own certificate); a renewed certificate is served without a restart; a
+//! world-readable key and a certificate that does not name the node stop a
+//! node at start with one clear error.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,8 +26,14 @@ struct Slot {
 }
 
 /// The certificate (DER) the server at `addr` presents to a client that
-/// trusts `ca_pem`, checked against the name `name`.
-async fn served_certificate(addr: &str, ca_pem: &str, name: &str) -> Result<Vec<u8>> {
+/// trusts `ca_pem`, checked against the name `name`; the client presents
+/// the certificate and key in `tls_dir`.
+async fn served_certificate(
+    addr: &str,
+    ca_pem: &str,
+    name: &str,
+    tls_dir: &Path,
+) -> Result<Vec<u8>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
@@ -37,7 +45,10 @@ async fn served_certificate(addr: &str, ca_pem: &str, name: &str) -> Result<Vec<
     ))
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_client_auth_cert(
+        CertificateDer::pem_file_iter(tls_dir.join("node.crt"))?.collect::<Result<_, _>>()?,
+        rustls::pki_types::PrivateKeyDer::from_pem_file(tls_dir.join("node.key"))?,
+    )?;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
@@ -98,17 +109,26 @@ async fn client_ports_serve_tls_only_forward_over_tls_and_renew_without_a_restar
     let want = local_answer(&model)?;
 
     let raft_a = free_addr()?;
-    let a = Node::start(&[
-        "--init",
-        "--name",
-        "a",
-        "--raft-addr",
-        &raft_a,
-        "--allow-anonymous",
-        "--api-tls",
-    ])
+    let tmp_a = tempfile::tempdir()?;
+    let data_a = tmp_a.path().join("data");
+    // --init makes the cluster CA; every node's TLS dir gets its ca.crt.
+    let ca_file = data_a.join("tls").join("ca.crt");
+    let a = Node::start_in(
+        tmp_a,
+        data_a.clone(),
+        &[
+            "--init",
+            "--name",
+            "a",
+            "--raft-addr",
+            &raft_a,
+            "--allow-anonymous",
+            "--api-tls",
+            "--api-tls-client-ca",
+            ca_file.to_str().context("utf-8 path")?,
+        ],
+    )
     .await?;
-    let ca_file = a.data_dir.join("tls").join("ca.crt");
     let ca_pem = std::fs::read_to_string(&ca_file)?;
     let tmp_b = tempfile::tempdir()?;
     let data_b = tmp_b.path().join("data");
@@ -126,6 +146,12 @@ async fn client_ports_serve_tls_only_forward_over_tls_and_renew_without_a_restar
             &raft_b,
             "--allow-anonymous",
             "--api-tls",
+            "--api-tls-client-ca",
+            data_b
+                .join("tls")
+                .join("ca.crt")
+                .to_str()
+                .context("utf-8 path")?,
             "--bootstrap",
             &a.p2p_addr(),
         ],
@@ -155,6 +181,42 @@ async fn client_ports_serve_tls_only_forward_over_tls_and_renew_without_a_restar
         trine_tests::http_get(&a.url("/readyz")).await.is_none(),
         "a client that does not trust the cluster CA got an answer"
     );
+    // Mutual TLS: trusting the CA is not enough without a certificate of
+    // one's own from it; one from another CA is refused too.
+    let root = reqwest::Certificate::from_pem(ca_pem.as_bytes())?;
+    let trusting = || {
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(root.clone())
+    };
+    let no_cert = trusting().build()?;
+    ensure!(
+        trine_tests::get_with(&no_cert, &a.url("/readyz"))
+            .await
+            .is_none(),
+        "a client without a certificate got an answer"
+    );
+    let other_ca = dir.path().join("other-ca");
+    trine_control::tls::init_ca(&other_ca, "other")?;
+    let other = dir.path().join("other-tls");
+    trine_control::tls::issue_node(&other_ca, "a", &[], &other)?;
+    let mut pem = std::fs::read(other.join("node.crt"))?;
+    pem.extend_from_slice(&std::fs::read(other.join("node.key"))?);
+    let foreign = trusting()
+        .identity(reqwest::Identity::from_pem(&pem)?)
+        .build()?;
+    ensure!(
+        trine_tests::get_with(&foreign, &a.url("/readyz"))
+            .await
+            .is_none(),
+        "a client with a certificate from another CA got an answer"
+    );
+    ensure!(
+        trine_tests::get_with(&a.http()?, &a.url("/readyz"))
+            .await
+            .is_some_and(|(s, _)| s == 200),
+        "a client with a certificate from the cluster CA was refused"
+    );
     // The CLI says what to do about a plain-text address.
     let mut c = trine();
     c.args(["status", "--node", &a.endpoints.grpc.to_string()]);
@@ -172,12 +234,45 @@ async fn client_ports_serve_tls_only_forward_over_tls_and_renew_without_a_restar
         !out.status.success() && stderr.contains("--ca-cert"),
         "{stderr}"
     );
-
-    // Over TLS: deploy one single-stage replica through the CLI.
     let a_uri = a.grpc_uri();
     let ca_arg = ca_file.to_str().context("utf-8 path")?;
     let mut c = trine();
-    c.args(["deploy", "--node", &a_uri, "--ca-cert", ca_arg])
+    c.args(["status", "--node", &a_uri, "--ca-cert", ca_arg]);
+    let out = run(c, Duration::from_secs(30))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("--client-cert"),
+        "{stderr}"
+    );
+
+    // An operator's certificate from the cluster CA (`trine certs issue`).
+    let laptop = dir.path().join("laptop");
+    let mut c = trine();
+    c.args(["certs", "issue", "--name", "laptop", "--ca-dir"])
+        .arg(data_a.join("ca"))
+        .arg("--out")
+        .arg(&laptop);
+    let out = run(c, Duration::from_secs(30))?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let laptop_cert = laptop.join("node.crt");
+    let laptop_key = laptop.join("node.key");
+    let me = [
+        "--ca-cert",
+        ca_arg,
+        "--client-cert",
+        laptop_cert.to_str().context("utf-8 path")?,
+        "--client-key",
+        laptop_key.to_str().context("utf-8 path")?,
+    ];
+
+    // Over mutual TLS: deploy one single-stage replica through the CLI.
+    let mut c = trine();
+    c.args(["deploy", "--node", &a_uri])
+        .args(me)
         .args(["--name", "tiny", "--replicas", "1"])
         .arg(&model);
     let out = run(c, Duration::from_secs(60))?;
@@ -189,20 +284,12 @@ async fn client_ports_serve_tls_only_forward_over_tls_and_renew_without_a_restar
     let slots = wait_for("the replica ready", Duration::from_secs(60), || {
         let a_uri = a_uri.clone();
         async move {
-            cli_json::<Slot>(&[
-                "placement",
-                "--node",
-                &a_uri,
-                "--ca-cert",
-                ca_arg,
-                "--model",
-                "tiny",
-                "--linearizable",
-                "-o",
-                "json",
-            ])
-            .ok()
-            .filter(|s| s.len() == 1 && s[0].state == "ready")
+            let mut args = vec!["placement", "--node", &a_uri];
+            args.extend(me);
+            args.extend(["--model", "tiny", "--linearizable", "-o", "json"]);
+            cli_json::<Slot>(&args)
+                .ok()
+                .filter(|s| s.len() == 1 && s[0].state == "ready")
         }
     })
     .await?;
@@ -239,7 +326,8 @@ async fn client_ports_serve_tls_only_forward_over_tls_and_renew_without_a_restar
     // the expiry metric follows.
     let b_cert = data_b.join("tls").join("node.crt");
     let b_grpc = b.endpoints.grpc.to_string();
-    let before = served_certificate(&b_grpc, &ca_pem, "b").await?;
+    let b_tls = data_b.join("tls");
+    let before = served_certificate(&b_grpc, &ca_pem, "b", &b_tls).await?;
     ensure!(
         before == first_der(&b_cert)?,
         "b serves another certificate"
@@ -261,15 +349,15 @@ async fn client_ports_serve_tls_only_forward_over_tls_and_renew_without_a_restar
         "b serving the renewed certificate",
         Duration::from_secs(15),
         || {
-            let (b_grpc, ca_pem, renewed) = (&b_grpc, &ca_pem, &renewed);
+            let (b_grpc, ca_pem, renewed, b_tls) = (&b_grpc, &ca_pem, &renewed, &b_tls);
             async move {
-                let now = served_certificate(b_grpc, ca_pem, "b").await.ok()?;
+                let now = served_certificate(b_grpc, ca_pem, "b", b_tls).await.ok()?;
                 (now == *renewed).then_some(())
             }
         },
     )
     .await?;
-    let http_now = served_certificate(&b.endpoints.http.to_string(), &ca_pem, "b").await?;
+    let http_now = served_certificate(&b.endpoints.http.to_string(), &ca_pem, "b", &b_tls).await?;
     ensure!(
         http_now == renewed,
         "the HTTP port still serves the old certificate"
