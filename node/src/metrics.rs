@@ -43,6 +43,8 @@ pub const GOSSIP_IGNORED: &str = "trine_gossip_messages_ignored_total";
 /// Counter `{reason}`: heartbeats rejected as invalid (the forwarder is
 /// scored down): oversized, malformed, field, rate, unsigned, not_member.
 pub const GOSSIP_INVALID: &str = "trine_gossip_messages_invalid_total";
+/// Inbound libp2p connections refused by a connection limit.
+pub const P2P_DENIED: &str = "trine_p2p_connections_denied_total";
 /// Counter `{direction, status}`: stage requests answered (in) or sent (out).
 pub const STAGE_REQUESTS: &str = "trine_stage_requests_total";
 /// Counter `{reason}`: stage requests refused before reaching a stage:
@@ -110,6 +112,7 @@ pub const ALL: &[&str] = &[
     GOSSIP_RECEIVED,
     GOSSIP_IGNORED,
     GOSSIP_INVALID,
+    P2P_DENIED,
     STAGE_REQUESTS,
     STAGE_REJECTED,
     STAGE_ASSIGNED,
@@ -282,6 +285,10 @@ fn describe() {
         "Heartbeats rejected as invalid, by reason; the forwarding peer is scored down."
     );
     describe_counter!(
+        P2P_DENIED,
+        "Inbound libp2p connections refused by a limit (max_connections, max_connections_per_peer, pending handshakes)."
+    );
+    describe_counter!(
         STAGE_REQUESTS,
         "Requests on /trine/stage/1, by direction (in, out) and status."
     );
@@ -407,6 +414,10 @@ pub fn gossip_ignored(reason: &'static str) {
 
 pub fn gossip_invalid(reason: &'static str) {
     counter!(GOSSIP_INVALID, "reason" => reason).increment(1);
+}
+
+pub fn p2p_denied() {
+    counter!(P2P_DENIED).increment(1);
 }
 
 pub fn stage_request(direction: &'static str, status: &'static str) {
@@ -548,6 +559,7 @@ mod tests {
             P2P_BYTES_RECEIVED,
             PING_FAILURES,
             GOSSIP_INVALID,
+            P2P_DENIED,
             REQUESTS,
             TOKENS_GENERATED,
             FAILOVERS,
@@ -577,6 +589,7 @@ mod tests {
         gossip_invalid("malformed");
         stage_request("in", "ok");
         stage_rejected("oversized");
+        p2p_denied();
         stage_assigned("tiny", 0, 1);
         request("grpc", "ok");
         generated(3);

@@ -148,3 +148,64 @@ async fn each_request_limit_is_a_setting_and_refuses_what_is_over_it() -> Result
     ensure!(served >= 2 && busy >= 1, "served {served}, refused {busy}");
     Ok(())
 }
+
+/// `--max-connections-per-peer`: one libp2p identity dials the node six
+/// times; the node keeps as many connections as the setting allows and
+/// refuses the rest, counting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_peer_are_capped_by_the_setting() -> Result<()> {
+    use futures_util::StreamExt as _;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+
+    let node = Node::start(&["--max-connections-per-peer", "3"]).await?;
+    let target: libp2p::PeerId = node.endpoints.peer_id.parse()?;
+    let addr: libp2p::Multiaddr = node.endpoints.p2p[0].parse()?;
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )?
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    for _ in 0..6 {
+        swarm.dial(
+            DialOpts::peer_id(target)
+                .addresses(vec![addr.clone()])
+                .condition(PeerCondition::Always)
+                .build(),
+        )?;
+    }
+    // The dialer runs in its own task, counting the connections open.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let counter = open.clone();
+    let dialer = tokio::spawn(async move {
+        use std::sync::atomic::Ordering::Relaxed;
+        while let Some(event) = swarm.next().await {
+            match event {
+                SwarmEvent::ConnectionEstablished { .. } => counter.fetch_add(1, Relaxed),
+                SwarmEvent::ConnectionClosed { .. } => counter.fetch_sub(1, Relaxed),
+                _ => 0,
+            };
+        }
+    });
+    let now = || open.load(std::sync::atomic::Ordering::Relaxed);
+    let denied = || async {
+        let metrics = node.metrics().await.ok()?;
+        trine_tests::metric(&metrics, "trine_p2p_connections_denied_total")
+    };
+    let result = wait_for("3 open, 3 refused", Duration::from_secs(20), || async {
+        (now() == 3 && denied().await == Some(3.0)).then_some(())
+    })
+    .await;
+    let seen = (now(), denied().await);
+    result.with_context(|| format!("open and refused: {seen:?}"))?;
+    // And it stays so (no late connection, none closed).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(now() == 3, "{} connections open later", now());
+    dialer.abort();
+    Ok(())
+}

@@ -641,6 +641,14 @@ impl Loop {
                 self.table.disconnected(peer_id, num_established, now);
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
             }
+            SwarmEvent::IncomingConnectionError {
+                error: libp2p::swarm::ListenError::Denied { cause },
+                send_back_addr,
+                ..
+            } => {
+                crate::metrics::p2p_denied();
+                tracing::debug!(from = %send_back_addr, %cause, "inbound connection refused by a connection limit");
+            }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 error,
