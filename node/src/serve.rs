@@ -158,6 +158,12 @@ impl ServeError {
 
     fn from_status(s: &tonic::Status) -> Self {
         let m = s.message().to_owned();
+        // A status our own transport made (it carries the error as its
+        // source: a TLS or HTTP/2 mismatch, a reset connection) says
+        // nothing about the request; another replica may well answer it.
+        if std::error::Error::source(s).is_some() {
+            return Self::Unavailable(format!("the connection to the node failed: {m}"));
+        }
         match s.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Self::Invalid(m),
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
@@ -1786,6 +1792,20 @@ mod tests {
         assert_eq!(d.status().code(), tonic::Code::DeadlineExceeded);
         assert_eq!(ServeError::from_status(&d.status()), d);
         assert!(!d.retryable(), "a request past its deadline is not retried");
+        // INTERNAL from the node is its answer; from our own transport (a
+        // protocol or TLS mismatch, with the error as its source) it is a
+        // failed connection, worth another replica.
+        let answered = tonic::Status::internal("h2 protocol error");
+        assert!(!ServeError::from_status(&answered).retryable());
+        let transport =
+            tonic::Status::from_error(Box::new(h2::Error::from(h2::Reason::PROTOCOL_ERROR)));
+        assert_eq!(transport.code(), tonic::Code::Internal);
+        let e = ServeError::from_status(&transport);
+        assert!(e.retryable(), "{e:?}");
+        assert!(
+            e.to_string().contains("connection to the node failed"),
+            "{e}"
+        );
     }
 
     fn node(id: u64) -> NodeRecord {
