@@ -138,11 +138,8 @@ impl ApiTls {
     /// When the served certificate expires (Unix seconds).
     pub fn not_after(&self) -> Option<i64> {
         let current = self.read();
-        current
-            .grpc
-            .is_some()
-            .then(|| tls::pem_not_after(&current.files.cert))
-            .flatten()
+        current.grpc.as_ref()?;
+        tls::pem_not_after(&current.files.cert)
     }
 
     /// A channel endpoint for another node's client gRPC port at `addr`:

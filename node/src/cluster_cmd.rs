@@ -283,7 +283,7 @@ pub(crate) fn answered(uri: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '
             "{uri} answered {:?}: {}{}",
             s.code(),
             s.message(),
-            tls_hint(uri, s.message())
+            tls_hint(uri, &s)
         )
     }
 }
@@ -291,15 +291,10 @@ pub(crate) fn answered(uri: &str) -> impl Fn(tonic::Status) -> anyhow::Error + '
 /// A hint for a call that failed in the transport: a plain-text call that
 /// met a TLS port (the server closes the connection, or answers with TLS
 /// bytes), or a TLS call without the client certificate the port wants.
-pub(crate) fn tls_hint(uri: &str, message: &str) -> &'static str {
-    let protocol = [
-        "h2 protocol error",
-        "http2 error",
-        "transport error",
-        "operation was canceled",
-        "connection reset",
-    ];
-    if !protocol.iter().any(|p| message.contains(p)) {
+/// Such a status was made by our own transport, not sent by the node: it
+/// carries the transport's error as its source.
+pub(crate) fn tls_hint(uri: &str, s: &tonic::Status) -> &'static str {
+    if std::error::Error::source(s).is_none() {
         ""
     } else if uri.starts_with("http://") {
         " (does the node serve TLS on its client ports, --api-tls? then use https://host:port with --ca-cert)"

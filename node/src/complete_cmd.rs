@@ -139,14 +139,7 @@ async fn stream_answer(
     let mut stream = client
         .generate(request)
         .await
-        .map_err(|s| {
-            anyhow::anyhow!(
-                "{uri}: {}: {}{}",
-                s.code(),
-                s.message(),
-                crate::cluster_cmd::tls_hint(uri, s.message())
-            )
-        })?
+        .map_err(crate::cluster_cmd::answered(uri))?
         .into_inner();
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();

@@ -158,48 +158,22 @@ async fn raw_grpc(node: &Node, token: &str, frame: Vec<u8>) -> Result<Got> {
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
         .context("no answer in 10 s")??;
-    let header =
-        |h: &http::HeaderMap, k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (status, message) = match header(response.headers(), "grpc-status") {
-        Some(s) => (s, header(response.headers(), "grpc-message")),
+    // tonic reads grpc-status and the percent-encoded grpc-message.
+    let status = match tonic::Status::from_header_map(response.headers()) {
+        Some(s) => s,
         None => {
             let mut body = response.into_body();
             while let Some(chunk) = body.data().await {
                 chunk?;
             }
             let trailers = body.trailers().await?.unwrap_or_default();
-            (
-                header(&trailers, "grpc-status").unwrap_or_default(),
-                header(&trailers, "grpc-message"),
-            )
+            tonic::Status::from_header_map(&trailers).context("no grpc-status")?
         }
     };
-    let code = tonic::Code::from_bytes(status.as_bytes());
-    let message = message.map(|m| percent_decode(&m)).unwrap_or_default();
     Ok(Got {
-        status: format!("{code:?}"),
-        message,
+        status: format!("{:?}", status.code()),
+        message: status.message().to_owned(),
     })
-}
-
-/// grpc-message is percent-encoded.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A `trine` command: "exit N" and its single error line (all of stderr
