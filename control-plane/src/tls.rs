@@ -248,6 +248,24 @@ pub fn server_config(
     Ok(config)
 }
 
+/// The client side of TLS: trust the CAs in the PEM bundle `ca`, check the
+/// server's certificate for `name` (else the address's host), and present
+/// `identity` (certificate and key, PEM) when given.
+pub fn client_config(
+    ca: &str,
+    name: Option<&str>,
+    identity: Option<(&str, &str)>,
+) -> ClientTlsConfig {
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some(name) = name {
+        config = config.domain_name(name);
+    }
+    if let Some((cert, key)) = identity {
+        config = config.identity(Identity::from_pem(cert, key));
+    }
+    config
+}
+
 /// A TLS connection accepted by [`accept`].
 pub type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
@@ -410,10 +428,7 @@ impl NodeTls {
     /// Client side: present our certificate, verify the peer's against the
     /// CA and [`NODE_NAME`].
     pub fn client(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca))
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .domain_name(NODE_NAME)
+        client_config(&self.ca, Some(NODE_NAME), Some((&self.cert, &self.key)))
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 use trine_control::tls::{self, Error};
 
 use crate::config::Config;
@@ -150,26 +150,17 @@ impl ApiTls {
             return Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| format!("node address {addr}: {e}"));
         }
-        let (ca, identity) = {
-            let current = self.read();
-            let f = &current.files;
-            let identity = (!f.id_cert.is_empty())
-                .then(|| tonic::transport::Identity::from_pem(&f.id_cert, &f.id_key));
-            (f.ca.clone(), identity)
-        };
-        if ca.is_empty() {
+        let current = self.read();
+        let f = &current.files;
+        if f.ca.is_empty() {
             return Err(format!(
                 "node {name} serves its client ports over TLS and this node has no CA bundle to verify it; set --api-tls-ca (or put the cluster's ca.crt in the TLS dir)"
             ));
         }
         // This node's certificate goes along: a node requiring client
         // certificates accepts it when its bundle holds the cluster CA.
-        let mut config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(name);
-        if let Some(identity) = identity {
-            config = config.identity(identity);
-        }
+        let identity = (!f.id_cert.is_empty()).then_some((f.id_cert.as_str(), f.id_key.as_str()));
+        let config = tls::client_config(&f.ca, Some(name), identity);
         Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| format!("node address {addr}: {e}"))?
             .tls_config(config)

@@ -63,6 +63,17 @@ pub struct Target {
     pub client_key: Option<PathBuf>,
 }
 
+/// A [`Target`] resolved: its address, a channel endpoint (TLS set up for
+/// https), and the CA bundle and client identity it used, which reach the
+/// cluster's other nodes too.
+#[derive(Debug)]
+pub struct Resolved {
+    pub uri: String,
+    pub endpoint: tonic::transport::Endpoint,
+    pub ca: Option<PathBuf>,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
 /// Adds `authorization: Bearer <secret>` to every call.
 #[derive(Debug, Clone, Default)]
 pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
@@ -112,16 +123,24 @@ pub enum Output {
 
 impl Target {
     pub fn uri(&self) -> Result<String> {
-        if let Some(dir) = &self.data_dir {
-            let e = self.endpoints(dir)?;
-            let scheme = if e.api_tls { "https" } else { "http" };
-            return Ok(format!("{scheme}://{}", e.grpc));
+        let own = self
+            .data_dir
+            .as_deref()
+            .map(|d| self.endpoints(d))
+            .transpose()?;
+        Ok(self.uri_of(own.as_ref()))
+    }
+
+    /// The address: the data dir's node's (`own`), else --node.
+    fn uri_of(&self, own: Option<&crate::datadir::Endpoints>) -> String {
+        match own {
+            Some(e) => {
+                let scheme = if e.api_tls { "https" } else { "http" };
+                format!("{scheme}://{}", e.grpc)
+            }
+            None if self.node.contains("://") => self.node.clone(),
+            None => format!("http://{}", self.node),
         }
-        Ok(if self.node.contains("://") {
-            self.node.clone()
-        } else {
-            format!("http://{}", self.node)
-        })
     }
 
     fn endpoints(&self, dir: &std::path::Path) -> Result<crate::datadir::Endpoints> {
@@ -134,60 +153,50 @@ impl Target {
         })
     }
 
-    /// The CA bundle for nodes serving TLS: --ca-cert, else the data
-    /// dir's node's.
-    pub fn ca_bundle(&self) -> Option<PathBuf> {
-        self.ca_cert.clone().or_else(|| {
-            self.data_dir
-                .as_deref()
-                .and_then(DataDir::read_endpoints)
-                .and_then(|e| e.api_ca)
-        })
-    }
-
     /// The node's address and a channel endpoint for it, with TLS set up
     /// for an https:// address: verified against --ca-cert (with
-    /// --data-dir, the node's own CA bundle and name).
-    pub fn endpoint(&self) -> Result<(String, tonic::transport::Endpoint)> {
-        let uri = self.uri()?;
+    /// --data-dir, the node's own CA bundle and name) and presenting
+    /// --client-cert (with --data-dir, the node's own when it requires
+    /// one). The data dir's endpoints.json is read once.
+    pub fn endpoint(&self) -> Result<Resolved> {
+        let own = self
+            .data_dir
+            .as_deref()
+            .map(|d| self.endpoints(d))
+            .transpose()?;
+        let uri = self.uri_of(own.as_ref());
         let endpoint = tonic::transport::Endpoint::from_shared(uri.clone()).with_context(|| {
             format!("{uri} is not a valid address; use host:port or https://host:port")
         })?;
-        if !uri.starts_with("https://") {
-            return Ok((uri, endpoint));
-        }
-        let (ca, name) = match &self.data_dir {
-            Some(dir) => {
-                let e = self.endpoints(dir)?;
-                let ca = self.ca_cert.clone().or(e.api_ca).with_context(|| {
-                    format!("{} serves TLS but names no CA bundle; give --ca-cert", dir.display())
-                })?;
-                (ca, Some(e.name).filter(|n| !n.is_empty()))
-            }
-            None => (
-                self.ca_cert.clone().with_context(|| {
-                    format!("{uri} is https: give the CA bundle that signed its certificate with --ca-cert (the cluster's ca.crt, unless the node was given its own with --api-tls-cert)")
-                })?,
-                None,
+        let (ca, name, found) = match own {
+            Some(e) => (
+                e.api_ca,
+                Some(e.name).filter(|n| !n.is_empty()),
+                e.api_client_identity,
             ),
+            None => (None, None, None),
         };
-        let identity = self.client_identity();
-        let endpoint = tls_endpoint(endpoint, &ca, name.as_deref(), identity.as_ref())?;
-        Ok((uri, endpoint))
-    }
-
-    /// The client certificate and key to present: --client-cert and
-    /// --client-key, else the data dir's node's when it requires one.
-    pub fn client_identity(&self) -> Option<(PathBuf, PathBuf)> {
-        self.client_cert
+        let ca = self.ca_cert.clone().or(ca);
+        let identity = self
+            .client_cert
             .clone()
             .zip(self.client_key.clone())
-            .or_else(|| {
-                self.data_dir
-                    .as_deref()
-                    .and_then(DataDir::read_endpoints)
-                    .and_then(|e| e.api_client_identity)
-            })
+            .or(found);
+        let endpoint = if uri.starts_with("https://") {
+            let ca = ca.as_deref().with_context(|| match &self.data_dir {
+                Some(dir) => format!("{} serves TLS but names no CA bundle; give --ca-cert", dir.display()),
+                None => format!("{uri} is https: give the CA bundle that signed its certificate with --ca-cert (the cluster's ca.crt, unless the node was given its own with --api-tls-cert)"),
+            })?;
+            tls_endpoint(endpoint, ca, name.as_deref(), identity.as_ref())?
+        } else {
+            endpoint
+        };
+        Ok(Resolved {
+            uri,
+            endpoint,
+            ca,
+            identity,
+        })
     }
 
     /// The admin token's secret: `--admin-token-file`, else
@@ -212,8 +221,8 @@ impl Target {
 
     pub async fn admin(&self) -> Result<AdminConn> {
         let bearer = Bearer::new(self.admin_secret()?.as_deref())?;
-        let (uri, endpoint) = self.endpoint()?;
-        connect(endpoint, &uri, self.timeout, bearer).await
+        let r = self.endpoint()?;
+        connect(r.endpoint, &r.uri, self.timeout, bearer).await
     }
 
     /// Runs one Admin call on the node, on a runtime of its own, and
@@ -242,21 +251,28 @@ pub fn tls_endpoint(
     name: Option<&str>,
     identity: Option<&(PathBuf, PathBuf)>,
 ) -> Result<tonic::transport::Endpoint> {
-    let pem = std::fs::read_to_string(ca)
-        .with_context(|| format!("cannot read the CA bundle {}", ca.display()))?;
-    let mut tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(pem));
-    if let Some(name) = name {
-        tls = tls.domain_name(name);
-    }
-    if let Some((cert, key)) = identity {
-        let fix = "give a certificate and key with --client-cert and --client-key";
-        let cert = trine_control::tls::read(cert, "client certificate", fix)?;
-        let key = trine_control::tls::read_private(key, "client key", fix)?;
-        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
-    }
+    use trine_control::tls;
+    let pem = tls::read(
+        ca,
+        "CA bundle",
+        "give the bundle that signed the node's certificate with --ca-cert",
+    )?;
+    let identity = identity
+        .map(|(cert, key)| {
+            let fix = "give a certificate and key with --client-cert and --client-key";
+            Ok::<_, tls::Error>((
+                tls::read(cert, "client certificate", fix)?,
+                tls::read_private(key, "client key", fix)?,
+            ))
+        })
+        .transpose()?;
+    let config = tls::client_config(
+        &pem,
+        name,
+        identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+    );
     endpoint
-        .tls_config(tls)
+        .tls_config(config)
         .with_context(|| format!("TLS with the CA bundle {}", ca.display()))
 }
 
@@ -484,11 +500,14 @@ fn status_name(s: i32) -> &'static str {
 
 /// Every node of the cluster and what each says of itself.
 pub async fn gather(target: &Target) -> Result<Vec<(v1::Node, Option<v1::ClusterStatusResponse>)>> {
-    let (uri, endpoint) = target.endpoint()?;
+    let Resolved {
+        uri,
+        endpoint,
+        ca,
+        identity,
+    } = target.endpoint()?;
     let bearer = Bearer::new(target.admin_secret()?.as_deref())?;
     let mut admin = connect(endpoint, &uri, target.timeout, bearer.clone()).await?;
-    let ca = target.ca_bundle();
-    let identity = target.client_identity();
     let nodes = admin
         .list_nodes(v1::ListNodesRequest::default())
         .await

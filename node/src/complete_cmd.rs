@@ -109,7 +109,7 @@ fn ms(d: Option<&prost_types::Duration>) -> f64 {
 }
 
 async fn connect(target: &Target) -> Result<InferenceClient<tonic::transport::Channel>> {
-    let (uri, endpoint) = target.endpoint()?;
+    let crate::cluster_cmd::Resolved { uri, endpoint, .. } = target.endpoint()?;
     let channel = endpoint
         .connect_timeout(target.timeout)
         .connect()
