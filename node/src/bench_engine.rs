@@ -21,15 +21,16 @@ pub struct EngineArgs {
     /// synth --preset 2b4t` makes one with the real 2B4T shapes).
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: PathBuf,
-    /// Thread counts to measure, comma-separated [default: 1 and the CPUs
-    /// this process may use].
+    /// Thread counts to measure, comma-separated [default: 1 and one per
+    /// physical core this process may use].
     #[arg(long, short = 't', value_delimiter = ',')]
     pub threads: Vec<usize>,
     /// lm_head precisions to measure decode with: `file` (as stored), `q8`,
-    /// or both, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "file,q8")]
+    /// `q4`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "file,q8,q4")]
     pub quant_embd: Vec<QuantEmbd>,
-    /// Ternary kernel [default: the fastest this CPU runs].
+    /// Ternary kernel for every shape [default: the fastest per shape,
+    /// measured at each thread count as a node does at load].
     #[arg(long)]
     pub kernel: Option<String>,
     /// Tokens to decode per measurement (after an 8-token prompt).
@@ -45,7 +46,8 @@ pub struct EngineArgs {
     /// the last-level cache).
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mib: usize,
-    /// Also compare the q8 lm_head with the file's over this many
+    /// Also compare each quantized lm_head of `--quant-embd` (q8, q4) with
+    /// the file's over this many
     /// positions of a fixed token sequence (teacher-forced: every position
     /// sees the same prefix): argmax agreement, logit error and the
     /// sequence's perplexity under each. 0 skips it.
@@ -60,7 +62,11 @@ pub struct EngineArgs {
 struct Report {
     cpu: String,
     flags: Vec<&'static str>,
+    /// The kernel given with --kernel, or "measured".
     kernel: &'static str,
+    /// With "measured": each thread count's per-shape choice and timings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    kernel_choice: Vec<Choice>,
     model: String,
     layers: usize,
     hidden: usize,
@@ -71,13 +77,15 @@ struct Report {
     shapes: Vec<Shape>,
     decode: Vec<Decode>,
     prefill: Vec<Prefill>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    q8_accuracy: Option<Accuracy>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    accuracy: Vec<Accuracy>,
 }
 
-/// The q8 lm_head against the file's, on the same hidden states.
+/// A quantized lm_head against the file's, on the same hidden states.
 #[derive(Debug, Serialize)]
 struct Accuracy {
+    /// The quantized head's type (Q8_0, Q4_0).
+    lm_head: &'static str,
     positions: usize,
     /// Positions whose most likely next token is the same.
     argmax_agreement: f64,
@@ -86,7 +94,17 @@ struct Accuracy {
     /// Root mean square of the file head's logits, for scale.
     logit_rms: f64,
     perplexity_file: f64,
-    perplexity_q8: f64,
+    perplexity_quantized: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Choice {
+    threads: usize,
+    rows: usize,
+    cols: usize,
+    kernel: &'static str,
+    /// Microseconds per GEMV of each kernel, fastest first.
+    us_per_gemv: Vec<(&'static str, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +122,8 @@ struct Shape {
     /// the weights come from memory, not cache.
     matrices: usize,
     threads: usize,
+    /// The kernel that ran (the file's precision for an lm_head).
+    kernel: &'static str,
     us_per_gemv: f64,
     gb_per_s: f64,
     pct_of_bandwidth: f64,
@@ -133,29 +153,29 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     anyhow::ensure!(args.reps > 0, "--reps 0: give at least 1");
     anyhow::ensure!(args.tokens > 0, "--tokens 0: give at least 1");
     let threads = if args.threads.is_empty() {
-        let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let all = crate::compute::default_threads();
         if all > 1 { vec![1, all] } else { vec![1] }
     } else {
         args.threads.clone()
     };
-    let kernel = match &args.kernel {
-        Some(name) => crate::generate_cmd::kernel(name)?,
-        None => Kernel::best(),
-    };
+    let forced = args
+        .kernel
+        .as_deref()
+        .map(crate::generate_cmd::kernel)
+        .transpose()?;
     let progress = |s: &str| {
         if !args.json {
             eprintln!("{s}");
         }
     };
     progress(&format!("loading {} ...", args.model.display()));
-    let (mut model, _) = trine_engine::open(&args.model, None)
+    let (model, _) = trine_engine::open(&args.model, None)
         .with_context(|| format!("cannot open {}", args.model.display()))?;
     anyhow::ensure!(
         model.is_first() && model.is_last(),
         "{} is not a whole model",
         args.model.display()
     );
-    model.kernel = kernel;
     let c = model.config.clone();
     let file_head = model.lm_head.as_ref().map_or("none", |h| h.type_name());
 
@@ -176,10 +196,44 @@ pub fn run(args: &EngineArgs) -> Result<()> {
             .map_or(f64::NAN, |b| b.gb_per_s)
     };
 
+    // The model as it runs at each thread count: one kernel (--kernel) or
+    // the fastest per shape, measured in that pool.
+    let mut at_threads: Vec<Model> = Vec::new();
+    let mut kernel_choice = Vec::new();
+    for &t in &threads {
+        let mut m = model.clone();
+        match forced {
+            Some(k) => m.set_kernel(k),
+            None => {
+                progress(&format!("choosing kernels, {t} thread(s) ..."));
+                let pool = crate::generate_cmd::pool(Some(t))?;
+                for sc in pool.install(|| m.choose_kernels()) {
+                    kernel_choice.push(Choice {
+                        threads: t,
+                        rows: sc.rows,
+                        cols: sc.cols,
+                        kernel: sc.kernel.name(),
+                        us_per_gemv: sc
+                            .timings
+                            .iter()
+                            .map(|(k, d)| (k.name(), d.as_secs_f64() * 1e6))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        at_threads.push(m);
+    }
+    let model_at = |t: usize| -> &Model {
+        let i = threads.iter().position(|&x| x == t).unwrap_or(0);
+        &at_threads[i]
+    };
+
     let mut shapes = Vec::new();
     for &t in &threads {
         progress(&format!("GEMV per shape, {t} thread(s) ..."));
         let pool = crate::generate_cmd::pool(Some(t))?;
+        let tuned = model_at(t);
         for (name, mats) in shape_groups(&model) {
             let (rows, cols) = (mats[0].rows(), mats[0].cols());
             let bytes: usize = mats.iter().map(|m| m.data().len()).sum();
@@ -188,6 +242,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
                 .collect();
             let acts = Activations::quantize(&x);
             let mut out = vec![0f32; rows];
+            let kernel = tuned.kernel_for(&mats[0]);
             let per_pass = pool.install(|| {
                 median_time(args.reps, || {
                     for m in &mats {
@@ -201,6 +256,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
                 cols,
                 mats.len(),
                 t,
+                kernel.name(),
                 bytes,
                 per_pass,
                 bw(t),
@@ -224,6 +280,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
                 c.hidden,
                 1,
                 t,
+                head.type_name(),
                 head.byte_len(),
                 per_pass,
                 bw(t),
@@ -233,13 +290,10 @@ pub fn run(args: &EngineArgs) -> Result<()> {
 
     let mut decode = Vec::new();
     for how in &args.quant_embd {
-        let mut m = model.clone();
-        m.set_lm_head(*how);
-        let label = match how {
-            QuantEmbd::File => file_head,
-            QuantEmbd::Q8 => "Q8_0",
-        };
+        let label = head_label(*how, file_head);
         for &t in &threads {
+            let mut m = model_at(t).clone();
+            m.set_lm_head(*how);
             progress(&format!("decode, lm_head {label}, {t} thread(s) ..."));
             let pool = crate::generate_cmd::pool(Some(t))?;
             let per_token = pool.install(|| decode_time(&m, args.tokens, args.reps))?;
@@ -271,7 +325,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         for &t in &threads {
             progress(&format!("prefill, {p} tokens, {t} thread(s) ..."));
             let pool = crate::generate_cmd::pool(Some(t))?;
-            let took = pool.install(|| prefill_time(&model, p, args.reps))?;
+            let took = pool.install(|| prefill_time(model_at(t), p, args.reps))?;
             prefill.push(Prefill {
                 threads: t,
                 prompt: p,
@@ -280,21 +334,24 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         }
     }
 
-    let q8_accuracy = if args.accuracy_tokens > 0 {
+    let mut accuracies = Vec::new();
+    for &how in args.quant_embd.iter().filter(|&&h| h != QuantEmbd::File) {
+        if args.accuracy_tokens == 0 {
+            break;
+        }
         progress(&format!(
-            "q8 lm_head accuracy over {} positions ...",
+            "{how} lm_head accuracy over {} positions ...",
             args.accuracy_tokens
         ));
         let pool = crate::generate_cmd::pool(threads.last().copied())?;
-        Some(pool.install(|| accuracy(&model, args.accuracy_tokens))?)
-    } else {
-        None
-    };
+        accuracies.push(pool.install(|| accuracy(&model, how, args.accuracy_tokens))?);
+    }
 
     let report = Report {
         cpu: cpu_model(),
         flags: cpu_flags(),
-        kernel: kernel.name(),
+        kernel: forced.map_or("measured", Kernel::name),
+        kernel_choice,
         model: args.model.display().to_string(),
         layers: c.layers,
         hidden: c.hidden,
@@ -305,7 +362,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         shapes,
         decode,
         prefill,
-        q8_accuracy,
+        accuracy: accuracies,
     };
     #[allow(clippy::print_stdout)]
     if args.json {
@@ -323,6 +380,7 @@ fn shape_row(
     cols: usize,
     matrices: usize,
     threads: usize,
+    kernel: &'static str,
     bytes: usize,
     per_pass: Duration,
     bandwidth: f64,
@@ -334,6 +392,7 @@ fn shape_row(
         cols,
         matrices,
         threads,
+        kernel,
         us_per_gemv: per_pass.as_secs_f64() * 1e6 / matrices as f64,
         gb_per_s: gbs,
         pct_of_bandwidth: 100.0 * gbs / bandwidth,
@@ -468,18 +527,28 @@ fn prefill_time(model: &Model, n: usize, reps: usize) -> Result<Duration> {
     Ok(times[times.len() / 2])
 }
 
-/// Teacher-forced comparison of the q8 lm_head with the file's on one
-/// pseudo-random token sequence of `n` + 1 tokens (capped at the context).
-fn accuracy(model: &Model, n: usize) -> Result<Accuracy> {
+/// How a decode row names its lm_head.
+fn head_label(how: QuantEmbd, file_head: &'static str) -> &'static str {
+    match how {
+        QuantEmbd::File => file_head,
+        QuantEmbd::Q8 => "Q8_0",
+        QuantEmbd::Q4 => "Q4_0",
+    }
+}
+
+/// Teacher-forced comparison of a quantized lm_head (`how`) with the
+/// file's on one pseudo-random token sequence of `n` + 1 tokens (capped at
+/// the context).
+fn accuracy(model: &Model, how: QuantEmbd, n: usize) -> Result<Accuracy> {
     let n = n.min(model.config.context - 1);
     let tokens = prompt_tokens(n + 1, model.config.vocab);
     let exact = trine_engine::eval::all_logits(model, &tokens[..n])?;
-    let mut q8 = model.clone();
-    q8.set_lm_head(QuantEmbd::Q8);
-    let approx = trine_engine::eval::all_logits(&q8, &tokens[..n])?;
+    let mut quantized = model.clone();
+    quantized.set_lm_head(how);
+    let approx = trine_engine::eval::all_logits(&quantized, &tokens[..n])?;
     let vocab = model.config.vocab;
     let (mut agree, mut sum_err, mut max_err, mut sum_sq) = (0usize, 0f64, 0f64, 0f64);
-    let (mut nll_file, mut nll_q8) = (0f64, 0f64);
+    let (mut nll_file, mut nll_quant) = (0f64, 0f64);
     for (i, (a, b)) in exact
         .chunks_exact(vocab)
         .zip(approx.chunks_exact(vocab))
@@ -495,17 +564,18 @@ fn accuracy(model: &Model, n: usize) -> Result<Accuracy> {
             sum_sq += f64::from(x * x);
         }
         nll_file -= trine_engine::eval::log_prob(a, tokens[i + 1]);
-        nll_q8 -= trine_engine::eval::log_prob(b, tokens[i + 1]);
+        nll_quant -= trine_engine::eval::log_prob(b, tokens[i + 1]);
     }
     let values = (n * vocab) as f64;
     Ok(Accuracy {
+        lm_head: head_label(how, "file"),
         positions: n,
         argmax_agreement: agree as f64 / n as f64,
         mean_abs_logit_error: sum_err / values,
         max_abs_logit_error: max_err,
         logit_rms: (sum_sq / values).sqrt(),
         perplexity_file: (nll_file / n as f64).exp(),
-        perplexity_q8: (nll_q8 / n as f64).exp(),
+        perplexity_quantized: (nll_quant / n as f64).exp(),
     })
 }
 
@@ -553,6 +623,24 @@ fn render(r: &Report) -> String {
         "model: {} ({} layers, hidden {}, ffn {}, vocab {}, lm_head {}); kernel {}",
         r.model, r.layers, r.hidden, r.ffn, r.vocab, r.lm_head_type, r.kernel
     );
+    if !r.kernel_choice.is_empty() {
+        let _ = writeln!(s, "\nkernels by measurement (µs per GEMV, fastest first)");
+        for c in &r.kernel_choice {
+            let timings: Vec<String> = c
+                .us_per_gemv
+                .iter()
+                .map(|(k, us)| format!("{k} {us:.1}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:>3}t {:>12}  {:<12} ({})",
+                c.threads,
+                format!("{}×{}", c.rows, c.cols),
+                c.kernel,
+                timings.join(", ")
+            );
+        }
+    }
     let _ = writeln!(s, "\nread bandwidth");
     for b in &r.bandwidth {
         let _ = writeln!(s, "  {} thread(s)  {:6.1} GB/s", b.threads, b.gb_per_s);
@@ -563,17 +651,18 @@ fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "  {:<16} {:>12} {:>4} {:>3}t {:>10} {:>8} {:>7}",
-        "shape", "rows×cols", "n", "", "µs/gemv", "GB/s", "% bw"
+        "  {:<16} {:>12} {:>4} {:>3}t {:<12} {:>10} {:>8} {:>7}",
+        "shape", "rows×cols", "n", "", "kernel", "µs/gemv", "GB/s", "% bw"
     );
     for x in &r.shapes {
         let _ = writeln!(
             s,
-            "  {:<16} {:>12} {:>4} {:>3}t {:>10.1} {:>8.1} {:>6.0}%",
+            "  {:<16} {:>12} {:>4} {:>3}t {:<12} {:>10.1} {:>8.1} {:>6.0}%",
             x.name,
             format!("{}×{}", x.rows, x.cols),
             x.matrices,
             x.threads,
+            x.kernel,
             x.us_per_gemv,
             x.gb_per_s,
             x.pct_of_bandwidth
@@ -609,11 +698,11 @@ fn render(r: &Report) -> String {
             );
         }
     }
-    if let Some(a) = &r.q8_accuracy {
+    for a in &r.accuracy {
         let _ = writeln!(
             s,
-            "\nq8 lm_head against {} over {} teacher-forced positions",
-            r.lm_head_type, a.positions
+            "\n{} lm_head against {} over {} teacher-forced positions",
+            a.lm_head, r.lm_head_type, a.positions
         );
         let _ = writeln!(
             s,
@@ -623,8 +712,8 @@ fn render(r: &Report) -> String {
             a.max_abs_logit_error,
             a.logit_rms,
             a.perplexity_file,
-            a.perplexity_q8,
-            100.0 * (a.perplexity_q8 / a.perplexity_file - 1.0)
+            a.perplexity_quantized,
+            100.0 * (a.perplexity_quantized / a.perplexity_file - 1.0)
         );
     }
     s

@@ -374,11 +374,21 @@ pub struct NodeArgs {
     pub max_batch: Option<u32>,
 
     /// lm_head precision of the last stages this node loads: `file` (as the
-    /// model file stores it, F16 in official files) or `q8` (quantized to
+    /// model file stores it, F16 in official files), `q8` (quantized to
     /// Q8_0 at load: about half the lm_head's bytes per token, a small logit
-    /// error measured in BENCHMARKS.md). [default: file]
-    #[arg(long, env = "TRINE_QUANT_EMBD", value_name = "file|q8")]
+    /// error) or `q4` (Q4_0: about a quarter, a larger error); BENCHMARKS.md
+    /// measures both. [default: file]
+    #[arg(long, env = "TRINE_QUANT_EMBD", value_name = "file|q8|q4")]
     pub quant_embd: Option<trine_engine::model::QuantEmbd>,
+
+    /// Compute threads for the stages this node runs. [default: one per
+    /// physical core this process may use]
+    #[arg(long, env = "TRINE_THREADS", value_name = "N")]
+    pub threads: Option<u32>,
+
+    /// Bind each compute thread to its own physical core (Linux).
+    #[arg(long, env = "TRINE_PIN_THREADS")]
+    pub pin_threads: bool,
 
     /// Longest an inference request may take, end to end; a client may ask
     /// for less (gRPC deadline, or `timeout` in the request). Past it the
@@ -491,6 +501,8 @@ impl NodeArgs {
             fault_injection: self.fault_injection.then_some(true),
             max_batch: self.max_batch,
             quant_embd: self.quant_embd,
+            threads: self.threads,
+            pin_threads: self.pin_threads.then_some(true),
             request_timeout: self.request_timeout,
             snapshot_every: self.snapshot_every,
             max_prompt_tokens: self.max_prompt_tokens,

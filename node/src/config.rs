@@ -129,8 +129,12 @@ pub struct Config {
     /// generations running at once on this node); 1 turns batching off.
     pub max_batch: u32,
     /// lm_head precision of the last stages this node loads: `file` (as
-    /// stored) or `q8` (Q8_0 made at load).
+    /// stored), `q8` or `q4` (Q8_0 / Q4_0 made at load).
     pub quant_embd: trine_engine::model::QuantEmbd,
+    /// Compute threads; 0 means one per physical core this process may use.
+    pub threads: u32,
+    /// Bind each compute thread to its own physical core.
+    pub pin_threads: bool,
     /// Longest an inference request may take, end to end, unless the
     /// client asks for less (gRPC deadline or the request's `timeout`).
     #[serde(with = "humantime_serde")]
@@ -217,6 +221,8 @@ pub struct Layer {
     pub fault_injection: Option<bool>,
     pub max_batch: Option<u32>,
     pub quant_embd: Option<trine_engine::model::QuantEmbd>,
+    pub threads: Option<u32>,
+    pub pin_threads: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
     pub snapshot_every: Option<u64>,
@@ -303,6 +309,8 @@ impl Default for Config {
             fault_injection: false,
             max_batch: 32,
             quant_embd: Default::default(),
+            threads: 0,
+            pin_threads: false,
             request_timeout: Duration::from_secs(300),
             snapshot_every: 10_000,
             max_prompt_tokens: 8192,
@@ -398,6 +406,8 @@ impl Layer {
             fault_injection: over.fault_injection.or(self.fault_injection),
             max_batch: over.max_batch.or(self.max_batch),
             quant_embd: over.quant_embd.or(self.quant_embd),
+            threads: over.threads.or(self.threads),
+            pin_threads: over.pin_threads.or(self.pin_threads),
             request_timeout: over.request_timeout.or(self.request_timeout),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
             max_prompt_tokens: over.max_prompt_tokens.or(self.max_prompt_tokens),
@@ -459,6 +469,8 @@ impl Config {
             fault_injection: layer.fault_injection.unwrap_or(d.fault_injection),
             max_batch: layer.max_batch.unwrap_or(d.max_batch),
             quant_embd: layer.quant_embd.unwrap_or(d.quant_embd),
+            threads: layer.threads.unwrap_or(d.threads),
+            pin_threads: layer.pin_threads.unwrap_or(d.pin_threads),
             request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
             max_prompt_tokens: layer.max_prompt_tokens.unwrap_or(d.max_prompt_tokens),
@@ -616,6 +628,13 @@ impl Config {
                 "rebalance_every",
                 &humantime::format_duration(self.rebalance_every).to_string(),
                 "it must be at least 1s, e.g. \"30s\"",
+            ));
+        }
+        if self.threads > 1024 {
+            return Err(invalid(
+                "threads",
+                &self.threads.to_string(),
+                "it must be at most 1024 (0: one per physical core)",
             ));
         }
         if !(1..=256).contains(&self.max_batch) {
@@ -1027,6 +1046,13 @@ mod tests {
                     ..Layer::default()
                 },
                 "data_dir",
+            ),
+            (
+                Layer {
+                    threads: Some(5000),
+                    ..Layer::default()
+                },
+                "threads",
             ),
             (
                 Layer {

@@ -26,11 +26,12 @@ pub struct EvalArgs {
     /// positions × vocab, row-major.
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathBuf>,
-    /// Worker threads [default: the CPUs available].
+    /// Worker threads [default: one per physical core this process may use].
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
-    /// lm_head precision: `file` (as stored) or `q8` (Q8_0, made at load).
-    #[arg(long, default_value = "file", value_name = "file|q8")]
+    /// lm_head precision: `file` (as stored), `q8` (Q8_0, made at load) or
+    /// `q4` (Q4_0, made at load).
+    #[arg(long, default_value = "file", value_name = "file|q8|q4")]
     pub quant_embd: trine_engine::model::QuantEmbd,
 }
 
@@ -45,11 +46,12 @@ pub struct PerplexityArgs {
     /// Tokens per chunk; the second half of each chunk is scored.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,
-    /// Worker threads [default: the CPUs available].
+    /// Worker threads [default: one per physical core this process may use].
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
-    /// lm_head precision: `file` (as stored) or `q8` (Q8_0, made at load).
-    #[arg(long, default_value = "file", value_name = "file|q8")]
+    /// lm_head precision: `file` (as stored), `q8` (Q8_0, made at load) or
+    /// `q4` (Q4_0, made at load).
+    #[arg(long, default_value = "file", value_name = "file|q8|q4")]
     pub quant_embd: trine_engine::model::QuantEmbd,
 }
 

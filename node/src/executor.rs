@@ -147,10 +147,10 @@ pub async fn run(
             let generation = p.generation;
             let range = p.layer_start as usize..p.layer_end as usize;
             let peers = crate::model_store::peers(&state, me, &model.sha256);
-            let quant_embd = batching.quant_embd;
+            let (quant_embd, pool) = (batching.quant_embd, batching.pool.clone());
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let result = load(&model, range, &store, &peers, quant_embd);
+                let result = load(&model, range, &store, &peers, quant_embd, &pool);
                 let _ = tx.blocking_send((slot, generation, result, t.elapsed()));
             });
         }
@@ -243,10 +243,20 @@ fn load(
     store: &Store,
     peers: &[crate::model_store::Peer],
     quant_embd: trine_engine::model::QuantEmbd,
+    pool: &rayon::ThreadPool,
 ) -> Result<Opened, String> {
     let found = store.locate(model, peers)?;
     let (mut m, t) = trine_engine::open(found.path(), Some(range)).map_err(|e| e.to_string())?;
     m.set_lm_head(quant_embd);
+    // Measured in the pool the stage runs in, at its thread count.
+    let chosen = pool.install(|| m.choose_kernels());
+    let chosen: Vec<String> = chosen.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        model = %model.name,
+        threads = pool.current_num_threads(),
+        "ternary kernels by measurement: {}",
+        chosen.join("; ")
+    );
     Ok((m, t, found))
 }
 

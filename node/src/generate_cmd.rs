@@ -43,19 +43,20 @@ pub struct GenerateArgs {
     /// Seed for sampling; the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Worker threads for the matrix products [default: the CPUs this
-    /// process may use]. The output does not depend on it.
+    /// Worker threads for the matrix products [default: one per physical
+    /// core this process may use]. The output does not depend on it.
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
     /// Ternary kernel: scalar, avx2, avx-vnni, avx512, avx512-vnni [default:
-    /// the fastest this CPU runs]. The output does not depend on it; this is
-    /// for comparing speeds.
+    /// the fastest per weight shape, measured at load with --threads]. The
+    /// output does not depend on it; this is for comparing speeds.
     #[arg(long)]
     pub kernel: Option<String>,
-    /// lm_head precision: `file` (as stored, F16 in official files) or `q8`
+    /// lm_head precision: `file` (as stored, F16 in official files), `q8`
     /// (quantized to Q8_0 at load: about half the bytes per token, a small
-    /// logit error; BENCHMARKS.md measures it).
-    #[arg(long, default_value = "file", value_name = "file|q8")]
+    /// logit error) or `q4` (Q4_0: about a quarter, a larger error);
+    /// BENCHMARKS.md measures both.
+    #[arg(long, default_value = "file", value_name = "file|q8|q4")]
     pub quant_embd: trine_engine::model::QuantEmbd,
 }
 
@@ -75,18 +76,26 @@ pub fn kernel(name: &str) -> anyhow::Result<trine_engine::kernels::Kernel> {
         })
 }
 
-/// A rayon pool of `threads` workers (default: the CPUs available).
+/// The kernels a model runs, named once each: "avx2", or "avx512-vnni +
+/// avx2" when the measured choice differs per shape.
+pub fn kernels_used(model: &trine_engine::model::Model) -> String {
+    let mut names: Vec<&str> = model.by_shape.iter().map(|c| c.kernel.name()).collect();
+    if names.is_empty() {
+        names.push(model.kernel.name());
+    }
+    let mut seen = Vec::new();
+    names.retain(|n| {
+        let new = !seen.contains(n);
+        seen.push(n);
+        new
+    });
+    names.join(" + ")
+}
+
+/// A compute pool of `threads` workers, unpinned (default: one per
+/// physical core, [`crate::compute::default_threads`]).
 pub fn pool(threads: Option<usize>) -> anyhow::Result<rayon::ThreadPool> {
-    let n = match threads {
-        Some(0) => anyhow::bail!("--threads 0: give at least 1"),
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("trine-compute-{i}"))
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start {n} compute threads: {e}"))
+    crate::compute::pool(threads, false)
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -105,10 +114,16 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let kernel = args.kernel.as_deref().map(kernel).transpose()?;
     let (mut model, tokenizer) = trine_engine::open(&args.model, None)?;
-    if let Some(k) = kernel {
-        model.kernel = k;
-    }
     model.set_lm_head(args.quant_embd);
+    let pool = pool(args.threads)?;
+    match kernel {
+        Some(k) => model.set_kernel(k),
+        None => {
+            for c in pool.install(|| model.choose_kernels()) {
+                let _ = writeln!(err, "kernel {c}");
+            }
+        }
+    }
     let c = &model.config;
     let _ = writeln!(
         err,
@@ -136,7 +151,6 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             c.context
         );
     }
-    let pool = pool(args.threads)?;
     // Stdout, not a lock: the callback runs on a compute thread.
     let mut out = std::io::stdout();
     let mut sampler = Sampler::new(settings);
@@ -163,7 +177,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         stats.generated,
         stats.decode_tokens_per_second(),
         stats.finish,
-        model.kernel.name(),
+        kernels_used(&model),
         pool.current_num_threads()
     );
     Ok(())

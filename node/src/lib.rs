@@ -33,6 +33,7 @@ pub mod cli;
 pub mod cluster;
 pub mod cluster_cmd;
 pub mod complete_cmd;
+pub mod compute;
 pub mod config;
 pub mod console;
 pub mod datadir;

@@ -128,8 +128,16 @@ pub async fn serve(
     } = mesh::start(mesh_config(config)?, key).await?;
     let stages = crate::executor::Stages::default();
     let pool = Arc::new(
-        crate::generate_cmd::pool(None)
-            .map_err(|e| Error::Cluster(format!("cannot start the compute threads: {e:#}")))?,
+        crate::compute::pool(
+            (config.threads > 0).then_some(config.threads as usize),
+            config.pin_threads,
+        )
+        .map_err(|e| Error::Cluster(format!("cannot start the compute threads: {e:#}")))?,
+    );
+    tracing::info!(
+        threads = pool.current_num_threads(),
+        pinned = config.pin_threads,
+        "compute pool"
     );
     let stage_server = crate::stage_server::StageServer::new(stages.clone());
     let stage_task = tokio::spawn(crate::stage_server::run(

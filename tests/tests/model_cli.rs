@@ -300,7 +300,7 @@ fn hugging_face_directories_work_like_gguf_files() -> Result<()> {
 /// comparison is filled in; `generate --quant-embd q8` runs and a bad value
 /// names the choices.
 #[test]
-fn bench_engine_reports_bandwidth_shapes_decode_prefill_and_q8_accuracy() -> Result<()> {
+fn bench_engine_reports_kernels_bandwidth_shapes_decode_prefill_and_head_accuracy() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let path = tmp.path().join("tiny.gguf");
     let p = path.to_str().unwrap_or_default();
@@ -341,23 +341,36 @@ fn bench_engine_reports_bandwidth_shapes_decode_prefill_and_q8_accuracy() -> Res
     for b in &bw {
         ensure!(b["gb_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{b}");
     }
-    // Tiny's layers have four ternary shapes (q/o 256×256, k/v 128×256,
-    // gate/up 512×256, down 256×512), plus one row per lm_head kind.
+    // The kernels were chosen by measurement for each of tiny's four
+    // ternary shapes (q/o 256×256, k/v 128×256, gate/up 512×256, down
+    // 256×512) at each thread count, every SIMD kernel timed.
+    ensure!(r["kernel"] == "measured", "{r}");
+    let choice = r["kernel_choice"].as_array().cloned().unwrap_or_default();
+    ensure!(choice.len() == 2 * 4, "{r}");
+    for c in &choice {
+        let timed = c["us_per_gemv"].as_array().cloned().unwrap_or_default();
+        ensure!(!timed.is_empty(), "{c}");
+        ensure!(timed[0][0] == c["kernel"], "the fastest is kept: {c}");
+    }
+    // Each shape row names the kernel that ran, plus one row per lm_head
+    // kind.
     let shapes = r["shapes"].as_array().cloned().unwrap_or_default();
     let names: Vec<&str> = shapes.iter().filter_map(|s| s["name"].as_str()).collect();
     ensure!(
-        names.contains(&"lm_head F16") && names.contains(&"lm_head Q8_0"),
+        names.contains(&"lm_head F16")
+            && names.contains(&"lm_head Q8_0")
+            && names.contains(&"lm_head Q4_0"),
         "{names:?}"
     );
     for shape in ["q/o", "k/v", "gate/up", "down"] {
         ensure!(names.contains(&shape), "{names:?}");
     }
     ensure!(
-        shapes.len() == 2 * 6,
-        "six rows per thread count: {names:?}"
+        shapes.len() == 2 * 7,
+        "seven rows per thread count: {names:?}"
     );
     let decode = r["decode"].as_array().cloned().unwrap_or_default();
-    ensure!(decode.len() == 4, "file and q8 at 1 and 2 threads: {r}");
+    ensure!(decode.len() == 6, "file, q8 and q4 at 1 and 2 threads: {r}");
     let bytes = |head: &str| {
         decode
             .iter()
@@ -366,36 +379,47 @@ fn bench_engine_reports_bandwidth_shapes_decode_prefill_and_q8_accuracy() -> Res
             .unwrap_or(0)
     };
     ensure!(bytes("Q8_0") > 0 && bytes("Q8_0") < bytes("F16"), "{r}");
+    ensure!(bytes("Q4_0") > 0 && bytes("Q4_0") < bytes("Q8_0"), "{r}");
     for d in &decode {
         ensure!(d["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
     }
     ensure!(r["prefill"].as_array().map(Vec::len) == Some(4), "{r}");
-    let acc = &r["q8_accuracy"];
-    ensure!(acc["positions"] == 40, "{r}");
-    let agreement = acc["argmax_agreement"].as_f64().unwrap_or(-1.0);
-    ensure!((0.0..=1.0).contains(&agreement), "{acc}");
+    let accuracy = r["accuracy"].as_array().cloned().unwrap_or_default();
+    let heads: Vec<&str> = accuracy
+        .iter()
+        .filter_map(|a| a["lm_head"].as_str())
+        .collect();
+    ensure!(heads == ["Q8_0", "Q4_0"], "{r}");
+    let error = |a: &serde_json::Value| a["max_abs_logit_error"].as_f64().unwrap_or(0.0);
+    for acc in &accuracy {
+        ensure!(acc["positions"] == 40, "{r}");
+        let agreement = acc["argmax_agreement"].as_f64().unwrap_or(-1.0);
+        ensure!((0.0..=1.0).contains(&agreement), "{acc}");
+        ensure!(error(acc) > 0.0, "{acc}");
+    }
     ensure!(
-        acc["max_abs_logit_error"].as_f64().unwrap_or(0.0) > 0.0,
-        "{acc}"
+        error(&accuracy[1]) > error(&accuracy[0]),
+        "four bits err more than eight: {r}"
     );
 
-    let mut cmd = trine();
-    cmd.args([
-        "generate",
-        "--model",
-        p,
-        "-n",
-        "8",
-        "--quant-embd",
-        "q8",
-        "Hello",
-    ]);
-    let out = run(cmd, T)?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for head in ["q8", "q4"] {
+        let mut cmd = trine();
+        cmd.args([
+            "generate",
+            "--model",
+            p,
+            "-n",
+            "8",
+            "--quant-embd",
+            head,
+            "Hello",
+        ]);
+        let out = run(cmd, T)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "{stderr}");
+        // Without --kernel, generate measures the kernels per shape.
+        ensure!(stderr.contains("kernel 256×512: "), "{stderr}");
+    }
     let mut cmd = trine();
     cmd.args(["generate", "--model", p, "--quant-embd", "q3", "Hello"]);
     let out = run(cmd, T)?;

@@ -424,6 +424,7 @@ pub fn open(dir: &Path, range: Option<Range<usize>>) -> Result<(Model, Tokenizer
         range,
         config,
         kernel: Kernel::best(),
+        by_shape: Vec::new(),
     };
     Ok((model, tokenizer))
 }

@@ -501,28 +501,48 @@ fn a_batch_of_sequences_equals_each_alone() {
 /// decode and batching still give the same bits as a full recompute.
 #[test]
 fn a_q8_lm_head_is_close_to_f16_and_consistent() {
-    use trine_engine::model::QuantEmbd;
+    let (worst, rms, agree) = quantized_head(trine_engine::model::QuantEmbd::Q8, "Q8_0", 55);
+    assert!(worst < 0.05 * rms, "logit error {worst} against rms {rms}");
+    assert_eq!(agree, 1.0, "the q8 head changed a greedy choice");
+}
+
+/// `--quant-embd q4`: the same for the Q4_0 head, at about a quarter of
+/// the F16 head's bytes and a larger (still bounded) logit error.
+#[test]
+fn a_q4_lm_head_is_close_to_f16_and_consistent() {
+    let (worst, rms, agree) = quantized_head(trine_engine::model::QuantEmbd::Q4, "Q4_0", 30);
+    assert!(worst < 0.35 * rms, "logit error {worst} against rms {rms}");
+    assert!(agree >= 0.75, "greedy agreement {agree}");
+}
+
+/// Quantizes the tiny model's lm_head as `how`, checks its size (under
+/// `pct` % of F16's), that only the head changed, and that incremental
+/// decode equals the full recompute bit for bit; returns the worst logit
+/// error, the logits' rms and the argmax agreement over [`TOKENS`].
+#[allow(clippy::print_stdout)] // the measured error, for the log
+fn quantized_head(how: trine_engine::model::QuantEmbd, ty: &str, pct: usize) -> (f64, f64, f64) {
+    use trine_engine::sampler::argmax;
     let w = Weights::generate(Preset::Tiny, 21);
     let dir = tempfile::tempdir().unwrap();
     let f16_model = Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap();
-    let mut q8 = f16_model.clone();
-    q8.set_lm_head(QuantEmbd::Q8);
-    let head = q8.lm_head.as_ref().unwrap();
-    assert_eq!(head.type_name(), "Q8_0");
+    let mut q = f16_model.clone();
+    q.set_lm_head(how);
+    let head = q.lm_head.as_ref().unwrap();
+    assert_eq!(head.type_name(), ty);
     let f16_head = f16_model.lm_head.as_ref().unwrap();
     assert_eq!(f16_head.type_name(), "F16");
     assert!(
-        head.byte_len() * 100 < f16_head.byte_len() * 55,
+        head.byte_len() * 100 < f16_head.byte_len() * pct,
         "{} vs {} bytes",
         head.byte_len(),
         f16_head.byte_len()
     );
-    assert!(q8.bytes_per_token() < f16_model.bytes_per_token());
+    assert!(q.bytes_per_token() < f16_model.bytes_per_token());
     // The embedding lookup is untouched: only the head is quantized.
-    assert_eq!(q8.embedding.as_ref().unwrap().type_name(), "F16");
+    assert_eq!(q.embedding.as_ref().unwrap().type_name(), "F16");
 
     let exact = logits(&f16_model, TOKENS, Logits::All);
-    let approx = logits(&q8, TOKENS, Logits::All);
+    let approx = logits(&q, TOKENS, Logits::All);
     let vocab = w.config.vocab;
     let rms = (exact.iter().map(|v| f64::from(v * v)).sum::<f64>() / exact.len() as f64).sqrt();
     let worst = exact
@@ -530,20 +550,24 @@ fn a_q8_lm_head_is_close_to_f16_and_consistent() {
         .zip(&approx)
         .map(|(a, b)| f64::from((a - b).abs()))
         .fold(0f64, f64::max);
-    println!("q8 head: max |Δlogit| = {worst:.4} (logit rms {rms:.3})");
-    assert!(worst > 0.0, "the q8 head gave the F16 head's exact bits");
-    assert!(worst < 0.05 * rms, "logit error {worst} against rms {rms}");
-    use trine_engine::sampler::argmax;
-    for (p, (a, b)) in exact.chunks(vocab).zip(approx.chunks(vocab)).enumerate() {
-        assert_eq!(argmax(a), argmax(b), "position {p}");
-    }
+    let positions = exact.len() / vocab;
+    let agree = exact
+        .chunks(vocab)
+        .zip(approx.chunks(vocab))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count() as f64
+        / positions as f64;
+    println!(
+        "{ty} head: max |Δlogit| = {worst:.4} (logit rms {rms:.3}), argmax agreement {agree:.3}"
+    );
+    assert!(worst > 0.0, "the {ty} head gave the F16 head's exact bits");
 
     // Incremental decode equals the full recompute, bit for bit.
-    let mut cache = q8.new_cache(64);
-    q8.forward(Input::Tokens(&TOKENS[..2]), &mut cache, Logits::Last)
+    let mut cache = q.new_cache(64);
+    q.forward(Input::Tokens(&TOKENS[..2]), &mut cache, Logits::Last)
         .unwrap();
     for (i, t) in TOKENS.iter().enumerate().skip(2) {
-        let Output::Logits(step) = q8
+        let Output::Logits(step) = q
             .forward(Input::Tokens(&[*t]), &mut cache, Logits::Last)
             .unwrap()
         else {
@@ -551,4 +575,48 @@ fn a_q8_lm_head_is_close_to_f16_and_consistent() {
         };
         assert_eq!(step, approx[i * vocab..(i + 1) * vocab], "position {i}");
     }
+    (worst, rms, agree)
+}
+
+/// Kernels chosen per shape by measurement cover every weight shape of the
+/// stage, and the logits are the same bits as with the scalar reference
+/// everywhere (the choice changes speed only).
+#[test]
+fn kernels_chosen_by_measurement_give_the_reference_bits() {
+    use trine_engine::kernels::Kernel;
+    let w = Weights::generate(Preset::Tiny, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap();
+    let mut reference = model.clone();
+    reference.set_kernel(Kernel::Scalar);
+    let chosen = model.choose_kernels().to_vec();
+    for l in &model.layers {
+        for m in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            assert!(
+                chosen
+                    .iter()
+                    .any(|c| (c.rows, c.cols) == (m.rows(), m.cols())),
+                "shape {}×{} not measured: {chosen:?}",
+                m.rows(),
+                m.cols()
+            );
+        }
+    }
+    for c in &chosen {
+        assert!(Kernel::available().contains(&c.kernel));
+    }
+    let q = &model.layers[0].q;
+    let for_q = chosen
+        .iter()
+        .find(|c| (c.rows, c.cols) == (q.rows(), q.cols()))
+        .unwrap();
+    assert_eq!(model.kernel_for(q), for_q.kernel);
+    assert_eq!(
+        logits(&model, TOKENS, Logits::All),
+        logits(&reference, TOKENS, Logits::All)
+    );
+    // --kernel replaces the measured choice.
+    model.set_kernel(Kernel::Scalar);
+    assert!(model.by_shape.is_empty());
+    assert_eq!(model.kernel_for(&model.layers[0].down), Kernel::Scalar);
 }

@@ -5,14 +5,18 @@
 //!
 //! One scalar reference ([`scalar`]) and one file per instruction set
 //! (`avx2.rs`: AVX2 and AVX-VNNI; `avx512.rs`: AVX512-BW and AVX512-VNNI);
-//! the fastest available is chosen once at run time ([`Kernel::best`]).
+//! [`Kernel::best`] is a first guess from the CPU's features, and a stage
+//! can measure them on its own matrices and keep the fastest per shape
+//! ([`choose`]).
 //! Every implementation is bit-identical to the reference in i32.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod choose;
 pub mod fdot;
+pub mod q4;
 pub mod q8;
 pub mod scalar;
 
@@ -159,7 +163,9 @@ impl Kernel {
         v
     }
 
-    /// The fastest kernel for this CPU, detected once.
+    /// The kernel with the most capable instructions this CPU runs,
+    /// detected once: a guess at the fastest, which [`choose`] replaces by
+    /// a measurement.
     pub fn best() -> Kernel {
         static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| *Self::available().last().unwrap_or(&Kernel::Scalar))

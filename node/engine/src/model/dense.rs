@@ -1,12 +1,14 @@
 //! Dense (non-ternary) matrices: the embedding table, which is also the tied
-//! lm_head, kept in the file's precision (F32, F16, BF16 or Q8_0) and
-//! widened to f32 a row at a time.
+//! lm_head, kept in the file's precision (F32, F16, BF16, Q8_0 or Q4_0)
+//! and widened to f32 a row at a time, or repacked at load for the integer
+//! kernels (`--quant-embd q8|q4`).
 
 use half::slice::HalfFloatSliceExt as _;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::fdot::{dot_f16_n, dot_n};
+use crate::kernels::q4::{self, Q4Acts};
 use crate::kernels::q8::{self, Q8Acts};
 
 use crate::formats::Error;
@@ -21,9 +23,10 @@ pub struct Dense {
     cols: usize,
     ty: GgmlType,
     data: Bytes,
-    /// Q8_0 rows repacked for the int8 kernel (each row's scales, then its
-    /// values: [`q8::quantize_row`]) rather than in the file's interleaved
-    /// blocks; made only by [`Dense::to_q8_0`].
+    /// Q8_0 or Q4_0 rows repacked for the int8 kernels (each row's scales,
+    /// then its values: [`q8::quantize_row`], [`q4::quantize_row`]) rather
+    /// than in the file's interleaved blocks; made only by
+    /// [`Dense::to_q8_0`] and [`Dense::to_q4_0`].
     repacked: bool,
 }
 
@@ -62,10 +65,21 @@ impl Dense {
                 }
                 n / q8::BLOCK * q8::BLOCK_BYTES
             }
+            GgmlType::Q4_0 => {
+                if !cols.is_multiple_of(q4::BLOCK) {
+                    return Err(Error::Shape {
+                        format: "Q4_0",
+                        what: "rows of a multiple of 32 values",
+                        rows,
+                        cols,
+                    });
+                }
+                rows * q4::file_row_bytes(cols)
+            }
             _ => {
                 return Err(Error::Shape {
                     format: "dense tensor",
-                    what: "type F32, F16, BF16 or Q8_0",
+                    what: "type F32, F16, BF16, Q8_0 or Q4_0",
                     rows,
                     cols,
                 });
@@ -135,6 +149,28 @@ impl Dense {
             GgmlType::BF16 => {
                 for (o, b) in out.iter_mut().zip(self.data[s * 2..e * 2].chunks_exact(2)) {
                     *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            GgmlType::Q4_0 => {
+                let len = if self.repacked {
+                    q4::row_bytes(self.cols)
+                } else {
+                    q4::file_row_bytes(self.cols)
+                };
+                let row = &self.data[r * len..(r + 1) * len];
+                for (b, chunk) in out[..self.cols].chunks_mut(q4::BLOCK).enumerate() {
+                    let (d, codes) = if self.repacked {
+                        q4::block(row, b)
+                    } else {
+                        let block = &row[b * q4::BLOCK_BYTES..(b + 1) * q4::BLOCK_BYTES];
+                        (
+                            f16::from_le_bytes([block[0], block[1]]).to_f32(),
+                            q4::codes_of(&block[2..]),
+                        )
+                    };
+                    for (o, &n) in chunk.iter_mut().zip(&codes) {
+                        *o = d * (f32::from(n) - 8.0);
+                    }
                 }
             }
             _ => {
@@ -213,6 +249,25 @@ impl Dense {
         // Row-major scratch (r * n + t), transposed into `out` afterwards
         // (for one token the two are the same).
         let mut by_row = vec![0f32; self.rows * n];
+        if self.repacked && self.ty == GgmlType::Q4_0 {
+            let acts: Vec<Q4Acts> = tokens.iter().map(|x| Q4Acts::quantize(x)).collect();
+            let row_len = q4::row_bytes(self.cols);
+            by_row
+                .par_chunks_mut(ROWS * n)
+                .enumerate()
+                .for_each(|(chunk, ys)| {
+                    let row = |i: usize| {
+                        let r = chunk * ROWS + i;
+                        &self.data[r * row_len..(r + 1) * row_len]
+                    };
+                    for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
+                        for (x4, y4) in acts.chunks(4).zip(yr.chunks_mut(4)) {
+                            q4_dots(row(i), x4, y4);
+                        }
+                    }
+                });
+            return transpose_into(&by_row, n, self.rows, out);
+        }
         if self.repacked {
             let acts: Vec<Q8Acts> = tokens.iter().map(|x| Q8Acts::quantize(x)).collect();
             let row_len = q8::row_bytes(self.cols);
@@ -256,7 +311,7 @@ impl Dense {
     /// makes of the lm_head at load. A Q8_0 matrix from a file keeps its
     /// values exactly (only the layout changes).
     pub fn to_q8_0(&self) -> Dense {
-        if self.repacked {
+        if self.repacked && self.ty == GgmlType::Q8_0 {
             return self.clone();
         }
         let row_len = q8::row_bytes(self.cols);
@@ -284,6 +339,40 @@ impl Dense {
         }
     }
 
+    /// This matrix quantized to Q4_0 (as llama.cpp's reference does) and
+    /// repacked for the Q4 kernel: what `--quant-embd q4` makes of the
+    /// lm_head at load, about a quarter of the bytes of F16. A Q4_0 matrix
+    /// from a file keeps its values exactly.
+    pub fn to_q4_0(&self) -> Dense {
+        if self.repacked && self.ty == GgmlType::Q4_0 {
+            return self.clone();
+        }
+        let row_len = q4::row_bytes(self.cols);
+        let file_len = q4::file_row_bytes(self.cols);
+        let mut data = vec![0u8; self.rows * row_len];
+        data.par_chunks_mut(row_len * 64)
+            .enumerate()
+            .for_each(|(chunk, rows)| {
+                let mut buf = vec![0f32; self.cols];
+                for (i, row) in rows.chunks_exact_mut(row_len).enumerate() {
+                    let r = chunk * 64 + i;
+                    if self.ty == GgmlType::Q4_0 {
+                        q4::repack_row(&self.data[r * file_len..(r + 1) * file_len], row);
+                    } else {
+                        self.row_into(r, &mut buf);
+                        q4::quantize_row(&buf, row);
+                    }
+                }
+            });
+        Dense {
+            rows: self.rows,
+            cols: self.cols,
+            ty: GgmlType::Q4_0,
+            data: data.into(),
+            repacked: true,
+        }
+    }
+
     /// Bytes a pass over every row reads.
     pub fn byte_len(&self) -> usize {
         self.data.len()
@@ -301,6 +390,18 @@ fn transpose_into(by_row: &[f32], n: usize, rows: usize, out: &mut [f32]) {
             out[t * rows + r] = y;
         }
     }
+}
+
+/// A repacked Q4_0 row · each of `xs` (at most four) into `out`.
+fn q4_dots(row: &[u8], xs: &[Q4Acts], out: &mut [f32]) {
+    let got: &[f32] = match xs {
+        [a, b, c, d] => &q4::dot_n(row, [a, b, c, d]),
+        [a, b, c] => &q4::dot_n(row, [a, b, c]),
+        [a, b] => &q4::dot_n(row, [a, b]),
+        [a] => &q4::dot_n(row, [a]),
+        _ => &[],
+    };
+    out.copy_from_slice(got);
 }
 
 /// A Q8_0 row · each of `xs` (at most four) into `out`.

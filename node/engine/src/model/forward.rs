@@ -279,7 +279,7 @@ impl Model {
 
     /// Y = BL(X) for a batch of quantized activation rows (token-major out).
     fn bitlinear(&self, w: &Ternary, acts: &[Activations], out: &mut [f32]) {
-        self.kernel.gemm(w, acts, out);
+        self.kernel_for(w).gemm(w, acts, out);
     }
 
     /// RMSNorm then int8 quantization of each of the `n` rows of `x`.

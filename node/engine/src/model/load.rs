@@ -235,6 +235,7 @@ impl Model {
             range,
             config,
             kernel: Kernel::best(),
+            by_shape: Vec::new(),
         })
     }
 }

@@ -21,6 +21,7 @@ pub use dense::Dense;
 pub use forward::{Input, KvCache, Logits, Output, Step};
 
 use crate::kernels::Kernel;
+use crate::kernels::choose::{self, ShapeChoice};
 use crate::ternary::Ternary;
 
 /// One decoder layer's weights.
@@ -54,7 +55,11 @@ pub struct Model {
     pub lm_head: Option<Arc<Dense>>,
     pub layers: Vec<Layer>,
     pub output_norm: Option<Vec<f32>>,
+    /// The ternary kernel for every shape [`Model::by_shape`] does not name.
     pub kernel: Kernel,
+    /// Kernels chosen per weight shape by measurement
+    /// ([`Model::choose_kernels`]); empty until then.
+    pub by_shape: Vec<ShapeChoice>,
 }
 
 /// How the last stage holds its lm_head (`--quant-embd`).
@@ -68,6 +73,10 @@ pub enum QuantEmbd {
     /// against Q8_0-quantized activations: about half the bytes per token
     /// of an F16 lm_head, at a small logit error (BENCHMARKS.md).
     Q8,
+    /// Quantized at load to Q4_0 (4.5 bits a weight) and multiplied in int8
+    /// against the same activations: about a quarter of the bytes of F16,
+    /// at a larger logit error than Q8 (BENCHMARKS.md measures it).
+    Q4,
 }
 
 impl QuantEmbd {
@@ -75,6 +84,7 @@ impl QuantEmbd {
         match self {
             QuantEmbd::File => "file",
             QuantEmbd::Q8 => "q8",
+            QuantEmbd::Q4 => "q4",
         }
     }
 }
@@ -86,8 +96,9 @@ impl std::str::FromStr for QuantEmbd {
         match s {
             "file" | "none" => Ok(QuantEmbd::File),
             "q8" | "q8_0" => Ok(QuantEmbd::Q8),
+            "q4" | "q4_0" => Ok(QuantEmbd::Q4),
             _ => Err(format!(
-                "unknown lm_head quantization {s:?}: give `file` (keep the file's precision) or `q8`"
+                "unknown lm_head quantization {s:?}: give `file` (keep the file's precision), `q8` or `q4`"
             )),
         }
     }
@@ -101,13 +112,58 @@ impl std::fmt::Display for QuantEmbd {
 
 impl Model {
     /// Applies `--quant-embd` to the lm_head (a last stage only; the
-    /// embedding lookup of a first stage keeps the file's rows). Q8 makes
-    /// an owned Q8_0 copy, so the mapped F16 rows are no longer read per
-    /// token.
+    /// embedding lookup of a first stage keeps the file's rows). Q8 and Q4
+    /// make an owned Q8_0 / Q4_0 copy, so the mapped F16 rows are no longer
+    /// read per token.
     pub fn set_lm_head(&mut self, how: QuantEmbd) {
-        if let (QuantEmbd::Q8, Some(head)) = (how, &self.lm_head) {
-            self.lm_head = Some(Arc::new(head.to_q8_0()));
+        let Some(head) = &self.lm_head else { return };
+        match how {
+            QuantEmbd::File => {}
+            QuantEmbd::Q8 => self.lm_head = Some(Arc::new(head.to_q8_0())),
+            QuantEmbd::Q4 => self.lm_head = Some(Arc::new(head.to_q4_0())),
         }
+    }
+
+    /// The kernel that multiplies `w`.
+    #[inline]
+    pub fn kernel_for(&self, w: &Ternary) -> Kernel {
+        self.by_shape
+            .iter()
+            .find(|s| s.rows == w.rows() && s.cols == w.cols())
+            .map_or(self.kernel, |s| s.kernel)
+    }
+
+    /// One kernel for every shape (`--kernel`), replacing any measured
+    /// choice.
+    pub fn set_kernel(&mut self, kernel: Kernel) {
+        self.kernel = kernel;
+        self.by_shape.clear();
+    }
+
+    /// Times every SIMD kernel this CPU runs on each of the stage's weight
+    /// shapes, in the current rayon pool (so at the thread count the stage
+    /// will run with), and keeps the fastest per shape. Well under a second
+    /// for the 2B4T shapes; the output does not depend on the choice.
+    pub fn choose_kernels(&mut self) -> &[ShapeChoice] {
+        let kernels = choose::candidates();
+        let mut groups: Vec<Vec<&Ternary>> = Vec::new();
+        for l in &self.layers {
+            for m in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                match groups
+                    .iter_mut()
+                    .find(|g| g[0].rows() == m.rows() && g[0].cols() == m.cols())
+                {
+                    Some(g) => g.push(m),
+                    None => groups.push(vec![m]),
+                }
+            }
+        }
+        let chosen = groups
+            .iter()
+            .map(|g| choose::measure(g, &kernels, choose::ROUNDS))
+            .collect();
+        self.by_shape = chosen;
+        &self.by_shape
     }
 
     /// Bytes one decode step reads from the weights: every ternary matrix

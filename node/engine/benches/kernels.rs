@@ -1,0 +1,93 @@
+//! Criterion benchmarks of the engine's kernels, one GEMV (or lm_head row
+//! block) at a time, with the weights in cache: what each kernel's
+//! instructions cost, apart from memory. `trine bench engine` measures the
+//! same kernels from memory, against this machine's bandwidth, on a whole
+//! model.
+//!
+//! `cargo bench -p trine-engine --bench kernels` (add a filter, e.g.
+//! `-- ternary/2560x6912`, to run a part).
+
+#![allow(clippy::unwrap_used)] // a benchmark: a failure to start is a panic
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use trine_engine::kernels::q4::{self, Q4Acts};
+use trine_engine::kernels::q8::{self, Q8Acts};
+use trine_engine::kernels::{Activations, Kernel};
+use trine_engine::ternary::Ternary;
+
+/// Deterministic values in about [-2, 2].
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 37 + seed * 101) % 257) as f32 - 128.0) / 64.0)
+        .collect()
+}
+
+/// Each kernel this CPU runs on the 2B4T ternary shapes, one thread.
+fn ternary(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ternary");
+    for (rows, cols) in [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)] {
+        let trits: Vec<i8> = (0..rows * cols).map(|i| ((i * 7) % 3) as i8 - 1).collect();
+        let w = Ternary::from_trits(rows, cols, &trits, 0.5);
+        let acts = Activations::quantize(&values(cols, 1));
+        let mut out = vec![0f32; rows];
+        g.throughput(Throughput::Bytes(w.data().len() as u64));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for k in Kernel::available() {
+            if k == Kernel::Scalar {
+                continue;
+            }
+            g.bench_with_input(
+                BenchmarkId::new(format!("{rows}x{cols}"), k.name()),
+                &k,
+                |b, &k| b.iter(|| pool.install(|| k.gemv(&w, &acts, &mut out))),
+            );
+        }
+    }
+    g.finish();
+}
+
+/// 1,024 lm_head rows of 2,560 values against one token, Q8_0 and Q4_0.
+fn lm_head(c: &mut Criterion) {
+    let (rows, cols) = (1024, 2560);
+    let x = values(cols, 2);
+    let mut g = c.benchmark_group("lm_head");
+
+    let len8 = q8::row_bytes(cols);
+    let mut w8 = vec![0u8; rows * len8];
+    for (r, row) in w8.chunks_exact_mut(len8).enumerate() {
+        q8::quantize_row(&values(cols, r + 3), row);
+    }
+    let a8 = Q8Acts::quantize(&x);
+    g.throughput(Throughput::Bytes(w8.len() as u64));
+    g.bench_function("q8_0/row", |b| {
+        b.iter(|| {
+            for row in w8.chunks_exact(len8) {
+                black_box(q8::dot_n(row, [&a8]));
+            }
+        })
+    });
+
+    let len4 = q4::row_bytes(cols);
+    let mut w4 = vec![0u8; rows * len4];
+    for (r, row) in w4.chunks_exact_mut(len4).enumerate() {
+        q4::quantize_row(&values(cols, r + 3), row);
+    }
+    let a4 = Q4Acts::quantize(&x);
+    g.throughput(Throughput::Bytes(w4.len() as u64));
+    g.bench_function("q4_0/row", |b| {
+        b.iter(|| {
+            for row in w4.chunks_exact(len4) {
+                black_box(q4::dot_n(row, [&a4]));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, ternary, lm_head);
+criterion_main!(benches);
