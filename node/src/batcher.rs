@@ -31,6 +31,9 @@ pub struct Batching {
     pub max_batch: usize,
     /// The lm_head precision of the last stages this node loads.
     pub quant_embd: trine_engine::model::QuantEmbd,
+    /// One ternary kernel for every stage, or `None`: the fastest per
+    /// shape, measured at each stage load.
+    pub kernel: Option<trine_engine::kernels::Kernel>,
 }
 
 /// A step's input, owned (it crosses to the batcher's thread).
@@ -250,6 +253,7 @@ mod tests {
             pool: Arc::new(pool),
             max_batch,
             quant_embd: Default::default(),
+            kernel: None,
         }
     }
 

@@ -381,6 +381,13 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_QUANT_EMBD", value_name = "file|q8|q4")]
     pub quant_embd: Option<trine_engine::model::QuantEmbd>,
 
+    /// Ternary kernel for the stages this node runs: `auto` (the fastest
+    /// per weight shape, measured at each stage load and logged) or one
+    /// this CPU runs: scalar, avx2, avx-vnni, avx512, avx512-vnni.
+    /// [default: auto]
+    #[arg(long, env = "TRINE_KERNEL", value_name = "auto|NAME")]
+    pub kernel: Option<String>,
+
     /// Compute threads for the stages this node runs. [default: one per
     /// physical core this process may use]
     #[arg(long, env = "TRINE_THREADS", value_name = "N")]
@@ -502,6 +509,7 @@ impl NodeArgs {
             max_batch: self.max_batch,
             quant_embd: self.quant_embd,
             threads: self.threads,
+            kernel: self.kernel.clone(),
             pin_threads: self.pin_threads.then_some(true),
             request_timeout: self.request_timeout,
             snapshot_every: self.snapshot_every,

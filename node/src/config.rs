@@ -133,6 +133,9 @@ pub struct Config {
     pub quant_embd: trine_engine::model::QuantEmbd,
     /// Compute threads; 0 means one per physical core this process may use.
     pub threads: u32,
+    /// Ternary kernel: `auto` (the fastest per weight shape, measured at
+    /// each stage load) or one this CPU runs (avx2, avx512-vnni, ...).
+    pub kernel: String,
     /// Bind each compute thread to its own physical core.
     pub pin_threads: bool,
     /// Longest an inference request may take, end to end, unless the
@@ -222,6 +225,7 @@ pub struct Layer {
     pub max_batch: Option<u32>,
     pub quant_embd: Option<trine_engine::model::QuantEmbd>,
     pub threads: Option<u32>,
+    pub kernel: Option<String>,
     pub pin_threads: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
@@ -310,6 +314,7 @@ impl Default for Config {
             max_batch: 32,
             quant_embd: Default::default(),
             threads: 0,
+            kernel: "auto".into(),
             pin_threads: false,
             request_timeout: Duration::from_secs(300),
             snapshot_every: 10_000,
@@ -407,6 +412,7 @@ impl Layer {
             max_batch: over.max_batch.or(self.max_batch),
             quant_embd: over.quant_embd.or(self.quant_embd),
             threads: over.threads.or(self.threads),
+            kernel: over.kernel.or(self.kernel),
             pin_threads: over.pin_threads.or(self.pin_threads),
             request_timeout: over.request_timeout.or(self.request_timeout),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
@@ -470,6 +476,7 @@ impl Config {
             max_batch: layer.max_batch.unwrap_or(d.max_batch),
             quant_embd: layer.quant_embd.unwrap_or(d.quant_embd),
             threads: layer.threads.unwrap_or(d.threads),
+            kernel: layer.kernel.unwrap_or(d.kernel),
             pin_threads: layer.pin_threads.unwrap_or(d.pin_threads),
             request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
@@ -488,6 +495,14 @@ impl Config {
     }
 
     /// Checks every rule; the first broken one is reported.
+    /// The kernel `kernel` names, unless it is `auto` (or one this CPU
+    /// does not run, which [`Config::validate`] refuses).
+    pub fn fixed_kernel(&self) -> Option<trine_engine::kernels::Kernel> {
+        trine_engine::kernels::Kernel::available()
+            .into_iter()
+            .find(|k| k.name() == self.kernel)
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid(
@@ -628,6 +643,20 @@ impl Config {
                 "rebalance_every",
                 &humantime::format_duration(self.rebalance_every).to_string(),
                 "it must be at least 1s, e.g. \"30s\"",
+            ));
+        }
+        if self.kernel != "auto" && self.fixed_kernel().is_none() {
+            let names: Vec<&str> = trine_engine::kernels::Kernel::available()
+                .iter()
+                .map(|k| k.name())
+                .collect();
+            return Err(invalid(
+                "kernel",
+                &self.kernel,
+                &format!(
+                    "give auto (measure at load) or a kernel this CPU runs: {}",
+                    names.join(", ")
+                ),
             ));
         }
         if self.threads > 1024 {
@@ -1053,6 +1082,13 @@ mod tests {
                     ..Layer::default()
                 },
                 "threads",
+            ),
+            (
+                Layer {
+                    kernel: Some("avx1024".into()),
+                    ..Layer::default()
+                },
+                "kernel",
             ),
             (
                 Layer {

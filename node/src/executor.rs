@@ -147,10 +147,11 @@ pub async fn run(
             let generation = p.generation;
             let range = p.layer_start as usize..p.layer_end as usize;
             let peers = crate::model_store::peers(&state, me, &model.sha256);
-            let (quant_embd, pool) = (batching.quant_embd, batching.pool.clone());
+            let (quant_embd, kernel, pool) =
+                (batching.quant_embd, batching.kernel, batching.pool.clone());
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let result = load(&model, range, &store, &peers, quant_embd, &pool);
+                let result = load(&model, range, &store, &peers, quant_embd, kernel, &pool);
                 let _ = tx.blocking_send((slot, generation, result, t.elapsed()));
             });
         }
@@ -243,11 +244,17 @@ fn load(
     store: &Store,
     peers: &[crate::model_store::Peer],
     quant_embd: trine_engine::model::QuantEmbd,
+    kernel: Option<trine_engine::kernels::Kernel>,
     pool: &rayon::ThreadPool,
 ) -> Result<Opened, String> {
     let found = store.locate(model, peers)?;
     let (mut m, t) = trine_engine::open(found.path(), Some(range)).map_err(|e| e.to_string())?;
     m.set_lm_head(quant_embd);
+    if let Some(k) = kernel {
+        m.set_kernel(k);
+        tracing::info!(model = %model.name, "ternary kernel {} (--kernel)", k.name());
+        return Ok((m, t, found));
+    }
     // Measured in the pool the stage runs in, at its thread count.
     let chosen = pool.install(|| m.choose_kernels());
     let chosen: Vec<String> = chosen.iter().map(ToString::to_string).collect();

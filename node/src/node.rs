@@ -213,6 +213,7 @@ pub async fn serve(
                 pool: pool.clone(),
                 max_batch: config.max_batch as usize,
                 quant_embd: config.quant_embd,
+                kernel: config.fixed_kernel(),
             },
             executor_stop_rx,
         ))

@@ -575,6 +575,13 @@ async fn every_interface_answers_bad_input_with_a_clear_error_and_loses_nothing(
         },
         Row {
             interface: "config",
+            input: "a kernel this CPU does not run",
+            status: "exit 78",
+            says: &["kernel", "avx1024", "give auto", "scalar"],
+            got: cli(&["node", "--print-config", "--kernel", "avx1024"], &[])?,
+        },
+        Row {
+            interface: "config",
             input: "an unknown key",
             status: "exit 78",
             says: &["unknown field `max_tokenz`", "--print-config"],

@@ -236,62 +236,37 @@ impl Dense {
     /// row-major): each row is widened once for every token, and each
     /// element is computed exactly as [`Dense::matvec`] computes it.
     ///
-    /// A Q8_0 matrix made by [`Dense::to_q8_0`] is multiplied in int8: each token is quantized to Q8_0-style blocks once,
-    /// and each row · token is [`q8::dot_n`] (as llama.cpp does for a Q8_0
-    /// output tensor), so its result is not the f32 product of the widened
-    /// row but within the quantization error of it.
+    /// A matrix made by [`Dense::to_q8_0`] or [`Dense::to_q4_0`] is
+    /// multiplied in int8: each token is quantized to Q8_0-style blocks
+    /// once, and each row · token is [`q8::dot_n`] or [`q4::dot_n`] (as
+    /// llama.cpp does for a Q8_0 or Q4_0 output tensor), so its result is
+    /// not the f32 product of the widened row but within the quantization
+    /// error of it.
     pub fn matmul(&self, xs: &[f32], out: &mut [f32]) {
         let n = xs.len() / self.cols;
         assert_eq!(xs.len(), n * self.cols);
         assert_eq!(out.len(), n * self.rows);
-        const ROWS: usize = 256;
         let tokens: Vec<&[f32]> = xs.chunks_exact(self.cols).collect();
         // Row-major scratch (r * n + t), transposed into `out` afterwards
         // (for one token the two are the same).
         let mut by_row = vec![0f32; self.rows * n];
         if self.repacked && self.ty == GgmlType::Q4_0 {
             let acts: Vec<Q4Acts> = tokens.iter().map(|x| Q4Acts::quantize(x)).collect();
-            let row_len = q4::row_bytes(self.cols);
-            by_row
-                .par_chunks_mut(ROWS * n)
-                .enumerate()
-                .for_each(|(chunk, ys)| {
-                    let row = |i: usize| {
-                        let r = chunk * ROWS + i;
-                        &self.data[r * row_len..(r + 1) * row_len]
-                    };
-                    for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
-                        for (x4, y4) in acts.chunks(4).zip(yr.chunks_mut(4)) {
-                            q4_dots(row(i), x4, y4);
-                        }
-                    }
-                });
+            self.int_rows(&mut by_row, n, q4::row_bytes(self.cols), &acts, q4_dots);
             return transpose_into(&by_row, n, self.rows, out);
         }
         if self.repacked {
             let acts: Vec<Q8Acts> = tokens.iter().map(|x| Q8Acts::quantize(x)).collect();
-            let row_len = q8::row_bytes(self.cols);
-            by_row
-                .par_chunks_mut(ROWS * n)
-                .enumerate()
-                .for_each(|(chunk, ys)| {
-                    for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
-                        let r = chunk * ROWS + i;
-                        let row = &self.data[r * row_len..(r + 1) * row_len];
-                        for (x4, y4) in acts.chunks(4).zip(yr.chunks_mut(4)) {
-                            q8_dots(row, x4, y4);
-                        }
-                    }
-                });
+            self.int_rows(&mut by_row, n, q8::row_bytes(self.cols), &acts, q8_dots);
             return transpose_into(&by_row, n, self.rows, out);
         }
         by_row
-            .par_chunks_mut(ROWS * n)
+            .par_chunks_mut(MATMUL_ROWS * n)
             .enumerate()
             .for_each(|(chunk, ys)| {
                 let mut buf = vec![0f32; self.cols];
                 for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
-                    let r = chunk * ROWS + i;
+                    let r = chunk * MATMUL_ROWS + i;
                     let f16_row = self.f16_row(r);
                     if f16_row.is_none() {
                         self.row_into(r, &mut buf);
@@ -314,29 +289,8 @@ impl Dense {
         if self.repacked && self.ty == GgmlType::Q8_0 {
             return self.clone();
         }
-        let row_len = q8::row_bytes(self.cols);
-        let mut data = vec![0u8; self.rows * row_len];
-        data.par_chunks_mut(row_len * 64)
-            .enumerate()
-            .for_each(|(chunk, rows)| {
-                let mut buf = vec![0f32; self.cols];
-                for (i, row) in rows.chunks_exact_mut(row_len).enumerate() {
-                    let r = chunk * 64 + i;
-                    if self.ty == GgmlType::Q8_0 {
-                        q8::repack_row(&self.data[r * row_len..(r + 1) * row_len], row);
-                    } else {
-                        self.row_into(r, &mut buf);
-                        q8::quantize_row(&buf, row);
-                    }
-                }
-            });
-        Dense {
-            rows: self.rows,
-            cols: self.cols,
-            ty: GgmlType::Q8_0,
-            data: data.into(),
-            repacked: true,
-        }
+        let len = q8::row_bytes(self.cols);
+        self.requantized(GgmlType::Q8_0, len, len, q8::repack_row, q8::quantize_row)
     }
 
     /// This matrix quantized to Q4_0 (as llama.cpp's reference does) and
@@ -347,8 +301,26 @@ impl Dense {
         if self.repacked && self.ty == GgmlType::Q4_0 {
             return self.clone();
         }
-        let row_len = q4::row_bytes(self.cols);
-        let file_len = q4::file_row_bytes(self.cols);
+        self.requantized(
+            GgmlType::Q4_0,
+            q4::row_bytes(self.cols),
+            q4::file_row_bytes(self.cols),
+            q4::repack_row,
+            q4::quantize_row,
+        )
+    }
+
+    /// Every row in `ty`'s repacked layout (`row_len` bytes a row): a file
+    /// row of that type (`file_len` bytes) repacked code for code, any other
+    /// widened and quantized.
+    fn requantized(
+        &self,
+        ty: GgmlType,
+        row_len: usize,
+        file_len: usize,
+        repack: fn(&[u8], &mut [u8]),
+        quantize: fn(&[f32], &mut [u8]),
+    ) -> Dense {
         let mut data = vec![0u8; self.rows * row_len];
         data.par_chunks_mut(row_len * 64)
             .enumerate()
@@ -356,21 +328,46 @@ impl Dense {
                 let mut buf = vec![0f32; self.cols];
                 for (i, row) in rows.chunks_exact_mut(row_len).enumerate() {
                     let r = chunk * 64 + i;
-                    if self.ty == GgmlType::Q4_0 {
-                        q4::repack_row(&self.data[r * file_len..(r + 1) * file_len], row);
+                    if self.ty == ty {
+                        repack(&self.data[r * file_len..(r + 1) * file_len], row);
                     } else {
                         self.row_into(r, &mut buf);
-                        q4::quantize_row(&buf, row);
+                        quantize(&buf, row);
                     }
                 }
             });
         Dense {
             rows: self.rows,
             cols: self.cols,
-            ty: GgmlType::Q4_0,
+            ty,
             data: data.into(),
             repacked: true,
         }
+    }
+
+    /// `by_row[r * n + t]` = repacked row r (`row_len` bytes) · token t, by
+    /// `dots` (a row against at most four tokens), rows split over the
+    /// current rayon pool.
+    fn int_rows<A: Sync>(
+        &self,
+        by_row: &mut [f32],
+        n: usize,
+        row_len: usize,
+        acts: &[A],
+        dots: fn(&[u8], &[A], &mut [f32]),
+    ) {
+        by_row
+            .par_chunks_mut(MATMUL_ROWS * n)
+            .enumerate()
+            .for_each(|(chunk, ys)| {
+                for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
+                    let r = chunk * MATMUL_ROWS + i;
+                    let row = &self.data[r * row_len..(r + 1) * row_len];
+                    for (x4, y4) in acts.chunks(4).zip(yr.chunks_mut(4)) {
+                        dots(row, x4, y4);
+                    }
+                }
+            });
     }
 
     /// Bytes a pass over every row reads.
@@ -378,6 +375,9 @@ impl Dense {
         self.data.len()
     }
 }
+
+/// Rows per parallel task of a matrix product.
+const MATMUL_ROWS: usize = 256;
 
 /// Row-major `by_row[r * n + t]` into token-major `out[t * rows + r]`.
 fn transpose_into(by_row: &[f32], n: usize, rows: usize, out: &mut [f32]) {
@@ -414,4 +414,66 @@ fn q8_dots(row: &[u8], xs: &[Q8Acts], out: &mut [f32]) {
         _ => &[],
     };
     out.copy_from_slice(got);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Q4_0 tensor as a GGUF file stores it: `rows` rows of 18-byte
+    /// blocks with varied scales and codes.
+    fn q4_file(rows: usize, cols: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for r in 0..rows {
+            for b in 0..cols / q4::BLOCK {
+                let d = f16::from_f32(0.01 * (1 + (r * 7 + b) % 13) as f32);
+                bytes.extend_from_slice(&d.to_le_bytes());
+                bytes.extend((0..16).map(|j| ((r + b * 3 + j * 5) % 256) as u8));
+            }
+        }
+        bytes
+    }
+
+    /// A Q4_0 embedding from a file reads as d·(n − 8), and `--quant-embd
+    /// q4` repacks it without changing a value; the int8 product is close
+    /// to the f32 one of the same values.
+    #[test]
+    fn a_q4_0_file_tensor_reads_and_repacks_exactly() {
+        let (rows, cols) = (9, 96);
+        let file = q4_file(rows, cols);
+        let m = Dense::from_bytes(GgmlType::Q4_0, file.clone(), rows, cols).unwrap();
+        let mut row = vec![0f32; cols];
+        m.row_into(4, &mut row);
+        let block = &file[4 * 3 * 18..4 * 3 * 18 + 18];
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        assert_eq!(row[0], d * (f32::from(block[2] & 0xF) - 8.0));
+        assert_eq!(row[16], d * (f32::from(block[2] >> 4) - 8.0));
+
+        let packed = m.to_q4_0();
+        assert_eq!(packed.type_name(), "Q4_0");
+        assert_eq!(packed.byte_len(), rows * q4::row_bytes(cols));
+        let mut again = vec![0f32; cols];
+        for r in 0..rows {
+            m.row_into(r, &mut row);
+            packed.row_into(r, &mut again);
+            assert_eq!(row, again, "row {r}");
+        }
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 - 40.0) / 17.0).collect();
+        let (mut exact, mut int8) = (vec![0f32; rows], vec![0f32; rows]);
+        m.matvec(&x, &mut exact);
+        packed.matvec(&x, &mut int8);
+        for (a, b) in exact.iter().zip(&int8) {
+            assert!((a - b).abs() <= 0.02 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        // Repacking twice is the same matrix.
+        assert_eq!(packed.to_q4_0().data[..], packed.data[..]);
+    }
+
+    #[test]
+    fn a_q4_0_tensor_of_partial_blocks_is_refused() {
+        let err = Dense::from_bytes(GgmlType::Q4_0, vec![0u8; 18], 1, 20).unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"), "{err}");
+        let err = Dense::from_bytes(GgmlType::Q4_0, vec![0u8; 17], 1, 32).unwrap_err();
+        assert!(err.to_string().contains("Q4_0"), "{err}");
+    }
 }
