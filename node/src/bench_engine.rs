@@ -13,7 +13,6 @@ use serde::Serialize;
 use trine_engine::kernels::{Activations, Kernel};
 use trine_engine::model::{Input, Logits, Model, Output, QuantEmbd};
 use trine_engine::sampler::argmax;
-use trine_engine::ternary::Ternary;
 
 #[derive(Debug, Args)]
 pub struct EngineArgs {
@@ -229,12 +228,26 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         &at_threads[i]
     };
 
+    // Each lm_head precision, quantized once.
+    let heads: Vec<(
+        QuantEmbd,
+        Option<std::sync::Arc<trine_engine::model::Dense>>,
+    )> = args
+        .quant_embd
+        .iter()
+        .map(|&how| {
+            let mut m = model.clone();
+            m.set_lm_head(how);
+            (how, m.lm_head)
+        })
+        .collect();
+
     let mut shapes = Vec::new();
     for &t in &threads {
         progress(&format!("GEMV per shape, {t} thread(s) ..."));
         let pool = crate::generate_cmd::pool(Some(t))?;
         let tuned = model_at(t);
-        for (name, mats) in shape_groups(&model) {
+        for (name, mats) in model.shape_groups() {
             let (rows, cols) = (mats[0].rows(), mats[0].cols());
             let bytes: usize = mats.iter().map(|m| m.data().len()).sum();
             let x: Vec<f32> = (0..cols)
@@ -242,7 +255,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
                 .collect();
             let acts = Activations::quantize(&x);
             let mut out = vec![0f32; rows];
-            let kernel = tuned.kernel_for(&mats[0]);
+            let kernel = tuned.kernel_for(mats[0]);
             let per_pass = pool.install(|| {
                 median_time(args.reps, || {
                     for m in &mats {
@@ -262,10 +275,8 @@ pub fn run(args: &EngineArgs) -> Result<()> {
                 bw(t),
             ));
         }
-        for how in &args.quant_embd {
-            let mut m = model.clone();
-            m.set_lm_head(*how);
-            let Some(head) = m.lm_head.as_ref() else {
+        for (_, head) in &heads {
+            let Some(head) = head.as_ref() else {
                 continue;
             };
             let x: Vec<f32> = (0..c.hidden)
@@ -289,11 +300,11 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     }
 
     let mut decode = Vec::new();
-    for how in &args.quant_embd {
+    for (how, head) in &heads {
         let label = head_label(*how, file_head);
         for &t in &threads {
             let mut m = model_at(t).clone();
-            m.set_lm_head(*how);
+            m.lm_head = head.clone();
             progress(&format!("decode, lm_head {label}, {t} thread(s) ..."));
             let pool = crate::generate_cmd::pool(Some(t))?;
             let per_token = pool.install(|| decode_time(&m, args.tokens, args.reps))?;
@@ -335,7 +346,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     }
 
     let mut accuracies = Vec::new();
-    for &how in args.quant_embd.iter().filter(|&&h| h != QuantEmbd::File) {
+    for (how, head) in heads.iter().filter(|(h, _)| *h != QuantEmbd::File) {
         if args.accuracy_tokens == 0 {
             break;
         }
@@ -344,7 +355,9 @@ pub fn run(args: &EngineArgs) -> Result<()> {
             args.accuracy_tokens
         ));
         let pool = crate::generate_cmd::pool(threads.last().copied())?;
-        accuracies.push(pool.install(|| accuracy(&model, how, args.accuracy_tokens))?);
+        let mut quantized = model.clone();
+        quantized.lm_head = head.clone();
+        accuracies.push(pool.install(|| accuracy(&model, &quantized, *how, args.accuracy_tokens))?);
     }
 
     let report = Report {
@@ -397,40 +410,6 @@ fn shape_row(
         gb_per_s: gbs,
         pct_of_bandwidth: 100.0 * gbs / bandwidth,
     }
-}
-
-/// The layers' ternary matrices grouped by shape, named by their roles
-/// (q and o share 2560×2560 in the 2B4T shape, for instance).
-fn shape_groups(model: &Model) -> Vec<(String, Vec<Ternary>)> {
-    let mut groups: Vec<(Vec<&'static str>, Vec<Ternary>)> = Vec::new();
-    for l in &model.layers {
-        for (role, m) in [
-            ("q", &l.q),
-            ("k", &l.k),
-            ("v", &l.v),
-            ("o", &l.o),
-            ("gate", &l.gate),
-            ("up", &l.up),
-            ("down", &l.down),
-        ] {
-            match groups
-                .iter_mut()
-                .find(|(_, ms)| ms[0].rows() == m.rows() && ms[0].cols() == m.cols())
-            {
-                Some((roles, ms)) => {
-                    if !roles.contains(&role) {
-                        roles.push(role);
-                    }
-                    ms.push(m.clone());
-                }
-                None => groups.push((vec![role], vec![m.clone()])),
-            }
-        }
-    }
-    groups
-        .into_iter()
-        .map(|(roles, ms)| (roles.join("/"), ms))
-        .collect()
 }
 
 /// The per-call time of `f`: after one warm-up call, `reps` rounds each
@@ -536,16 +515,14 @@ fn head_label(how: QuantEmbd, file_head: &'static str) -> &'static str {
     }
 }
 
-/// Teacher-forced comparison of a quantized lm_head (`how`) with the
-/// file's on one pseudo-random token sequence of `n` + 1 tokens (capped at
-/// the context).
-fn accuracy(model: &Model, how: QuantEmbd, n: usize) -> Result<Accuracy> {
+/// Teacher-forced comparison of `quantized` (the model with its lm_head
+/// quantized as `how`) with `model` (the file's head) on one pseudo-random
+/// token sequence of `n` + 1 tokens (capped at the context).
+fn accuracy(model: &Model, quantized: &Model, how: QuantEmbd, n: usize) -> Result<Accuracy> {
     let n = n.min(model.config.context - 1);
     let tokens = prompt_tokens(n + 1, model.config.vocab);
     let exact = trine_engine::eval::all_logits(model, &tokens[..n])?;
-    let mut quantized = model.clone();
-    quantized.set_lm_head(how);
-    let approx = trine_engine::eval::all_logits(&quantized, &tokens[..n])?;
+    let approx = trine_engine::eval::all_logits(quantized, &tokens[..n])?;
     let vocab = model.config.vocab;
     let (mut agree, mut sum_err, mut max_err, mut sum_sq) = (0usize, 0f64, 0f64, 0f64);
     let (mut nll_file, mut nll_quant) = (0f64, 0f64);

@@ -76,19 +76,15 @@ pub fn kernel(name: &str) -> anyhow::Result<trine_engine::kernels::Kernel> {
         })
 }
 
-/// The kernels a model runs, named once each: "avx2", or "avx512-vnni +
-/// avx2" when the measured choice differs per shape.
-pub fn kernels_used(model: &trine_engine::model::Model) -> String {
+/// The kernels a model runs, named once each: "avx2", or "avx2 +
+/// avx512-vnni" when the measured choice differs per shape.
+fn kernels_used(model: &trine_engine::model::Model) -> String {
     let mut names: Vec<&str> = model.by_shape.iter().map(|c| c.kernel.name()).collect();
     if names.is_empty() {
         names.push(model.kernel.name());
     }
-    let mut seen = Vec::new();
-    names.retain(|n| {
-        let new = !seen.contains(n);
-        seen.push(n);
-        new
-    });
+    names.sort_unstable();
+    names.dedup();
     names.join(" + ")
 }
 

@@ -146,24 +146,47 @@ impl Model {
     /// for the 2B4T shapes; the output does not depend on the choice.
     pub fn choose_kernels(&mut self) -> &[ShapeChoice] {
         let kernels = choose::candidates();
-        let mut groups: Vec<Vec<&Ternary>> = Vec::new();
-        for l in &self.layers {
-            for m in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
-                match groups
-                    .iter_mut()
-                    .find(|g| g[0].rows() == m.rows() && g[0].cols() == m.cols())
-                {
-                    Some(g) => g.push(m),
-                    None => groups.push(vec![m]),
-                }
-            }
-        }
-        let chosen = groups
+        let chosen = self
+            .shape_groups()
             .iter()
-            .map(|g| choose::measure(g, &kernels, choose::ROUNDS))
+            .map(|(_, g)| choose::measure(g, &kernels, choose::ROUNDS))
             .collect();
         self.by_shape = chosen;
         &self.by_shape
+    }
+
+    /// The layers' ternary matrices grouped by shape, each group named by
+    /// its roles ("q/o": q and o share 2560×2560 in the 2B4T shape).
+    pub fn shape_groups(&self) -> Vec<(String, Vec<&Ternary>)> {
+        let mut groups: Vec<(Vec<&'static str>, Vec<&Ternary>)> = Vec::new();
+        for l in &self.layers {
+            for (role, m) in [
+                ("q", &l.q),
+                ("k", &l.k),
+                ("v", &l.v),
+                ("o", &l.o),
+                ("gate", &l.gate),
+                ("up", &l.up),
+                ("down", &l.down),
+            ] {
+                match groups
+                    .iter_mut()
+                    .find(|(_, ms)| ms[0].rows() == m.rows() && ms[0].cols() == m.cols())
+                {
+                    Some((roles, ms)) => {
+                        if !roles.contains(&role) {
+                            roles.push(role);
+                        }
+                        ms.push(m);
+                    }
+                    None => groups.push((vec![role], vec![m])),
+                }
+            }
+        }
+        groups
+            .into_iter()
+            .map(|(roles, ms)| (roles.join("/"), ms))
+            .collect()
     }
 
     /// Bytes one decode step reads from the weights: every ternary matrix
