@@ -22,7 +22,7 @@ use crate::command::{Command, NodeRecord, NodeStatus, SlotKey, StageState, State
 use crate::network::{self, Delays, Faults, Liveness, Network};
 use crate::store::{self, Reader};
 use crate::tls::{Certs, NodeTls};
-use crate::types::{Batch, Member, NodeId, Raft, Request, Response};
+use crate::types::{Batch, Member, NodeId, Proposal, Raft, Request, Response, Secret};
 use crate::voters::{self, Candidate, Rules};
 use crate::{convert, metrics, planner, server, tls};
 
@@ -148,6 +148,8 @@ pub enum Error {
     Membership(String),
     #[error("Raft has stopped on this node: {0}")]
     Fatal(String),
+    #[error("the leader refused the write: {0}")]
+    Forbidden(String),
 }
 
 impl From<Error> for tonic::Status {
@@ -161,6 +163,7 @@ impl From<Error> for tonic::Status {
             | Error::Fatal(_) => tonic::Status::unavailable(msg),
             Error::Invalid(_) => tonic::Status::invalid_argument(msg),
             Error::Membership(_) => tonic::Status::failed_precondition(msg),
+            Error::Forbidden(_) => tonic::Status::permission_denied(msg),
             _ => tonic::Status::internal(msg),
         }
     }
@@ -180,6 +183,7 @@ const PROPOSAL_QUEUE: usize = 16_384;
 /// A command waiting to be grouped, and where its answer goes.
 struct Pending {
     req: Request,
+    secret: Option<Secret>,
     reply: tokio::sync::oneshot::Sender<Result<Response, Error>>,
 }
 const MAINTAIN_EVERY: Duration = Duration::from_millis(500);
@@ -187,7 +191,7 @@ const MAINTAIN_EVERY: Duration = Duration::from_millis(500);
 /// State shared by the handle, the gRPC service and the tasks.
 pub struct Core {
     pub(crate) raft: Raft,
-    reader: Reader,
+    pub(crate) reader: Reader,
     id: NodeId,
     certs: Certs,
     liveness: Liveness,
@@ -223,6 +227,18 @@ impl Core {
             .membership()
             .get_node(&id)
             .cloned()
+    }
+
+    /// Every member in this node's view of the Raft membership.
+    pub(crate) fn members(&self) -> BTreeMap<NodeId, Member> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, m)| (*id, m.clone()))
+            .collect()
     }
 
     /// Whether a certificate with these names speaks for a member.
@@ -461,6 +477,28 @@ impl ControlPlane {
         self.core.propose(Request::now(principal, command)).await
     }
 
+    /// Commits a client's `command` as `token:<name>`, carrying the
+    /// client's bearer `secret` for the leader to check when this node is
+    /// not the leader (see [`crate::authz`]); the secret is never
+    /// committed.
+    pub async fn propose_for_client(
+        &self,
+        principal: &str,
+        secret: Secret,
+        command: Command,
+    ) -> Result<Response, Error> {
+        self.core
+            .propose_with(Request::now(principal, command), Some(secret))
+            .await
+    }
+
+    /// The principal this node's own writes are recorded under
+    /// (`node:<name>`): the only one besides a client's that the leader
+    /// takes from it.
+    pub fn principal(&self) -> String {
+        crate::authz::node_principal(&self.core.config.record.name)
+    }
+
     /// A linearizable read point: after this returns, the local replica
     /// reflects every write acknowledged before the call. Returns the index.
     pub async fn linearizable(&self) -> Result<u64, Error> {
@@ -551,20 +589,27 @@ impl ControlPlane {
     }
 
     /// Marks `id` (this node when `None`) draining, then removes it from
-    /// the cluster: voters give up their seat first.
-    pub async fn leave(&self, id: Option<NodeId>) -> Result<(), Error> {
+    /// the cluster: voters give up their seat first. Another node leaves
+    /// only when an admin asks: `admin` is the admin token's principal and
+    /// secret, which the leader checks.
+    pub async fn leave(
+        &self,
+        id: Option<NodeId>,
+        admin: Option<(&str, Secret)>,
+    ) -> Result<(), Error> {
         let id = id.unwrap_or(self.core.id);
-        let principal = format!("node:{}", self.core.config.record.name);
-        let _ = self
-            .propose(
-                &principal,
-                Command::SetNodeStatus {
-                    id,
-                    status: NodeStatus::Draining,
-                },
-            )
-            .await?;
-        self.core.leave(id).await
+        let draining = Command::SetNodeStatus {
+            id,
+            status: NodeStatus::Draining,
+        };
+        let secret = admin.as_ref().map(|(_, s)| s.clone());
+        match admin {
+            Some((principal, secret)) => {
+                self.propose_for_client(principal, secret, draining).await?
+            }
+            None => self.propose(&self.principal(), draining).await?,
+        };
+        self.core.leave(id, secret).await
     }
 
     /// Stops the tasks and Raft.
@@ -692,12 +737,21 @@ impl Core {
 
     /// Queues `req` for the next group and waits for its answer.
     pub(crate) async fn propose(&self, req: Request) -> Result<Response, Error> {
+        self.propose_with(req, None).await
+    }
+
+    /// Like [`Core::propose`], with the secret of the client who asked.
+    pub(crate) async fn propose_with(
+        &self,
+        req: Request,
+        secret: Option<Secret>,
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         metrics::pending(1.0);
         let r = tokio::time::timeout(PROPOSE_DEADLINE, async {
             let (reply, rx) = tokio::sync::oneshot::channel();
             self.proposals
-                .send(Pending { req, reply })
+                .send(Pending { req, secret, reply })
                 .await
                 .map_err(|_| Error::Fatal("the control plane has stopped".into()))?;
             rx.await
@@ -712,9 +766,13 @@ impl Core {
         r
     }
 
-    /// Commits one group as one entry, here or through the leader.
-    pub(crate) async fn propose_batch(&self, batch: Batch) -> Result<Vec<Response>, Error> {
-        self.propose_while(batch, || true).await
+    /// Commits one group as one entry, here or through the leader; each
+    /// command's answer, or why the leader refused it.
+    pub(crate) async fn propose_batch(
+        &self,
+        proposal: Proposal,
+    ) -> Result<Vec<Result<Response, Error>>, Error> {
+        self.propose_while(proposal, || true).await
     }
 
     /// Like [`Core::propose_batch`], but gives up (without retrying or
@@ -723,25 +781,26 @@ impl Core {
     /// retry it no longer knows about.
     async fn propose_while(
         &self,
-        batch: Batch,
+        proposal: Proposal,
         wanted: impl Fn() -> bool,
-    ) -> Result<Vec<Response>, Error> {
-        tokio::time::timeout(PROPOSE_DEADLINE, self.propose_inner(batch, wanted))
+    ) -> Result<Vec<Result<Response, Error>>, Error> {
+        tokio::time::timeout(PROPOSE_DEADLINE, self.propose_inner(proposal, wanted))
             .await
             .unwrap_or(Err(Error::Timeout(PROPOSE_DEADLINE)))
     }
 
     async fn propose_inner(
         &self,
-        batch: Batch,
+        proposal: Proposal,
         wanted: impl Fn() -> bool,
-    ) -> Result<Vec<Response>, Error> {
+    ) -> Result<Vec<Result<Response, Error>>, Error> {
         loop {
             if !wanted() {
                 return Err(Error::Timeout(PROPOSE_DEADLINE));
             }
-            match self.raft.client_write(batch.clone()).await {
-                Ok(r) => return Ok(r.data),
+            // Only the batch is committed: the secrets stay out of the log.
+            match self.raft.client_write(proposal.batch.clone()).await {
+                Ok(r) => return Ok(r.data.into_iter().map(Ok).collect()),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     match f.leader_node {
                         _ if !wanted() => return Err(Error::Timeout(PROPOSE_DEADLINE)),
@@ -749,7 +808,7 @@ impl Core {
                             if f.leader_id != Some(self.id)
                                 && !f.leader_id.is_some_and(|l| self.faults.blocked(l)) =>
                         {
-                            return self.forward_propose(&node, &batch).await;
+                            return self.forward_propose(&node, &proposal).await;
                         }
                         _ => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
@@ -762,7 +821,12 @@ impl Core {
         }
     }
 
-    async fn forward_propose(&self, to: &Member, batch: &Batch) -> Result<Vec<Response>, Error> {
+    async fn forward_propose(
+        &self,
+        to: &Member,
+        proposal: &Proposal,
+    ) -> Result<Vec<Result<Response, Error>>, Error> {
+        let batch = &proposal.batch;
         let addr = &to.addr;
         let fwd = |reason: String| Error::Forward {
             addr: addr.to_owned(),
@@ -772,6 +836,19 @@ impl Core {
         let request = pb::ProposeRequest {
             request_id: String::new(),
             request: serde_json::to_vec(batch).map_err(|e| fwd(e.to_string()))?,
+            secrets: if proposal.secrets.iter().any(Option::is_some) {
+                proposal
+                    .secrets
+                    .iter()
+                    .map(|s| {
+                        s.as_ref()
+                            .map(|s| s.expose().to_owned())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         let resp = self
             .config
@@ -780,7 +857,7 @@ impl Core {
             .await
             .map_err(|s| fwd(s.message().to_owned()))?
             .into_inner();
-        let responses: Vec<Response> =
+        let responses: Vec<Result<Response, String>> =
             serde_json::from_slice(&resp.response).map_err(|e| fwd(format!("response: {e}")))?;
         if responses.len() != batch.requests.len() {
             return Err(fwd(format!(
@@ -789,7 +866,10 @@ impl Core {
                 batch.requests.len()
             )));
         }
-        Ok(responses)
+        Ok(responses
+            .into_iter()
+            .map(|r| r.map_err(Error::Forbidden))
+            .collect())
     }
 
     pub(crate) async fn read_index(&self) -> Result<u64, Error> {
@@ -883,7 +963,7 @@ impl Core {
                 tracing::info!(node = req.node_id, %member, "added a learner");
             }
         }
-        let principal = format!("node:{}", record.name);
+        let principal = crate::authz::node_principal(&record.name);
         self.propose(Request::now(
             principal,
             Command::RegisterNode(Box::new(record)),
@@ -934,12 +1014,13 @@ impl Core {
 
     /// Removes `id` from the Raft membership and the state (leader only;
     /// others forward).
-    pub(crate) async fn leave(&self, id: NodeId) -> Result<(), Error> {
+    pub(crate) async fn leave(&self, id: NodeId, secret: Option<Secret>) -> Result<(), Error> {
         if !self.is_leader() {
             let (leader, mut c) = self.leader_client()?;
             let req = pb::LeaveRequest {
                 request_id: String::new(),
                 node_id: id,
+                secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
             };
             self.config
                 .delays
@@ -1030,15 +1111,18 @@ async fn group_commit(
         }
         let core = core.clone();
         tokio::spawn(async move {
-            let batch = Batch {
-                requests: group.iter().map(|p| p.req.clone()).collect(),
+            let proposal = Proposal {
+                batch: Batch {
+                    requests: group.iter().map(|p| p.req.clone()).collect(),
+                },
+                secrets: group.iter().map(|p| p.secret.clone()).collect(),
             };
             let wanted = || group.iter().any(|p| !p.reply.is_closed());
-            let result = core.propose_while(batch, wanted).await;
+            let result = core.propose_while(proposal, wanted).await;
             match result {
                 Ok(responses) => {
                     for (p, r) in group.into_iter().zip(responses) {
-                        let _ = p.reply.send(Ok(r));
+                        let _ = p.reply.send(r);
                     }
                 }
                 Err(e) => {
@@ -1071,7 +1155,7 @@ async fn announce(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
         let record = core.config.record.clone();
         let register = |record: NodeRecord| {
             core.propose(Request::now(
-                format!("node:{}", record.name),
+                crate::authz::node_principal(&record.name),
                 Command::RegisterNode(Box::new(record)),
             ))
         };

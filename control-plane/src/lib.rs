@@ -20,6 +20,7 @@
 // are what its traits require us to return.
 #![allow(clippy::result_large_err)]
 
+pub mod authz;
 pub mod chain;
 pub mod clock;
 pub mod command;
@@ -39,4 +40,4 @@ pub use command::{
     Command, ModelRecord, NodeRecord, NodeStatus, Placement, Scope, StageState, State, TokenRecord,
 };
 pub use control::{Config, ControlPlane, Error, Profile};
-pub use types::{Batch, Member, NodeId, Request, Response, TypeConfig};
+pub use types::{Batch, Member, NodeId, Request, Response, Secret, TypeConfig};

@@ -71,7 +71,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     (RAFT_RPC_FAILURES, "Raft RPCs to a peer that failed, by RPC"),
     (
         RAFT_REFUSED,
-        "Raft calls this member refused, by RPC and reason (identity: the caller's certificate does not name the node it claims to be)",
+        "Raft calls (and forwarded writes) this member refused, by RPC and reason (identity: the caller's certificate does not name the node it claims to be, or no member; token: a client's write or another node's removal without a valid admin token; command: a command the sender may not write in its own name)",
     ),
     (
         PLACEMENT_MOVES,

@@ -11,9 +11,9 @@ use tonic::{Request, Response, Status, Streaming};
 use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::Raft as RaftRpc;
 
-use crate::control::Core;
-use crate::types::NodeId;
-use crate::{convert, metrics, tls};
+use crate::control::{Core, Error};
+use crate::types::{NodeId, Proposal, Secret};
+use crate::{authz, convert, metrics, tls};
 
 /// Largest snapshot a member accepts (the sender states the size first).
 pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
@@ -217,24 +217,89 @@ impl RaftRpc for Service {
         Ok(Response::new(resp))
     }
 
+    /// A member's proposals: each command is checked against what the
+    /// sender may write (its own commands, or a client's with the client's
+    /// token, see [`crate::authz`]); the allowed ones are committed as one
+    /// group, and each refused one is answered with why.
     async fn propose(
         &self,
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
+        let names = caller_names(&request);
         let req = request.into_inner();
         let batch: crate::Batch = serde_json::from_slice(&req.request)
             .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
-        if batch.requests.is_empty() || batch.requests.len() > crate::control::MAX_BATCH {
+        let n = batch.requests.len();
+        if n == 0 || n > crate::control::MAX_BATCH {
             return Err(Status::invalid_argument(format!(
-                "a proposal carries 1 to {} commands, not {}",
+                "a proposal carries 1 to {} commands, not {n}",
                 crate::control::MAX_BATCH,
-                batch.requests.len()
             )));
         }
-        let resp = self.core.propose_batch(batch).await.map_err(Status::from)?;
+        if !req.secrets.is_empty() && req.secrets.len() != n {
+            return Err(Status::invalid_argument(format!(
+                "{} secrets for {n} commands (one per command, or none)",
+                req.secrets.len()
+            )));
+        }
+        let secrets: Vec<Option<Secret>> = (0..n)
+            .map(|i| {
+                req.secrets
+                    .get(i)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Secret::new(s.as_str()))
+            })
+            .collect();
+        let members = self.core.members();
+        let now = crate::clock::now_ms();
+        let verdicts: Vec<Result<(), authz::Forbidden>> = self.core.reader.with_state(|state| {
+            batch
+                .requests
+                .iter()
+                .zip(&secrets)
+                .map(|(r, s)| authz::check_forwarded(state, &members, &names, r, s.as_ref(), now))
+                .collect()
+        });
+        let mut allowed = Proposal {
+            batch: crate::Batch {
+                requests: Vec::with_capacity(n),
+            },
+            secrets: Vec::with_capacity(n),
+        };
+        for ((r, s), v) in batch.requests.into_iter().zip(secrets).zip(&verdicts) {
+            match v {
+                Ok(()) => {
+                    allowed.batch.requests.push(r);
+                    allowed.secrets.push(s);
+                }
+                Err(f) => {
+                    metrics::raft_refused("propose", f.reason);
+                    tracing::warn!(principal = %r.principal, command = r.command.kind(), certificate_names = ?names, reason = f.reason, "refused a forwarded write: {}", f.message);
+                }
+            }
+        }
+        let mut committed = if allowed.batch.requests.is_empty() {
+            Vec::new()
+        } else {
+            self.core
+                .propose_batch(allowed)
+                .await
+                .map_err(Status::from)?
+        }
+        .into_iter();
+        let answers: Vec<Result<crate::Response, String>> = verdicts
+            .into_iter()
+            .map(|v| match v {
+                Ok(()) => committed
+                    .next()
+                    .unwrap_or_else(|| Err(Error::Fatal("an answer went missing".into())))
+                    .map_err(|e| e.to_string()),
+                Err(f) => Err(f.message),
+            })
+            .collect();
         Ok(Response::new(pb::ProposeResponse {
             request_id: req.request_id,
-            response: serde_json::to_vec(&resp).unwrap_or_default(),
+            response: serde_json::to_vec(&answers).unwrap_or_default(),
         }))
     }
 
@@ -254,8 +319,31 @@ impl RaftRpc for Service {
         &self,
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let names = caller_names(&request);
         let req = request.into_inner();
-        self.core.leave(req.node_id).await.map_err(Status::from)?;
+        let secret = Some(req.secret.as_str())
+            .filter(|s| !s.is_empty())
+            .map(Secret::new);
+        let members = self.core.members();
+        let checked = self.core.reader.with_state(|state| {
+            authz::check_leave(
+                state,
+                &members,
+                &names,
+                req.node_id,
+                secret.as_ref(),
+                crate::clock::now_ms(),
+            )
+        });
+        if let Err(f) = checked {
+            metrics::raft_refused("leave", f.reason);
+            tracing::warn!(node = req.node_id, certificate_names = ?names, reason = f.reason, "refused a request to remove a node: {}", f.message);
+            return Err(Status::permission_denied(f.message));
+        }
+        self.core
+            .leave(req.node_id, secret)
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(pb::LeaveResponse {
             request_id: req.request_id,
         }))

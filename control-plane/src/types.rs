@@ -63,6 +63,37 @@ impl Request {
     }
 }
 
+/// A client's bearer secret, carried beside a write the client asked for so
+/// that the leader can check the write's principal when a member forwards
+/// it (a member's certificate alone cannot write as a client). It never
+/// enters the log or the chain, and its `Debug` shows none of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A group of requests on its way to the leader, with the secret (if any)
+/// each was asked with; only the batch is committed.
+#[derive(Debug, Clone)]
+pub(crate) struct Proposal {
+    pub batch: Batch,
+    pub secrets: Vec<Option<Secret>>,
+}
+
 /// One Raft log entry of application commands: the proposer groups the
 /// requests that arrive while the previous group commits (group commit),
 /// so one fsync and one replication round carry many commands. The entry

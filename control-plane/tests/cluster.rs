@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use trine_control::local::{LocalCluster, Tuning, start_member};
 use trine_control::tls::{self, NodeTls};
-use trine_control::{Command, ControlPlane};
+use trine_control::{Command, ControlPlane, Scope, Secret, TokenRecord, authz};
 
 /// Fast timeouts and frequent snapshots, so the tests see elections and
 /// snapshot installs within seconds.
@@ -48,10 +48,37 @@ async fn wait_for<T>(
 }
 
 async fn note(c: &ControlPlane, text: &str) -> Result<u64> {
-    Ok(c.propose("test", Command::Note { text: text.into() })
-        .await
-        .with_context(|| format!("proposing {text}"))?
-        .index)
+    Ok(
+        c.propose(&c.principal(), Command::Note { text: text.into() })
+            .await
+            .with_context(|| format!("proposing {text}"))?
+            .index,
+    )
+}
+
+/// Records an admin token (as `trine node --init` does) and returns its
+/// secret: a member forwards another node's drain only with one.
+async fn admin(cluster: &LocalCluster) -> Result<Secret> {
+    let secret = "trn_test_admin";
+    let leader = cluster.leader().context("a leader")?;
+    let c = &cluster.nodes[&leader];
+    let r = c
+        .propose(
+            &c.principal(),
+            Command::BootstrapToken(Box::new(TokenRecord {
+                name: "root".into(),
+                sha256: authz::secret_hash(secret),
+                requests_per_minute: 0,
+                tokens_per_minute: 0,
+                concurrency: 0,
+                created_ms: 0,
+                scope: Scope::Admin,
+                expires_ms: 0,
+            })),
+        )
+        .await?;
+    anyhow::ensure!(r.rejected.is_none(), "bootstrap token: {r:?}");
+    Ok(Secret::new(secret))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,8 +276,13 @@ async fn a_leader_killed_during_a_membership_change_is_replaced() -> Result<()> 
         .iter()
         .find(|v| **v != old)
         .context("another voter")?;
+    let secret = admin(&cluster).await?;
     let through = cluster.nodes[&old].clone();
-    let drain = tokio::spawn(async move { through.leave(Some(leaver)).await });
+    let drain = tokio::spawn(async move {
+        through
+            .leave(Some(leaver), Some(("token:root", secret)))
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(150)).await;
     let stopped = Instant::now();
     cluster.stop(old).await.context("leader present")?;
@@ -464,6 +496,178 @@ async fn a_certificate_speaks_only_for_the_node_it_names() -> Result<()> {
     Ok(())
 }
 
+fn token(name: &str, secret: &str) -> Command {
+    Command::AddToken(Box::new(TokenRecord {
+        name: name.into(),
+        sha256: authz::secret_hash(secret),
+        requests_per_minute: 0,
+        tokens_per_minute: 0,
+        concurrency: 0,
+        created_ms: 0,
+        scope: Scope::Admin,
+        expires_ms: 0,
+    }))
+}
+
+/// A member's key lets it write its own commands only: a client's write
+/// reaches the leader with the client's admin token or not at all, and the
+/// planner's commands and other nodes' names are refused. (Before, any
+/// certificate from the cluster CA could commit anything through Propose:
+/// a stolen node key could mint an admin token.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_tokens() -> Result<()> {
+    use trine_proto::v1 as pb;
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    let secret = admin(&cluster).await?;
+    let leader = cluster.leader().context("a leader")?;
+    let follower = cluster
+        .nodes
+        .values()
+        .find(|c| c.id() != leader)
+        .context("a follower")?
+        .clone();
+    let third = cluster
+        .nodes
+        .keys()
+        .copied()
+        .find(|id| *id != leader && *id != follower.id())
+        .context("a third member")?;
+    let leader_name = cluster.nodes[&leader].status().members[&leader]
+        .name
+        .clone();
+
+    // Through the library, as `trine node` writes: an admin's write from a
+    // follower carries the admin's token and is committed...
+    let r = follower
+        .propose_for_client("token:root", secret.clone(), token("ci", "trn_ci"))
+        .await?;
+    assert_eq!(r.rejected, None);
+    // ...and without it, or with a wrong one, it is refused by the leader.
+    for (what, result) in [
+        (
+            "no token",
+            follower
+                .propose("token:root", token("forged", "trn_forged"))
+                .await,
+        ),
+        (
+            "a wrong token",
+            follower
+                .propose_for_client(
+                    "token:root",
+                    Secret::new("trn_guess"),
+                    token("forged", "trn_forged"),
+                )
+                .await,
+        ),
+    ] {
+        match result {
+            Err(trine_control::Error::Forbidden(m)) => {
+                assert!(m.contains("token:root"), "{what}: {m}");
+                assert!(!m.contains("trn_guess"), "{what}: the secret in {m}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // A node's own note from a follower is still committed.
+    let own = note(&follower, "own").await?;
+
+    // A stolen node key, talking to the leader's Raft port directly.
+    let addr = cluster.addr(leader).context("the leader's address")?;
+    let tls_of = |name: &str| cluster.dir.path().join(name).join("tls");
+    let stolen = NodeTls::load(&tls_of(&format!("n{}", follower.id())))?;
+    let mut c =
+        trine_control::network::client(&addr, &stolen.client()).map_err(anyhow::Error::msg)?;
+    let req = |principal: &str, command: Command| trine_control::Request::now(principal, command);
+    let batch = trine_control::Batch {
+        requests: vec![
+            req("token:root", token("minted", "trn_minted")),
+            req(
+                &format!("node:{leader_name}"),
+                Command::Note {
+                    text: "as the leader".into(),
+                },
+            ),
+            req("planner", Command::UndeployModel { name: "any".into() }),
+            req(&follower.principal(), token("minted2", "trn_minted2")),
+            req(
+                &follower.principal(),
+                Command::Note {
+                    text: "mine".into(),
+                },
+            ),
+        ],
+    };
+    let resp = c
+        .propose(pb::ProposeRequest {
+            request_id: "t".into(),
+            request: serde_json::to_vec(&batch)?,
+            secrets: Vec::new(),
+        })
+        .await?
+        .into_inner();
+    let answers: Vec<Result<trine_control::Response, String>> =
+        serde_json::from_slice(&resp.response)?;
+    assert_eq!(answers.len(), 5, "{answers:?}");
+    for (i, why) in [
+        (0, "without the token"),
+        (1, "in its own name"),
+        (2, "takes none from another node"),
+        (3, "a client's write goes with its admin token"),
+    ] {
+        let e = answers[i]
+            .as_ref()
+            .expect_err("a forged write was committed");
+        assert!(e.contains(why), "answer {i}: {e}");
+    }
+    let mine = answers[4].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(mine.index > own, "{mine:?}");
+    // The same key cannot remove another member.
+    let e = c
+        .leave(pb::LeaveRequest {
+            request_id: "t".into(),
+            node_id: third,
+            secret: String::new(),
+        })
+        .await
+        .expect_err("a node key removed another member");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A certificate from the cluster CA that is no member's writes nothing.
+    let mallory = cluster.dir.path().join("mallory");
+    tls::issue_node(&cluster.dir.path().join("ca"), "mallory", &[], &mallory)?;
+    let tls = NodeTls::load(&mallory)?;
+    let mut m = trine_control::network::client(&addr, &tls.client()).map_err(anyhow::Error::msg)?;
+    let resp = m
+        .propose(pb::ProposeRequest {
+            request_id: "t".into(),
+            request: serde_json::to_vec(&trine_control::Batch {
+                requests: vec![req(
+                    "node:mallory",
+                    Command::Note {
+                        text: "hello".into(),
+                    },
+                )],
+            })?,
+            secrets: Vec::new(),
+        })
+        .await?
+        .into_inner();
+    let answers: Vec<Result<trine_control::Response, String>> =
+        serde_json::from_slice(&resp.response)?;
+    assert!(
+        answers[0].as_ref().is_err_and(|e| e.contains("no member")),
+        "{answers:?}"
+    );
+
+    // Nothing forged exists; the admin's token and the members are there.
+    cluster.nodes[&leader].linearizable().await?;
+    let state = cluster.nodes[&leader].reader().state();
+    let names: Vec<&str> = state.tokens.keys().map(String::as_str).collect();
+    assert_eq!(names, ["ci", "root"]);
+    assert!(cluster.nodes[&leader].status().members.contains_key(&third));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_to_a_new_ca_without_a_restart() -> Result<()> {
     let cluster = cluster(&["a", "b", "c"]).await?;
@@ -588,7 +792,7 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
     let minority_write = tokio::time::timeout(
         Duration::from_secs(3),
         old_leader.propose(
-            "test",
+            &old_leader.principal(),
             Command::Note {
                 text: "minority".into(),
             },
@@ -669,12 +873,15 @@ async fn a_voter_that_leaves_hands_its_seat_to_the_emptiest_region() -> Result<(
                     == 1
         })
         .context("a voter alone in its region")?;
+    let secret = admin(&cluster).await?;
     let through = cluster
         .nodes
         .values()
         .find(|c| c.id() != leaver)
         .context("another member")?;
-    through.leave(Some(leaver)).await?;
+    through
+        .leave(Some(leaver), Some(("token:root", secret)))
+        .await?;
     let after = wait_for("the leaver gone", Duration::from_secs(15), async || {
         let s = any.status();
         (!s.members.contains_key(&leaver) && s.voters.len() == 5).then_some(s)
@@ -854,7 +1061,7 @@ async fn a_returning_region_gets_its_replica_back_by_rebalancing() -> Result<()>
                     if p.node == c.id() && p.state != StageState::Ready {
                         let _ = c
                             .propose(
-                                &format!("node:{}", c.id()),
+                                &c.principal(),
                                 Command::StageReport {
                                     model: p.model.clone(),
                                     replica: p.replica,

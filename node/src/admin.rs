@@ -27,20 +27,37 @@ pub struct AdminService {
     pub fault_injection: bool,
 }
 
+/// The admin behind a call: the principal its writes are recorded under
+/// (`token:<name>`) and the secret it called with, which goes with its
+/// writes to the leader (the leader checks it again: a node's certificate
+/// alone does not let it write as an admin).
+struct Caller {
+    principal: String,
+    secret: trine_control::Secret,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.principal)
+    }
+}
+
 impl AdminService {
-    /// The principal (`token:<name>`) behind an admin-scoped bearer token
-    /// on `req`, or the refusal.
-    fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    /// The admin behind an admin-scoped bearer token on `req`, or the
+    /// refusal.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let control = self.control()?;
         let header = crate::grpc::authorization(req);
         let need = trine_control::Scope::Admin;
-        match crate::auth::check(
-            &control.reader().state(),
-            crate::auth::bearer(header.as_deref()),
-            need,
-            crate::auth::now_ms(),
-        ) {
-            Ok(t) => Ok(format!("token:{}", t.name)),
+        let secret = crate::auth::bearer(header.as_deref());
+        match control
+            .reader()
+            .with_state(|state| crate::auth::check(state, secret, need, crate::auth::now_ms()))
+        {
+            Ok(t) => Ok(Caller {
+                principal: trine_control::authz::token_principal(&t.name),
+                secret: trine_control::Secret::new(secret.unwrap_or_default()),
+            }),
             Err(r) => {
                 crate::metrics::auth_refused("admin", r.reason());
                 Err(r.status(need))
@@ -58,8 +75,11 @@ impl AdminService {
 
     /// Commits `command` as the admin; a refusal by the state machine is
     /// FAILED_PRECONDITION with its reason. Returns the block height.
-    async fn commit(&self, who: &str, command: trine_control::Command) -> Result<u64, Status> {
-        let resp = self.control()?.propose(who, command).await?;
+    async fn commit(&self, who: &Caller, command: trine_control::Command) -> Result<u64, Status> {
+        let resp = self
+            .control()?
+            .propose_for_client(&who.principal, who.secret.clone(), command)
+            .await?;
         match resp.rejected {
             Some(reason) => Err(Status::failed_precondition(format!(
                 "{reason} (the refusal is recorded in block {})",
@@ -468,7 +488,11 @@ impl Admin for AdminService {
         }
         let resp = self
             .control()?
-            .propose(&who, trine_control::Command::Note { text: r.text })
+            .propose_for_client(
+                &who.principal,
+                who.secret,
+                trine_control::Command::Note { text: r.text },
+            )
             .await?;
         Ok(Response::new(v1::AppendNoteResponse {
             request_id: r.request_id,
@@ -636,7 +660,7 @@ impl Admin for AdminService {
     }
 
     async fn drain_node(&self, r: Request<v1::DrainNodeRequest>) -> Reply<v1::DrainNodeResponse> {
-        self.authorize(&r)?;
+        let who = self.authorize(&r)?;
         let r = r.into_inner();
         let control = self.control()?;
         let id = if r.node_id == 0 {
@@ -644,7 +668,9 @@ impl Admin for AdminService {
         } else {
             r.node_id
         };
-        control.leave(Some(id)).await?;
+        control
+            .leave(Some(id), Some((&who.principal, who.secret)))
+            .await?;
         Ok(Response::new(v1::DrainNodeResponse {
             request_id: r.request_id,
             node_id: id,

@@ -9,9 +9,9 @@
 //! or others can read them.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use trine_control::{Command, ControlPlane, Scope, State, TokenRecord};
+use trine_control::{Command, ControlPlane, Scope, TokenRecord};
 
 /// Where `--init` keeps the first admin token's secret, in the data dir.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -19,56 +19,7 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 const BOOTSTRAP_PENDING: &str = "admin.token.pending";
 /// The first admin token's name.
 pub const ROOT_TOKEN: &str = "root";
-/// Longest secret accepted from a file or header.
-const MAX_SECRET_BYTES: usize = 512;
-
-/// Why a call was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    Missing,
-    Unknown,
-    Expired { name: String, at_ms: u64 },
-    Scope { name: String, have: Scope },
-}
-
-impl Refusal {
-    /// The `reason` label of `trine_auth_refused_total`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Missing => "missing",
-            Self::Unknown => "unknown",
-            Self::Expired { .. } => "expired",
-            Self::Scope { .. } => "scope",
-        }
-    }
-
-    /// What the caller is told: the problem and the fix.
-    pub fn message(&self, need: Scope) -> String {
-        match (self, need) {
-            (Self::Missing, Scope::Admin) => "the Admin API needs an admin token: pass --admin-token-file <file> or set TRINE_ADMIN_TOKEN (the cluster's first one is in the --init node's data dir, admin.token); gRPC clients send `authorization: Bearer <secret>`".into(),
-            (Self::Missing, Scope::Inference) => "no API token: send `Authorization: Bearer <token>` (`trine token create` makes one)".into(),
-            (Self::Unknown, _) => "the token is unknown or revoked; `trine token list` shows the valid ones".into(),
-            (Self::Expired { name, at_ms }, _) => format!(
-                "token {name} expired at {}; create a new one with `trine token create`",
-                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(*at_ms))
-            ),
-            (Self::Scope { name, have }, need) => format!(
-                "token {name} has scope {} and this needs {}; use an admin token (`trine token create --scope admin <name>`)",
-                have.as_str(),
-                need.as_str()
-            ),
-        }
-    }
-
-    /// The gRPC status: UNAUTHENTICATED, or PERMISSION_DENIED for a valid
-    /// token of the wrong scope.
-    pub fn status(&self, need: Scope) -> tonic::Status {
-        match self {
-            Self::Scope { .. } => tonic::Status::permission_denied(self.message(need)),
-            _ => tonic::Status::unauthenticated(self.message(need)),
-        }
-    }
-}
+pub use trine_control::authz::{MAX_SECRET_BYTES, Refusal, check};
 
 /// The secret in an `authorization` value (`Bearer <secret>`).
 pub fn bearer(authorization: Option<&str>) -> Option<&str> {
@@ -83,35 +34,6 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
 
 pub fn now_ms() -> u64 {
     trine_control::clock::now_ms()
-}
-
-/// The token whose secret is `secret`, if it may do what `need` allows at
-/// `now_ms`.
-pub fn check(
-    state: &State,
-    secret: Option<&str>,
-    need: Scope,
-    now_ms: u64,
-) -> Result<TokenRecord, Refusal> {
-    let secret = secret.ok_or(Refusal::Missing)?;
-    if secret.len() > MAX_SECRET_BYTES {
-        return Err(Refusal::Unknown);
-    }
-    let digest = crate::token_cmd::secret_hash(secret);
-    let t = state.token_by_hash(&digest).ok_or(Refusal::Unknown)?;
-    if t.expires_ms != 0 && now_ms >= t.expires_ms {
-        return Err(Refusal::Expired {
-            name: t.name.clone(),
-            at_ms: t.expires_ms,
-        });
-    }
-    if !t.scope.allows(need) {
-        return Err(Refusal::Scope {
-            name: t.name.clone(),
-            have: t.scope,
-        });
-    }
-    Ok(t.clone())
 }
 
 /// Errors reading or writing a secret file.
@@ -229,7 +151,10 @@ pub async fn record_root(control: ControlPlane, data_dir: PathBuf) {
             expires_ms: 0,
         };
         match control
-            .propose("node:init", Command::BootstrapToken(Box::new(record)))
+            .propose(
+                &control.principal(),
+                Command::BootstrapToken(Box::new(record)),
+            )
             .await
         {
             Ok(r) if r.rejected.is_none() => break,
@@ -256,53 +181,6 @@ pub async fn record_root(control: ControlPlane, data_dir: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn state_with(t: TokenRecord) -> State {
-        let mut s = State::default();
-        s.apply(&Command::AddToken(Box::new(t)), 1).expect("add");
-        s
-    }
-
-    fn record(secret: &str, scope: Scope, expires_ms: u64) -> TokenRecord {
-        TokenRecord {
-            name: "t".into(),
-            sha256: crate::token_cmd::secret_hash(secret),
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
-            concurrency: 0,
-            created_ms: 0,
-            scope,
-            expires_ms,
-        }
-    }
-
-    #[test]
-    fn each_bad_token_gets_its_own_refusal() {
-        let s = state_with(record("trn_a", Scope::Inference, 100));
-        let c = |secret, need, now| check(&s, secret, need, now).map(|t| t.name);
-        assert_eq!(c(Some("trn_a"), Scope::Inference, 99), Ok("t".into()));
-        assert_eq!(c(None, Scope::Inference, 0), Err(Refusal::Missing));
-        assert_eq!(c(Some("trn_b"), Scope::Inference, 0), Err(Refusal::Unknown));
-        assert!(matches!(
-            c(Some("trn_a"), Scope::Inference, 100),
-            Err(Refusal::Expired { at_ms: 100, .. })
-        ));
-        let scope = c(Some("trn_a"), Scope::Admin, 0).expect_err("scope");
-        assert_eq!(
-            scope.status(Scope::Admin).code(),
-            tonic::Code::PermissionDenied
-        );
-        assert_eq!(
-            Refusal::Unknown.status(Scope::Admin).code(),
-            tonic::Code::Unauthenticated
-        );
-        let s = state_with(record("trn_r", Scope::Admin, 0));
-        assert!(check(&s, Some("trn_r"), Scope::Admin, u64::MAX - 1).is_ok());
-        assert!(check(&s, Some("trn_r"), Scope::Inference, 0).is_ok());
-        assert_eq!(bearer(Some("Bearer  trn_r ")), Some("trn_r"));
-        assert_eq!(bearer(Some("Basic x")), None);
-        assert_eq!(bearer(Some("Bearer ")), None);
-    }
 
     #[test]
     fn secret_files_must_be_private_and_hold_one_secret() {

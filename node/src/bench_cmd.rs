@@ -396,7 +396,7 @@ fn raft_bench(args: &RaftArgs) -> Result<()> {
                     }
                     let t = Instant::now();
                     if leader
-                        .propose("bench", note(format!("c{c} #{i}")))
+                        .propose(&leader.principal(), note(format!("c{c} #{i}")))
                         .await
                         .is_ok()
                     {
@@ -519,13 +519,15 @@ fn failover_bench(args: &FailoverArgs) -> Result<()> {
                 .find(|(id, _)| **id != leader)
                 .map(|(_, c)| c.clone())
                 .context("a survivor")?;
-            survivor.propose("bench", note("warm")).await?;
+            survivor
+                .propose(&survivor.principal(), note("warm"))
+                .await?;
             let t0 = Instant::now();
             cluster.stop(leader).await;
             loop {
                 match tokio::time::timeout(
                     Duration::from_secs(2),
-                    survivor.propose("bench", note("after")),
+                    survivor.propose(&survivor.principal(), note("after")),
                 )
                 .await
                 {

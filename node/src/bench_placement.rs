@@ -175,9 +175,10 @@ pub fn run(args: &PlacementArgs) -> Result<()> {
             .iter()
             .map(|(id, c)| (*id, start_executor(c, &stores.join(id.to_string()))))
             .collect();
-        cluster
-            .any()
-            .context("a member")?
+        // On the leader: a member forwards only its own writes, and a
+        // deploy is an admin's.
+        let leader = cluster.leader().context("a leader")?;
+        cluster.nodes[&leader]
             .propose("bench", Command::DeployModel(Box::new(record)))
             .await?;
         eprintln!("deployed; waiting for {slots} stages to load…");

@@ -277,7 +277,7 @@ async fn report(control: &ControlPlane, p: &Placement, state: StageState, detail
         state,
         detail,
     };
-    match control.propose(&format!("node:{}", p.node), command).await {
+    match control.propose(&control.principal(), command).await {
         Ok(r) if r.rejected.is_some() => {
             tracing::debug!(reason = ?r.rejected, "stage report refused (the slot moved on)");
         }

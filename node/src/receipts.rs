@@ -55,7 +55,7 @@ pub fn start(
 ) -> (Receipts, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Receipt>(BUFFER);
     let task = tokio::spawn(async move {
-        let principal = format!("node:{}", control.id());
+        let principal = control.principal();
         loop {
             let first = tokio::select! {
                 r = rx.recv() => r,

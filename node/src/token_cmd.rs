@@ -7,7 +7,6 @@ use std::io::Write as _;
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 use rand::TryRngCore as _;
-use sha2::{Digest as _, Sha256};
 use trine_proto::v1;
 
 use crate::cluster_cmd::{Output, Target};
@@ -71,9 +70,7 @@ pub enum TokenCommand {
 }
 
 /// SHA-256 of a bearer secret, as the state machine stores it.
-pub fn secret_hash(secret: &str) -> String {
-    trine_control::chain::hex(&Sha256::digest(secret.as_bytes()))
-}
+pub use trine_control::authz::secret_hash;
 
 /// A new secret: the prefix and 32 random bytes from the OS, in hex.
 pub fn new_secret() -> Result<String> {

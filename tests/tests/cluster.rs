@@ -199,6 +199,50 @@ async fn losing_both_voters_of_a_region_keeps_the_testnet_writable() -> Result<(
     .await?;
     eprintln!("lost {region} ({victims:?}); next commit after {took:?}");
     chains_agree(&survivors, &[h]).await?;
+    // An admin removes a live learner through a follower: the follower
+    // forwards the drain to the leader with the admin's token (a node's
+    // own certificate may remove only itself).
+    let now = net.status(&addrs[0])?;
+    let learner = now
+        .iter()
+        .find(|r| r.role == "learner" && r.reachable)
+        .context("a live learner")?
+        .clone();
+    let through = now
+        .iter()
+        .find(|r| r.role == "voter" && r.reachable)
+        .context("a live follower")?
+        .clone();
+    let out = run(
+        {
+            let mut c = trine();
+            c.args([
+                "node",
+                "leave",
+                "--node",
+                &through.grpc_addr,
+                "--node-id",
+                &learner.node_id.to_string(),
+            ]);
+            c
+        },
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.status.success(),
+        "trine node leave through {}: {}",
+        through.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the learner gone from the membership",
+        Duration::from_secs(20),
+        || async {
+            let rows = net.status(&through.grpc_addr).ok()?;
+            (!rows.iter().any(|r| r.node_id == learner.node_id)).then_some(())
+        },
+    )
+    .await?;
     // Every node of the testnet is stopped with it (none orphaned).
     let pids: Vec<u32> = survivors
         .iter()

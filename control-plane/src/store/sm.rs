@@ -547,6 +547,11 @@ impl Reader {
         self.inner().state.clone()
     }
 
+    /// `f` of the state, read in place (no copy).
+    pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.inner().state)
+    }
+
     /// The newest block.
     pub fn head(&self) -> Option<Block> {
         self.inner().head.clone()
