@@ -165,16 +165,18 @@ pub fn check_forwarded(
     secret: Option<&Secret>,
     now_ms: u64,
 ) -> Result<(), Forbidden> {
-    let (from, sender) = caller(members, names)?;
     let principal = req.principal.as_str();
     if let Some(token) = principal.strip_prefix("token:") {
+        // The token is the authority, as on the Admin API: a node of this
+        // cluster that is no member just now (drained, and rejoining)
+        // forwards its clients' writes too.
         let Some(secret) = secret else {
             return Err(Forbidden::new(
                 "token",
                 format!(
-                    "{principal}'s write ({}) came from node {} without the token it was asked with: a node's certificate does not let it write as a client",
+                    "{principal}'s write ({}) came from a node ([{}]) without the token it was asked with: a node's certificate does not let it write as a client",
                     req.command.kind(),
-                    sender.name
+                    names.join(", ")
                 ),
             ));
         };
@@ -196,6 +198,7 @@ pub fn check_forwarded(
             )),
         };
     }
+    let (from, sender) = caller(members, names)?;
     if secret.is_some() {
         return Err(Forbidden::new(
             "command",
@@ -269,8 +272,8 @@ fn own_write(state: &State, id: NodeId, name: &str, command: &Command) -> bool {
     }
 }
 
-/// Whether a member (certificate `names`) may remove `node` from the
-/// cluster: the node itself, or any member sending an admin's token.
+/// Whether a node (certificate `names`) may remove `node` from the
+/// cluster: a member itself, or any node sending an admin's token.
 pub fn check_leave(
     state: &State,
     members: &BTreeMap<NodeId, Member>,
@@ -279,34 +282,36 @@ pub fn check_leave(
     secret: Option<&Secret>,
     now_ms: u64,
 ) -> Result<(), Forbidden> {
+    if let Some(secret) = secret {
+        return check(state, Some(secret.expose()), Scope::Admin, now_ms)
+            .map(|_| ())
+            .map_err(|r| {
+                Forbidden::new(
+                    "token",
+                    format!(
+                        "the token sent with a request to remove node {node} is refused: {}",
+                        r.message(Scope::Admin)
+                    ),
+                )
+            });
+    }
     let (from, sender) = caller(members, names)?;
     if from == node {
         return Ok(());
     }
-    match secret.map(|s| check(state, Some(s.expose()), Scope::Admin, now_ms)) {
-        Some(Ok(_)) => Ok(()),
-        Some(Err(r)) => Err(Forbidden::new(
-            "token",
-            format!(
-                "the token sent with node {}'s request to remove node {node} is refused: {}",
-                sender.name,
-                r.message(Scope::Admin)
-            ),
-        )),
-        None => Err(Forbidden::new(
-            "token",
-            format!(
-                "node {} asked to remove node {node} without an admin's token: a node removes only itself; drain others with `trine node drain` and an admin token",
-                sender.name
-            ),
-        )),
-    }
+    Err(Forbidden::new(
+        "token",
+        format!(
+            "node {} asked to remove node {node} without an admin's token: a node removes only itself; remove others with `trine node leave --node-id <id>` and an admin token",
+            sender.name
+        ),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::{NodeRecord, Receipt, StageState};
+    use crate::command::{Receipt, StageState};
 
     fn state_with(t: TokenRecord) -> State {
         let mut s = State::default();
@@ -316,14 +321,8 @@ mod tests {
 
     fn record(name: &str, secret: &str, scope: Scope, expires_ms: u64) -> TokenRecord {
         TokenRecord {
-            name: name.into(),
-            sha256: secret_hash(secret),
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
-            concurrency: 0,
-            created_ms: 0,
-            scope,
             expires_ms,
+            ..TokenRecord::new(name, secret_hash(secret), scope)
         }
     }
 
@@ -415,24 +414,7 @@ mod tests {
         };
         assert_eq!(ok(&req("node:b", drain(2))), Ok(()));
         let register = |id, name: &str| {
-            Command::RegisterNode(Box::new(NodeRecord {
-                id,
-                name: name.into(),
-                region: "r".into(),
-                zone: String::new(),
-                raft_addr: String::new(),
-                grpc_addr: String::new(),
-                http_addr: String::new(),
-                api_tls: false,
-                peer_id: String::new(),
-                p2p_addrs: Vec::new(),
-                cpu_cores: 1,
-                simd: String::new(),
-                memory_bytes: 0,
-                version: String::new(),
-                status: NodeStatus::Up,
-                status_since_ms: 0,
-            }))
+            Command::RegisterNode(Box::new(crate::local::record(id, name, "r", "")))
         };
         assert_eq!(ok(&req("node:b", register(2, "b"))), Ok(()));
         // A first admin token only in a cluster that never had one.
@@ -495,6 +477,25 @@ mod tests {
         assert_eq!(check("token:root", secret("trn_guess")), Err("token"));
         assert_eq!(check("token:inf", secret("trn_inf")), Err("token"));
         assert_eq!(check("token:old", secret("trn_old")), Err("token"));
+        // A node of the cluster that is no member just now (drained,
+        // rejoining) forwards an admin's write with the admin's token, and
+        // nothing without it.
+        let c = ["c".to_string()];
+        let with = |sec: Option<Secret>| {
+            check_forwarded(
+                &s,
+                &m,
+                &c,
+                &req("token:root", add_token("x")),
+                sec.as_ref(),
+                100,
+            )
+            .map_err(|f| f.reason)
+        };
+        assert_eq!(with(secret("trn_root")), Ok(()));
+        assert_eq!(with(None), Err("token"));
+        let own = check_forwarded(&s, &m, &c, &req("node:c", note()), None, 100);
+        assert_eq!(own.map_err(|f| f.reason), Err("identity"));
         // A token does not lend its rights to a node's own principal.
         assert_eq!(check("node:b", secret("trn_root")), Err("command"));
         // The secret appears in no message.
@@ -523,8 +524,12 @@ mod tests {
         assert_eq!(leave(1, None), Err("token"));
         assert_eq!(leave(1, Some(Secret::new("trn_guess"))), Err("token"));
         assert_eq!(leave(1, Some(Secret::new("trn_root"))), Ok(()));
-        let mallory = ["mallory".to_string()];
-        let f = check_leave(&s, &m, &mallory, 1, Some(&Secret::new("trn_root")), 0);
+        // A node of the cluster that is no member just now (drained,
+        // rejoining): only with an admin's token.
+        let rejoining = ["c".to_string()];
+        let f = check_leave(&s, &m, &rejoining, 1, None, 0);
         assert_eq!(f.map_err(|f| f.reason), Err("identity"));
+        let f = check_leave(&s, &m, &rejoining, 1, Some(&Secret::new("trn_root")), 0);
+        assert_eq!(f, Ok(()));
     }
 }

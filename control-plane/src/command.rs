@@ -147,8 +147,9 @@ pub const MAX_DETAIL: usize = 1024;
 /// The key of a placement slot.
 pub type SlotKey = (String, u32, u32);
 
-/// An API token, by the SHA-256 of its secret (the secret itself is never
-/// stored or sent to the cluster).
+/// An API token, by the SHA-256 of its secret. The secret itself is never
+/// stored: the node a client calls checks it, and so does the leader when
+/// that node forwards the client's write (see [`crate::authz`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
     pub name: String,
@@ -170,6 +171,22 @@ pub struct TokenRecord {
     /// Unix ms after which the token is refused; 0 means it never expires.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub expires_ms: u64,
+}
+
+impl TokenRecord {
+    /// A token without limits or expiry.
+    pub fn new(name: impl Into<String>, sha256: impl Into<String>, scope: Scope) -> Self {
+        Self {
+            name: name.into(),
+            sha256: sha256.into(),
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            concurrency: 0,
+            created_ms: 0,
+            scope,
+            expires_ms: 0,
+        }
+    }
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -150,6 +150,9 @@ pub enum Error {
     Fatal(String),
     #[error("the leader refused the write: {0}")]
     Forbidden(String),
+    /// A member asked to commit for another is not the leader (any more).
+    #[error("{0}")]
+    NotLeader(String),
 }
 
 impl From<Error> for tonic::Status {
@@ -164,6 +167,7 @@ impl From<Error> for tonic::Status {
             Error::Invalid(_) => tonic::Status::invalid_argument(msg),
             Error::Membership(_) => tonic::Status::failed_precondition(msg),
             Error::Forbidden(_) => tonic::Status::permission_denied(msg),
+            Error::NotLeader(_) => tonic::Status::aborted(msg),
             _ => tonic::Status::internal(msg),
         }
     }
@@ -243,13 +247,9 @@ impl Core {
 
     /// Whether a certificate with these names speaks for a member.
     pub(crate) fn is_member_name(&self, names: &[String]) -> bool {
-        self.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .any(|(_, m)| crate::tls::certifies(names, &m.name))
+        self.members()
+            .values()
+            .any(|m| crate::tls::certifies(names, &m.name))
     }
 
     /// When this leader last heard `id`: its last Raft answer since it
@@ -404,11 +404,12 @@ impl ControlPlane {
         tasks.push(tokio::spawn(maintain(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(rerun_split_votes(
             core.raft.clone(),
-            campaigns,
+            campaigns.clone(),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(elect_when_overdue(
             core.clone(),
+            campaigns,
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(export_metrics(core.clone(), stop_rx)));
@@ -731,7 +732,7 @@ impl Core {
         Ok((member, c))
     }
 
-    fn is_leader(&self) -> bool {
+    pub(crate) fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state.is_leader()
     }
 
@@ -766,17 +767,28 @@ impl Core {
         r
     }
 
-    /// Commits one group as one entry, here or through the leader; each
-    /// command's answer, or why the leader refused it.
-    pub(crate) async fn propose_batch(
-        &self,
-        proposal: Proposal,
-    ) -> Result<Vec<Result<Response, Error>>, Error> {
-        self.propose_while(proposal, || true).await
+    /// Commits a group a member sent this leader as one entry, here only:
+    /// `NotLeader` when this node is not the leader (any more), and the
+    /// sender asks the new one. Forwarding it again would put this node's
+    /// certificate in place of the sender's.
+    pub(crate) async fn commit_here(&self, batch: Batch) -> Result<Vec<Response>, Error> {
+        match tokio::time::timeout(PROPOSE_DEADLINE, self.raft.client_write(batch)).await {
+            Err(_) => Err(Error::Timeout(PROPOSE_DEADLINE)),
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(
+                Error::NotLeader("this member is no longer the leader; ask the new one".into()),
+            ),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(Error::Membership(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(Error::Fatal(f.to_string())),
+        }
     }
 
-    /// Like [`Core::propose_batch`], but gives up (without retrying or
-    /// forwarding again) once `wanted` says no caller waits any more: a
+    /// Commits one group as one entry, here or through the leader (each
+    /// command's answer, or why the leader refused it), but gives up
+    /// (without retrying or forwarding again) once `wanted` says no caller
+    /// waits any more: a
     /// caller that timed out must not see its command committed later by a
     /// retry it no longer knows about.
     async fn propose_while(
@@ -808,7 +820,16 @@ impl Core {
                             if f.leader_id != Some(self.id)
                                 && !f.leader_id.is_some_and(|l| self.faults.blocked(l)) =>
                         {
-                            return self.forward_propose(&node, &proposal).await;
+                            match self.forward_propose(&node, &proposal).await {
+                                // It is no longer the leader (it does not
+                                // forward again: the leader must see the
+                                // certificate of the node a write is from).
+                                // Ask openraft again for the new one.
+                                Err(Error::NotLeader(_)) => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                                r => return r,
+                            }
                         }
                         _ => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
@@ -855,7 +876,10 @@ impl Core {
             .delays
             .around(&to.region, c.propose(request))
             .await
-            .map_err(|s| fwd(s.message().to_owned()))?
+            .map_err(|s| match s.code() {
+                tonic::Code::Aborted => Error::NotLeader(s.message().to_owned()),
+                _ => fwd(s.message().to_owned()),
+            })?
             .into_inner();
         let responses: Vec<Result<Response, String>> =
             serde_json::from_slice(&resp.response).map_err(|e| fwd(format!("response: {e}")))?;
@@ -1016,21 +1040,36 @@ impl Core {
     /// others forward).
     pub(crate) async fn leave(&self, id: NodeId, secret: Option<Secret>) -> Result<(), Error> {
         if !self.is_leader() {
-            let (leader, mut c) = self.leader_client()?;
             let req = pb::LeaveRequest {
                 request_id: String::new(),
                 node_id: id,
                 secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
             };
-            self.config
-                .delays
-                .around(&leader.region, c.leave(req))
-                .await
-                .map_err(|s| Error::Forward {
-                    addr: leader.addr,
-                    reason: s.message().to_owned(),
-                })?;
-            return Ok(());
+            let started = Instant::now();
+            loop {
+                let (leader, mut c) = self.leader_client()?;
+                match self
+                    .config
+                    .delays
+                    .around(&leader.region, c.leave(req.clone()))
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    // It is no longer the leader: ask the new one.
+                    Err(s)
+                        if s.code() == tonic::Code::Aborted
+                            && started.elapsed() < PROPOSE_DEADLINE =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(s) => {
+                        return Err(Error::Forward {
+                            addr: leader.addr,
+                            reason: s.message().to_owned(),
+                        });
+                    }
+                }
+            }
         }
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let m = membership.membership();
@@ -1300,7 +1339,8 @@ async fn rerun_split_votes(
 }
 
 /// Starts an election on a voter that has heard from no leader for twice
-/// the longest election timeout (plus a random fraction of the shortest).
+/// the longest election timeout, plus a random part of the longest drawn
+/// once per quiet spell.
 ///
 /// openraft 0.9 campaigns after the dead leader's lease (the longest
 /// election timeout) plus its own timeout, so before this fires. But a node
@@ -1310,19 +1350,54 @@ async fn rerun_split_votes(
 /// soak, survivors of a killed leader then sat for 8-10 s without a single
 /// campaign, until the killed leader restarted and won (the WAN profile:
 /// 6-12 s instead of 4.5-6 s). This bounds that wait.
-async fn elect_when_overdue(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+///
+/// The next soak (finding 14) saw this fallback fire on three survivors
+/// within 250 ms of each other, every 6.4 s for half a minute: two of them
+/// with shorter logs, which cannot win but split the vote and, a term
+/// ahead, turned away the appends of the one that had won, so it stepped
+/// down. So the wait is spread over a whole longest timeout (drawn once
+/// per spell, not at every check), a voter that has just given its vote to
+/// a campaign (its vote changed) leaves that campaign one longest timeout
+/// (not a whole spell: the soak after showed campaigns that could not win
+/// holding every survivor back, until the killed leader returned), and a node
+/// a voter recently turned down for a shorter log waits twice as long: the
+/// voter with the longest log should be the one that campaigns.
+async fn elect_when_overdue(
+    core: Arc<Core>,
+    campaigns: network::Campaigns,
+    mut stop: watch::Receiver<bool>,
+) {
     let c = core.raft.config().clone();
     let min = Duration::from_millis(c.election_timeout_min.max(4));
-    let overdue = Duration::from_millis(c.election_timeout_max) * 2;
-    // Since this task started or last started an election: one election
-    // per `overdue` at most, so a campaign under way gets its time.
+    let max = Duration::from_millis(c.election_timeout_max.max(4));
+    let overdue = max * 2;
+    let spread = || rand::random_range(Duration::ZERO..max);
+    // Since this task started, last started an election, or saw this
+    // node's vote move (a campaign it voted in): one election per
+    // `overdue` at most, so a campaign under way gets its time.
     let mut quiet_since = Instant::now();
+    let mut extra = spread();
+    let mut last_vote = core.raft.metrics().borrow().vote;
+    // When this node last gave its vote to a campaign under way.
+    let mut campaign_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(min / 4) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         let m = core.raft.metrics().borrow().clone();
+        if m.vote != last_vote {
+            last_vote = m.vote;
+            if !m.vote.is_committed() {
+                campaign_at = Some(Instant::now());
+            }
+        }
+        // A campaign this node voted in gets one longest timeout to win
+        // (a round trip or two); one that cannot win must not hold the
+        // fallback back longer than that.
+        if campaign_at.is_some_and(|t| t.elapsed() < max) {
+            continue;
+        }
         let voter = m
             .membership_config
             .membership()
@@ -1334,15 +1409,20 @@ async fn elect_when_overdue(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
         let silent = core
             .leader_heard()
             .map_or(quiet_since.elapsed(), |h| h.min(quiet_since.elapsed()));
-        if silent < overdue + rand::random_range(Duration::ZERO..min / 2) {
+        // Turned down for a shorter log in one of the last few terms.
+        let behind = campaigns.was_behind_in(m.current_term.saturating_sub(3).max(1));
+        let wait = overdue + extra + if behind { overdue } else { Duration::ZERO };
+        if silent < wait {
             continue;
         }
         tracing::info!(
             term = m.current_term,
             silent = ?silent,
+            behind,
             "no leader heard from for twice the longest election timeout; starting an election"
         );
         quiet_since = Instant::now();
+        extra = spread();
         if core.raft.trigger().elect().await.is_err() {
             return;
         }

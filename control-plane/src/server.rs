@@ -12,7 +12,7 @@ use trine_proto::v1 as pb;
 use trine_proto::v1::raft_server::Raft as RaftRpc;
 
 use crate::control::{Core, Error};
-use crate::types::{NodeId, Proposal, Secret};
+use crate::types::{NodeId, Secret};
 use crate::{authz, convert, metrics, tls};
 
 /// Largest snapshot a member accepts (the sender states the size first).
@@ -227,6 +227,14 @@ impl RaftRpc for Service {
     ) -> Result<Response<pb::ProposeResponse>, Status> {
         let names = caller_names(&request);
         let req = request.into_inner();
+        // Only the leader commits what a member sends: a node between them
+        // would stand in for the sender's certificate (and the leader could
+        // not tell which node a write is from). The sender asks again.
+        if !self.core.is_leader() {
+            return Err(Status::from(Error::NotLeader(
+                "this member is not the leader (any more); ask the leader".into(),
+            )));
+        }
         let batch: crate::Batch = serde_json::from_slice(&req.request)
             .map_err(|e| Status::invalid_argument(format!("request: {e}")))?;
         let n = batch.requests.len();
@@ -260,31 +268,23 @@ impl RaftRpc for Service {
                 .map(|(r, s)| authz::check_forwarded(state, &members, &names, r, s.as_ref(), now))
                 .collect()
         });
-        let mut allowed = Proposal {
-            batch: crate::Batch {
-                requests: Vec::with_capacity(n),
-            },
-            secrets: Vec::with_capacity(n),
+        let mut allowed = crate::Batch {
+            requests: Vec::with_capacity(n),
         };
-        for ((r, s), v) in batch.requests.into_iter().zip(secrets).zip(&verdicts) {
+        for (r, v) in batch.requests.into_iter().zip(&verdicts) {
             match v {
-                Ok(()) => {
-                    allowed.batch.requests.push(r);
-                    allowed.secrets.push(s);
-                }
+                Ok(()) => allowed.requests.push(r),
                 Err(f) => {
                     metrics::raft_refused("propose", f.reason);
                     tracing::warn!(principal = %r.principal, command = r.command.kind(), certificate_names = ?names, reason = f.reason, "refused a forwarded write: {}", f.message);
                 }
             }
         }
-        let mut committed = if allowed.batch.requests.is_empty() {
+        // Only the batch is committed: the secrets stay out of the log.
+        let mut committed = if allowed.requests.is_empty() {
             Vec::new()
         } else {
-            self.core
-                .propose_batch(allowed)
-                .await
-                .map_err(Status::from)?
+            self.core.commit_here(allowed).await.map_err(Status::from)?
         }
         .into_iter();
         let answers: Vec<Result<crate::Response, String>> = verdicts
@@ -292,8 +292,7 @@ impl RaftRpc for Service {
             .map(|v| match v {
                 Ok(()) => committed
                     .next()
-                    .unwrap_or_else(|| Err(Error::Fatal("an answer went missing".into())))
-                    .map_err(|e| e.to_string()),
+                    .ok_or_else(|| "the leader lost this command's answer".to_owned()),
                 Err(f) => Err(f.message),
             })
             .collect();
@@ -321,6 +320,12 @@ impl RaftRpc for Service {
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let names = caller_names(&request);
         let req = request.into_inner();
+        // As for Propose: the leader must see the sender's certificate.
+        if !self.core.is_leader() {
+            return Err(Status::from(Error::NotLeader(
+                "this member is not the leader (any more); ask the leader".into(),
+            )));
+        }
         let secret = Some(req.secret.as_str())
             .filter(|s| !s.is_empty())
             .map(Secret::new);

@@ -65,16 +65,11 @@ async fn admin(cluster: &LocalCluster) -> Result<Secret> {
     let r = c
         .propose(
             &c.principal(),
-            Command::BootstrapToken(Box::new(TokenRecord {
-                name: "root".into(),
-                sha256: authz::secret_hash(secret),
-                requests_per_minute: 0,
-                tokens_per_minute: 0,
-                concurrency: 0,
-                created_ms: 0,
-                scope: Scope::Admin,
-                expires_ms: 0,
-            })),
+            Command::BootstrapToken(Box::new(TokenRecord::new(
+                "root",
+                authz::secret_hash(secret),
+                Scope::Admin,
+            ))),
         )
         .await?;
     anyhow::ensure!(r.rejected.is_none(), "bootstrap token: {r:?}");
@@ -497,16 +492,11 @@ async fn a_certificate_speaks_only_for_the_node_it_names() -> Result<()> {
 }
 
 fn token(name: &str, secret: &str) -> Command {
-    Command::AddToken(Box::new(TokenRecord {
-        name: name.into(),
-        sha256: authz::secret_hash(secret),
-        requests_per_minute: 0,
-        tokens_per_minute: 0,
-        concurrency: 0,
-        created_ms: 0,
-        scope: Scope::Admin,
-        expires_ms: 0,
-    }))
+    Command::AddToken(Box::new(TokenRecord::new(
+        name,
+        authz::secret_hash(secret),
+        Scope::Admin,
+    )))
 }
 
 /// A member's key lets it write its own commands only: a client's write
@@ -622,6 +612,28 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
     }
     let mine = answers[4].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(mine.index > own, "{mine:?}");
+    // A member that is not the leader commits nothing for another (it would
+    // stand in for the sender's certificate): the sender is told to ask
+    // the leader, which the library does.
+    let third_addr = cluster.addr(third).context("the third member's address")?;
+    let mut f = trine_control::network::client(&third_addr, &stolen.client())
+        .map_err(anyhow::Error::msg)?;
+    let e = f
+        .propose(pb::ProposeRequest {
+            request_id: "t".into(),
+            request: serde_json::to_vec(&trine_control::Batch {
+                requests: vec![req(
+                    &follower.principal(),
+                    Command::Note {
+                        text: "through".into(),
+                    },
+                )],
+            })?,
+            secrets: Vec::new(),
+        })
+        .await
+        .expect_err("a follower forwarded a write again");
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
     // The same key cannot remove another member.
     let e = c
         .leave(pb::LeaveRequest {

@@ -140,16 +140,7 @@ pub async fn record_root(control: ControlPlane, data_dir: PathBuf) {
         if control.reader().state().token_by_hash(&sha256).is_some() {
             break;
         }
-        let record = TokenRecord {
-            name: ROOT_TOKEN.into(),
-            sha256: sha256.clone(),
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
-            concurrency: 0,
-            created_ms: 0,
-            scope: Scope::Admin,
-            expires_ms: 0,
-        };
+        let record = TokenRecord::new(ROOT_TOKEN, sha256.clone(), Scope::Admin);
         match control
             .propose(
                 &control.principal(),
