@@ -136,22 +136,34 @@ impl Forbidden {
 
 /// The member a certificate with these names belongs to.
 fn caller<'m>(
+    state: &State,
     members: &'m BTreeMap<NodeId, Member>,
     names: &[String],
 ) -> Result<(NodeId, &'m Member), Forbidden> {
-    members
+    if let Some(found) = members
         .iter()
         .find(|(_, m)| crate::tls::certifies(names, &m.name))
-        .map(|(id, m)| (*id, m))
-        .ok_or_else(|| {
-            Forbidden::new(
-                "identity",
-                format!(
-                    "a write from a certificate that names [{}], which is no member; members write with their own certificate (`trine certs issue --name <node>`) and clients through the Admin API",
-                    names.join(", ")
-                ),
-            )
-        })
+    {
+        return Ok((*found.0, found.1));
+    }
+    // A node the cluster knows that is out of the Raft group just now
+    // (drained, or restarted and not yet joined again) is no stranger:
+    // its own writes wait until it is a member again.
+    let message = match state
+        .nodes
+        .values()
+        .find(|n| crate::tls::certifies(names, &n.name))
+    {
+        Some(n) => format!(
+            "node {} is not a member of the control plane just now (drained, or not yet joined again), so the leader takes no write in its name; it writes again once it has rejoined (`trine status` on it shows when), and its clients' writes go through with their admin token meanwhile",
+            n.name
+        ),
+        None => format!(
+            "a write from a certificate that names [{}], which is no member; members write with their own certificate (`trine certs issue --name <node>`) and clients through the Admin API",
+            names.join(", ")
+        ),
+    };
+    Err(Forbidden::new("identity", message))
 }
 
 /// Whether a member (certificate `names`) may have the leader commit
@@ -198,7 +210,7 @@ pub fn check_forwarded(
             )),
         };
     }
-    let (from, sender) = caller(members, names)?;
+    let (from, sender) = caller(state, members, names)?;
     if secret.is_some() {
         return Err(Forbidden::new(
             "command",
@@ -295,7 +307,7 @@ pub fn check_leave(
                 )
             });
     }
-    let (from, sender) = caller(members, names)?;
+    let (from, sender) = caller(state, members, names)?;
     if from == node {
         return Ok(());
     }
@@ -495,7 +507,20 @@ mod tests {
         assert_eq!(with(secret("trn_root")), Ok(()));
         assert_eq!(with(None), Err("token"));
         let own = check_forwarded(&s, &m, &c, &req("node:c", note()), None, 100);
-        assert_eq!(own.map_err(|f| f.reason), Err("identity"));
+        let f = own.expect_err("a non-member's own write");
+        assert_eq!(f.reason, "identity");
+        assert!(f.message.contains("certs issue"), "{f:?}");
+        // A node the state knows (drained, rejoining) is told to wait for
+        // its rejoin, not to get a certificate.
+        let mut known = s.clone();
+        known
+            .nodes
+            .insert(3, crate::local::record(3, "c", "r", "127.0.0.1:3"));
+        let f = check_forwarded(&known, &m, &c, &req("node:c", note()), None, 100)
+            .expect_err("a drained node's own write");
+        assert_eq!(f.reason, "identity");
+        assert!(f.message.contains("node c is not a member"), "{f:?}");
+        assert!(!f.message.contains("certs issue"), "{f:?}");
         // A token does not lend its rights to a node's own principal.
         assert_eq!(check("node:b", secret("trn_root")), Err("command"));
         // The secret appears in no message.

@@ -1031,22 +1031,30 @@ impl Core {
                 ))) if Instant::now() < until => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    return Err(Error::NotLeader(
+                        "this member is no longer the leader; ask the new one".into(),
+                    ));
+                }
                 Err(e) => return Err(Error::Membership(e.to_string())),
             }
         }
     }
 
-    /// Removes `id` from the Raft membership and the state (leader only;
-    /// others forward).
+    /// Removes `id` from the Raft membership and the state: here when this
+    /// node leads, else through the leader (asking again when the one it
+    /// asked has just lost its lead).
     pub(crate) async fn leave(&self, id: NodeId, secret: Option<Secret>) -> Result<(), Error> {
-        if !self.is_leader() {
-            let req = pb::LeaveRequest {
-                request_id: String::new(),
-                node_id: id,
-                secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
-            };
-            let started = Instant::now();
-            loop {
+        let req = pb::LeaveRequest {
+            request_id: String::new(),
+            node_id: id,
+            secret: secret.map(|s| s.expose().to_owned()).unwrap_or_default(),
+        };
+        let started = Instant::now();
+        loop {
+            let r = if self.is_leader() {
+                self.leave_here(id).await
+            } else {
                 let (leader, mut c) = self.leader_client()?;
                 match self
                     .config
@@ -1054,13 +1062,9 @@ impl Core {
                     .around(&leader.region, c.leave(req.clone()))
                     .await
                 {
-                    Ok(_) => return Ok(()),
-                    // It is no longer the leader: ask the new one.
-                    Err(s)
-                        if s.code() == tonic::Code::Aborted
-                            && started.elapsed() < PROPOSE_DEADLINE =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(_) => Ok(()),
+                    Err(s) if s.code() == tonic::Code::Aborted => {
+                        Err(Error::NotLeader(s.message().to_owned()))
                     }
                     Err(s) => {
                         return Err(Error::Forward {
@@ -1069,7 +1073,27 @@ impl Core {
                         });
                     }
                 }
+            };
+            match r {
+                // The leader changed under the removal: ask the new one
+                // (each step of a removal is safe to repeat).
+                Err(Error::NotLeader(_)) if started.elapsed() < PROPOSE_DEADLINE => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
             }
+        }
+    }
+
+    /// Removes `id` on this leader only: `NotLeader` when it does not lead
+    /// (any more), and the sender asks the new one. Forwarding the removal
+    /// would put this node's certificate in place of the sender's (as for
+    /// [`Core::commit_here`]).
+    pub(crate) async fn leave_here(&self, id: NodeId) -> Result<(), Error> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader(
+                "this member is not the leader (any more); ask the leader".into(),
+            ));
         }
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let m = membership.membership();

@@ -320,7 +320,8 @@ impl RaftRpc for Service {
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let names = caller_names(&request);
         let req = request.into_inner();
-        // As for Propose: the leader must see the sender's certificate.
+        // As for Propose: the leader must see the sender's certificate, so
+        // this node removes the node itself or answers ABORTED.
         if !self.core.is_leader() {
             return Err(Status::from(Error::NotLeader(
                 "this member is not the leader (any more); ask the leader".into(),
@@ -346,7 +347,7 @@ impl RaftRpc for Service {
             return Err(Status::permission_denied(f.message));
         }
         self.core
-            .leave(req.node_id, secret)
+            .leave_here(req.node_id)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::LeaveResponse {

@@ -499,6 +499,25 @@ fn token(name: &str, secret: &str) -> Command {
     )))
 }
 
+/// Sends `requests` as one group straight to a member's Raft port, as a
+/// member's library does: each command's answer, or the call's error.
+async fn propose_raw(
+    c: &mut trine_proto::v1::raft_client::RaftClient<tonic::transport::Channel>,
+    requests: Vec<trine_control::Request>,
+) -> Result<Result<Vec<Result<trine_control::Response, String>>, tonic::Status>> {
+    let sent = c
+        .propose(trine_proto::v1::ProposeRequest {
+            request_id: "t".into(),
+            request: serde_json::to_vec(&trine_control::Batch { requests })?,
+            secrets: Vec::new(),
+        })
+        .await;
+    Ok(match sent {
+        Ok(r) => Ok(serde_json::from_slice(&r.into_inner().response)?),
+        Err(s) => Err(s),
+    })
+}
+
 /// A member's key lets it write its own commands only: a client's write
 /// reaches the leader with the client's admin token or not at all, and the
 /// planner's commands and other nodes' names are refused. (Before, any
@@ -569,8 +588,9 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
     let mut c =
         trine_control::network::client(&addr, &stolen.client()).map_err(anyhow::Error::msg)?;
     let req = |principal: &str, command: Command| trine_control::Request::now(principal, command);
-    let batch = trine_control::Batch {
-        requests: vec![
+    let answers = propose_raw(
+        &mut c,
+        vec![
             req("token:root", token("minted", "trn_minted")),
             req(
                 &format!("node:{leader_name}"),
@@ -587,17 +607,8 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
                 },
             ),
         ],
-    };
-    let resp = c
-        .propose(pb::ProposeRequest {
-            request_id: "t".into(),
-            request: serde_json::to_vec(&batch)?,
-            secrets: Vec::new(),
-        })
-        .await?
-        .into_inner();
-    let answers: Vec<Result<trine_control::Response, String>> =
-        serde_json::from_slice(&resp.response)?;
+    )
+    .await??;
     assert_eq!(answers.len(), 5, "{answers:?}");
     for (i, why) in [
         (0, "without the token"),
@@ -618,21 +629,17 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
     let third_addr = cluster.addr(third).context("the third member's address")?;
     let mut f = trine_control::network::client(&third_addr, &stolen.client())
         .map_err(anyhow::Error::msg)?;
-    let e = f
-        .propose(pb::ProposeRequest {
-            request_id: "t".into(),
-            request: serde_json::to_vec(&trine_control::Batch {
-                requests: vec![req(
-                    &follower.principal(),
-                    Command::Note {
-                        text: "through".into(),
-                    },
-                )],
-            })?,
-            secrets: Vec::new(),
-        })
-        .await
-        .expect_err("a follower forwarded a write again");
+    let e = propose_raw(
+        &mut f,
+        vec![req(
+            &follower.principal(),
+            Command::Note {
+                text: "through".into(),
+            },
+        )],
+    )
+    .await?
+    .expect_err("a follower forwarded a write again");
     assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
     // The same key cannot remove another member.
     let e = c
@@ -649,23 +656,16 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
     tls::issue_node(&cluster.dir.path().join("ca"), "mallory", &[], &mallory)?;
     let tls = NodeTls::load(&mallory)?;
     let mut m = trine_control::network::client(&addr, &tls.client()).map_err(anyhow::Error::msg)?;
-    let resp = m
-        .propose(pb::ProposeRequest {
-            request_id: "t".into(),
-            request: serde_json::to_vec(&trine_control::Batch {
-                requests: vec![req(
-                    "node:mallory",
-                    Command::Note {
-                        text: "hello".into(),
-                    },
-                )],
-            })?,
-            secrets: Vec::new(),
-        })
-        .await?
-        .into_inner();
-    let answers: Vec<Result<trine_control::Response, String>> =
-        serde_json::from_slice(&resp.response)?;
+    let answers = propose_raw(
+        &mut m,
+        vec![req(
+            "node:mallory",
+            Command::Note {
+                text: "hello".into(),
+            },
+        )],
+    )
+    .await??;
     assert!(
         answers[0].as_ref().is_err_and(|e| e.contains("no member")),
         "{answers:?}"

@@ -657,6 +657,7 @@ impl Serving {
             .get(model)
             .ok_or_else(|| ServeError::NotFound(format!("model {model:?} is not deployed")))?;
         let mut why = format!("this node holds no ready first stage of {model}");
+        let mut fenced = false;
         for replica in 0..m.replicas {
             let Some(first) = self
                 .inner
@@ -666,6 +667,15 @@ impl Serving {
             else {
                 continue;
             };
+            // What this node loaded serves only while the placement (read
+            // after the lease check, so no staler than the lease) still
+            // gives the slot to this node at that generation.
+            let me = self.inner.control.id();
+            if let Some(reason) = fenced_first_stage(&state, model, replica, me, first.generation) {
+                why = reason;
+                fenced = true;
+                continue;
+            }
             let mut rest = Vec::new();
             for stage in 1..m.stages {
                 let hop = state
@@ -701,6 +711,9 @@ impl Serving {
                     handle: tokio::runtime::Handle::current(),
                 });
             }
+        }
+        if fenced {
+            crate::metrics::stage_rejected("fenced");
         }
         Err(ServeError::Unavailable(why))
     }
@@ -1206,6 +1219,43 @@ fn ready_replicas(state: &State, model: &str) -> Vec<u32> {
             })
         })
         .collect()
+}
+
+/// Why this node may not serve its loaded copy (at `loaded` generation) of
+/// the first stage of `model` replica `replica`, by the placement in
+/// `state`: `None` while the slot is this node's, at that generation,
+/// ready, and the node is up. A node whose stage moved while it was away
+/// (drained, cut off, restarted from old state), or whose executor has not
+/// unloaded it yet, is fenced: the new holder serves.
+fn fenced_first_stage(
+    state: &State,
+    model: &str,
+    replica: u32,
+    me: u64,
+    loaded: u64,
+) -> Option<String> {
+    let up = state
+        .nodes
+        .get(&me)
+        .is_some_and(|n| n.status == NodeStatus::Up);
+    if !up {
+        return Some(format!(
+            "this node is not up in the placement's view (drained, down or not yet registered), so it serves no stage of {model}"
+        ));
+    }
+    match state.placements.get(&(model.to_owned(), replica, 0)) {
+        None => Some(format!("{model} replica {replica} is no longer placed")),
+        Some(p) if p.node != me => Some(format!(
+            "stage 0 of {model} replica {replica} has moved to node {} (generation {}); this node's copy (generation {loaded}) is fenced",
+            p.node, p.generation
+        )),
+        Some(p) if p.generation != loaded || p.state != StageState::Ready => Some(format!(
+            "stage 0 of {model} replica {replica} is at generation {} ({}) here, not this node's ready generation {loaded}",
+            p.generation,
+            p.state.as_str()
+        )),
+        Some(_) => None,
+    }
 }
 
 /// What the mesh tells the router of a peer.
@@ -1882,5 +1932,63 @@ mod tests {
             4,
             "own queue of 5 (500 ms)"
         );
+    }
+
+    /// A node serves the first stage it loaded only while the placement
+    /// still gives it that slot, at that generation, ready, and it is up
+    /// (chaos seed 72: a drained node that came back served a stage that
+    /// had moved away while it was gone).
+    #[test]
+    fn a_loaded_first_stage_serves_only_while_the_placement_holds_it() {
+        let mut state = State::default();
+        for id in [1, 2] {
+            state.nodes.insert(id, node(id));
+        }
+        let place = |node, generation, st| trine_control::Placement {
+            model: "m".into(),
+            replica: 0,
+            stage: 0,
+            layer_start: 0,
+            layer_end: 2,
+            node,
+            generation,
+            since_ms: 0,
+            state: st,
+            detail: String::new(),
+            failed_on: Vec::new(),
+        };
+        let slot = ("m".to_owned(), 0, 0);
+        state
+            .placements
+            .insert(slot.clone(), place(1, 7, StageState::Ready));
+        assert_eq!(fenced_first_stage(&state, "m", 0, 1, 7), None);
+        // Another replica, or a generation this node did not load.
+        assert!(fenced_first_stage(&state, "m", 1, 1, 7).is_some());
+        let older = fenced_first_stage(&state, "m", 0, 1, 6).expect("an old copy");
+        assert!(older.contains("generation 7"), "{older}");
+        // Moved to node 2 (a new generation there).
+        state
+            .placements
+            .insert(slot.clone(), place(2, 8, StageState::Ready));
+        let moved = fenced_first_stage(&state, "m", 0, 1, 7).expect("moved away");
+        assert!(moved.contains("moved to node 2"), "{moved}");
+        assert_eq!(fenced_first_stage(&state, "m", 0, 2, 8), None);
+        // Back on node 1 under a new generation, still loading.
+        state
+            .placements
+            .insert(slot.clone(), place(1, 9, StageState::Loading));
+        assert!(fenced_first_stage(&state, "m", 0, 1, 9).is_some());
+        state
+            .placements
+            .insert(slot, place(1, 9, StageState::Ready));
+        assert_eq!(fenced_first_stage(&state, "m", 0, 1, 9), None);
+        // Its own node drained or down: fenced, slot or not.
+        for status in [NodeStatus::Draining, NodeStatus::Down] {
+            state.nodes.get_mut(&1).expect("node 1").status = status;
+            let why = fenced_first_stage(&state, "m", 0, 1, 9).expect("not up");
+            assert!(why.contains("not up"), "{why}");
+        }
+        state.nodes.remove(&1);
+        assert!(fenced_first_stage(&state, "m", 0, 1, 9).is_some());
     }
 }
