@@ -1175,9 +1175,7 @@ async fn group_commit(
         let core = core.clone();
         tokio::spawn(async move {
             let proposal = Proposal {
-                batch: Batch {
-                    requests: group.iter().map(|p| p.req.clone()).collect(),
-                },
+                batch: Batch::new(group.iter().map(|p| p.req.clone()).collect()),
                 secrets: group.iter().map(|p| p.secret.clone()).collect(),
             };
             let wanted = || group.iter().any(|p| !p.reply.is_closed());
@@ -1347,7 +1345,7 @@ async fn rerun_split_votes(
         let m = metrics.borrow_and_update().clone();
         if m.state != ServerState::Candidate
             || m.current_term != term
-            || campaigns.was_behind_in(term)
+            || campaigns.was_behind_in(term, m.last_log_index.unwrap_or(0))
         {
             continue;
         }
@@ -1433,8 +1431,14 @@ async fn elect_when_overdue(
         let silent = core
             .leader_heard()
             .map_or(quiet_since.elapsed(), |h| h.min(quiet_since.elapsed()));
-        // Turned down for a shorter log in one of the last few terms.
-        let behind = campaigns.was_behind_in(m.current_term.saturating_sub(3).max(1));
+        // Turned down for a shorter log in one of the last few terms, and
+        // not brought up to date since (a leader's appends clear it: a
+        // flag that outlived its cause held every survivor back in the
+        // soak, seed 72, until the killed leader restarted).
+        let behind = campaigns.was_behind_in(
+            m.current_term.saturating_sub(3).max(1),
+            m.last_log_index.unwrap_or(0),
+        );
         let wait = overdue + extra + if behind { overdue } else { Duration::ZERO };
         if silent < wait {
             continue;

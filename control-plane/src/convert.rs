@@ -313,6 +313,7 @@ mod tests {
                             principal: "system".into(),
                             command: Command::Note { text: "x".into() },
                         }],
+                        id: 42,
                     }),
                 },
                 openraft::Entry {

@@ -18,6 +18,7 @@ pub const RAFT_VOTERS: &str = "trine_raft_voters";
 pub const RAFT_MEMBERS: &str = "trine_raft_members";
 pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
 pub const RAFT_REFUSED: &str = "trine_raft_refused_total";
+pub const RAFT_DUPLICATES: &str = "trine_raft_duplicate_groups_total";
 /// Described by the node (`trine_node::metrics`), set here on every reload.
 pub const CERT_EXPIRY: &str = "trine_cert_expiry_seconds";
 pub const PLACEMENT_MOVES: &str = "trine_placement_moves_total";
@@ -74,6 +75,10 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
         "Raft calls (and forwarded writes) this member refused, by RPC and reason (identity: the caller's certificate does not name the node it claims to be, or no member; token: a client's write or another node's removal without a valid admin token; command: a command the sender may not write in its own name)",
     ),
     (
+        RAFT_DUPLICATES,
+        "Groups of writes sent again (their sender's leader stepped down before answering) that this member found already committed and answered from its record instead of applying twice",
+    ),
+    (
         PLACEMENT_MOVES,
         "Placement changes the leader's planner committed, by kind (place: a new slot; move: a slot to another node; unplace: a slot left empty; rebalance: a slot moved to improve the layout)",
     ),
@@ -124,6 +129,10 @@ pub(crate) fn cert_expiry(unix_seconds: i64) {
 
 pub(crate) fn raft_refused(rpc: &'static str, reason: &'static str) {
     metrics::counter!(RAFT_REFUSED, "rpc" => rpc, "reason" => reason).increment(1);
+}
+
+pub(crate) fn duplicate_group() {
+    metrics::counter!(RAFT_DUPLICATES).increment(1);
 }
 
 pub(crate) fn rpc_failure(rpc: &'static str) {

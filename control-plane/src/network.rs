@@ -106,20 +106,36 @@ impl Quorum {
 }
 
 /// What this node's vote requests learnt: the highest term in which a voter
-/// turned this node down for having a shorter log than its own. A candidate
-/// that is behind must not hurry the next election (openraft already delays
-/// its own timer then): the voter with the longer log has to win.
+/// turned this node down for having a shorter log than its own, and how far
+/// that voter's log went. A candidate that is behind must not hurry the
+/// next election (openraft already delays its own timer then): the voter
+/// with the longer log has to win. Once this node's own log reaches as far
+/// (a leader brought it up to date since), it is no longer behind.
 #[derive(Debug, Clone, Default)]
-pub struct Campaigns(Arc<std::sync::atomic::AtomicU64>);
+pub struct Campaigns(Arc<Mutex<Option<(u64, u64)>>>);
 
 impl Campaigns {
-    pub fn behind_in(&self, term: u64) {
-        self.0.fetch_max(term, std::sync::atomic::Ordering::Relaxed);
+    /// A voter turned this node's campaign in `term` down; its log ends at
+    /// index `theirs`.
+    pub fn behind_in(&self, term: u64, theirs: u64) {
+        if let Ok(mut b) = self.0.lock() {
+            match &mut *b {
+                Some((t, _)) if *t > term => {}
+                Some((t, i)) if *t == term => *i = (*i).max(theirs),
+                _ => *b = Some((term, theirs)),
+            }
+        }
     }
 
-    /// Whether a voter had a longer log than this node's campaign in `term`.
-    pub fn was_behind_in(&self, term: u64) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed) >= term
+    /// Whether a voter had a longer log than this node's campaign in `term`
+    /// or later, and this node's log (ending at index `mine`) is still
+    /// shorter than that voter's was.
+    pub fn was_behind_in(&self, term: u64, mine: u64) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|b| *b)
+            .is_some_and(|(t, theirs)| t >= term && mine < theirs)
     }
 }
 
@@ -445,7 +461,10 @@ impl RaftNetwork<TypeConfig> for Conn {
         let resp = self.timed("vote", option.hard_ttl(), c.vote(req)).await?;
         let resp = convert::vote_resp_from(resp).map_err(malformed)?;
         if !resp.vote_granted && resp.last_log_id > rpc.last_log_id {
-            self.campaigns.behind_in(rpc.vote.leader_id().term);
+            self.campaigns.behind_in(
+                rpc.vote.leader_id().term,
+                resp.last_log_id.map_or(0, |l| l.index),
+            );
         }
         Ok(resp)
     }
@@ -567,5 +586,29 @@ mod tests {
         // One voter alone: always now.
         q.set_voters(1, [1]);
         assert!(q.acked().is_some_and(|t| t > at(900)));
+    }
+
+    /// A node turned down for a shorter log stays "behind" only while its
+    /// own log is shorter than the voter's was, and only for recent terms.
+    #[test]
+    fn behind_holds_until_the_log_catches_up() {
+        let c = Campaigns::default();
+        assert!(!c.was_behind_in(1, 0));
+        c.behind_in(5, 100);
+        assert!(c.was_behind_in(3, 50));
+        assert!(c.was_behind_in(5, 99));
+        // Brought up to date since (a leader's appends): not behind.
+        assert!(!c.was_behind_in(3, 100));
+        // Marked in a term older than the window: not behind.
+        assert!(!c.was_behind_in(6, 50));
+        // An older term's mark changes nothing; the same term's longest
+        // voter log counts.
+        c.behind_in(4, 500);
+        assert!(!c.was_behind_in(3, 120));
+        c.behind_in(5, 130);
+        assert!(c.was_behind_in(3, 120));
+        c.behind_in(7, 10);
+        assert!(!c.was_behind_in(3, 120));
+        assert!(c.was_behind_in(7, 9));
     }
 }

@@ -268,8 +268,10 @@ impl RaftRpc for Service {
                 .map(|(r, s)| authz::check_forwarded(state, &members, &names, r, s.as_ref(), now))
                 .collect()
         });
+        // The same id: a retry of this group is recognised as one.
         let mut allowed = crate::Batch {
             requests: Vec::with_capacity(n),
+            id: batch.id,
         };
         for (r, v) in batch.requests.into_iter().zip(&verdicts) {
             match v {

@@ -98,9 +98,32 @@ pub(crate) struct Proposal {
 /// requests that arrive while the previous group commits (group commit),
 /// so one fsync and one replication round carry many commands. The entry
 /// becomes one chain block whose transactions are these requests, in order.
+///
+/// `id` names the group across retries: a sender whose leader stepped down
+/// before answering cannot tell whether the entry was committed after all,
+/// so it sends the same group (same id) to the new leader, and the state
+/// machine answers a group it committed lately from its record instead of
+/// applying it twice (Raft's client sessions, §6.3 of Ongaro's thesis).
+/// 0: no id (entries written before ids existed), never deduplicated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub requests: Vec<Request>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub id: u64,
+}
+
+impl Batch {
+    /// `requests` under a fresh random id.
+    pub fn new(requests: Vec<Request>) -> Self {
+        Self {
+            requests,
+            id: rand::random_range(1..=u64::MAX),
+        }
+    }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// What applying a request did.

@@ -19,6 +19,7 @@ fn note(index: u64) -> Entry<TypeConfig> {
                     text: format!("entry {index}"),
                 },
             }],
+            id: 0,
         }),
     }
 }

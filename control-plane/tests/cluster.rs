@@ -383,9 +383,27 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
     let seed = cluster.addr(1).context("the seed's address")?;
     let member = ask(cluster.dir.path().join("n1").join("tls"), seed.clone()).await?;
     assert!(member.is_ok(), "a member was refused: {member:?}");
-    let refused = ask(other.path().join("n9").join("tls"), seed).await?;
+    let refused = ask(other.path().join("n9").join("tls"), seed.clone()).await?;
     let e = refused.expect_err("a certificate from another CA was accepted");
     assert!(e.message().contains("certificate"), "{e:?}");
+    // A client that trusts the cluster CA but shows no certificate of its
+    // own is refused in the handshake too.
+    let ca = std::fs::read_to_string(cluster.dir.path().join("n1").join("tls").join(tls::CA_CERT))?;
+    let bare = tls::client_config(&ca, Some(tls::NODE_NAME), None);
+    let mut c = trine_control::network::client(&seed, &bare).map_err(anyhow::Error::msg)?;
+    let e = c
+        .read_index(trine_proto::v1::ReadIndexRequest::default())
+        .await
+        .expect_err("a client without a certificate was answered on the Raft port");
+    // Refused in the handshake (TLS 1.3: the server closes the connection
+    // once it sees no certificate), never by the service.
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        ),
+        "{e:?}"
+    );
     Ok(())
 }
 
@@ -505,10 +523,18 @@ async fn propose_raw(
     c: &mut trine_proto::v1::raft_client::RaftClient<tonic::transport::Channel>,
     requests: Vec<trine_control::Request>,
 ) -> Result<Result<Vec<Result<trine_control::Response, String>>, tonic::Status>> {
+    propose_group(c, &trine_control::Batch::new(requests)).await
+}
+
+/// [`propose_raw`] of a group as it is (its id too).
+async fn propose_group(
+    c: &mut trine_proto::v1::raft_client::RaftClient<tonic::transport::Channel>,
+    group: &trine_control::Batch,
+) -> Result<Result<Vec<Result<trine_control::Response, String>>, tonic::Status>> {
     let sent = c
         .propose(trine_proto::v1::ProposeRequest {
             request_id: "t".into(),
-            request: serde_json::to_vec(&trine_control::Batch { requests })?,
+            request: serde_json::to_vec(group)?,
             secrets: Vec::new(),
         })
         .await;
@@ -677,6 +703,62 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
     let names: Vec<&str> = state.tokens.keys().map(String::as_str).collect();
     assert_eq!(names, ["ci", "root"]);
     assert!(cluster.nodes[&leader].status().members.contains_key(&third));
+    Ok(())
+}
+
+/// A member that sends a group again (its leader stepped down before
+/// answering) gets the first commit's answers; the group is on the chain
+/// once, and every member's chain records the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_sent_again_is_committed_once() -> Result<()> {
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    let leader = cluster.leader().context("a leader")?;
+    let follower = cluster
+        .nodes
+        .values()
+        .find(|c| c.id() != leader)
+        .context("a follower")?
+        .clone();
+    let addr = cluster.addr(leader).context("the leader's address")?;
+    let tls = NodeTls::load(
+        &cluster
+            .dir
+            .path()
+            .join(format!("n{}", follower.id()))
+            .join("tls"),
+    )?;
+    let mut c = trine_control::network::client(&addr, &tls.client()).map_err(anyhow::Error::msg)?;
+    let group = trine_control::Batch::new(vec![trine_control::Request::now(
+        follower.principal(),
+        Command::Note {
+            text: "exactly once".into(),
+        },
+    )]);
+    let first = propose_group(&mut c, &group).await??;
+    let again = propose_group(&mut c, &group).await??;
+    assert_eq!(first, again);
+    let at = first[0].as_ref().map_err(|e| anyhow::anyhow!("{e}"))?.index;
+    let last = note(&follower, "after").await?;
+    for (id, member) in &cluster.nodes {
+        wait_for(
+            &format!("member {id} applied the note after"),
+            Duration::from_secs(10),
+            async || (member.reader().head().map_or(0, |b| b.height) >= last).then_some(()),
+        )
+        .await?;
+        let mut notes = 0;
+        let mut retries = 0;
+        for b in member.reader().blocks(at, usize::MAX) {
+            let b = b.map_err(|(h, e)| anyhow::anyhow!("member {id} block {h}: {e}"))?;
+            notes += b
+                .txs
+                .iter()
+                .filter(|t| t.kind == "note" && t.summary.contains("exactly once"))
+                .count();
+            retries += b.txs.iter().filter(|t| t.kind == "duplicate").count();
+        }
+        assert_eq!((notes, retries), (1, 1), "member {id}");
+    }
     Ok(())
 }
 

@@ -39,6 +39,15 @@ impl Stages {
         self.0.lock().ok()?.get(slot).cloned()
     }
 
+    /// Holds `loaded` in `slot` (replacing what was there), as a finished
+    /// load does.
+    #[cfg(test)]
+    pub(crate) fn insert(&self, slot: SlotKey, loaded: Loaded) {
+        if let Ok(mut held) = self.0.lock() {
+            held.insert(slot, Arc::new(loaded));
+        }
+    }
+
     /// The slots held here.
     pub fn slots(&self) -> Vec<SlotKey> {
         self.0

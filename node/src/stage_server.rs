@@ -126,7 +126,8 @@ async fn answer(
             ),
         );
     };
-    if req.generation != 0 && req.generation != loaded.generation {
+    // Generations start at 1: a request without one (0) is refused too.
+    if req.generation != loaded.generation {
         return reply(
             req,
             StageStatus::NotServed,
@@ -183,7 +184,17 @@ async fn answer(
             }
         }
     };
-    if session.cache.len() != position || session.generation != loaded.generation {
+    if session.generation != loaded.generation {
+        return reply(
+            req,
+            StageStatus::Invalid,
+            format!(
+                "sequence {} began under generation {} here and the stage is now at generation {}; start again at position 0",
+                req.request_id, session.generation, loaded.generation
+            ),
+        );
+    }
+    if session.cache.len() != position {
         return reply(
             req,
             StageStatus::Invalid,
@@ -236,5 +247,103 @@ async fn answer(
         tokens: tokens as u32,
         width: width as u32,
         hidden: bytes(&values),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batcher::{Batcher, Batching};
+    use crate::executor::Loaded;
+    use trine_engine::synth::{Preset, TernaryType, Weights};
+
+    /// A stage message for another placement generation than the one this
+    /// node holds is refused NOT_SERVED (an old one replayed, a newer one
+    /// this node never loaded, or none); once the slot is reloaded under a
+    /// newer generation, a sequence begun under the old one does not go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_message_for_another_generation_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("m.gguf");
+        Weights::generate(Preset::Tiny, 4)
+            .to_gguf(TernaryType::I2S)
+            .expect("gguf")
+            .write(&path)
+            .expect("write");
+        let layers = Preset::Tiny.config().layers;
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .expect("pool"),
+        );
+        let load = |generation| {
+            let (model, tokenizer) = trine_engine::open(&path, Some(1..layers)).expect("open");
+            let model = Arc::new(model);
+            let batching = Batching {
+                pool: pool.clone(),
+                max_batch: 4,
+                quant_embd: Default::default(),
+                kernel: None,
+            };
+            Loaded {
+                generation,
+                model: model.clone(),
+                tokenizer: Arc::new(tokenizer),
+                batcher: Batcher::start(model, "m/0/1".into(), batching).expect("batcher"),
+            }
+        };
+        let stages = Stages::default();
+        let slot = ("m".to_owned(), 0, 1);
+        stages.insert(slot.clone(), load(5));
+        let server = StageServer::new(stages.clone());
+        let hidden = Preset::Tiny.config().hidden;
+        let step = |generation, position| StageRequest {
+            request_id: "r1".into(),
+            model: "m".into(),
+            stage: 1,
+            position,
+            tokens: 1,
+            width: hidden as u32,
+            hidden: bytes(&vec![0.25; hidden]),
+            replica: 0,
+            generation,
+            end: false,
+        };
+        let status = |r: &StageResponse| r.status();
+        for (generation, why) in [
+            (4, "generation 5 here, not 4"),
+            (6, "generation 5 here, not 6"),
+            (0, "generation 5 here, not 0"),
+        ] {
+            let r = server.answer(&step(generation, 0)).await;
+            assert_eq!(status(&r), StageStatus::NotServed, "{r:?}");
+            assert!(r.message.contains(why), "{}", r.message);
+        }
+        // The generation it holds is served.
+        let r = server.answer(&step(5, 0)).await;
+        assert_eq!(status(&r), StageStatus::Ok, "{}", r.message);
+        assert_eq!(r.tokens, 1);
+        // The slot moves away and comes back under generation 6: the
+        // sequence's next step under 5 is refused, and under 6 it does not
+        // continue the cache begun under 5.
+        stages.insert(slot, load(6));
+        let r = server.answer(&step(5, 1)).await;
+        assert_eq!(status(&r), StageStatus::NotServed, "{r:?}");
+        assert!(
+            r.message.contains("generation 6 here, not 5"),
+            "{}",
+            r.message
+        );
+        let r = server.answer(&step(6, 1)).await;
+        assert_eq!(status(&r), StageStatus::Invalid, "{r:?}");
+        assert!(
+            r.message.contains("began under generation 5"),
+            "{}",
+            r.message
+        );
+        // A new sequence under 6 is served.
+        let r = server.answer(&step(6, 0)).await;
+        assert_eq!(status(&r), StageStatus::Ok, "{}", r.message);
     }
 }

@@ -22,7 +22,7 @@ mod sm;
 use std::path::{Path, PathBuf};
 
 pub use log::LogStore;
-pub use sm::{Reader, SNAPSHOT_CHAIN_TAIL, StateMachine};
+pub use sm::{RECENT_MAX, RECENT_SPAN_MS, Reader, SNAPSHOT_CHAIN_TAIL, StateMachine};
 /// Blocks per archived chain segment.
 pub const CHAIN_SEGMENT_BLOCKS: u64 = archive::SEGMENT_BLOCKS;
 

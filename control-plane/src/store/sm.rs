@@ -50,6 +50,128 @@ struct Inner {
     membership: Membership,
     state: State,
     head: Option<Block>,
+    recent: Recent,
+}
+
+/// How long (in block time) and how many committed groups the state
+/// machine remembers by id, to answer a group sent again instead of
+/// applying it twice. A sender retries for at most 10 s (its proposal
+/// deadline); the span leaves room for clocks that disagree.
+pub const RECENT_SPAN_MS: u64 = 120_000;
+pub const RECENT_MAX: usize = 65_536;
+/// Key prefix of a remembered group's row in the `state` tree.
+const RECENT_ROW: u8 = b'r';
+
+/// A group committed lately: where, when, how many commands, and the ones
+/// the state machine refused (with why).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Committed {
+    id: u64,
+    index: u64,
+    time_ms: u64,
+    commands: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rejected: Vec<(u32, String)>,
+}
+
+impl Committed {
+    /// The answers the group got when it was committed.
+    fn responses(&self) -> Vec<Response> {
+        (0..self.commands)
+            .map(|tx| Response {
+                index: self.index,
+                tx,
+                rejected: self
+                    .rejected
+                    .iter()
+                    .find(|(i, _)| *i == tx)
+                    .map(|(_, why)| why.clone()),
+            })
+            .collect()
+    }
+
+    fn row_key(id: u64) -> Vec<u8> {
+        let mut k = vec![RECENT_ROW];
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+}
+
+/// The groups committed lately, by id and by log index (oldest first).
+/// Part of the replicated state: every member drops the same ones at the
+/// same entry (by block time and count), so each answers a retried group
+/// the same way.
+#[derive(Debug, Clone, Default)]
+struct Recent {
+    by_id: std::collections::HashMap<u64, Committed>,
+    by_index: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Recent {
+    fn get(&self, id: u64) -> Option<&Committed> {
+        self.by_id.get(&id)
+    }
+
+    fn insert(&mut self, c: Committed) {
+        self.by_index.insert(c.index, c.id);
+        self.by_id.insert(c.id, c);
+    }
+
+    /// Records `c` and forgets the groups now out of the window; returns
+    /// the rows to write (`Some`) and delete (`None`).
+    fn remember(&mut self, c: Committed) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let now = c.time_ms;
+        let mut rows = vec![(
+            Committed::row_key(c.id),
+            Some(serde_json::to_vec(&c).unwrap_or_default()),
+        )];
+        self.insert(c);
+        while let Some((_, &id)) = self.by_index.first_key_value() {
+            let old = self
+                .by_id
+                .get(&id)
+                .is_none_or(|o| o.time_ms.saturating_add(RECENT_SPAN_MS) < now);
+            if !old && self.by_id.len() <= RECENT_MAX {
+                break;
+            }
+            self.by_index.pop_first();
+            self.by_id.remove(&id);
+            rows.push((Committed::row_key(id), None));
+        }
+        rows
+    }
+
+    fn load_row(&mut self, value: &[u8]) -> std::result::Result<(), String> {
+        let c: Committed =
+            serde_json::from_slice(value).map_err(|e| format!("committed group row: {e}"))?;
+        self.insert(c);
+        Ok(())
+    }
+
+    fn rows(&self) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
+        self.by_id.values().map(|c| {
+            (
+                Committed::row_key(c.id),
+                serde_json::to_vec(c).unwrap_or_default(),
+            )
+        })
+    }
+
+    /// Oldest first, for the snapshot.
+    fn list(&self) -> Vec<Committed> {
+        self.by_index
+            .values()
+            .filter_map(|id| self.by_id.get(id).cloned())
+            .collect()
+    }
+
+    fn from_list(list: Vec<Committed>) -> Self {
+        let mut r = Self::default();
+        for c in list {
+            r.insert(c);
+        }
+        r
+    }
 }
 
 /// Shared by the state machine, its snapshot builder and every [`Reader`].
@@ -84,6 +206,9 @@ pub struct Reader {
 struct Image {
     state: State,
     chain: Vec<Block>,
+    /// The groups committed lately (absent from older snapshots).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    recent: Vec<Committed>,
 }
 
 impl StateMachine {
@@ -107,9 +232,14 @@ impl StateMachine {
             None => Membership::default(),
         };
         let mut state = State::default();
+        let mut recent = Recent::default();
         for kv in rows.iter() {
             let (k, v) = kv.map_err(|e| e.to_string())?;
-            state.load_row(&k, &v)?;
+            if k.first() == Some(&RECENT_ROW) {
+                recent.load_row(&v)?;
+            } else {
+                state.load_row(&k, &v)?;
+            }
         }
         let head = match chain.last().map_err(|e| e.to_string())? {
             Some((_, v)) => {
@@ -130,6 +260,7 @@ impl StateMachine {
                 membership,
                 state,
                 head,
+                recent,
             }),
             archive,
             snapshot_path,
@@ -154,6 +285,8 @@ struct Applied {
     time_ms: u64,
     responses: Vec<Response>,
     touched: Vec<Row>,
+    /// Rows of remembered groups to write (`Some`) or delete.
+    recent: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied {
@@ -165,13 +298,44 @@ fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied 
             time_ms: prev_time,
             responses: Vec::new(),
             touched: Vec::new(),
+            recent: Vec::new(),
         },
+        EntryPayload::Normal(batch) if batch.id != 0 && inner.recent.get(batch.id).is_some() => {
+            // Sent again by a member whose leader stepped down before
+            // answering: answered as it was, applied once. The block
+            // records the retry.
+            let first = inner.recent.get(batch.id).cloned();
+            let first = first.as_ref();
+            let (at, responses) = first.map_or((0, Vec::new()), |c| (c.index, c.responses()));
+            metrics::duplicate_group();
+            Applied {
+                txs: vec![Tx {
+                    kind: "duplicate".into(),
+                    summary: format!(
+                        "group {:016x} of {} commands sent again; committed at height {at}, not applied twice",
+                        batch.id,
+                        batch.requests.len()
+                    ),
+                    body: serde_json::to_vec(
+                        &serde_json::json!({ "group": batch.id, "committed_at": at }),
+                    )
+                    .unwrap_or_default(),
+                    principal: "system".into(),
+                    rejected: None,
+                }],
+                time_ms: prev_time,
+                responses,
+                touched: Vec::new(),
+                recent: Vec::new(),
+            }
+        }
         EntryPayload::Normal(batch) => {
             let mut a = Applied {
                 txs: Vec::with_capacity(batch.requests.len()),
                 time_ms: prev_time,
                 responses: Vec::with_capacity(batch.requests.len()),
                 touched: Vec::new(),
+                recent: Vec::new(),
             };
             for (i, req) in batch.requests.iter().enumerate() {
                 a.touched.extend(req.command.touches(&inner.state));
@@ -187,6 +351,20 @@ fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied 
                 a.responses.push(Response {
                     index,
                     tx: u32::try_from(i).unwrap_or(u32::MAX),
+                    rejected,
+                });
+            }
+            if batch.id != 0 {
+                let rejected = a
+                    .responses
+                    .iter()
+                    .filter_map(|r| r.rejected.clone().map(|why| (r.tx, why)))
+                    .collect();
+                a.recent = inner.recent.remember(Committed {
+                    id: batch.id,
+                    index,
+                    time_ms: a.time_ms,
+                    commands: u32::try_from(batch.requests.len()).unwrap_or(u32::MAX),
                     rejected,
                 });
             }
@@ -206,6 +384,7 @@ fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied 
                 time_ms: prev_time,
                 responses: Vec::new(),
                 touched: Vec::new(),
+                recent: Vec::new(),
             }
         }
     }
@@ -237,6 +416,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 time_ms,
                 responses: entry_responses,
                 touched,
+                recent,
             } = entry_txs(&mut inner, &entry);
             membership_changed |= matches!(entry.payload, EntryPayload::Membership(_));
             txs_total += txs.len() as u64;
@@ -255,6 +435,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match inner.state.row_bytes(&row).map_err(sm_err)? {
                     (k, Some(v)) => rows.insert(k, v),
                     (k, None) => rows.remove(k),
+                }
+            }
+            for (k, v) in recent {
+                match v {
+                    Some(v) => rows.insert(k, v),
+                    None => rows.remove(k),
                 }
             }
             inner.head = Some(block);
@@ -325,6 +511,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     rows.insert(k, v);
                 }
             }
+            let recent = Recent::from_list(image.recent);
+            for (k, v) in recent.rows() {
+                rows.insert(k, v);
+            }
             let applied = serde_json::to_vec(&meta.last_log_id).map_err(sm_err)?;
             let membership = serde_json::to_vec(&meta.last_membership).map_err(sm_err)?;
             (&sh.chain, &sh.rows, &sh.meta)
@@ -337,6 +527,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 })
                 .map_err(tx_err)?;
             inner.state = image.state;
+            inner.recent = recent;
             inner.head = image.chain.last().cloned();
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
@@ -361,12 +552,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
         let sh = &self.shared;
         let mut guard = sh.snapshot_lock.lock().await;
-        let (last_applied, membership, state) = {
+        let (last_applied, membership, state, recent) = {
             let inner = sh.inner.read().map_err(|_| poisoned())?;
             (
                 inner.last_applied,
                 inner.membership.clone(),
                 inner.state.clone(),
+                inner.recent.list(),
             )
         };
         // Blocks up to last_applied never change once written (only an
@@ -386,8 +578,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 );
             }
         }
-        let data = serde_json::to_vec(&Image { state, chain })
-            .map_err(|e| io(StorageIOError::read_state_machine(&e)))?;
+        let data = serde_json::to_vec(&Image {
+            state,
+            chain,
+            recent,
+        })
+        .map_err(|e| io(StorageIOError::read_state_machine(&e)))?;
         *guard += 1;
         let meta = SnapshotMeta {
             last_log_id: last_applied,
