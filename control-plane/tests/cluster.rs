@@ -412,12 +412,7 @@ async fn a_certificate_speaks_only_for_the_node_it_names() -> Result<()> {
     use trine_proto::v1 as pb;
     let cluster = cluster(&["a", "b", "c"]).await?;
     let leader = cluster.leader().context("a leader")?;
-    let target = cluster
-        .nodes
-        .keys()
-        .copied()
-        .find(|id| *id != leader)
-        .context("a follower")?;
+    let target = follower_of(&cluster, leader)?.id();
     let other = cluster
         .nodes
         .keys()
@@ -517,6 +512,16 @@ fn token(name: &str, secret: &str) -> Command {
     )))
 }
 
+/// A member other than `leader`.
+fn follower_of(cluster: &LocalCluster, leader: u64) -> Result<ControlPlane> {
+    Ok(cluster
+        .nodes
+        .values()
+        .find(|c| c.id() != leader)
+        .context("a follower")?
+        .clone())
+}
+
 /// Sends `requests` as one group straight to a member's Raft port, as a
 /// member's library does: each command's answer, or the call's error.
 async fn propose_raw(
@@ -555,12 +560,7 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
     let cluster = cluster(&["a", "b", "c"]).await?;
     let secret = admin(&cluster).await?;
     let leader = cluster.leader().context("a leader")?;
-    let follower = cluster
-        .nodes
-        .values()
-        .find(|c| c.id() != leader)
-        .context("a follower")?
-        .clone();
+    let follower = follower_of(&cluster, leader)?;
     let third = cluster
         .nodes
         .keys()
@@ -713,12 +713,7 @@ async fn a_node_key_writes_only_its_own_commands_and_its_clients_with_their_toke
 async fn a_group_sent_again_is_committed_once() -> Result<()> {
     let cluster = cluster(&["a", "b", "c"]).await?;
     let leader = cluster.leader().context("a leader")?;
-    let follower = cluster
-        .nodes
-        .values()
-        .find(|c| c.id() != leader)
-        .context("a follower")?
-        .clone();
+    let follower = follower_of(&cluster, leader)?;
     let addr = cluster.addr(leader).context("the leader's address")?;
     let tls = NodeTls::load(
         &cluster

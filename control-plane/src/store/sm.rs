@@ -304,9 +304,11 @@ fn entry_txs(inner: &mut Inner, entry: &openraft::Entry<TypeConfig>) -> Applied 
             // Sent again by a member whose leader stepped down before
             // answering: answered as it was, applied once. The block
             // records the retry.
-            let first = inner.recent.get(batch.id).cloned();
-            let first = first.as_ref();
-            let (at, responses) = first.map_or((0, Vec::new()), |c| (c.index, c.responses()));
+            // (The guard found the group; the fallback never runs.)
+            let (at, responses) = inner
+                .recent
+                .get(batch.id)
+                .map_or_else(Default::default, |c| (c.index, c.responses()));
             metrics::duplicate_group();
             Applied {
                 txs: vec![Tx {
