@@ -328,6 +328,41 @@ pub fn final_models(ops: &[Op], finals: &BTreeMap<String, BTreeSet<String>>) -> 
 pub const HOLDER_BEFORE_MS: f64 = 1000.0;
 pub const HOLDER_AFTER_MS: f64 = 2000.0;
 
+/// What a node logs when it finds its data dir put back from an old copy.
+pub const RESTORE_FOUND: &str = "it was put back from an old copy";
+
+/// Every node put back from an old copy of its data dir (`restores`: node →
+/// how many times) found out at start: its log names the restore at least
+/// as often. One that did not would have voted with a log that forgot what
+/// it acknowledged.
+pub fn restores_found(
+    restores: &BTreeMap<String, usize>,
+    logs: &BTreeMap<String, String>,
+) -> Check {
+    let mut missed = Vec::new();
+    for (node, n) in restores {
+        let found = logs
+            .get(node)
+            .map_or(0, |l| l.matches(RESTORE_FOUND).count());
+        if found < *n {
+            missed.push(format!("{node}: put back {n}×, found {found}×"));
+        }
+    }
+    Check {
+        name: "safety: a node put back from an old copy of its data dir finds out before it votes"
+            .into(),
+        passed: missed.is_empty(),
+        detail: if missed.is_empty() {
+            format!(
+                "{} restore(s), each found at start",
+                restores.values().sum::<usize>()
+            )
+        } else {
+            missed.join("; ")
+        },
+    }
+}
+
 /// A fenced stage never serves: the node that finished each completed
 /// request (the last on its path; those before it failed over) held a slot
 /// of the model in some placement sample (the leader's view) from
@@ -628,6 +663,19 @@ mod tests {
         assert!(one_leader_per_term(&h).passed);
         h.status.push(s("b", 1));
         assert!(!one_leader_per_term(&h).passed);
+    }
+
+    #[test]
+    fn a_restore_the_node_did_not_log_fails() {
+        let restores = BTreeMap::from([("a".to_string(), 2usize)]);
+        let line = format!(
+            "ERROR this node's data dir is older than its last start: {RESTORE_FOUND} (a backup)\n"
+        );
+        let once = BTreeMap::from([("a".to_string(), line.clone())]);
+        assert!(!restores_found(&restores, &once).passed);
+        let twice = BTreeMap::from([("a".to_string(), line.repeat(2))]);
+        assert!(restores_found(&restores, &twice).passed);
+        assert!(!restores_found(&restores, &BTreeMap::new()).passed);
     }
 
     #[test]

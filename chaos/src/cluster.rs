@@ -508,6 +508,18 @@ impl Cluster {
 
     /// Starts a killed node again: its process with the same command line
     /// and environment, or its container.
+    /// What the node logged since this run first restarted it (testnet:
+    /// its log file here; compose: its container's log, all runs).
+    pub fn restart_logs(&self, name: &str) -> String {
+        match &self.backend {
+            Backend::Testnet(_) => {
+                std::fs::read_to_string(self.opts.dir.join(format!("{name}.log")))
+                    .unwrap_or_default()
+            }
+            Backend::Compose(c) => c.logs(name),
+        }
+    }
+
     pub fn restart(&mut self, name: &str) -> Result<(), Error> {
         let data = self.data(name)?;
         match &mut self.backend {

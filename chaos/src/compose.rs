@@ -460,6 +460,25 @@ impl Compose {
     }
 
     /// `docker start`: the same container, its data dir as it was.
+    /// Everything the node's container has logged, over all its runs.
+    pub fn logs(&self, name: &str) -> String {
+        let Ok(id) = self.id(name) else {
+            return String::new();
+        };
+        match Command::new("docker")
+            .args(["logs", id])
+            .stdin(std::process::Stdio::null())
+            .output()
+        {
+            Ok(out) => {
+                let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+                s.push_str(&String::from_utf8_lossy(&out.stderr));
+                s
+            }
+            Err(_) => String::new(),
+        }
+    }
+
     pub fn start_node(&mut self, name: &str) -> Result<(), Error> {
         let id = self.id(name)?.to_owned();
         docker(&["start", &id]).map(drop)

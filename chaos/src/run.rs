@@ -414,6 +414,19 @@ async fn play(
         .collect();
     checks.extend(check::serving(&history.ops, &baseline, &outages));
     checks.push(check::fenced_stages(&history.ops, &history.stages));
+    let mut restores: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &records {
+        if let Action::StaleRestart { node } = &r.fault.action {
+            *restores.entry(node.clone()).or_default() += 1;
+        }
+    }
+    if !restores.is_empty() {
+        let logs = restores
+            .keys()
+            .map(|n| (n.clone(), net.restart_logs(n)))
+            .collect();
+        checks.push(check::restores_found(&restores, &logs));
+    }
     if net.prometheus.is_some() {
         checks.push(crate::alerts::check(&records, &history, end_ms));
     }

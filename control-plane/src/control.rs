@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,6 +110,10 @@ impl Config {
             max_in_snapshot_log_to_keep: self.snapshot_keep,
             // Purge in steps of a tenth of the snapshot interval.
             purge_batch_size: (self.snapshot_every / 10).clamp(1, 1024),
+            // Not before this start is confirmed with the peers
+            // (`confirm_start`): a node restored from an old copy of its
+            // data dir must not campaign.
+            enable_elect: false,
             ..Default::default()
         };
         c.validate().map_err(|e| Error::Config(e.to_string()))
@@ -218,10 +223,58 @@ pub struct Core {
     /// new leader's prior for members that have not answered it yet.
     heard: Mutex<HashMap<NodeId, Instant>>,
     proposals: tokio::sync::mpsc::Sender<Pending>,
+    /// This node's start count and its peers' ([`store::Incarnations`]).
+    incarnations: store::Incarnations,
+    /// This start's incarnation (0 until recorded).
+    incarnation: AtomicU64,
+    /// Whether this node votes and campaigns: not before its start is
+    /// confirmed with its peers, nor while it catches up after a restore
+    /// from an old copy of its data dir (`confirm_start`).
+    voting: AtomicBool,
+    /// Whether this start found its data dir older than its peers' record.
+    restored: AtomicBool,
     config: Config,
 }
 
 impl Core {
+    /// Whether this node votes and campaigns yet (see `confirm_start`).
+    pub(crate) fn voting(&self) -> bool {
+        self.voting.load(Ordering::Acquire)
+    }
+
+    /// What a peer answering this node's incarnation call needs: its
+    /// record of `id` (kept when `id` is a member here), its term and
+    /// applied index.
+    pub(crate) async fn incarnation_of(
+        &self,
+        id: NodeId,
+        incarnation: u64,
+    ) -> Result<pb::IncarnationResponse, Error> {
+        let store = |e: sled::Error| {
+            Error::Store(store::Error::Damaged {
+                path: self.config.dir.display().to_string(),
+                reason: e.to_string(),
+            })
+        };
+        // Only members' records are kept: a caller cannot grow the tree
+        // with made-up ids. A joiner is recorded from its next start.
+        let seen = if self.member(id).is_some() {
+            self.incarnations
+                .record_peer(id, incarnation)
+                .await
+                .map_err(store)?
+        } else {
+            self.incarnations.record_peer_seen(id).map_err(store)?
+        };
+        let m = self.raft.metrics().borrow().clone();
+        Ok(pb::IncarnationResponse {
+            request_id: String::new(),
+            seen,
+            term: m.current_term,
+            applied: m.last_applied.map_or(0, |l| l.index),
+        })
+    }
+
     /// `id`'s entry in this node's view of the Raft membership.
     pub(crate) fn member(&self, id: NodeId) -> Option<Member> {
         self.raft
@@ -297,6 +350,12 @@ pub struct Status {
     pub last_log_index: u64,
     pub applied: u64,
     pub leader_heard: Option<Duration>,
+    /// This start's incarnation (0 until confirmed with the peers).
+    pub incarnation: u64,
+    /// Whether this member votes and campaigns (see `confirm_start`).
+    pub voting: bool,
+    /// Whether this start found the data dir put back from an old copy.
+    pub restored: bool,
 }
 
 impl ControlPlane {
@@ -304,7 +363,7 @@ impl ControlPlane {
     /// background tasks.
     pub async fn start(config: Config, listener: TcpListener) -> Result<Self, Error> {
         let raft_config = Arc::new(config.raft_config()?);
-        let (log, sm) = store::open(&config.dir)?;
+        let (log, sm, incarnations) = store::open_all(&config.dir)?;
         let reader = sm.reader();
         let liveness = Liveness::default();
         let certs = Certs::new(config.tls.clone()).map_err(|e| Error::Serve(e.to_string()))?;
@@ -346,8 +405,13 @@ impl ControlPlane {
             faults,
             heard: Mutex::default(),
             proposals,
+            incarnations,
+            incarnation: AtomicU64::new(0),
+            voting: AtomicBool::new(false),
+            restored: AtomicBool::new(false),
             config,
         });
+        metrics::voting(false);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -395,6 +459,7 @@ impl ControlPlane {
                 );
             }
         }
+        tasks.push(tokio::spawn(confirm_start(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(group_commit(
             core.clone(),
             proposal_rx,
@@ -403,7 +468,7 @@ impl ControlPlane {
         tasks.push(tokio::spawn(announce(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(maintain(core.clone(), stop_rx.clone())));
         tasks.push(tokio::spawn(rerun_split_votes(
-            core.raft.clone(),
+            core.clone(),
             campaigns.clone(),
             stop_rx.clone(),
         )));
@@ -586,6 +651,9 @@ impl ControlPlane {
             } else {
                 self.core.leader_heard()
             },
+            incarnation: self.core.incarnation.load(Ordering::Relaxed),
+            voting: self.core.voting(),
+            restored: self.core.restored.load(Ordering::Relaxed),
         }
     }
 
@@ -1304,6 +1372,235 @@ async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
     Err(last)
 }
 
+/// How long one incarnation call may take.
+const INCARNATION_DEADLINE: Duration = Duration::from_secs(2);
+
+/// A peer this node tells of its start: its id when it is a member here,
+/// Raft address, region (for the simulated delay).
+struct StartPeer {
+    id: Option<NodeId>,
+    addr: String,
+    region: String,
+}
+
+impl Core {
+    /// Who to tell of this start, and how many must answer: the other
+    /// members of this node's view and its join addresses; a voter needs
+    /// half the other voters (with itself, the majority any election it
+    /// could take part in needs), any other node one answer when it knows
+    /// a peer, and a node that knows none (a new cluster's first) none.
+    fn start_peers(&self) -> (Vec<StartPeer>, usize) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        let mut peers: Vec<StartPeer> = membership
+            .nodes()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, n)| StartPeer {
+                id: Some(*id),
+                addr: n.addr.clone(),
+                region: n.region.clone(),
+            })
+            .collect();
+        for addr in &self.config.join {
+            if *addr != self.config.member.addr && !peers.iter().any(|p| p.addr == *addr) {
+                peers.push(StartPeer {
+                    id: None,
+                    addr: addr.clone(),
+                    region: String::new(),
+                });
+            }
+        }
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let need = if voters.contains(&self.id) {
+            (voters.len() - 1).div_ceil(2)
+        } else {
+            usize::from(!peers.is_empty())
+        };
+        (peers, need)
+    }
+
+    /// Tells `peers` of incarnation `n`; their answers, by address.
+    async fn tell_start(
+        &self,
+        peers: &[StartPeer],
+        n: u64,
+    ) -> BTreeMap<String, pb::IncarnationResponse> {
+        let calls = peers.iter().map(|p| async move {
+            if p.id.is_some_and(|id| self.faults.blocked(id)) {
+                return None;
+            }
+            let mut c = network::client(&p.addr, &self.certs.client()).ok()?;
+            let req = pb::IncarnationRequest {
+                request_id: String::new(),
+                node_id: self.id,
+                incarnation: n,
+            };
+            let call = self.config.delays.around(&p.region, c.incarnation(req));
+            match tokio::time::timeout(INCARNATION_DEADLINE, call).await {
+                Ok(Ok(r)) => Some((p.addr.clone(), r.into_inner())),
+                Ok(Err(s)) => {
+                    tracing::debug!(peer = %p.addr, error = %s.message(), "incarnation call refused");
+                    None
+                }
+                Err(_) => None,
+            }
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// Confirms this start with the peers before the node votes or campaigns.
+///
+/// The node takes a new incarnation (the start time in ms, at least one
+/// above its data dir's), writes it (fsynced), and tells its peers, who
+/// answer the highest they had recorded. One that had seen a higher one
+/// than the data dir holds (other than a number this start sent itself)
+/// shows the dir was put back from a copy older
+/// than the node's last start: the node takes a number above it, records
+/// how far the peers had got ([`store::Recovery`], kept across restarts)
+/// and stays out of elections until it has applied that far under a leader
+/// of that term or later. Then it votes. See [`store::Incarnations`].
+async fn confirm_start(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
+    let inc = core.incarnations.clone();
+    let fail = |what: &str, e: sled::Error| {
+        tracing::error!(
+            error = %e,
+            "cannot {what} in the data dir; this node will not vote until restarted with a working disk"
+        );
+    };
+    let mut on_disk = match inc.own() {
+        Ok(n) => n,
+        Err(e) => return fail("read this node's incarnation", e),
+    };
+    let mut recovery = match inc.recovery() {
+        Ok(r) => r,
+        Err(e) => return fail("read this node's recovery record", e),
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let mut next = (on_disk + 1).max(now_ms());
+    if let Err(e) = inc.set_own(next).await {
+        return fail("record this start", e);
+    }
+    core.incarnation.store(next, Ordering::Relaxed);
+    // Every number this start sent: a peer may answer one of them (a call
+    // whose answer was lost, the round before a restore was found).
+    let mut sent = vec![next];
+    let started = Instant::now();
+    let mut answered: BTreeMap<String, pb::IncarnationResponse> = BTreeMap::new();
+    let mut logged = Instant::now();
+    loop {
+        let (peers, need) = core.start_peers();
+        let ask: Vec<StartPeer> = peers
+            .into_iter()
+            .filter(|p| !answered.contains_key(&p.addr))
+            .collect();
+        answered.extend(core.tell_start(&ask, next).await);
+        if answered.len() >= need {
+            let seen = answered
+                .values()
+                .map(|a| a.seen)
+                .filter(|s| !sent.contains(s))
+                .max()
+                .unwrap_or(0);
+            if seen <= on_disk {
+                break;
+            }
+            // Put back from an old copy.
+            let r = store::Recovery {
+                applied: answered.values().map(|a| a.applied).max().unwrap_or(0),
+                term: answered.values().map(|a| a.term).max().unwrap_or(0),
+            };
+            let r = match recovery {
+                Some(old) => store::Recovery {
+                    applied: old.applied.max(r.applied),
+                    term: old.term.max(r.term),
+                },
+                None => r,
+            };
+            tracing::error!(
+                on_disk,
+                seen_by_peers = seen,
+                catch_up_to = r.applied,
+                term = r.term,
+                "this node's data dir is older than its last start: it was put back from an old copy (a backup, a snapshot). \
+                 It has forgotten votes it gave and entries it acknowledged, so it will not vote or campaign until it has caught up \
+                 to log index {} under a leader of term {} or later (Raft assumes a disk keeps what it acknowledged). \
+                 Never start a member from a copy of its data dir; to replace its disk, remove the member (`trine node leave --node-id ID`) and join one with an empty data dir",
+                r.applied,
+                r.term
+            );
+            metrics::stale_start();
+            core.restored.store(true, Ordering::Relaxed);
+            if let Err(e) = inc.set_recovery(Some(r)).await {
+                return fail("record the recovery", e);
+            }
+            recovery = Some(r);
+            on_disk = seen;
+            next = (seen + 1).max(now_ms());
+            if let Err(e) = inc.set_own(next).await {
+                return fail("record this start", e);
+            }
+            core.incarnation.store(next, Ordering::Relaxed);
+            sent.push(next);
+            answered.clear();
+            continue;
+        }
+        if logged.elapsed() >= Duration::from_secs(5) {
+            logged = Instant::now();
+            tracing::warn!(
+                answered = answered.len(),
+                need,
+                waited = ?started.elapsed(),
+                "waiting for peers to confirm this start before voting (a majority of voters must be reachable)"
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+    if let Some(r) = recovery {
+        core.restored.store(true, Ordering::Relaxed);
+        let mut metrics = core.raft.metrics();
+        loop {
+            let caught_up = {
+                let m = metrics.borrow_and_update();
+                m.current_leader.is_some_and(|l| l != core.id)
+                    && m.vote.is_committed()
+                    && m.vote.leader_id().term >= r.term
+                    && m.last_applied.is_some_and(|a| a.index >= r.applied)
+            };
+            if caught_up {
+                break;
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        if let Err(e) = inc.set_recovery(None).await {
+            return fail("clear the recovery record", e);
+        }
+        tracing::info!(
+            applied = r.applied,
+            term = r.term,
+            "caught up after the restore from an old copy; this node votes again"
+        );
+    }
+    core.voting.store(true, Ordering::Release);
+    core.raft.runtime_config().elect(true);
+    metrics::voting(true);
+    tracing::debug!(incarnation = next, took = ?started.elapsed(), "start confirmed with the peers; this node votes");
+}
+
 /// Starts the next election at once when a campaign split the vote.
 ///
 /// openraft 0.9 draws one election timeout per process and checks it on a
@@ -1319,10 +1616,11 @@ async fn join_any(core: &Core, record: &NodeRecord) -> Result<(), Error> {
 /// that a voter turned down for a shorter log is left to openraft's longer
 /// wait, so that the voter with the longer log wins.
 async fn rerun_split_votes(
-    raft: Raft,
+    core: Arc<Core>,
     campaigns: network::Campaigns,
     mut stop: watch::Receiver<bool>,
 ) {
+    let raft = &core.raft;
     let min = Duration::from_millis(raft.config().election_timeout_min.max(2));
     let mut metrics = raft.metrics();
     loop {
@@ -1345,6 +1643,7 @@ async fn rerun_split_votes(
         let m = metrics.borrow_and_update().clone();
         if m.state != ServerState::Candidate
             || m.current_term != term
+            || !core.voting()
             || campaigns.was_behind_in(term, m.last_log_index.unwrap_or(0))
         {
             continue;
@@ -1425,7 +1724,7 @@ async fn elect_when_overdue(
             .membership()
             .voter_ids()
             .any(|v| v == core.id);
-        if m.state != ServerState::Follower || !voter {
+        if m.state != ServerState::Follower || !voter || !core.voting() {
             continue;
         }
         let silent = core

@@ -19,6 +19,8 @@ pub const RAFT_MEMBERS: &str = "trine_raft_members";
 pub const RAFT_RPC_FAILURES: &str = "trine_raft_rpc_failures_total";
 pub const RAFT_REFUSED: &str = "trine_raft_refused_total";
 pub const RAFT_DUPLICATES: &str = "trine_raft_duplicate_groups_total";
+pub const RAFT_VOTING: &str = "trine_raft_voting";
+pub const RAFT_STALE_STARTS: &str = "trine_raft_stale_starts_total";
 /// Described by the node (`trine_node::metrics`), set here on every reload.
 pub const CERT_EXPIRY: &str = "trine_cert_expiry_seconds";
 pub const PLACEMENT_MOVES: &str = "trine_placement_moves_total";
@@ -79,6 +81,14 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
         "Groups of writes sent again (their sender's leader stepped down before answering) that this member found already committed and answered from its record instead of applying twice",
     ),
     (
+        RAFT_VOTING,
+        "1 once this member votes and campaigns: its start is confirmed with its peers and, after a restore from an old copy of its data dir, it has caught up",
+    ),
+    (
+        RAFT_STALE_STARTS,
+        "Starts at which this member found its data dir put back from a copy older than its last start (it stays out of elections until it has caught up)",
+    ),
+    (
         PLACEMENT_MOVES,
         "Placement changes the leader's planner committed, by kind (place: a new slot; move: a slot to another node; unplace: a slot left empty; rebalance: a slot moved to improve the layout)",
     ),
@@ -129,6 +139,14 @@ pub(crate) fn cert_expiry(unix_seconds: i64) {
 
 pub(crate) fn raft_refused(rpc: &'static str, reason: &'static str) {
     metrics::counter!(RAFT_REFUSED, "rpc" => rpc, "reason" => reason).increment(1);
+}
+
+pub(crate) fn voting(on: bool) {
+    metrics::gauge!(RAFT_VOTING).set(if on { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn stale_start() {
+    metrics::counter!(RAFT_STALE_STARTS).increment(1);
 }
 
 pub(crate) fn duplicate_group() {

@@ -115,8 +115,28 @@ impl RaftRpc for Service {
             rpc.vote.leader_id().voted_for().unwrap_or_default(),
             "vote",
         )?;
+        if !self.core.voting() {
+            return Err(Status::unavailable(
+                "this member does not vote yet: its start is not confirmed with its peers, or its data dir was put back from an old copy and it is catching up",
+            ));
+        }
         let resp = self.core.raft.vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(convert::vote_resp_to(&resp, id)))
+    }
+
+    async fn incarnation(
+        &self,
+        request: Request<pb::IncarnationRequest>,
+    ) -> Result<Response<pb::IncarnationResponse>, Status> {
+        let names = caller_names(&request);
+        let req = request.into_inner();
+        self.check_sender(&names, req.node_id, "incarnation")?;
+        let mut resp = self
+            .core
+            .incarnation_of(req.node_id, req.incarnation)
+            .await?;
+        resp.request_id = req.request_id;
+        Ok(Response::new(resp))
     }
 
     async fn install_snapshot(

@@ -1322,3 +1322,162 @@ async fn a_member_cut_off_from_the_majority_loses_its_serving_lease() -> Result<
     .await?;
     Ok(())
 }
+
+/// Restarts stopped member `id` from its data dir, once the stopped
+/// instance has let go of it (its tasks end just after `stop`).
+async fn restart(cluster: &mut LocalCluster, id: u64, at: &trine_control::Member) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cluster.restart(id, &at.region, &at.addr).await {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if Instant::now() < until
+                    && (e.to_string().contains("lock") || e.to_string().contains("in use")) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Copies a directory tree: the test's stand-in for a backup of a stopped
+/// node's data dir.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Chaos soak seed 20 (d422203): a member started from an old copy of its
+/// data dir had forgotten entries it acknowledged, voted for a leader that
+/// lacked one, and an acknowledged write was lost. Now its peers' record of
+/// its last start gives it away, and it votes only once it has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_put_back_from_an_old_copy_votes_only_after_catching_up() -> Result<()> {
+    let mut cluster = cluster(&["a", "b", "c"]).await?;
+    let leader = cluster.leader().context("a leader")?;
+    let victim = follower_of(&cluster, leader)?.id();
+    let other = *cluster
+        .nodes
+        .keys()
+        .find(|id| **id != leader && **id != victim)
+        .context("a third member")?;
+    let members = cluster.nodes[&leader].status().members;
+    let (victim_at, leader_at) = (members[&victim].clone(), members[&leader].clone());
+    wait_for(
+        "every member to vote",
+        Duration::from_secs(10),
+        async || {
+            cluster
+                .nodes
+                .values()
+                .all(|c| c.status().voting)
+                .then_some(())
+        },
+    )
+    .await?;
+    let first = cluster.nodes[&victim].status().incarnation;
+    assert!(first > 0, "no incarnation recorded");
+    for i in 0..10 {
+        note(&cluster.nodes[&leader], &format!("before the copy {i}")).await?;
+    }
+
+    // A clean restart is confirmed and not taken for a restore.
+    cluster.stop(victim).await;
+    let data = cluster.dir.path().join(format!("n{victim}")).join("raft");
+    let copy = cluster.dir.path().join("old-copy");
+    copy_tree(&data, &copy)?;
+    restart(&mut cluster, victim, &victim_at).await?;
+    let c = cluster.nodes[&victim].clone();
+    wait_for(
+        "the restarted member to record a new incarnation and vote",
+        Duration::from_secs(10),
+        async || {
+            let s = c.status();
+            (s.voting && s.incarnation > first).then_some(())
+        },
+    )
+    .await?;
+    assert!(!c.status().restored, "a clean restart taken for a restore");
+
+    // Writes it acknowledges, which the old copy lacks.
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.push(note(&cluster.nodes[&leader], &format!("after the copy {i}")).await?);
+    }
+    let last = *acked.last().context("writes")?;
+    wait_for(
+        "the member to apply them",
+        Duration::from_secs(10),
+        async || (c.status().applied >= last).then_some(()),
+    )
+    .await?;
+    drop(c);
+
+    // Put the old copy back, with the leader down: the other follower has
+    // the longer log and campaigns. Without the check the restored member,
+    // its log shorter, would vote for it and they would elect a leader.
+    cluster.stop(victim).await;
+    std::fs::remove_dir_all(&data)?;
+    copy_tree(&copy, &data)?;
+    cluster.stop(leader).await;
+    restart(&mut cluster, victim, &victim_at).await?;
+    let c = cluster.nodes[&victim].clone();
+    wait_for(
+        "the member to find its data dir older than its last start",
+        Duration::from_secs(10),
+        async || c.status().restored.then_some(()),
+    )
+    .await?;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(
+            cluster
+                .nodes
+                .values()
+                .all(|n| !n.status().state.is_leader()),
+            "a leader was elected with the restored member's vote"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !c.status().voting,
+        "the restored member votes before catching up"
+    );
+    assert!(
+        cluster.nodes[&other].status().term > 0,
+        "the other follower never campaigned"
+    );
+
+    // The leader returns; a leader is elected without the restored member,
+    // which catches up and then votes again.
+    restart(&mut cluster, leader, &leader_at).await?;
+    wait_for(
+        "the restored member to catch up and vote again",
+        Duration::from_secs(20),
+        async || {
+            let s = c.status();
+            (s.voting && s.applied >= last).then_some(())
+        },
+    )
+    .await?;
+    let reader = c.reader();
+    for i in &acked {
+        let b = reader
+            .block(*i)
+            .map_err(anyhow::Error::msg)?
+            .context("an acknowledged write")?;
+        assert_eq!(b.txs[0].kind, "note");
+    }
+    cluster.chains_agree()?;
+    Ok(())
+}

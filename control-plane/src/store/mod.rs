@@ -7,6 +7,8 @@
 //!   are acknowledged.
 //! - `sm`: [`StateMachine`], openraft's `RaftStateMachine` (cluster state
 //!   and chain), its snapshots, and [`Reader`] for everyone else.
+//! - `incarnation`: [`Incarnations`], this node's start count and its
+//!   peers', which tell a data dir put back from an old copy.
 //! - `archive`: old chain blocks, moved out of sled in compressed segments
 //!   so sled stays the size of the newest blocks however long the chain.
 //!
@@ -16,11 +18,13 @@
 //! applied state that replaces it.
 
 mod archive;
+mod incarnation;
 mod log;
 mod sm;
 
 use std::path::{Path, PathBuf};
 
+pub use incarnation::{Incarnations, Recovery};
 pub use log::LogStore;
 pub use sm::{RECENT_MAX, RECENT_SPAN_MS, Reader, SNAPSHOT_CHAIN_TAIL, StateMachine};
 /// Blocks per archived chain segment.
@@ -41,6 +45,11 @@ pub enum Error {
 
 /// Opens (creating if needed) the store in `dir`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
+    open_all(dir).map(|(log, sm, _)| (log, sm))
+}
+
+/// [`open`], with the node's [`Incarnations`] (same database).
+pub fn open_all(dir: &Path) -> Result<(LogStore, StateMachine, Incarnations), Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Open {
         path: dir.display().to_string(),
         reason: e.to_string(),
@@ -59,7 +68,8 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
     log.step_down().map_err(|e| damaged(&db_path, &e))?;
     let sm = StateMachine::open(&db, snapshot_path(dir), dir.join("chain"))
         .map_err(|e| damaged(&db_path, &e))?;
-    Ok((log, sm))
+    let incarnations = Incarnations::new(&db).map_err(|e| damaged(&db_path, &e))?;
+    Ok((log, sm, incarnations))
 }
 
 fn damaged(path: &Path, e: &dyn std::fmt::Display) -> Error {
