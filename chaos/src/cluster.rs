@@ -102,7 +102,7 @@ pub struct ClusterOptions {
     pub base_port: u16,
     /// Also run Prometheus with the alert rules.
     pub prometheus: bool,
-    /// Give each node's directory a filesystem of its own (a 64 MiB tmpfs,
+    /// Give each node's directory a filesystem of its own (a 256 MiB tmpfs,
     /// needs root) so that one node's disk can be filled.
     pub small_disks: bool,
     /// Some: the compose cluster instead of `trine testnet`.
@@ -110,7 +110,7 @@ pub struct ClusterOptions {
 }
 
 /// Size of each node's own filesystem with `small_disks`.
-const SMALL_DISK: &str = "64m";
+const SMALL_DISK: &str = "256m";
 
 /// A killed node's command line and environment.
 type Launch = (Vec<OsString>, Vec<(OsString, OsString)>);

@@ -778,7 +778,7 @@ pub fn lever(action: &Action, compose: bool) -> &'static str {
         (Action::CpuLimit { .. }, true) => "docker update --cpus",
         (Action::MemoryLimit { .. }, false) => "a memory cgroup",
         (Action::MemoryLimit { .. }, true) => "docker update --memory",
-        (Action::FillDisk { .. }, _) => "a ballast on the node's own 64 MiB tmpfs",
+        (Action::FillDisk { .. }, _) => "a ballast on the node's own 256 MiB tmpfs",
         (Action::StaleRestart { .. }, false) => "kill, copy, restart",
         (Action::StaleRestart { .. }, true) => "docker kill, copy on the host, docker start",
         (Action::DrainKillLeader { .. }, false) => {

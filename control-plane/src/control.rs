@@ -1480,6 +1480,10 @@ async fn confirm_start(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
         Ok(r) => r,
         Err(e) => return fail("read this node's recovery record", e),
     };
+    let mut trusted = match inc.take_trust().await {
+        Ok(t) => t,
+        Err(e) => return fail("read the trust-data-dir mark", e),
+    };
     let now_ms = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1512,6 +1516,23 @@ async fn confirm_start(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
                 .unwrap_or(0);
             if seen <= on_disk {
                 break;
+            }
+            if std::mem::take(&mut trusted) {
+                tracing::warn!(
+                    on_disk,
+                    seen_by_peers = seen,
+                    "this node's data dir is older than its last start, and `trine node trust-data-dir` marked it current: \
+                     voting at once. Writes only the lost part of its log held may be gone"
+                );
+                on_disk = seen;
+                next = (seen + 1).max(now_ms());
+                if let Err(e) = inc.set_own(next).await {
+                    return fail("record this start", e);
+                }
+                core.incarnation.store(next, Ordering::Relaxed);
+                sent.push(next);
+                answered.clear();
+                continue;
             }
             // Put back from an old copy.
             let r = store::Recovery {

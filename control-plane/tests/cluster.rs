@@ -1357,12 +1357,20 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Chaos soak seed 20 (d422203): a member started from an old copy of its
-/// data dir had forgotten entries it acknowledged, voted for a leader that
-/// lacked one, and an acknowledged write was lost. Now its peers' record of
-/// its last start gives it away, and it votes only once it has caught up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_put_back_from_an_old_copy_votes_only_after_catching_up() -> Result<()> {
+/// A three-member cluster whose follower `victim` restarted once after a
+/// copy of its data dir was taken, acknowledged `acked` since, and is now
+/// stopped with the old copy put back.
+struct OldCopy {
+    cluster: LocalCluster,
+    leader: u64,
+    victim: u64,
+    other: u64,
+    victim_at: trine_control::Member,
+    leader_at: trine_control::Member,
+    acked: Vec<u64>,
+}
+
+async fn member_with_an_old_copy() -> Result<OldCopy> {
     let mut cluster = cluster(&["a", "b", "c"]).await?;
     let leader = cluster.leader().context("a leader")?;
     let victim = follower_of(&cluster, leader)?.id();
@@ -1422,13 +1430,39 @@ async fn a_member_put_back_from_an_old_copy_votes_only_after_catching_up() -> Re
     )
     .await?;
     drop(c);
-
-    // Put the old copy back, with the leader down: the other follower has
-    // the longer log and campaigns. Without the check the restored member,
-    // its log shorter, would vote for it and they would elect a leader.
     cluster.stop(victim).await;
     std::fs::remove_dir_all(&data)?;
     copy_tree(&copy, &data)?;
+    Ok(OldCopy {
+        cluster,
+        leader,
+        victim,
+        other,
+        victim_at,
+        leader_at,
+        acked,
+    })
+}
+
+/// Chaos soak seed 20 (d422203): a member started from an old copy of its
+/// data dir had forgotten entries it acknowledged, voted for a leader that
+/// lacked one, and an acknowledged write was lost. Now its peers' record of
+/// its last start gives it away, and it votes only once it has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_put_back_from_an_old_copy_votes_only_after_catching_up() -> Result<()> {
+    let OldCopy {
+        mut cluster,
+        leader,
+        victim,
+        other,
+        victim_at,
+        leader_at,
+        acked,
+    } = member_with_an_old_copy().await?;
+    let last = *acked.last().context("writes")?;
+    // The leader down, the other follower has the longer log and
+    // campaigns. Without the check the restored member, its log shorter,
+    // would vote for it and they would elect a leader.
     cluster.stop(leader).await;
     restart(&mut cluster, victim, &victim_at).await?;
     let c = cluster.nodes[&victim].clone();
@@ -1478,6 +1512,36 @@ async fn a_member_put_back_from_an_old_copy_votes_only_after_catching_up() -> Re
             .context("an acknowledged write")?;
         assert_eq!(b.txs[0].kind, "note");
     }
+    cluster.chains_agree()?;
+    Ok(())
+}
+
+/// The way back from a lost quorum with only old copies
+/// (disaster-recovery.md): `trine node trust-data-dir` marks the copy
+/// current, and the member votes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_old_copy_is_marked_trusted_votes_at_once() -> Result<()> {
+    let OldCopy {
+        mut cluster,
+        leader,
+        victim,
+        victim_at,
+        ..
+    } = member_with_an_old_copy().await?;
+    let data = cluster.dir.path().join(format!("n{victim}")).join("raft");
+    trine_control::store::trust_data_dir(&data)?;
+    cluster.stop(leader).await;
+    restart(&mut cluster, victim, &victim_at).await?;
+    let c = cluster.nodes[&victim].clone();
+    wait_for(
+        "the two survivors to elect a leader",
+        Duration::from_secs(15),
+        async || cluster.leader().map(|_| ()),
+    )
+    .await?;
+    let s = c.status();
+    assert!(s.voting && !s.restored, "{s:?}");
+    note(&c, "after the quorum came back").await?;
     cluster.chains_agree()?;
     Ok(())
 }

@@ -253,6 +253,9 @@ impl Admin for AdminService {
             leader_rtt_seconds: leader_rtt,
             last_log_index: s.last_log_index,
             leader_heard_seconds: s.leader_heard.map_or(-1.0, |d| d.as_secs_f64()),
+            voting: s.voting,
+            restored: s.restored,
+            incarnation: s.incarnation,
         }))
     }
 

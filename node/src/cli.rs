@@ -461,6 +461,16 @@ pub enum NodeAction {
         #[arg(long, value_name = "ID")]
         node_id: Option<u64>,
     },
+    /// Mark a stopped node's data dir, put back from an old copy, as current:
+    /// at its next start it votes at once instead of staying out of
+    /// elections until it has caught up. Only to regain a lost quorum from
+    /// copies (deploy/runbooks/disaster-recovery.md, "Losing quorum"):
+    /// writes that only the lost part of its log held can be lost.
+    TrustDataDir {
+        /// The stopped node's data dir.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 impl NodeArgs {

@@ -601,6 +601,26 @@ pub fn write_status_table(
             n.raft_addr
         )?;
     }
+    // A voter that does not vote yet weakens the majority: say why.
+    for (n, s) in rows {
+        let Some(s) = s else { continue };
+        if s.voting || s.role == v1::RaftRole::Learner as i32 {
+            continue;
+        }
+        if s.restored {
+            writeln!(
+                out,
+                "{}: does not vote: its data dir was put back from an old copy; it votes again once it has caught up (its log says how far)",
+                n.name
+            )?;
+        } else {
+            writeln!(
+                out,
+                "{}: does not vote yet: waiting for half the other voters to confirm its start",
+                n.name
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -624,6 +644,8 @@ pub fn status(args: &StatusArgs) -> Result<()> {
                     "leader_id": s.as_ref().map(|s| s.leader_id),
                     "peers": s.as_ref().map(|s| s.peers),
                     "leader_rtt_seconds": s.as_ref().map(|s| s.leader_rtt_seconds),
+                    "voting": s.as_ref().map(|s| s.voting),
+                    "restored_from_old_copy": s.as_ref().map(|s| s.restored),
                     "grpc_addr": n.grpc_addr,
                     "raft_addr": n.raft_addr,
                     "api_tls": n.api_tls,
@@ -962,6 +984,24 @@ pub fn chain(command: &ChainCommand) -> Result<()> {
             }
         },
     }
+    Ok(())
+}
+
+/// `trine node trust-data-dir`: see the command's help.
+pub fn trust_data_dir(data_dir: &std::path::Path) -> Result<()> {
+    let raft = data_dir.join("raft");
+    if !raft.exists() {
+        bail!(
+            "{} holds no Raft store (no raft/ directory); is it a cluster member's data dir?",
+            data_dir.display()
+        );
+    }
+    trine_control::store::trust_data_dir(&raft)
+        .map_err(|e| anyhow::anyhow!("cannot mark {}: {e}", data_dir.display()))?;
+    writeln!(
+        std::io::stdout().lock(),
+        "marked: at its next start this node votes at once, even if its peers saw a later start (its data dir was put back from an old copy); the mark is used once"
+    )?;
     Ok(())
 }
 

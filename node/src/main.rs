@@ -23,6 +23,9 @@ fn main() -> ExitCode {
             Some(cli::NodeAction::Leave { target, node_id }) => {
                 exit(trine_node::cluster_cmd::leave(target, *node_id))
             }
+            Some(cli::NodeAction::TrustDataDir { data_dir }) => {
+                exit(trine_node::cluster_cmd::trust_data_dir(data_dir))
+            }
             None => run_node(&args),
         },
         Command::Testnet(args) => {

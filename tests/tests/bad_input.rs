@@ -287,3 +287,37 @@ fn print_config_shows_layers_in_order() -> Result<()> {
     ensure!(String::from_utf8(out.stdout)? == with_flag);
     Ok(())
 }
+
+/// `trine node trust-data-dir` works on a stopped node's data dir only: a
+/// running node's is refused (its store is locked) and left as it was, a
+/// directory without a Raft store is named as such.
+#[tokio::test]
+async fn trust_data_dir_refuses_a_running_node_and_a_foreign_dir() -> Result<()> {
+    let raft = trine_tests::free_addr()?;
+    let node = Node::start(&["--init", "--raft-addr", &raft]).await?;
+    // A cluster of one confirms its start at once and votes.
+    trine_tests::wait_for("the node to vote", T, || async {
+        let text = node.metrics().await.ok()?;
+        (trine_tests::metric(&text, "trine_raft_voting") == Some(1.0)).then_some(())
+    })
+    .await?;
+    let mut cmd = trine();
+    cmd.args(["node", "trust-data-dir", "--data-dir"])
+        .arg(&node.data_dir);
+    let out = run(cmd, T)?;
+    assert_one_clear_error(&out, 1, &["cannot mark", "stop it first"])?;
+    let tmp = tempfile::tempdir()?;
+    let mut cmd = trine();
+    cmd.args(["node", "trust-data-dir", "--data-dir"])
+        .arg(tmp.path());
+    let out = run(cmd, T)?;
+    assert_one_clear_error(&out, 1, &["holds no Raft store"])?;
+    let (status, _) = trine_tests::http_get(&node.url("/readyz"))
+        .await
+        .unwrap_or_default();
+    ensure!(
+        status == 200,
+        "the node is not ready after the refused mark"
+    );
+    Ok(())
+}

@@ -26,6 +26,9 @@ use crate::types::NodeId;
 const OWN: &[u8] = b"own";
 /// This node's [`Recovery`], while it has one.
 const RECOVERY: &[u8] = b"recovery";
+/// Set by `trine node trust-data-dir` on a stopped node: its next start
+/// takes the data dir as current (votes at once), then forgets the mark.
+const TRUST: &[u8] = b"trust_once";
 /// Prefix of a peer's highest recorded incarnation (then its id, big-endian).
 const PEER: u8 = b'p';
 
@@ -94,6 +97,25 @@ impl Incarnations {
         Ok(decode_u64(self.tree.get(peer_key(id))?))
     }
 
+    /// Marks the data dir as current for the next start only, and drops
+    /// any recovery (an operator regaining a lost quorum), fsynced.
+    pub fn trust_once(&self) -> sled::Result<()> {
+        self.tree.insert(TRUST, &[1u8])?;
+        self.tree.remove(RECOVERY)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether the next start was marked to trust the data dir; clears
+    /// the mark (fsynced).
+    pub async fn take_trust(&self) -> sled::Result<bool> {
+        let had = self.tree.remove(TRUST)?.is_some();
+        if had {
+            self.db.flush_async().await?;
+        }
+        Ok(had)
+    }
+
     /// The recovery this node is in, if any (kept across restarts).
     pub fn recovery(&self) -> sled::Result<Option<Recovery>> {
         Ok(self
@@ -153,5 +175,14 @@ mod tests {
         );
         inc.set_recovery(None).await.unwrap();
         assert_eq!(inc.recovery().unwrap(), None);
+        let r = Recovery {
+            applied: 5,
+            term: 1,
+        };
+        inc.set_recovery(Some(r)).await.unwrap();
+        inc.trust_once().unwrap();
+        assert_eq!(inc.recovery().unwrap(), None);
+        assert!(inc.take_trust().await.unwrap());
+        assert!(!inc.take_trust().await.unwrap());
     }
 }

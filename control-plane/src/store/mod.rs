@@ -72,6 +72,13 @@ pub fn open_all(dir: &Path) -> Result<(LogStore, StateMachine, Incarnations), Er
     Ok((log, sm, incarnations))
 }
 
+/// Marks a stopped node's data dir as current for its next start (see
+/// [`Incarnations::trust_once`]).
+pub fn trust_data_dir(dir: &Path) -> Result<(), Error> {
+    let (_, _, inc) = open_all(dir)?;
+    inc.trust_once().map_err(|e| damaged(&dir.join("db"), &e))
+}
+
 fn damaged(path: &Path, e: &dyn std::fmt::Display) -> Error {
     Error::Damaged {
         path: path.display().to_string(),
