@@ -1524,46 +1524,38 @@ async fn confirm_start(core: Arc<Core>, mut stop: watch::Receiver<bool>) {
                     "this node's data dir is older than its last start, and `trine node trust-data-dir` marked it current: \
                      voting at once. Writes only the lost part of its log held may be gone"
                 );
-                on_disk = seen;
-                next = (seen + 1).max(now_ms());
-                if let Err(e) = inc.set_own(next).await {
-                    return fail("record this start", e);
+            } else {
+                // Put back from an old copy: catch up to the furthest the
+                // peers (and any earlier recovery) had got.
+                let r = answered.values().fold(
+                    recovery.unwrap_or(store::Recovery {
+                        applied: 0,
+                        term: 0,
+                    }),
+                    |r, a| store::Recovery {
+                        applied: r.applied.max(a.applied),
+                        term: r.term.max(a.term),
+                    },
+                );
+                tracing::error!(
+                    on_disk,
+                    seen_by_peers = seen,
+                    catch_up_to = r.applied,
+                    term = r.term,
+                    "this node's data dir is older than its last start: it was put back from an old copy (a backup, a snapshot). \
+                     It has forgotten votes it gave and entries it acknowledged, so it will not vote or campaign until it has caught up \
+                     to log index {} under a leader of term {} or later (Raft assumes a disk keeps what it acknowledged). \
+                     Never start a member from a copy of its data dir; to replace its disk, remove the member (`trine node leave --node-id ID`) and join one with an empty data dir",
+                    r.applied,
+                    r.term
+                );
+                metrics::stale_start();
+                if let Err(e) = inc.set_recovery(Some(r)).await {
+                    return fail("record the recovery", e);
                 }
-                core.incarnation.store(next, Ordering::Relaxed);
-                sent.push(next);
-                answered.clear();
-                continue;
+                recovery = Some(r);
             }
-            // Put back from an old copy.
-            let r = store::Recovery {
-                applied: answered.values().map(|a| a.applied).max().unwrap_or(0),
-                term: answered.values().map(|a| a.term).max().unwrap_or(0),
-            };
-            let r = match recovery {
-                Some(old) => store::Recovery {
-                    applied: old.applied.max(r.applied),
-                    term: old.term.max(r.term),
-                },
-                None => r,
-            };
-            tracing::error!(
-                on_disk,
-                seen_by_peers = seen,
-                catch_up_to = r.applied,
-                term = r.term,
-                "this node's data dir is older than its last start: it was put back from an old copy (a backup, a snapshot). \
-                 It has forgotten votes it gave and entries it acknowledged, so it will not vote or campaign until it has caught up \
-                 to log index {} under a leader of term {} or later (Raft assumes a disk keeps what it acknowledged). \
-                 Never start a member from a copy of its data dir; to replace its disk, remove the member (`trine node leave --node-id ID`) and join one with an empty data dir",
-                r.applied,
-                r.term
-            );
-            metrics::stale_start();
-            core.restored.store(true, Ordering::Relaxed);
-            if let Err(e) = inc.set_recovery(Some(r)).await {
-                return fail("record the recovery", e);
-            }
-            recovery = Some(r);
+            // A number above the peers', so a later restore is found too.
             on_disk = seen;
             next = (seen + 1).max(now_ms());
             if let Err(e) = inc.set_own(next).await {
