@@ -207,9 +207,10 @@ pub struct Core {
     last_leader_contact: Mutex<Option<Instant>>,
     /// The leader's quorum clock (shared with the network layer).
     quorum: network::Quorum,
-    /// This node's serving lease: from when (a majority last accepted the
-    /// leader that renewed it), and the commit index it must have applied.
-    lease: Mutex<Option<(Instant, u64)>>,
+    /// This node's serving lease ([`crate::lease`]).
+    lease: Mutex<crate::lease::Lease>,
+    /// This run's clock for the stamps its AppendEntries answers carry.
+    stamps: crate::lease::StampClock,
     /// Since when each member has answered without a gap longer than
     /// `down_after` (leader's view; for damping).
     answering_since: Mutex<HashMap<NodeId, Instant>>,
@@ -370,11 +371,13 @@ impl ControlPlane {
         let faults = Faults::default();
         let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let quorum = network::Quorum::default();
+        let echoes = network::Echoes::default();
         let campaigns = network::Campaigns::default();
         let network = Network {
             certs: certs.clone(),
             liveness: liveness.clone(),
             quorum: quorum.clone(),
+            echoes,
             campaigns: campaigns.clone(),
             faults: faults.clone(),
             delays: config.delays.clone(),
@@ -398,7 +401,8 @@ impl ControlPlane {
             liveness,
             last_leader_contact: Mutex::new(None),
             quorum,
-            lease: Mutex::new(None),
+            lease: Mutex::default(),
+            stamps: crate::lease::StampClock::new(),
             answering_since: Mutex::new(HashMap::new()),
             recovering: Mutex::new(BTreeMap::new()),
             last_rebalance: Mutex::new(None),
@@ -597,9 +601,11 @@ impl ControlPlane {
     /// Why this node must not serve its stages now, or None when it may:
     /// its serving lease has run out. A node holds a lease while a leader
     /// that a majority of the voters accepted within the last
-    /// `down_after / 2` keeps it (each AppendEntries renews it, dated from
-    /// that majority's acceptance) and it has applied up to that leader's
-    /// commit index; a leader holds one while a majority accepts it. A
+    /// `down_after / 2` keeps it (each AppendEntries renews it, dated on
+    /// this node's clock from its own answer that the leader had heard,
+    /// less the majority's age: [`crate::lease`]) and it has applied up to
+    /// the highest commit index it was told; a leader holds one while a
+    /// majority accepts it. A
     /// leader moves a node's stages only after `down_after` without an
     /// answer from it, so by then the node has stopped serving them: cut off
     /// with a deposed leader or alone, it cannot renew (its leader has no
@@ -620,18 +626,7 @@ impl ControlPlane {
             };
         }
         let applied = m.last_applied.map_or(0, |l| l.index);
-        match *self.core.lease.lock().ok()? {
-            Some((from, _)) if from.elapsed() > lease => Some(format!(
-                "this node has not heard from a leader backed by a majority for {:.1} s (its serving lease is {:.1} s)",
-                from.elapsed().as_secs_f64(),
-                lease.as_secs_f64()
-            )),
-            Some((_, commit)) if applied < commit => Some(format!(
-                "this node has applied the control plane's log to {applied}, short of the leader's commit {commit}"
-            )),
-            Some(_) => None,
-            None => Some("this node has not heard from a leader since it started".into()),
-        }
+        self.core.lease.lock().ok()?.fenced(lease, applied)
     }
 
     pub fn status(&self) -> Status {
@@ -750,23 +745,27 @@ impl Core {
     }
 
     /// A leader's AppendEntries, sent `quorum_age` after a majority last
-    /// accepted it and committed to `commit`, was accepted at `received`.
-    /// A lease that had run out (or never ran) starts again only once this
-    /// node has applied up to `commit`: while it was out of touch, its
-    /// stages may have moved, and it learns so by applying the log. A lease
-    /// still running is extended as it is (a stage is moved off a node in
-    /// touch only by entries it applies as they come).
-    pub(crate) fn renew_lease(&self, received: Instant, quorum_age: Duration, commit: u64) {
-        let Some(from) = received.checked_sub(quorum_age) else {
+    /// accepted it, echoing `echo` and committed to `commit`, was accepted
+    /// at `received` ([`crate::lease`] says how that dates the lease).
+    pub(crate) fn renew_lease(
+        &self,
+        received: Instant,
+        quorum_age: Duration,
+        echo: Option<&trine_proto::v1::Stamp>,
+        commit: u64,
+    ) {
+        let Some(from) = crate::lease::start(&self.stamps, received, quorum_age, echo) else {
             return;
         };
-        let lease = self.lease_span();
+        let span = self.lease_span();
         if let Ok(mut l) = self.lease.lock() {
-            match &mut *l {
-                Some((f, _)) if f.elapsed() <= lease => *f = (*f).max(from),
-                _ => *l = Some((from, commit)),
-            }
+            l.renew(span, from, commit);
         }
+    }
+
+    /// The stamp of this node's answer to a request it had at `at`.
+    pub(crate) fn stamp(&self, at: Instant) -> trine_proto::v1::Stamp {
+        self.stamps.stamp(at)
     }
 
     fn leader_heard(&self) -> Option<Duration> {

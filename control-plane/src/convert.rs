@@ -168,6 +168,7 @@ pub fn append_to(
         entries: r.entries.iter().map(entry_to).collect(),
         leader_commit: opt_log_id_to(r.leader_commit.as_ref()),
         quorum_age_ms: None,
+        echo: None,
     }
 }
 
@@ -205,6 +206,7 @@ pub fn append_resp_to(
     pb::AppendEntriesResponse {
         request_id,
         result: Some(result),
+        stamp: None,
     }
 }
 

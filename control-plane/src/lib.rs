@@ -26,6 +26,7 @@ pub mod clock;
 pub mod command;
 pub mod control;
 pub mod convert;
+mod lease;
 pub mod local;
 pub mod metrics;
 pub mod network;

@@ -105,6 +105,37 @@ impl Quorum {
     }
 }
 
+/// The leader's side of the lease stamps ([`crate::lease`]): the newest
+/// stamp each follower's accepted answers carried, echoed back in the next
+/// AppendEntries to it.
+#[derive(Debug, Clone, Default)]
+pub struct Echoes(Arc<Mutex<HashMap<NodeId, trine_proto::v1::Stamp>>>);
+
+impl Echoes {
+    /// `id` answered with `stamp` (a newer one of the same run wins; a
+    /// new run's replaces the old run's).
+    pub fn record(&self, id: NodeId, stamp: trine_proto::v1::Stamp) {
+        if let Ok(mut m) = self.0.lock() {
+            match m.get_mut(&id) {
+                Some(s) if s.boot == stamp.boot => s.at_us = s.at_us.max(stamp.at_us),
+                _ => {
+                    m.insert(id, stamp);
+                }
+            }
+        }
+    }
+
+    /// What to echo to `id`: its newest stamp, or boot 0 when none is held
+    /// (the receiver then renews no lease from this message).
+    pub fn echo(&self, id: NodeId) -> trine_proto::v1::Stamp {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&id).cloned())
+            .unwrap_or_default()
+    }
+}
+
 /// What this node's vote requests learnt: the highest term in which a voter
 /// turned this node down for having a shorter log than its own, and how far
 /// that voter's log went. A candidate that is behind must not hurry the
@@ -310,6 +341,7 @@ pub struct Network {
     pub certs: crate::tls::Certs,
     pub liveness: Liveness,
     pub quorum: Quorum,
+    pub echoes: Echoes,
     pub campaigns: Campaigns,
     pub faults: Faults,
     pub delays: Delays,
@@ -327,6 +359,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: None,
             liveness: self.liveness.clone(),
             quorum: self.quorum.clone(),
+            echoes: self.echoes.clone(),
             campaigns: self.campaigns.clone(),
             faults: self.faults.clone(),
             delays: self.delays.clone(),
@@ -345,6 +378,7 @@ pub struct Conn {
     client: Option<(u64, RaftClient<Channel>)>,
     liveness: Liveness,
     quorum: Quorum,
+    echoes: Echoes,
     campaigns: Campaigns,
     faults: Faults,
     delays: Delays,
@@ -440,13 +474,18 @@ impl RaftNetwork<TypeConfig> for Conn {
             .quorum
             .acked()
             .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        req.echo = Some(self.echoes.echo(self.target));
         let sent = Instant::now();
         let resp = self
             .timed("append_entries", option.hard_ttl(), c.append_entries(req))
             .await?;
+        let stamp = resp.stamp;
         let resp = convert::append_resp_from(resp).map_err(malformed)?;
         if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
             self.quorum.ack(self.target, sent);
+            if let Some(s) = stamp {
+                self.echoes.record(self.target, s);
+            }
         }
         Ok(resp)
     }

@@ -80,10 +80,14 @@ impl RaftRpc for Service {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        // The earliest moment this node surely had the request: its
+        // answer's stamp (the sender's silence clock restarts later).
+        let received = Instant::now();
         let names = caller_names(&request);
         let req = request.into_inner();
         let id = req.request_id.clone();
         let quorum_age = req.quorum_age_ms.map(Duration::from_millis);
+        let echo = req.echo;
         let rpc = convert::append_from(req).map_err(invalid)?;
         self.check_sender(
             &names,
@@ -91,15 +95,16 @@ impl RaftRpc for Service {
             "append_entries",
         )?;
         let commit = rpc.leader_commit.map_or(0, |l| l.index);
-        let received = Instant::now();
         let resp = self.core.raft.append_entries(rpc).await.map_err(fatal)?;
         self.core.heard_from_leader();
         if let Some(age) = quorum_age
             && !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_))
         {
-            self.core.renew_lease(received, age, commit);
+            self.core.renew_lease(received, age, echo.as_ref(), commit);
         }
-        Ok(Response::new(convert::append_resp_to(&resp, id)))
+        let mut out = convert::append_resp_to(&resp, id);
+        out.stamp = Some(self.core.stamp(received));
+        Ok(Response::new(out))
     }
 
     async fn vote(
