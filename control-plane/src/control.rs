@@ -744,17 +744,11 @@ impl Core {
         self.config.down_after / 2
     }
 
-    /// A leader's AppendEntries, sent `quorum_age` after a majority last
-    /// accepted it, echoing `echo` and committed to `commit`, was accepted
-    /// at `received` ([`crate::lease`] says how that dates the lease).
-    pub(crate) fn renew_lease(
-        &self,
-        received: Instant,
-        quorum_age: Duration,
-        echo: Option<&trine_proto::v1::Stamp>,
-        commit: u64,
-    ) {
-        let Some(from) = crate::lease::start(&self.stamps, received, quorum_age, echo) else {
+    /// A leader's AppendEntries, dated as `dating` says and committed to
+    /// `commit`, was accepted ([`crate::lease`] says how that dates the
+    /// lease).
+    pub(crate) fn renew_lease(&self, dating: crate::lease::Dating<'_>, commit: u64) {
+        let Some(from) = crate::lease::start(&self.stamps, dating) else {
             return;
         };
         let span = self.lease_span();

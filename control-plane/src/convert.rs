@@ -169,6 +169,7 @@ pub fn append_to(
         leader_commit: opt_log_id_to(r.leader_commit.as_ref()),
         quorum_age_ms: None,
         echo: None,
+        echo_quorum_lag_us: None,
     }
 }
 

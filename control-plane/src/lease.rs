@@ -10,15 +10,18 @@
 //! AppendEntries says nothing about when it was sent: a message held in a
 //! socket while the network was cut (or the node frozen) arrives late,
 //! looking fresh. So each answer to an AppendEntries carries a [`Stamp`]
-//! (the follower's monotonic time when it had the request), the leader
+//! (the follower's monotonic time as it answers), the leader
 //! echoes the newest stamp it holds from that follower in its next
-//! AppendEntries, and the lease runs from the echoed stamp less the
-//! leader's quorum age at sending. The echo was sent back before that
-//! AppendEntries, so the leader had heard from the follower after the
-//! stamp (its `down_after` silence counts from later) and a majority had
-//! accepted the leader `quorum_age` before it sent (a new leader can
-//! exist only after that). A late message carries an old echo, and so an
-//! old lease.
+//! AppendEntries with how long before receiving it a majority had last
+//! accepted the leader, and the lease runs from the stamp less that lag.
+//! The leader heard from the follower after the stamp (its `down_after`
+//! silence counts from then or later) and a majority had accepted it by
+//! the lag's start (a new leader can exist only after that), so the lease
+//! ends before either bound. A late message carries an old echo, and so
+//! an old lease. In steady state the start trails the receipt by about
+//! one heartbeat, as the quorum age it replaces did.
+//!
+//! [`Stamp`]: pb::Stamp
 
 use std::time::{Duration, Instant};
 
@@ -70,21 +73,28 @@ impl StampClock {
     }
 }
 
-/// When a lease renewed by one AppendEntries starts, if it does.
-/// `echo`: the stamp the leader echoed (None from a leader that predates
-/// echoes: then the receipt time stands in for the sending time, which a
-/// late message makes too late).
-pub(crate) fn start(
-    clock: &StampClock,
-    received: Instant,
-    quorum_age: Duration,
-    echo: Option<&pb::Stamp>,
-) -> Option<Instant> {
-    let base = match echo {
-        Some(s) => clock.instant(s)?,
-        None => received,
-    };
-    base.checked_sub(quorum_age)
+/// What dates a lease renewed by one AppendEntries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dating<'a> {
+    /// The stamp the leader echoed, and how long before it received that
+    /// stamp a majority had last accepted it (None: not known yet).
+    Echo(&'a pb::Stamp, Option<Duration>),
+    /// From a leader that predates echoes: when this node received the
+    /// call, and the quorum age the leader sent (a late call makes this
+    /// too late).
+    Receipt(Instant, Option<Duration>),
+}
+
+/// When a lease renewed by one AppendEntries starts, if it does: the
+/// echoed stamp less the quorum lag. The leader received the stamp at H
+/// (after the stamp's moment; its `down_after` silence counts from H or
+/// later) and a majority had accepted it at Q = H - lag (or later, lag 0),
+/// so the start is no later than either.
+pub(crate) fn start(clock: &StampClock, dating: Dating<'_>) -> Option<Instant> {
+    match dating {
+        Dating::Echo(s, lag) => clock.instant(s)?.checked_sub(lag?),
+        Dating::Receipt(received, age) => received.checked_sub(age?),
+    }
 }
 
 /// A follower's lease: from when, and the commit index it must have
@@ -143,27 +153,27 @@ mod tests {
         let clock = StampClock::since(Duration::from_secs(60));
         let old = clock.stamp(ago(Duration::from_secs(10)));
         let now = Instant::now();
-        let from = start(&clock, now, Duration::from_millis(5), Some(&old)).expect("a start");
+        let from =
+            start(&clock, Dating::Echo(&old, Some(Duration::from_millis(5)))).expect("a start");
         let mut lease = Lease::default();
         lease.renew(SPAN, from, 7);
         let why = lease.fenced(SPAN, 7).expect("fenced");
         assert!(why.contains("has not heard"), "{why}");
         // Dated by receipt instead (the old way), it would serve.
-        let naive = start(&clock, now, Duration::from_millis(5), None).expect("a start");
+        let naive =
+            start(&clock, Dating::Receipt(now, Some(Duration::from_millis(5)))).expect("a start");
         let mut lease = Lease::default();
         lease.renew(SPAN, naive, 7);
         assert_eq!(lease.fenced(SPAN, 7), None);
     }
 
     #[test]
-    fn a_fresh_echo_less_the_quorum_age_starts_the_lease() {
+    fn a_fresh_echo_less_the_quorum_lag_starts_the_lease() {
         let clock = StampClock::since(Duration::from_secs(60));
         let echo = clock.stamp(ago(Duration::from_millis(300)));
         let from = start(
             &clock,
-            Instant::now(),
-            Duration::from_millis(200),
-            Some(&echo),
+            Dating::Echo(&echo, Some(Duration::from_millis(200))),
         )
         .expect("a start");
         let age = from.elapsed();
@@ -181,9 +191,12 @@ mod tests {
         assert_eq!(clock.instant(&theirs), None);
         let none_yet = pb::Stamp { boot: 0, at_us: 0 };
         assert_eq!(
-            start(&clock, Instant::now(), Duration::ZERO, Some(&none_yet)),
+            start(&clock, Dating::Echo(&none_yet, Some(Duration::ZERO))),
             None
         );
+        // A stamp of this run, but no quorum known: no lease either.
+        let known = clock.stamp(Instant::now());
+        assert_eq!(start(&clock, Dating::Echo(&known, None)), None);
         let mut future = clock.stamp(Instant::now());
         future.at_us += 60_000_000;
         assert_eq!(clock.instant(&future), None);

@@ -106,33 +106,46 @@ impl Quorum {
 }
 
 /// The leader's side of the lease stamps ([`crate::lease`]): the newest
-/// stamp each follower's accepted answers carried, echoed back in the next
-/// AppendEntries to it.
+/// stamp each follower's accepted answers carried, and when this node
+/// received it, echoed back in the next AppendEntries to it.
 #[derive(Debug, Clone, Default)]
-pub struct Echoes(Arc<Mutex<HashMap<NodeId, trine_proto::v1::Stamp>>>);
+pub struct Echoes(Arc<Mutex<HashMap<NodeId, (trine_proto::v1::Stamp, Instant)>>>);
 
 impl Echoes {
-    /// `id` answered with `stamp` (a newer one of the same run wins; a
-    /// new run's replaces the old run's).
+    /// `id` answered with `stamp`, received now (a newer stamp of the same
+    /// run wins; a new run's replaces the old run's).
     pub fn record(&self, id: NodeId, stamp: trine_proto::v1::Stamp) {
         if let Ok(mut m) = self.0.lock() {
-            match m.get_mut(&id) {
-                Some(s) if s.boot == stamp.boot => s.at_us = s.at_us.max(stamp.at_us),
-                _ => {
-                    m.insert(id, stamp);
-                }
+            let newer = m
+                .get(&id)
+                .is_none_or(|(s, _)| s.boot != stamp.boot || s.at_us < stamp.at_us);
+            if newer {
+                m.insert(id, (stamp, Instant::now()));
             }
         }
     }
 
-    /// What to echo to `id`: its newest stamp, or boot 0 when none is held
-    /// (the receiver then renews no lease from this message).
-    pub fn echo(&self, id: NodeId) -> trine_proto::v1::Stamp {
-        self.0
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&id).cloned())
-            .unwrap_or_default()
+    /// What to echo to `id` when a majority last accepted this node at
+    /// `quorum`: its newest stamp (boot 0 when none is held: the receiver
+    /// then renews no lease from this message), and how long before this
+    /// node received that stamp the majority had accepted it (0 when
+    /// after; None when either is unknown).
+    pub fn echo(
+        &self,
+        id: NodeId,
+        quorum: Option<Instant>,
+    ) -> (trine_proto::v1::Stamp, Option<u64>) {
+        let held = self.0.lock().ok().and_then(|m| m.get(&id).cloned());
+        match held {
+            Some((stamp, heard)) => {
+                let lag = quorum.map(|q| {
+                    u64::try_from(heard.saturating_duration_since(q).as_micros())
+                        .unwrap_or(u64::MAX)
+                });
+                (stamp, lag)
+            }
+            None => (trine_proto::v1::Stamp::default(), None),
+        }
     }
 }
 
@@ -470,11 +483,12 @@ impl RaftNetwork<TypeConfig> for Conn {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let mut c = self.client()?;
         let mut req = convert::append_to(&rpc, request_id());
-        req.quorum_age_ms = self
-            .quorum
-            .acked()
-            .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
-        req.echo = Some(self.echoes.echo(self.target));
+        let quorum = self.quorum.acked();
+        req.quorum_age_ms =
+            quorum.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let (echo, lag) = self.echoes.echo(self.target, quorum);
+        req.echo = Some(echo);
+        req.echo_quorum_lag_us = lag;
         let sent = Instant::now();
         let resp = self
             .timed("append_entries", option.hard_ttl(), c.append_entries(req))
@@ -595,6 +609,31 @@ impl RaftNetwork<TypeConfig> for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_echo_carries_the_newest_stamp_and_the_quorums_lag_behind_it() {
+        let e = Echoes::default();
+        let stamp = |boot, at_us| trine_proto::v1::Stamp { boot, at_us };
+        let (s, lag) = e.echo(2, Some(Instant::now()));
+        assert_eq!((s.boot, lag), (0, None), "nothing heard from 2 yet");
+        let before = Instant::now()
+            .checked_sub(Duration::from_millis(700))
+            .expect("uptime");
+        e.record(2, stamp(9, 100));
+        // An older answer of the same run arriving late changes nothing.
+        e.record(2, stamp(9, 50));
+        let (s, lag) = e.echo(2, Some(before));
+        assert_eq!(s, stamp(9, 100));
+        let lag = lag.expect("a lag");
+        assert!(lag >= 700_000, "{lag} µs");
+        // A majority that accepted after the stamp came: no lag.
+        assert_eq!(e.echo(2, Some(Instant::now())).1, Some(0));
+        // No majority known: no lag, so the follower takes no lease.
+        assert_eq!(e.echo(2, None).1, None);
+        // A restarted follower's stamps replace its old run's.
+        e.record(2, stamp(11, 5));
+        assert_eq!(e.echo(2, None).0, stamp(11, 5));
+    }
 
     #[test]
     fn the_quorum_clock_is_the_majoritys_oldest_acceptance() {

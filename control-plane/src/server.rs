@@ -80,14 +80,13 @@ impl RaftRpc for Service {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
-        // The earliest moment this node surely had the request: its
-        // answer's stamp (the sender's silence clock restarts later).
         let received = Instant::now();
         let names = caller_names(&request);
         let req = request.into_inner();
         let id = req.request_id.clone();
         let quorum_age = req.quorum_age_ms.map(Duration::from_millis);
         let echo = req.echo;
+        let echo_lag = req.echo_quorum_lag_us.map(Duration::from_micros);
         let rpc = convert::append_from(req).map_err(invalid)?;
         self.check_sender(
             &names,
@@ -97,13 +96,18 @@ impl RaftRpc for Service {
         let commit = rpc.leader_commit.map_or(0, |l| l.index);
         let resp = self.core.raft.append_entries(rpc).await.map_err(fatal)?;
         self.core.heard_from_leader();
-        if let Some(age) = quorum_age
-            && !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_))
-        {
-            self.core.renew_lease(received, age, echo.as_ref(), commit);
+        if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+            let dating = match &echo {
+                Some(s) => crate::lease::Dating::Echo(s, echo_lag),
+                None => crate::lease::Dating::Receipt(received, quorum_age),
+            };
+            self.core.renew_lease(dating, commit);
         }
+        // The answer's stamp: now, as it leaves (the sender hears it, and
+        // restarts its silence clock, later; the later the stamp, the
+        // longer the lease it will date).
         let mut out = convert::append_resp_to(&resp, id);
-        out.stamp = Some(self.core.stamp(received));
+        out.stamp = Some(self.core.stamp(Instant::now()));
         Ok(Response::new(out))
     }
 
