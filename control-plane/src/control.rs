@@ -1730,6 +1730,15 @@ async fn elect_when_overdue(
             .membership()
             .voter_ids()
             .any(|v| v == core.id);
+        if m.state == ServerState::Leader {
+            // Its own leadership is contact with a leader: a leader frozen
+            // (SIGSTOP) and woken after the others elected a successor
+            // steps down and hears that successor within a heartbeat; it
+            // must not campaign at once as if it had heard no one for as
+            // long as it led (soak seed 70 on 74488b5: the woken leader's
+            // campaigns unseated its successor and held writes 5 s).
+            quiet_since = Instant::now();
+        }
         if m.state != ServerState::Follower || !voter || !core.voting() {
             continue;
         }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use trine_control::local::{LocalCluster, Tuning, start_member};
 use trine_control::tls::{self, NodeTls};
 use trine_control::{Command, ControlPlane, Scope, Secret, TokenRecord, authz};
@@ -928,6 +928,62 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
             found.is_empty(),
             "an uncommitted write reached a chain: {found:?} (old leader {old}, committed {committed}, last {last})"
         );
+    }
+    Ok(())
+}
+
+/// A leader cut off (or frozen) long enough for the others to elect a
+/// successor steps down when it is back and follows the successor: it does
+/// not campaign at once as if it had heard no leader for as long as it led
+/// (soak seed 70: the woken leader's campaigns unseated its successor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_that_comes_back_follows_its_successor() -> Result<()> {
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    note(cluster.any().context("a member")?, "before").await?;
+    let old = cluster.leader().context("a leader")?;
+    partition(&cluster, old);
+    let majority: Vec<&ControlPlane> = cluster
+        .nodes
+        .iter()
+        .filter(|(id, _)| **id != old)
+        .map(|(_, c)| c)
+        .collect();
+    wait_for(
+        "a commit on the majority side",
+        Duration::from_secs(15),
+        async || note(majority[0], "majority").await.ok(),
+    )
+    .await?;
+    // Cut off for longer than the fallback's silence limit (twice the
+    // longest election timeout and a spread), so the old leader's last
+    // contact with another leader is that old when it comes back.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let successor = majority[0].status();
+    let (new, term) = (successor.leader.context("a successor")?, successor.term);
+    assert_ne!(new, old);
+    for c in cluster.nodes.values() {
+        c.faults().heal();
+    }
+    wait_for(
+        "the old leader to follow its successor",
+        Duration::from_secs(10),
+        async || (cluster.nodes[&old].status().leader == Some(new)).then_some(()),
+    )
+    .await?;
+    // Within the fallback's limit: no one campaigns, the successor leads on.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        for c in cluster.nodes.values() {
+            let st = c.status();
+            ensure!(
+                st.term == term && st.leader == Some(new),
+                "node {} is in term {} with leader {:?}; the successor {new} led term {term} (the old leader {old} campaigned after coming back)",
+                st.id,
+                st.term,
+                st.leader
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
 }
