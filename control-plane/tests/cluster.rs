@@ -853,16 +853,12 @@ fn partition(cluster: &LocalCluster, alone: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -> Result<()> {
-    let cluster = cluster(&["a", "b", "c"]).await?;
-    note(cluster.any().context("a member")?, "before").await?;
+/// Cuts the leader off from the rest (both ways) and waits until the
+/// majority has elected a successor and committed: (old leader, the
+/// majority's members, the index of that commit).
+async fn cut_off_the_leader(cluster: &LocalCluster) -> Result<(u64, Vec<&ControlPlane>, u64)> {
     let old = cluster.leader().context("a leader")?;
-    let old_leader = &cluster.nodes[&old];
-    let before = old_leader.status().last_log_index;
-    partition(&cluster, old);
-
-    // The majority elects a new leader and commits.
+    partition(cluster, old);
     let majority: Vec<&ControlPlane> = cluster
         .nodes
         .iter()
@@ -875,6 +871,19 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
         async || note(majority[0], "majority").await.ok(),
     )
     .await?;
+    Ok((old, majority, committed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -> Result<()> {
+    let cluster = cluster(&["a", "b", "c"]).await?;
+    note(cluster.any().context("a member")?, "before").await?;
+    let leader = cluster.leader().context("a leader")?;
+    let before = cluster.nodes[&leader].status().last_log_index;
+    // The majority elects a new leader and commits.
+    let (old, majority, committed) = cut_off_the_leader(&cluster).await?;
+    ensure!(old == leader);
+    let old_leader = &cluster.nodes[&old];
     // The isolated old leader cannot commit: its write times out, and its
     // applied index stays where it was when it was cut off.
     let applied_before = old_leader.status().applied;
@@ -940,20 +949,7 @@ async fn a_minority_partition_commits_nothing_and_chains_agree_after_healing() -
 async fn a_deposed_leader_that_comes_back_follows_its_successor() -> Result<()> {
     let cluster = cluster(&["a", "b", "c"]).await?;
     note(cluster.any().context("a member")?, "before").await?;
-    let old = cluster.leader().context("a leader")?;
-    partition(&cluster, old);
-    let majority: Vec<&ControlPlane> = cluster
-        .nodes
-        .iter()
-        .filter(|(id, _)| **id != old)
-        .map(|(_, c)| c)
-        .collect();
-    wait_for(
-        "a commit on the majority side",
-        Duration::from_secs(15),
-        async || note(majority[0], "majority").await.ok(),
-    )
-    .await?;
+    let (old, majority, _) = cut_off_the_leader(&cluster).await?;
     // Cut off for longer than the fallback's silence limit (twice the
     // longest election timeout and a spread), so the old leader's last
     // contact with another leader is that old when it comes back.
