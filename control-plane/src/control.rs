@@ -493,6 +493,23 @@ impl ControlPlane {
         self.core.id
     }
 
+    /// How long the loss of the leader can keep this cluster without one,
+    /// and so this node without a serving lease: a voter refuses other
+    /// candidates for `election_timeout_max` after its leader's last
+    /// AppendEntries (openraft's leader lease), a follower campaigns only
+    /// that plus its own election timeout (at most `election_timeout_max`)
+    /// after it, and the new leader's first rounds of AppendEntries (a
+    /// heartbeat or two each, across the WAN) date the followers' leases
+    /// again.
+    pub fn leader_loss_bound(&self) -> Duration {
+        let c = self.core.raft.config();
+        Duration::from_millis(
+            c.election_timeout_max
+                .saturating_mul(2)
+                .saturating_add(c.heartbeat_interval.saturating_mul(4)),
+        )
+    }
+
     /// Resolves when this member's Raft core has stopped on its own (a
     /// fatal storage or state error: openraft does not restart it), with
     /// the reason. The node then exits so a supervisor restarts it, instead

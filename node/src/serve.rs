@@ -45,8 +45,9 @@ use crate::batcher::{Owned, StepError};
 /// gRPC metadata key marking a request one node forwarded to another.
 pub const HOP: &str = "x-trine-hop";
 
-/// Longest a request waits for this node's serving lease (an election in
-/// progress) before it is refused as `Unavailable`.
+/// Least time a request waits for this node's serving lease before it is
+/// refused as `Unavailable`; longer where the control plane's timeouts let
+/// an election take longer ([`ControlPlane::leader_loss_bound`]).
 pub const LEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Bounds on what one request may ask and how much waits.
@@ -569,13 +570,17 @@ impl Serving {
         rank(nodes, me, self.waiting(), &seen)
     }
 
-    /// Waits, at most [`LEASE_WAIT`] and within `budget`, until this node
-    /// may serve its stages ([`ControlPlane::fenced`]): a node cut off from
-    /// the control plane's majority stops serving before a leader can move
-    /// its stages elsewhere, and a pause while a new leader is elected is a
-    /// pause, not an error.
+    /// Waits, within `budget`, until this node may serve its stages
+    /// ([`ControlPlane::fenced`]): a node cut off from the control plane's
+    /// majority stops serving before a leader can move its stages
+    /// elsewhere, and a pause while a new leader is elected is a pause, not
+    /// an error. It waits as long as an election can take (the leader
+    /// froze or died: every follower's lease runs out within the lease
+    /// span, and comes back only from the next leader), at least
+    /// [`LEASE_WAIT`].
     async fn leased(&self, budget: Duration) -> Result<(), ServeError> {
-        let until = Instant::now() + budget.min(LEASE_WAIT);
+        let wait = LEASE_WAIT.max(self.inner.control.leader_loss_bound());
+        let until = Instant::now() + budget.min(wait);
         let mut logged = false;
         loop {
             let Some(why) = self.inner.control.fenced() else {
@@ -601,7 +606,7 @@ impl Serving {
         let budget = req
             .timeout
             .and_then(|t| Duration::try_from(t).ok())
-            .unwrap_or(LEASE_WAIT);
+            .unwrap_or(Duration::MAX);
         self.leased(budget).await?;
         let pipeline = self.pipeline(&req.model)?;
         let limits = &self.inner.limits;
@@ -620,6 +625,13 @@ impl Serving {
         let (tx, rx) = mpsc::channel(64);
         let me = self.inner.control.id();
         let max_prompt = limits.max_prompt_tokens;
+        let fence = Fence {
+            control: self.inner.control.clone(),
+            model: pipeline.model.clone(),
+            replica: pipeline.replica,
+            generation: pipeline.first.generation,
+            wait: LEASE_WAIT.max(self.inner.control.leader_loss_bound()),
+        };
         let (running, waiting) = (self.inner.running.clone(), self.inner.waiting.clone());
         tokio::spawn(async move {
             let permit = running.acquire_owned().await;
@@ -641,7 +653,7 @@ impl Serving {
                 // others').
                 let _active = pipeline.first.batcher.join();
                 let started = Instant::now();
-                let result = generate_local(&pipeline, &req, me, max_prompt, started, &tx);
+                let result = generate_local(&pipeline, &fence, &req, me, max_prompt, started, &tx);
                 if let Err(e) = result {
                     let _ = tx.blocking_send(Err(e));
                 }
@@ -1419,6 +1431,80 @@ struct Hop {
 
 /// One replica as this node runs it: its first stage here, the others on
 /// their nodes, reached over `/trine/stage/1`.
+/// What a running answer re-checks before each token: this node's
+/// serving lease and its hold on the slot.
+struct Fence {
+    control: ControlPlane,
+    model: String,
+    replica: u32,
+    /// The generation of the first stage this node loaded.
+    generation: u64,
+    /// Longest pause for a lease to come back.
+    wait: Duration,
+}
+
+/// Whether a running answer may send its next token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    Serve,
+    /// No lease now (it may come back: wait).
+    Wait(String),
+    /// The slot is no longer this node's (it will not come back).
+    Stop(String),
+}
+
+impl Fence {
+    fn check(&self) -> Hold {
+        if let Some(why) = self.control.fenced() {
+            return Hold::Wait(why);
+        }
+        let me = self.control.id();
+        match self
+            .control
+            .reader()
+            .with_state(|s| fenced_first_stage(s, &self.model, self.replica, me, self.generation))
+        {
+            Some(why) => Hold::Stop(why),
+            None => Hold::Serve,
+        }
+    }
+
+    /// Blocks (the answer's thread) until the next token may go out.
+    fn hold(&self) -> Result<(), ServeError> {
+        hold(|| self.check(), self.wait, Duration::from_millis(10))
+    }
+}
+
+/// Waits while `check` says [`Hold::Wait`], polling every `poll`, at most
+/// `wait`; an error (Unavailable: the router continues on another replica)
+/// for a stop, or a wait that did not end.
+fn hold(check: impl Fn() -> Hold, wait: Duration, poll: Duration) -> Result<(), ServeError> {
+    let until = Instant::now() + wait;
+    let mut logged = false;
+    loop {
+        match check() {
+            Hold::Serve => return Ok(()),
+            Hold::Stop(why) => {
+                return Err(ServeError::Unavailable(format!(
+                    "{why}: this node stopped mid-answer; continue on another replica"
+                )));
+            }
+            Hold::Wait(why) if Instant::now() >= until => {
+                return Err(ServeError::Unavailable(format!(
+                    "{why}: its stages may have moved, so it stopped mid-answer; continue on another replica"
+                )));
+            }
+            Hold::Wait(why) => {
+                if !logged {
+                    tracing::info!(reason = %why, "an answer waits for this node's lease");
+                    logged = true;
+                }
+                std::thread::sleep(poll);
+            }
+        }
+    }
+}
+
 struct Pipeline {
     first: Arc<crate::executor::Loaded>,
     model: String,
@@ -1543,6 +1629,7 @@ impl Pipeline {
 /// Blocking (runs on a compute thread).
 fn generate_local(
     pipeline: &Pipeline,
+    fence: &Fence,
     req: &v1::GenerateRequest,
     me: u64,
     max_prompt: usize,
@@ -1622,7 +1709,7 @@ fn generate_local(
     // The other stages key this sequence's caches by it; unique per attempt.
     let session = format!("{}#{:x}", req.request_id, rand_id());
     let result = decode(
-        pipeline, req, &session, &prompt, history, &mut cache, sampler, me, started, tx,
+        pipeline, fence, req, &session, &prompt, history, &mut cache, sampler, me, started, tx,
     );
     pipeline.end(&session);
     result
@@ -1632,6 +1719,7 @@ fn generate_local(
 #[allow(clippy::too_many_arguments)]
 fn decode(
     pipeline: &Pipeline,
+    fence: &Fence,
     req: &v1::GenerateRequest,
     session: &str,
     prompt: &[u32],
@@ -1675,6 +1763,10 @@ fn decode(
             finish = v1::FinishReason::Stop;
             break;
         }
+        // Each token goes out only while this node may still serve the
+        // slot: a lease that ran out mid-answer pauses it (an election),
+        // a slot that moved ends it (the router continues elsewhere).
+        fence.hold()?;
         let piece = text.push(&tokenizer.token_bytes(token));
         let (out, stopped) = stops.push(&piece);
         let now = Instant::now();
@@ -1736,6 +1828,47 @@ fn decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_answer_pauses_without_a_lease_and_stops_when_its_slot_moves() {
+        use std::cell::Cell;
+        let poll = Duration::from_millis(1);
+        // The lease comes back on the third look: the token goes out.
+        let looks = Cell::new(0);
+        let back = || {
+            looks.set(looks.get() + 1);
+            if looks.get() < 3 {
+                Hold::Wait("no lease".into())
+            } else {
+                Hold::Serve
+            }
+        };
+        assert_eq!(hold(back, Duration::from_secs(10), poll), Ok(()));
+        assert_eq!(looks.get(), 3);
+        // It never comes back: refused once the wait is over, naming why.
+        let e = hold(
+            || Hold::Wait("no lease for 9 s".into()),
+            Duration::from_millis(20),
+            poll,
+        )
+        .expect_err("the wait ends");
+        assert!(
+            matches!(&e, ServeError::Unavailable(m) if m.contains("no lease for 9 s") && m.contains("mid-answer")),
+            "{e:?}"
+        );
+        // The slot moved: no wait at all.
+        let looks = Cell::new(0);
+        let moved = || {
+            looks.set(looks.get() + 1);
+            Hold::Stop("moved to node 7".into())
+        };
+        let e = hold(moved, Duration::from_secs(10), poll).expect_err("stopped");
+        assert!(
+            matches!(&e, ServeError::Unavailable(m) if m.contains("moved to node 7")),
+            "{e:?}"
+        );
+        assert_eq!(looks.get(), 1);
+    }
 
     #[test]
     fn stop_strings_hold_back_prefixes_and_cut_at_the_match() {

@@ -710,6 +710,12 @@ impl Drop for Testnet {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // To read a failed run's node logs: TRINE_KEEP_TESTNET=1 keeps the
+        // testnet's directory (its path goes to stderr).
+        if std::env::var_os("TRINE_KEEP_TESTNET").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept the testnet's directory {}", self.dir.path().display());
+        }
     }
 }
 

@@ -503,6 +503,56 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         "{status} {v}"
     );
 
+    // The Raft leader frozen: every follower's serving lease runs out
+    // within the lease span (1.5 s) and comes back only from the next
+    // leader, elected seconds later. A request to a replica on another
+    // node meanwhile waits through the election and is answered, not
+    // refused (CI on 0c20b0d: refused after 5 s, the leader still being
+    // elected).
+    let rows = net.status(&grpc)?;
+    let leader = rows
+        .iter()
+        .find(|r| r.role == "leader")
+        .context("a leader")?
+        .clone();
+    let replica = ready_slots(&grpc, "tiny", 2)
+        .await?
+        .into_iter()
+        .find(|s| s.node != leader.name)
+        .context("a replica off the leader")?;
+    let replica_addr = rows
+        .iter()
+        .find(|r| r.name == replica.node)
+        .context("the replica's node")?
+        .grpc_addr
+        .clone();
+    let log = net.root().join(format!("{}.log", replica.node));
+    let waits = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("serving waits for this node's lease")
+            .count()
+    };
+    let waits_before = waits();
+    let leader_pid = Pid::from_raw(i32::try_from(net.endpoints(&leader.name)?.pid)?);
+    kill(leader_pid, Signal::SIGSTOP)?;
+    // Past the lease span: no follower holds a lease now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answer = generate(&replica_addr, request(4, 0.0, 7), || Ok(())).await;
+    kill(leader_pid, Signal::SIGCONT)?;
+    let (ids3, _, usage3) = answer.with_context(|| {
+        format!(
+            "{} asked while the leader {} is frozen",
+            replica.node, leader.name
+        )
+    })?;
+    ensure!(ids3.len() == 4 && usage3.failovers == 0, "{usage3:?}");
+    ensure!(
+        waits() > waits_before,
+        "{} served without waiting for a lease with the leader frozen: the check proves nothing",
+        replica.node
+    );
+
     // Every metric the alerting rules use is exported by these nodes (the
     // union of all seven after the traffic above).
     let mut exported = String::new();
