@@ -520,6 +520,20 @@ impl Cluster {
         }
     }
 
+    /// Every node's log so far, written to `to/NAME.log` (a failing soak
+    /// schedule keeps them: its cluster runs on, and restarts append to or
+    /// replace what the nodes logged).
+    pub fn save_logs(&self, to: &Path) -> Result<(), Error> {
+        std::fs::create_dir_all(to)?;
+        for slot in self.slots() {
+            std::fs::write(
+                to.join(format!("{}.log", slot.name)),
+                self.restart_logs(&slot.name),
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn restart(&mut self, name: &str) -> Result<(), Error> {
         let data = self.data(name)?;
         match &mut self.backend {

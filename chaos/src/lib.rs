@@ -55,7 +55,8 @@ pub enum ChaosCommand {
     /// Run many random seeded schedules one after another on one cluster
     /// (whole again between schedules; a fresh one after a schedule that
     /// leaves it broken), and summarise in soak.md and soak.json in
-    /// --report (full reports of failing schedules beside them).
+    /// --report (a failing schedule's full report and every node's log in
+    /// seed-N/ beside them).
     Soak(SoakArgs),
     /// Print the schedule a seed gives (as JSON), without running it.
     Plan(PlanArgs),

@@ -217,6 +217,16 @@ pub fn soak(
             }
         });
         let stop = matches!(&result, Err(Error::Setup(m)) if m == INTERRUPTED);
+        // A failing schedule keeps its nodes' logs beside its report
+        // (`seed-N/logs`), before the cluster runs on or is stopped.
+        if matches!(&result, Ok((o, _)) if !o.passed)
+            && let Some(n) = net.as_ref()
+        {
+            let to = opts.dir.join(format!("seed-{seed}")).join("logs");
+            if let Err(e) = n.save_logs(&to) {
+                eprintln!("chaos: could not keep seed {seed}'s node logs: {e}");
+            }
+        }
         let broken = match &result {
             Ok((o, _)) => o
                 .checks
