@@ -299,7 +299,7 @@ fn soak(exe: PathBuf, s: &SoakArgs) -> Result<bool, Error> {
         &options(exe, &s.common, dir.clone()),
         schedules,
         |seed, result| {
-            let sub = dir.join(format!("seed-{seed}"));
+            let sub = run::schedule_dir(&dir, seed);
             let row = match result {
                 Ok((outcome, history)) => {
                     // Full reports only for failures; a line each for the rest.

@@ -190,6 +190,11 @@ async fn interrupted() {
 /// Runs each schedule in turn on one testnet, whole between schedules; a
 /// schedule that leaves it broken (not whole again in time) gets the next
 /// one a fresh testnet. `each` sees every result as it comes.
+/// Where a soak keeps a failing schedule's report and node logs.
+pub fn schedule_dir(soak: &std::path::Path, seed: u64) -> PathBuf {
+    soak.join(format!("seed-{seed}"))
+}
+
 pub fn soak(
     opts: &RunOptions,
     schedules: Vec<Schedule>,
@@ -222,7 +227,7 @@ pub fn soak(
         if matches!(&result, Ok((o, _)) if !o.passed)
             && let Some(n) = net.as_ref()
         {
-            let to = opts.dir.join(format!("seed-{seed}")).join("logs");
+            let to = schedule_dir(&opts.dir, seed).join("logs");
             if let Err(e) = n.save_logs(&to) {
                 eprintln!("chaos: could not keep seed {seed}'s node logs: {e}");
             }

@@ -630,8 +630,13 @@ impl ControlPlane {
     /// of replies) and clocks that run at the same rate, not the same time.
     pub fn fenced(&self) -> Option<String> {
         let lease = self.core.lease_span();
-        let m = self.core.raft.metrics().borrow().clone();
-        if m.state.is_leader() {
+        // Read in place (a running answer asks before each token).
+        let (leader, applied) = {
+            let metrics = self.core.raft.metrics();
+            let m = metrics.borrow();
+            (m.state.is_leader(), m.last_applied.map_or(0, |l| l.index))
+        };
+        if leader {
             return match self.core.quorum.acked() {
                 Some(t) if t.elapsed() <= lease => None,
                 Some(t) => Some(format!(
@@ -642,7 +647,6 @@ impl ControlPlane {
                 None => Some("this node leads but no majority has accepted it yet".into()),
             };
         }
-        let applied = m.last_applied.map_or(0, |l| l.index);
         self.core.lease.lock().ok()?.fenced(lease, applied)
     }
 

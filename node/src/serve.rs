@@ -574,13 +574,11 @@ impl Serving {
     /// ([`ControlPlane::fenced`]): a node cut off from the control plane's
     /// majority stops serving before a leader can move its stages
     /// elsewhere, and a pause while a new leader is elected is a pause, not
-    /// an error. It waits as long as an election can take (the leader
-    /// froze or died: every follower's lease runs out within the lease
-    /// span, and comes back only from the next leader), at least
-    /// [`LEASE_WAIT`].
+    /// an error. It waits [`Self::lease_wait`]: the leader froze or died,
+    /// every follower's lease runs out within the lease span and comes back
+    /// only from the next leader.
     async fn leased(&self, budget: Duration) -> Result<(), ServeError> {
-        let wait = LEASE_WAIT.max(self.inner.control.leader_loss_bound());
-        let until = Instant::now() + budget.min(wait);
+        let until = Instant::now() + budget.min(self.lease_wait());
         let mut logged = false;
         loop {
             let Some(why) = self.inner.control.fenced() else {
@@ -599,6 +597,12 @@ impl Serving {
             // a new commit and applies it within milliseconds.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Longest a request, or an answer under way, waits for this node's
+    /// lease: as long as an election can take, at least [`LEASE_WAIT`].
+    fn lease_wait(&self) -> Duration {
+        LEASE_WAIT.max(self.inner.control.leader_loss_bound())
     }
 
     /// Runs `req` on the replica this node holds.
@@ -630,7 +634,7 @@ impl Serving {
             model: pipeline.model.clone(),
             replica: pipeline.replica,
             generation: pipeline.first.generation,
-            wait: LEASE_WAIT.max(self.inner.control.leader_loss_bound()),
+            wait: self.lease_wait(),
         };
         let (running, waiting) = (self.inner.running.clone(), self.inner.waiting.clone());
         tokio::spawn(async move {
@@ -1429,8 +1433,6 @@ struct Hop {
     generation: u64,
 }
 
-/// One replica as this node runs it: its first stage here, the others on
-/// their nodes, reached over `/trine/stage/1`.
 /// What a running answer re-checks before each token: this node's
 /// serving lease and its hold on the slot.
 struct Fence {
@@ -1505,6 +1507,8 @@ fn hold(check: impl Fn() -> Hold, wait: Duration, poll: Duration) -> Result<(), 
     }
 }
 
+/// One replica as this node runs it: its first stage here, the others on
+/// their nodes, reached over `/trine/stage/1`.
 struct Pipeline {
     first: Arc<crate::executor::Loaded>,
     model: String,
