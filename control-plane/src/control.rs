@@ -1686,30 +1686,31 @@ async fn rerun_split_votes(
     }
 }
 
-/// Starts an election on a voter that has heard from no leader for twice
-/// the longest election timeout, plus a random part of the longest drawn
-/// once per quiet spell.
+/// The election timer this cluster relies on: a voter that has heard from
+/// no leader for the longest election timeout (the dead leader's lease,
+/// during which openraft's voters turn every candidate away) plus a
+/// timeout drawn from [min, max) for each quiet spell starts an election.
+/// That is openraft 0.9's own schedule, which its timer keeps only in a
+/// young cluster.
 ///
-/// openraft 0.9 campaigns after the dead leader's lease (the longest
-/// election timeout) plus its own timeout, so before this fires. But a node
-/// that once lost a campaign to a longer log keeps a flag that adds twice
-/// the longest timeout to its next wait, and only its own next campaign
-/// clears it: after a few elections most members carry it. In the chaos
-/// soak, survivors of a killed leader then sat for 8-10 s without a single
-/// campaign, until the killed leader restarted and won (the WAN profile:
-/// 6-12 s instead of 4.5-6 s). This bounds that wait.
+/// openraft adds twice the longest timeout to a node's wait while it
+/// remembers losing a campaign to a longer log, and clears that memory only
+/// when its own timer starts an election (not on `trigger().elect()`, not
+/// on a new leader). After a few elections most members carry it, and its
+/// timer fires at 10.5-12 s of silence on the testnet (finding 25: in the
+/// 100-schedule soak on 7777a23 the survivors of a killed leader left the
+/// electing to a slower version of this fallback, split the vote, and the
+/// restarted old leader won). So the schedule is kept here, on state that
+/// is ours and current: a node that a voter turned down for a shorter log,
+/// and that has not caught up since, waits one longest timeout more, so
+/// that the voter with the longest log campaigns first (the windows do not
+/// overlap).
 ///
-/// The next soak (finding 14) saw this fallback fire on three survivors
-/// within 250 ms of each other, every 6.4 s for half a minute: two of them
-/// with shorter logs, which cannot win but split the vote and, a term
-/// ahead, turned away the appends of the one that had won, so it stepped
-/// down. So the wait is spread over a whole longest timeout (drawn once
-/// per spell, not at every check), a voter that has just given its vote to
-/// a campaign (its vote changed) leaves that campaign one longest timeout
-/// (not a whole spell: the soak after showed campaigns that could not win
-/// holding every survivor back, until the killed leader returned), and a node
-/// a voter recently turned down for a shorter log waits twice as long: the
-/// voter with the longest log should be the one that campaigns.
+/// Earlier soaks shaped the rest (finding 14): the wait is drawn once per
+/// spell, not at every check, so that survivors do not fire together; a
+/// voter that has just given its vote to a campaign (its vote changed)
+/// leaves that campaign one longest timeout (not a whole spell: campaigns
+/// that could not win must not hold every survivor back).
 async fn elect_when_overdue(
     core: Arc<Core>,
     campaigns: network::Campaigns,
@@ -1718,13 +1719,13 @@ async fn elect_when_overdue(
     let c = core.raft.config().clone();
     let min = Duration::from_millis(c.election_timeout_min.max(4));
     let max = Duration::from_millis(c.election_timeout_max.max(4));
-    let overdue = max * 2;
-    let spread = || rand::random_range(Duration::ZERO..max);
+    // openraft's election timeout: drawn from [min, max), once per spell.
+    let draw = || rand::random_range(min..max.max(min + Duration::from_millis(1)));
     // Since this task started, last started an election, or saw this
-    // node's vote move (a campaign it voted in): one election per
-    // `overdue` at most, so a campaign under way gets its time.
+    // node's vote move (a campaign it voted in): one election per spell at
+    // most, so a campaign under way gets its time.
     let mut quiet_since = Instant::now();
-    let mut extra = spread();
+    let mut timeout = draw();
     let mut last_vote = core.raft.metrics().borrow().vote;
     // When this node last gave its vote to a campaign under way.
     let mut campaign_at: Option<Instant> = None;
@@ -1774,7 +1775,9 @@ async fn elect_when_overdue(
             m.current_term.saturating_sub(3).max(1),
             m.last_log_index.unwrap_or(0),
         );
-        let wait = overdue + extra + if behind { overdue } else { Duration::ZERO };
+        // The dead leader's lease, then this spell's timeout; one longest
+        // timeout more for a node with a shorter log than a voter's.
+        let wait = max + timeout + if behind { max } else { Duration::ZERO };
         if silent < wait {
             continue;
         }
@@ -1782,10 +1785,10 @@ async fn elect_when_overdue(
             term = m.current_term,
             silent = ?silent,
             behind,
-            "no leader heard from for twice the longest election timeout; starting an election"
+            "no leader heard from for the longest election timeout and this node's own; starting an election"
         );
         quiet_since = Instant::now();
-        extra = spread();
+        timeout = draw();
         if core.raft.trigger().elect().await.is_err() {
             return;
         }

@@ -216,8 +216,8 @@ async fn a_split_vote_is_rerun_until_one_candidate_wins() -> Result<()> {
 /// openraft's own election timer is switched off on every member (it stands
 /// in for a timer held back by openraft's "seen a greater log" delay, which
 /// outlives the campaign that set it): when the leader stops, the control
-/// plane's overdue-election fallback still elects a new one, once no leader
-/// has been heard from for twice the longest election timeout.
+/// plane's election timer still elects a new one, once no leader has been
+/// heard from for the longest election timeout plus a drawn one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survivors_whose_election_timer_is_held_back_still_elect() -> Result<()> {
     let mut cluster = cluster(&["a", "b", "c"]).await?;
@@ -234,15 +234,15 @@ async fn survivors_whose_election_timer_is_held_back_still_elect() -> Result<()>
     .await?;
     let took = stopped.elapsed();
     let election = tuning().election_timeout.context("tuned")?;
-    // Without the fallback nobody campaigns at all (openraft's timer is
-    // off), and the wait above fails. One overdue span is twice the longest
-    // timeout (2 x 2 x min) plus at most half the shortest; a first
-    // campaign that splits waits for the next span. The bound allows two
-    // spans on a loaded CI machine (one CI run took 5.3 s); the election
-    // times themselves are measured by the chaos soak, not here.
+    // Without the control plane's timer nobody campaigns at all
+    // (openraft's is off), and the wait above fails. One span is the
+    // longest timeout (2 x min) plus one drawn from [min, 2 x min): at most
+    // 4 x min; a first campaign that splits waits for the next span. The
+    // bound allows two spans and a loaded CI machine; the election times
+    // themselves are measured by the chaos soak, not here.
     eprintln!("elected after {took:?} (election timeout {election:?})");
     assert!(
-        took < election * 12,
+        took < election * 10,
         "elected only after {took:?} (election timeout {election:?})"
     );
     note(&cluster.nodes[&new], "after").await?;
