@@ -1729,10 +1729,37 @@ async fn elect_when_overdue(
     let mut last_vote = core.raft.metrics().borrow().vote;
     // When this node last gave its vote to a campaign under way.
     let mut campaign_at: Option<Instant> = None;
+    let mut was_draining = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(min / 4) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        // A draining node votes but does not campaign, openraft's timer
+        // included: one that won would lead only until its drain ended, and
+        // the cluster would elect again (soak seed 33 on 7777a23: the
+        // drained node won after the leader's kill, then left, and the
+        // chains caught up 11.8 s after healing).
+        let draining = core.reader.with_state(|s| {
+            s.nodes
+                .get(&core.id)
+                .is_some_and(|r| r.status == NodeStatus::Draining)
+        });
+        if draining != was_draining && core.voting() {
+            was_draining = draining;
+            core.raft.runtime_config().elect(!draining);
+            tracing::info!(
+                draining,
+                "{}",
+                if draining {
+                    "this node is draining: it votes but no longer campaigns"
+                } else {
+                    "this node campaigns again"
+                }
+            );
+        }
+        if draining {
+            continue;
         }
         let m = core.raft.metrics().borrow().clone();
         if m.vote != last_vote {
@@ -1841,6 +1868,7 @@ async fn place(core: &Core, state: &State, leader_since: Instant) -> Result<(), 
     let changes = planner::plan(state, &health);
     if !changes.is_empty() {
         tracing::info!(changes = changes.len(), "placement changes");
+        let mut proposals = Vec::with_capacity(changes.len());
         for c in changes {
             if let Command::Place {
                 model,
@@ -1860,7 +1888,15 @@ async fn place(core: &Core, state: &State, leader_since: Instant) -> Result<(), 
                 }
             }
             metrics::placement_change(&c, state);
-            core.propose(Request::now("planner", c)).await?;
+            proposals.push(core.propose(Request::now("planner", c)));
+        }
+        // Together, for the same reason as node statuses: a region's
+        // stages all move at once (one after another, seed 2 of the soak on
+        // c3c262f moved a dead region's stage only after a new model's,
+        // 5.3 s after the kill). The state machine takes the plan's
+        // commands in any order; what failed is planned again next round.
+        for done in futures_util::future::join_all(proposals).await {
+            done?;
         }
         return Ok(());
     }
@@ -1909,6 +1945,7 @@ async fn maintain_once(
         })
         .unwrap_or_default();
     let mut candidates = Vec::new();
+    let mut changed = Vec::new();
     for (id, member) in membership.nodes() {
         let unanswered = if *id == core.id {
             Duration::ZERO
@@ -1934,11 +1971,7 @@ async fn maintain_once(
             };
             if let Some(status) = want {
                 tracing::info!(node = id, name = %rec.name, status = status.as_str(), unanswered = ?unanswered, "node status changed");
-                core.propose(Request::now(
-                    "system",
-                    Command::SetNodeStatus { id: *id, status },
-                ))
-                .await?;
+                changed.push(Command::SetNodeStatus { id: *id, status });
             }
         }
         let lagging = *id != core.id && matched.get(id).copied().unwrap_or(0) + 1000 < last_index;
@@ -1957,6 +1990,18 @@ async fn maintain_once(
                 .get(id)
                 .is_some_and(|r| r.status == NodeStatus::Draining),
         });
+    }
+    // All at once: a region's nodes go down together, and each proposal
+    // waits for a quorum round trip (one after another, the second of a
+    // region's two nodes was marked down 0.6 s after the first in the soak).
+    for done in futures_util::future::join_all(
+        changed
+            .into_iter()
+            .map(|c| core.propose(Request::now("system", c))),
+    )
+    .await
+    {
+        done?;
     }
     // Placement: re-plan from the state as it is now (statuses included).
     let state = core.reader.state();
