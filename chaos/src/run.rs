@@ -187,14 +187,14 @@ async fn interrupted() {
     }
 }
 
-/// Runs each schedule in turn on one testnet, whole between schedules; a
-/// schedule that leaves it broken (not whole again in time) gets the next
-/// one a fresh testnet. `each` sees every result as it comes.
 /// Where a soak keeps a failing schedule's report and node logs.
 pub fn schedule_dir(soak: &std::path::Path, seed: u64) -> PathBuf {
     soak.join(format!("seed-{seed}"))
 }
 
+/// Runs each schedule in turn on one testnet, whole between schedules; a
+/// schedule that leaves it broken (not whole again in time) gets the next
+/// one a fresh testnet. `each` sees every result as it comes.
 pub fn soak(
     opts: &RunOptions,
     schedules: Vec<Schedule>,
