@@ -89,5 +89,36 @@ fn lm_head(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ternary, lm_head);
+/// Prefill's GEMM: each 2B4T ternary shape times a 128-token batch, one
+/// thread, each kernel; throughput in multiply-adds (weights × tokens).
+fn ternary_gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ternary_gemm");
+    let n = 128;
+    for (rows, cols) in [(2560, 2560), (6912, 2560), (2560, 6912)] {
+        let trits: Vec<i8> = (0..rows * cols).map(|i| ((i * 7) % 3) as i8 - 1).collect();
+        let w = Ternary::from_trits(rows, cols, &trits, 0.5);
+        let acts: Vec<Activations> = (0..n)
+            .map(|t| Activations::quantize(&values(cols, t + 1)))
+            .collect();
+        let mut out = vec![0f32; rows * n];
+        g.throughput(Throughput::Elements((rows * cols * n) as u64));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for k in Kernel::available() {
+            if k == Kernel::Scalar {
+                continue;
+            }
+            g.bench_with_input(
+                BenchmarkId::new(format!("{rows}x{cols}x{n}"), k.name()),
+                &k,
+                |b, &k| b.iter(|| pool.install(|| k.gemm(&w, &acts, &mut out))),
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, ternary, ternary_gemm, lm_head);
 criterion_main!(benches);

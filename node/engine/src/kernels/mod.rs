@@ -16,6 +16,7 @@ mod avx2;
 mod avx512;
 pub mod choose;
 pub mod fdot;
+pub mod gemm;
 pub mod q4;
 pub mod q8;
 pub mod scalar;
@@ -230,10 +231,12 @@ impl Kernel {
     }
 
     /// Y = (β·T)·X̂ for a batch of tokens: `out[t * rows + r]` is row r
-    /// times token t. Each weight row is read once for the whole batch (and
-    /// stays in L1 while every token's activations pass it), instead of once
-    /// per token. Every element is computed exactly as [`Kernel::gemv`]
-    /// computes it, so the result is bit-identical to n GEMVs.
+    /// times token t. Each group of weight rows is unpacked once for the
+    /// whole batch and multiplied by every token in register tiles
+    /// ([`gemm`]), instead of being unpacked again per token. Every element
+    /// is the same exact integer sum, scaled the same way, as
+    /// [`Kernel::gemv`] computes it, so the result is bit-identical to n
+    /// GEMVs.
     pub fn gemm(self, w: &Ternary, acts: &[Activations], out: &mut [f32]) {
         let (rows, n) = (w.rows(), acts.len());
         assert_eq!(out.len(), n * rows, "output size");
@@ -251,12 +254,7 @@ impl Kernel {
             .par_chunks_mut(ROWS_PER_TASK * n)
             .enumerate()
             .for_each(|(chunk, ys)| {
-                for (i, yr) in ys.chunks_exact_mut(n).enumerate() {
-                    let row = w.row(chunk * ROWS_PER_TASK + i);
-                    for ((y, a), &s) in yr.iter_mut().zip(acts).zip(&scales) {
-                        *y = self.dot(row, a) as f32 * s;
-                    }
-                }
+                gemm::rows(self, w, chunk * ROWS_PER_TASK, acts, &scales, ys);
             });
         for (r, yr) in by_row.chunks_exact(n).enumerate() {
             for (t, &y) in yr.iter().enumerate() {

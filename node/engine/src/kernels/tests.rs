@@ -152,9 +152,17 @@ fn gemv_is_the_same_on_any_thread_count() {
 /// every kernel and thread count.
 #[test]
 fn gemm_equals_gemv_per_token() {
-    // Odd and even block counts, one block, and batches that do and do not
-    // fill the AVX512-VNNI path's groups of four tokens.
-    for (rows, cols, n) in [(150, 300, 5), (70, 512, 9), (65, 128, 2), (64, 2560, 4)] {
+    // Odd and even block counts, one block, batches that do and do not
+    // fill the tiles' groups of two or four tokens, and row counts that
+    // leave a partial group of two or four rows at a task's end.
+    for (rows, cols, n) in [
+        (150, 300, 5),
+        (70, 512, 9),
+        (65, 128, 2),
+        (64, 2560, 4),
+        (3, 256, 7),
+        (131, 384, 3),
+    ] {
         gemm_case(rows, cols, n);
     }
 }
