@@ -14,7 +14,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use trine_engine::kernels::q4::{self, Q4Acts};
 use trine_engine::kernels::q8::{self, Q8Acts};
-use trine_engine::kernels::{Activations, Kernel};
+use trine_engine::kernels::{Activations, choose};
 use trine_engine::ternary::Ternary;
 
 /// Deterministic values in about [-2, 2].
@@ -24,23 +24,29 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A deterministic ternary matrix.
+fn weights(rows: usize, cols: usize) -> Ternary {
+    let trits: Vec<i8> = (0..rows * cols).map(|i| ((i * 7) % 3) as i8 - 1).collect();
+    Ternary::from_trits(rows, cols, &trits, 0.5)
+}
+
+fn one_thread() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+}
+
 /// Each kernel this CPU runs on the 2B4T ternary shapes, one thread.
 fn ternary(c: &mut Criterion) {
     let mut g = c.benchmark_group("ternary");
     for (rows, cols) in [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)] {
-        let trits: Vec<i8> = (0..rows * cols).map(|i| ((i * 7) % 3) as i8 - 1).collect();
-        let w = Ternary::from_trits(rows, cols, &trits, 0.5);
+        let w = weights(rows, cols);
         let acts = Activations::quantize(&values(cols, 1));
         let mut out = vec![0f32; rows];
         g.throughput(Throughput::Bytes(w.data().len() as u64));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        for k in Kernel::available() {
-            if k == Kernel::Scalar {
-                continue;
-            }
+        let pool = one_thread();
+        for k in choose::candidates() {
             g.bench_with_input(
                 BenchmarkId::new(format!("{rows}x{cols}"), k.name()),
                 &k,
@@ -95,21 +101,14 @@ fn ternary_gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("ternary_gemm");
     let n = 128;
     for (rows, cols) in [(2560, 2560), (6912, 2560), (2560, 6912)] {
-        let trits: Vec<i8> = (0..rows * cols).map(|i| ((i * 7) % 3) as i8 - 1).collect();
-        let w = Ternary::from_trits(rows, cols, &trits, 0.5);
+        let w = weights(rows, cols);
         let acts: Vec<Activations> = (0..n)
             .map(|t| Activations::quantize(&values(cols, t + 1)))
             .collect();
         let mut out = vec![0f32; rows * n];
         g.throughput(Throughput::Elements((rows * cols * n) as u64));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        for k in Kernel::available() {
-            if k == Kernel::Scalar {
-                continue;
-            }
+        let pool = one_thread();
+        for k in choose::candidates() {
             g.bench_with_input(
                 BenchmarkId::new(format!("{rows}x{cols}x{n}"), k.name()),
                 &k,

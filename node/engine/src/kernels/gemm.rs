@@ -81,27 +81,6 @@ unsafe fn unpack_row_avx2(row: &[u8], out: &mut [u8]) {
     }
 }
 
-/// Σ code·q for R unpacked rows (`codes`, rows `stride` apart) against T
-/// tokens' activations, the reference way: plain loops.
-pub fn tile_plain<const R: usize, const T: usize>(
-    codes: &[u8],
-    stride: usize,
-    q: [&[i8]; T],
-) -> [[i32; T]; R] {
-    let mut out = [[0i32; T]; R];
-    for (r, o) in out.iter_mut().enumerate() {
-        let row = &codes[r * stride..(r + 1) * stride];
-        for (t, v) in o.iter_mut().enumerate() {
-            *v = row
-                .iter()
-                .zip(q[t])
-                .map(|(&c, &a)| i32::from(c) * i32::from(a))
-                .sum();
-        }
-    }
-    out
-}
-
 /// Register tiles: Σ code·q for R unpacked rows × every token, T tokens at
 /// a time. `$widen`: the multiply-add yields i16 pairs (`vpmaddubsw`)
 /// summed over a block, then widened into the i32 accumulators; otherwise
@@ -212,40 +191,31 @@ tile!(tile_avx2_direct, "avx2", false, |p, w, a, ones| {
     _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones))
 });
 
-/// Which tile runs for a kernel, and its shape.
+/// Which tile runs for a SIMD kernel, and its shape.
+#[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tile {
-    Plain,
-    #[cfg(target_arch = "x86_64")]
     Avx2,
-    #[cfg(target_arch = "x86_64")]
     AvxVnni,
-    #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Tile {
-    fn of(kernel: Kernel) -> Tile {
+    /// The tile of a SIMD kernel; none for the scalar reference.
+    fn of(kernel: Kernel) -> Option<Tile> {
         match kernel {
-            Kernel::Scalar => Tile::Plain,
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 | Kernel::Avx512 => Tile::Avx2,
-            #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => Tile::AvxVnni,
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => Tile::Avx512Vnni,
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("x86 kernel on a non-x86 CPU"),
+            Kernel::Scalar => None,
+            Kernel::Avx2 | Kernel::Avx512 => Some(Tile::Avx2),
+            Kernel::AvxVnni => Some(Tile::AvxVnni),
+            Kernel::Avx512Vnni => Some(Tile::Avx512Vnni),
         }
     }
 
     /// Rows unpacked together.
     fn rows(self) -> usize {
         match self {
-            Tile::Plain => 1,
-            #[cfg(target_arch = "x86_64")]
             Tile::Avx2 | Tile::AvxVnni => 2,
-            #[cfg(target_arch = "x86_64")]
             Tile::Avx512Vnni => 4,
         }
     }
@@ -263,17 +233,31 @@ pub(super) fn rows(
     out: &mut [f32],
 ) {
     let n = acts.len();
-    let count = out.len() / n;
-    let tile = Tile::of(kernel);
-    if tile == Tile::Plain {
-        for (i, yr) in out.chunks_exact_mut(n).enumerate() {
-            let row = w.row(first + i);
-            for ((y, a), &s) in yr.iter_mut().zip(acts).zip(scales) {
-                *y = kernel.dot(row, a) as f32 * s;
-            }
-        }
-        return;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(tile) = Tile::of(kernel) {
+        return tiled(tile, w, first, acts, scales, out);
     }
+    // The reference: one dot per (row, token).
+    for (i, yr) in out.chunks_exact_mut(n).enumerate() {
+        let row = w.row(first + i);
+        for ((y, a), &s) in yr.iter_mut().zip(acts).zip(scales) {
+            *y = kernel.dot(row, a) as f32 * s;
+        }
+    }
+}
+
+/// [`rows`] through a SIMD tile: each group of rows unpacked once.
+#[cfg(target_arch = "x86_64")]
+fn tiled(
+    tile: Tile,
+    w: &crate::ternary::Ternary,
+    first: usize,
+    acts: &[Activations],
+    scales: &[f32],
+    out: &mut [f32],
+) {
+    let n = acts.len();
+    let count = out.len() / n;
     let stride = crate::ternary::row_bytes(w.cols()) * 4;
     let group = tile.rows();
     let mut codes = vec![0u8; group * stride];
@@ -305,9 +289,9 @@ pub(super) fn rows(
 /// `dots[r * n + t]` = Σ code·q of row r of `codes` and token t, for the
 /// tile's rows and all n = `q.len()` tokens: the widest tiles first, the
 /// tokens left over one at a time.
+#[cfg(target_arch = "x86_64")]
 fn run(tile: Tile, codes: &[u8], stride: usize, q: &[&[i8]], dots: &mut [i32]) {
     let n = q.len();
-    #[cfg(target_arch = "x86_64")]
     macro_rules! both {
         ($f:ident, $r:literal, $t:literal) => {{
             let full = n / $t * $t;
@@ -316,19 +300,11 @@ fn run(tile: Tile, codes: &[u8], stride: usize, q: &[&[i8]], dots: &mut [i32]) {
         }};
     }
     match tile {
-        Tile::Plain => {
-            for (t, &qt) in q.iter().enumerate() {
-                dots[t] = tile_plain::<1, 1>(codes, stride, [qt])[0][0];
-            }
-        }
         // SAFETY (the three arms): a tile is only chosen for a kernel that
         // `Kernel::available` produced after detecting the features it
         // enables; each tile asserts its slices' bounds.
-        #[cfg(target_arch = "x86_64")]
         Tile::Avx2 => unsafe { both!(tile_avx2, 2, 2) },
-        #[cfg(target_arch = "x86_64")]
         Tile::AvxVnni => unsafe { both!(tile_avxvnni, 2, 4) },
-        #[cfg(target_arch = "x86_64")]
         Tile::Avx512Vnni => unsafe { both!(tile_avx512vnni, 4, 4) },
     }
 }
@@ -337,6 +313,15 @@ fn run(tile: Tile, codes: &[u8], stride: usize, q: &[&[i8]], dots: &mut [i32]) {
 mod tests {
     use super::*;
     use crate::ternary::{Ternary, row_bytes};
+
+    /// Σ code·q of one unpacked row, the plain way.
+    fn codes_dot(codes: &[u8], q: &[i8]) -> i32 {
+        codes
+            .iter()
+            .zip(q)
+            .map(|(&c, &a)| i32::from(c) * i32::from(a))
+            .sum()
+    }
 
     fn case(rows: usize, cols: usize, seed: usize) -> (Vec<u8>, usize, Vec<Vec<i8>>) {
         let trits: Vec<i8> = (0..rows * cols)
@@ -382,9 +367,7 @@ mod tests {
             let (codes, stride, q) = case(4, cols, cols);
             let qs: Vec<&[i8]> = q.iter().map(|v| &v[..]).collect();
             let n = qs.len();
-            let plain = |r: usize, t: usize| {
-                tile_plain::<1, 1>(&codes[r * stride..], stride, [qs[t]])[0][0]
-            };
+            let plain = |r: usize, t: usize| codes_dot(&codes[r * stride..(r + 1) * stride], qs[t]);
             macro_rules! check {
                 ($f:ident, $r:literal, $t:literal) => {{
                     let mut got = vec![0i32; $r * n];

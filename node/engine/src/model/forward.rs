@@ -351,38 +351,41 @@ impl Model {
             // earlier ones) and writes its own row of `o`: the tokens run in
             // parallel (a prompt is one segment), each sum in the same order.
             let (kc, vc, qs) = (&*kc, &*vc, &qs);
-            o.par_chunks_mut(qw).enumerate().for_each(|(t, ot)| {
-                let pos = s.start + t;
-                let mut scores = vec![0f32; pos + 1];
-                for head in 0..c.heads {
-                    let kvh = head / group;
-                    let qh = &qs[t * qw + head * hd..t * qw + (head + 1) * hd];
-                    let key = |j: usize| &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                    // Four positions per pass over the query (eight lanes
-                    // each, AVX2 where the CPU has it; the same bits as one
-                    // at a time).
-                    let mut quads = scores.chunks_exact_mut(4);
-                    for (i, sq) in (&mut quads).enumerate() {
-                        let j = 4 * i;
-                        let d = fdot::dot_n(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-                        for (s, d) in sq.iter_mut().zip(d) {
-                            *s = d * scale;
+            o.par_chunks_mut(qw)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (t, ot)| {
+                    let pos = s.start + t;
+                    scores.clear();
+                    scores.resize(pos + 1, 0f32);
+                    for head in 0..c.heads {
+                        let kvh = head / group;
+                        let qh = &qs[t * qw + head * hd..t * qw + (head + 1) * hd];
+                        let key = |j: usize| &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                        // Four positions per pass over the query (eight lanes
+                        // each, AVX2 where the CPU has it; the same bits as one
+                        // at a time).
+                        let mut quads = scores.chunks_exact_mut(4);
+                        for (i, sq) in (&mut quads).enumerate() {
+                            let j = 4 * i;
+                            let d = fdot::dot_n(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+                            for (sc, d) in sq.iter_mut().zip(d) {
+                                *sc = d * scale;
+                            }
+                        }
+                        let done = (pos + 1) / 4 * 4;
+                        for (j, sj) in quads.into_remainder().iter_mut().enumerate() {
+                            *sj = fdot::dot_n(qh, [key(done + j)])[0] * scale;
+                        }
+                        softmax(scores);
+                        let oh = &mut ot[head * hd..(head + 1) * hd];
+                        for (j, &p) in scores.iter().enumerate() {
+                            let vj = &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                            for (x, &y) in oh.iter_mut().zip(vj) {
+                                *x += p * y;
+                            }
                         }
                     }
-                    let done = (pos + 1) / 4 * 4;
-                    for (j, sj) in quads.into_remainder().iter_mut().enumerate() {
-                        *sj = fdot::dot_n(qh, [key(done + j)])[0] * scale;
-                    }
-                    softmax(&mut scores);
-                    let oh = &mut ot[head * hd..(head + 1) * hd];
-                    for (j, &p) in scores.iter().enumerate() {
-                        let vj = &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                        for (x, &y) in oh.iter_mut().zip(vj) {
-                            *x += p * y;
-                        }
-                    }
-                }
-            });
+                });
         });
         let mut delta = vec![0f32; n * c.hidden];
         let acts = self.norm_quantize(&o, qw, &l.attn_sub_norm);
