@@ -492,9 +492,26 @@ impl Compose {
     }
 
     /// `docker pause` / `unpause` (the whole container, by the freezer).
+    /// The kernel's freezer can fail to freeze a cgroup whose tasks are
+    /// mid-syscall (runc then thaws it and reports "unable to freeze"):
+    /// that is retried a few times, 200 ms apart, before it counts as a
+    /// failure to apply the fault.
     pub fn pause(&mut self, name: &str, on: bool) -> Result<(), Error> {
         let id = self.id(name)?.to_owned();
-        docker(&[if on { "pause" } else { "unpause" }, &id])?;
+        let verb = if on { "pause" } else { "unpause" };
+        let mut tries = 0;
+        loop {
+            match docker(&[verb, &id]) {
+                Err(e) if on && tries < 4 && e.to_string().contains("unable to freeze") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                r => {
+                    r?;
+                    break;
+                }
+            }
+        }
         if on {
             self.paused.insert(name.to_owned());
         } else {
