@@ -32,6 +32,10 @@ pub struct EngineArgs {
     /// measured at each thread count as a node does at load].
     #[arg(long)]
     pub kernel: Option<String>,
+    /// AMX-INT8 tiles for prompts where the CPU has them: `auto` or `off`
+    /// (the AVX register tiles, to compare on the same machine).
+    #[arg(long, value_enum, default_value_t = crate::compute::Amx::Auto)]
+    pub amx: crate::compute::Amx,
     /// Tokens to decode per measurement (after an 8-token prompt).
     #[arg(long, default_value_t = 32)]
     pub tokens: usize,
@@ -63,6 +67,8 @@ struct Report {
     flags: Vec<&'static str>,
     /// The kernel given with --kernel, or "measured".
     kernel: &'static str,
+    /// AMX-INT8 tiles for prompts: "on", "off (--amx off)" or "absent (...)".
+    amx: &'static str,
     /// With "measured": each thread count's per-shape choice and timings.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     kernel_choice: Vec<Choice>,
@@ -162,6 +168,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         .as_deref()
         .map(crate::generate_cmd::kernel)
         .transpose()?;
+    let amx = crate::compute::apply_amx(args.amx);
     let progress = |s: &str| {
         if !args.json {
             eprintln!("{s}");
@@ -364,6 +371,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         cpu: cpu_model(),
         flags: cpu_flags(),
         kernel: forced.map_or("measured", Kernel::name),
+        amx,
         kernel_choice,
         model: args.model.display().to_string(),
         layers: c.layers,
@@ -582,6 +590,7 @@ fn cpu_flags() -> Vec<&'static str> {
             ("avx512f", has!("avx512f")),
             ("avx512bw", has!("avx512bw")),
             ("avx512vnni", has!("avx512vnni")),
+            ("amx-int8", trine_engine::kernels::amx::usable()),
         ] {
             if on {
                 flags.push(name);
@@ -597,8 +606,8 @@ fn render(r: &Report) -> String {
     let _ = writeln!(s, "CPU: {} ({})", r.cpu, r.flags.join(" "));
     let _ = writeln!(
         s,
-        "model: {} ({} layers, hidden {}, ffn {}, vocab {}, lm_head {}); kernel {}",
-        r.model, r.layers, r.hidden, r.ffn, r.vocab, r.lm_head_type, r.kernel
+        "model: {} ({} layers, hidden {}, ffn {}, vocab {}, lm_head {}); kernel {}; amx {}",
+        r.model, r.layers, r.hidden, r.ffn, r.vocab, r.lm_head_type, r.kernel, r.amx
     );
     if !r.kernel_choice.is_empty() {
         let _ = writeln!(s, "\nkernels by measurement (µs per GEMV, fastest first)");

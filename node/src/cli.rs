@@ -397,6 +397,13 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_PIN_THREADS")]
     pub pin_threads: bool,
 
+    /// AMX-INT8 tiles for prompts and batched decode steps, where the CPU
+    /// has them (Intel Sapphire Rapids and later): `auto` (use them) or
+    /// `off` (the AVX register tiles). The output is the same bits either
+    /// way. [default: auto]
+    #[arg(long, env = "TRINE_AMX", value_enum, value_name = "auto|off")]
+    pub amx: Option<crate::compute::Amx>,
+
     /// Longest an inference request may take, end to end; a client may ask
     /// for less (gRPC deadline, or `timeout` in the request). Past it the
     /// request ends with DEADLINE_EXCEEDED (HTTP 504). [default: 300s]
@@ -521,6 +528,7 @@ impl NodeArgs {
             threads: self.threads,
             kernel: self.kernel.clone(),
             pin_threads: self.pin_threads.then_some(true),
+            amx: self.amx,
             request_timeout: self.request_timeout,
             snapshot_every: self.snapshot_every,
             max_prompt_tokens: self.max_prompt_tokens,

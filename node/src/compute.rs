@@ -111,3 +111,38 @@ mod tests {
         after.split_whitespace().nth(36)?.parse().ok()
     }
 }
+
+/// `--amx`: whether prompts and batched decode steps go through AMX-INT8
+/// tiles where the CPU has them (Intel Sapphire Rapids and later). The
+/// output is the same bits either way.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Amx {
+    /// Use them where the CPU has them and Linux grants the tile state.
+    #[default]
+    Auto,
+    /// Never: batches take the AVX register tiles (to compare speeds).
+    Off,
+}
+
+/// Applies `--amx` to this process and says what it means here: "on",
+/// "off (--amx off)" or "absent (...)".
+pub fn apply_amx(mode: Amx) -> &'static str {
+    use trine_engine::kernels::amx;
+    amx::set_enabled(mode == Amx::Auto);
+    match mode {
+        Amx::Off => "off (--amx off)",
+        Amx::Auto if amx::usable() => "on",
+        Amx::Auto => "absent (no AMX-INT8 on this CPU, or Linux < 5.16 refused the tile state)",
+    }
+}

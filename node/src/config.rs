@@ -138,6 +138,9 @@ pub struct Config {
     pub kernel: String,
     /// Bind each compute thread to its own physical core.
     pub pin_threads: bool,
+    /// AMX-INT8 tiles for prompts and batched steps where the CPU has
+    /// them: `auto` or `off`.
+    pub amx: crate::compute::Amx,
     /// Longest an inference request may take, end to end, unless the
     /// client asks for less (gRPC deadline or the request's `timeout`).
     #[serde(with = "humantime_serde")]
@@ -227,6 +230,7 @@ pub struct Layer {
     pub threads: Option<u32>,
     pub kernel: Option<String>,
     pub pin_threads: Option<bool>,
+    pub amx: Option<crate::compute::Amx>,
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
     pub snapshot_every: Option<u64>,
@@ -316,6 +320,7 @@ impl Default for Config {
             threads: 0,
             kernel: "auto".into(),
             pin_threads: false,
+            amx: crate::compute::Amx::Auto,
             request_timeout: Duration::from_secs(300),
             snapshot_every: 10_000,
             max_prompt_tokens: 8192,
@@ -414,6 +419,7 @@ impl Layer {
             threads: over.threads.or(self.threads),
             kernel: over.kernel.or(self.kernel),
             pin_threads: over.pin_threads.or(self.pin_threads),
+            amx: over.amx.or(self.amx),
             request_timeout: over.request_timeout.or(self.request_timeout),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
             max_prompt_tokens: over.max_prompt_tokens.or(self.max_prompt_tokens),
@@ -478,6 +484,7 @@ impl Config {
             threads: layer.threads.unwrap_or(d.threads),
             kernel: layer.kernel.unwrap_or(d.kernel),
             pin_threads: layer.pin_threads.unwrap_or(d.pin_threads),
+            amx: layer.amx.unwrap_or(d.amx),
             request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
             max_prompt_tokens: layer.max_prompt_tokens.unwrap_or(d.max_prompt_tokens),

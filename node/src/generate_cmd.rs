@@ -58,6 +58,11 @@ pub struct GenerateArgs {
     /// BENCHMARKS.md measures both.
     #[arg(long, default_value = "file", value_name = "file|q8|q4")]
     pub quant_embd: trine_engine::model::QuantEmbd,
+    /// AMX-INT8 tiles for the prompt where the CPU has them: `auto` or
+    /// `off`. The output does not depend on it; this is for comparing
+    /// speeds.
+    #[arg(long, value_enum, default_value_t = crate::compute::Amx::Auto)]
+    pub amx: crate::compute::Amx,
 }
 
 /// The kernel called `name`, if this CPU runs it.
@@ -109,6 +114,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let _ = writeln!(err, "loading {} ...", args.model.display());
     let started = Instant::now();
     let kernel = args.kernel.as_deref().map(kernel).transpose()?;
+    let amx = crate::compute::apply_amx(args.amx);
     let (mut model, tokenizer) = trine_engine::open(&args.model, None)?;
     model.set_lm_head(args.quant_embd);
     let pool = pool(args.threads)?;
@@ -167,7 +173,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let _ = writeln!(out);
     let _ = writeln!(
         err,
-        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, threads {}",
+        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, threads {}, amx {amx}",
         stats.prompt_tokens,
         stats.prefill_tokens_per_second(),
         stats.generated,

@@ -137,6 +137,7 @@ pub async fn serve(
     tracing::info!(
         threads = pool.current_num_threads(),
         pinned = config.pin_threads,
+        amx = crate::compute::apply_amx(config.amx),
         "compute pool"
     );
     let stage_server = crate::stage_server::StageServer::new(stages.clone());

@@ -14,7 +14,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use trine_engine::kernels::q4::{self, Q4Acts};
 use trine_engine::kernels::q8::{self, Q8Acts};
-use trine_engine::kernels::{Activations, choose};
+use trine_engine::kernels::{Activations, Kernel, amx, choose};
 use trine_engine::ternary::Ternary;
 
 /// Deterministic values in about [-2, 2].
@@ -108,9 +108,21 @@ fn ternary_gemm(c: &mut Criterion) {
         let mut out = vec![0f32; rows * n];
         g.throughput(Throughput::Elements((rows * cols * n) as u64));
         let pool = one_thread();
+        // Each kernel's register tiles, then (where the CPU has them) the
+        // AMX tiles, which any SIMD kernel uses for batches.
+        amx::set_enabled(false);
         for k in choose::candidates() {
             g.bench_with_input(
                 BenchmarkId::new(format!("{rows}x{cols}x{n}"), k.name()),
+                &k,
+                |b, &k| b.iter(|| pool.install(|| k.gemm(&w, &acts, &mut out))),
+            );
+        }
+        amx::set_enabled(true);
+        if amx::usable() {
+            let k = Kernel::best();
+            g.bench_with_input(
+                BenchmarkId::new(format!("{rows}x{cols}x{n}"), "amx"),
                 &k,
                 |b, &k| b.iter(|| pool.install(|| k.gemm(&w, &acts, &mut out))),
             );

@@ -54,6 +54,43 @@ pub fn dot_n<const N: usize>(a: &[f32], xs: [&[f32]; N]) -> [f32; N] {
     dot_n_plain(a, xs)
 }
 
+/// y += p[k]·xs[k] for k in order, element by element: each element of y
+/// gets the same products added in the same order as a loop over k would,
+/// so the same bits (a multiply then an add, no FMA).
+#[inline(always)]
+fn axpy_n_plain<const N: usize>(y: &mut [f32], p: [f32; N], xs: [&[f32]; N]) {
+    for (i, yi) in y.iter_mut().enumerate() {
+        let mut acc = *yi;
+        for k in 0..N {
+            acc += p[k] * xs[k][i];
+        }
+        *yi = acc;
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn axpy_n_avx2<const N: usize>(y: &mut [f32], p: [f32; N], xs: [&[f32]; N]) {
+    axpy_n_plain(y, p, xs)
+}
+
+/// y += Σ_k p[k]·xs[k], added in order k = 0, 1, ... per element (the
+/// weighted sum of attention's values); AVX2 when the CPU has it, the same
+/// bits either way.
+pub fn axpy_n<const N: usize>(y: &mut [f32], p: [f32; N], xs: [&[f32]; N]) {
+    for x in &xs {
+        assert_eq!(x.len(), y.len(), "axpy of unequal lengths");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        return unsafe { axpy_n_avx2(y, p, xs) };
+    }
+    axpy_n_plain(y, p, xs)
+}
+
 /// Σ w·x for each x, with `w` given as little-endian f16 (2 bytes each),
 /// widened exactly to f32: the same lanes and order as [`dot_n`] on the
 /// widened row, so the same bits, without writing the row out.
@@ -174,6 +211,19 @@ mod tests {
             prop_assert_eq!(dot_f16_n(&w16, [&x0, &x1, &x2, &x3]).map(f32::to_bits), want);
             prop_assert_eq!(dot_f16_n_reference(&w16, [&x0, &x1, &x2, &x3]).map(f32::to_bits), want);
             prop_assert_eq!(dot_f16_n(&w16, [&x2])[0].to_bits(), want[2]);
+            // y += Σ p·x: four at once (dispatched) equals one at a time in
+            // order on the baseline copy.
+            let p = [0.25f32, -1.5, 3.0e-3, 7.0];
+            let mut four = a.clone();
+            axpy_n(&mut four, p, [&x0, &x1, &x2, &x3]);
+            let mut one = a.clone();
+            for (pk, x) in p.into_iter().zip([&x0, &x1, &x2, &x3]) {
+                axpy_n_plain(&mut one, [pk], [x]);
+            }
+            prop_assert_eq!(
+                four.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }

@@ -221,8 +221,8 @@ impl Tile {
     }
 }
 
-/// `out[i * n + t]` = row `first + i` of `w` times token t, for the
-/// `out.len() / n` rows from `first`: the unscaled exact dot Σ t·q scaled
+/// `out[t][i]` = row `first + i` of `w` times token t, for the
+/// `out[t].len()` rows from `first`: the unscaled exact dot Σ t·q scaled
 /// by `scales[t]`, as [`Kernel::gemv`] computes each element.
 pub(super) fn rows(
     kernel: Kernel,
@@ -230,18 +230,17 @@ pub(super) fn rows(
     first: usize,
     acts: &[Activations],
     scales: &[f32],
-    out: &mut [f32],
+    out: &mut [&mut [f32]],
 ) {
-    let n = acts.len();
+    assert_eq!(out.len(), acts.len(), "one output slice per token");
     #[cfg(target_arch = "x86_64")]
     if let Some(tile) = Tile::of(kernel) {
         return tiled(tile, w, first, acts, scales, out);
     }
     // The reference: one dot per (row, token).
-    for (i, yr) in out.chunks_exact_mut(n).enumerate() {
-        let row = w.row(first + i);
-        for ((y, a), &s) in yr.iter_mut().zip(acts).zip(scales) {
-            *y = kernel.dot(row, a) as f32 * s;
+    for ((yt, a), &s) in out.iter_mut().zip(acts).zip(scales) {
+        for (i, y) in yt.iter_mut().enumerate() {
+            *y = kernel.dot(w.row(first + i), a) as f32 * s;
         }
     }
 }
@@ -254,10 +253,10 @@ fn tiled(
     first: usize,
     acts: &[Activations],
     scales: &[f32],
-    out: &mut [f32],
+    out: &mut [&mut [f32]],
 ) {
     let n = acts.len();
-    let count = out.len() / n;
+    let count = out[0].len();
     let stride = crate::ternary::row_bytes(w.cols()) * 4;
     let group = tile.rows();
     let mut codes = vec![0u8; group * stride];
@@ -275,12 +274,9 @@ fn tiled(
         }
         run(tile, &codes, stride, &q, &mut dots);
         for r in 0..here {
-            let (d, y) = (
-                &dots[r * n..(r + 1) * n],
-                &mut out[(g0 + r) * n..(g0 + r + 1) * n],
-            );
-            for t in 0..n {
-                y[t] = (d[t] - acts[t].sum) as f32 * scales[t];
+            let d = &dots[r * n..(r + 1) * n];
+            for (t, yt) in out.iter_mut().enumerate() {
+                yt[g0 + r] = (d[t] - acts[t].sum) as f32 * scales[t];
             }
         }
     }

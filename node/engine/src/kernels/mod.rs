@@ -10,6 +10,7 @@
 //! ([`choose`]).
 //! Every implementation is bit-identical to the reference in i32.
 
+pub mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -233,7 +234,9 @@ impl Kernel {
     /// Y = (β·T)·X̂ for a batch of tokens: `out[t * rows + r]` is row r
     /// times token t. Each group of weight rows is unpacked once for the
     /// whole batch and multiplied by every token in register tiles
-    /// ([`gemm`]), instead of being unpacked again per token. Every element
+    /// ([`gemm`]) or, where the CPU has them, AMX tiles ([`amx`], from
+    /// [`amx::MIN_TOKENS`] tokens), instead of being unpacked again per
+    /// token. Every element
     /// is the same exact integer sum, scaled the same way, as
     /// [`Kernel::gemv`] computes it, so the result is bit-identical to n
     /// GEMVs.
@@ -247,20 +250,30 @@ impl Kernel {
             assert_eq!(a.q.len(), row_bytes(w.cols()) * 4, "activation width");
         }
         let scales: Vec<f32> = acts.iter().map(|a| w.beta() / a.scale).collect();
-        // Row-major scratch (r * n + t) so that row chunks are contiguous
-        // for the parallel split; transposed into `out` afterwards.
-        let mut by_row = vec![0f32; rows * n];
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(chunk, ys)| {
-                gemm::rows(self, w, chunk * ROWS_PER_TASK, acts, &scales, ys);
-            });
-        for (r, yr) in by_row.chunks_exact(n).enumerate() {
-            for (t, &y) in yr.iter().enumerate() {
-                out[t * rows + r] = y;
+        // AMX tiles where the process has them (any SIMD kernel: the
+        // scalar reference stays the reference), else register tiles.
+        let packed = (self != Kernel::Scalar && n >= amx::MIN_TOKENS && amx::active())
+            .then(|| amx::Packed::new(acts));
+        // Each task owns a run of rows in every token's output: the
+        // token-major result is written in place, with no transpose.
+        let mut tasks: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(ROWS_PER_TASK))
+            .map(|_| Vec::with_capacity(n))
+            .collect();
+        for y in out.chunks_exact_mut(rows) {
+            for (task, part) in tasks.iter_mut().zip(y.chunks_mut(ROWS_PER_TASK)) {
+                task.push(part);
             }
         }
+        tasks
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(chunk, mut ys)| {
+                let first = chunk * ROWS_PER_TASK;
+                match &packed {
+                    Some(p) => amx::rows(w, first, acts, p, &scales, &mut ys),
+                    None => gemm::rows(self, w, first, acts, &scales, &mut ys),
+                }
+            });
     }
 }
 

@@ -378,11 +378,23 @@ impl Model {
                         }
                         softmax(scores);
                         let oh = &mut ot[head * hd..(head + 1) * hd];
-                        for (j, &p) in scores.iter().enumerate() {
-                            let vj = &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
-                            for (x, &y) in oh.iter_mut().zip(vj) {
-                                *x += p * y;
-                            }
+                        let value = |j: usize| &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                        // Four positions per pass over the output (added in
+                        // position order per element: the same bits as one
+                        // at a time).
+                        let mut quads = scores.chunks_exact(4);
+                        for (i, p) in (&mut quads).enumerate() {
+                            let j = 4 * i;
+                            let p = [p[0], p[1], p[2], p[3]];
+                            fdot::axpy_n(
+                                oh,
+                                p,
+                                [value(j), value(j + 1), value(j + 2), value(j + 3)],
+                            );
+                        }
+                        let done = (pos + 1) / 4 * 4;
+                        for (j, &p) in quads.remainder().iter().enumerate() {
+                            fdot::axpy_n(oh, [p], [value(done + j)]);
                         }
                     }
                 });
