@@ -136,7 +136,10 @@ impl Packed {
     /// Lays out `acts` (all of one padded width, a multiple of 128).
     pub fn new(acts: &[Activations]) -> Self {
         let width = acts.first().map_or(0, |a| a.q.len());
-        assert!(width.is_multiple_of(STEP), "activations padded to whole blocks");
+        assert!(
+            width.is_multiple_of(STEP),
+            "activations padded to whole blocks"
+        );
         let blocks = acts.len().div_ceil(TOKENS);
         let steps = width / STEP;
         let mut lines = Lines::new(blocks * steps * TILE);
