@@ -295,8 +295,9 @@ thread_local! {
 }
 
 /// `out[t][i]` = row `first + i` of `w` times token t (`packed` laid out
-/// from `acts`), for the `out[t].len()` rows from `first`: the exact dot Σ t·q scaled by `scales[t]`, as
-/// [`super::Kernel::gemv`] computes each element.
+/// from `acts`), for the `out[t].len()` rows from `first`: the exact dot
+/// Σ t·q scaled by `scales[t]`, as [`super::Kernel::gemv`] computes each
+/// element.
 ///
 /// # Panics
 /// If [`usable`] is false.
