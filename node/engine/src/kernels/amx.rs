@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Activations;
-use super::gemm::unpack_row;
+use super::gemm::unpack_group;
 use crate::ternary::Ternary;
 
 /// Weight rows per group: two A tiles of 16.
@@ -326,14 +326,7 @@ pub fn rows(
         let mut c = [0i32; 1024];
         for g0 in (0..count).step_by(ROWS) {
             let here = ROWS.min(count - g0);
-            for (r, row) in codes.chunks_exact_mut(stride).enumerate() {
-                if r < here {
-                    unpack_row(w.row(first + g0 + r), row);
-                } else {
-                    // Rows past the matrix's end: zero codes, results dropped.
-                    row.fill(0);
-                }
-            }
+            unpack_group(w, first + g0, here, codes, stride);
             let mut emit = |c: &[i32; 1024], tiles: &[(usize, usize)]| {
                 // (offset in c, first token) per tile column: rows 0-15 at
                 // the offset, rows 16-31 at offset + 512.

@@ -245,6 +245,25 @@ pub(super) fn rows(
     }
 }
 
+/// Unpacks rows `first..first + here` of `w` into the first `here` rows of
+/// `codes` (`stride` bytes each, [`unpack_row`]) and zeroes the others:
+/// rows past the matrix's end, whose results are dropped.
+pub(super) fn unpack_group(
+    w: &crate::ternary::Ternary,
+    first: usize,
+    here: usize,
+    codes: &mut [u8],
+    stride: usize,
+) {
+    for (r, c) in codes.chunks_exact_mut(stride).enumerate() {
+        if r < here {
+            unpack_row(w.row(first + r), c);
+        } else {
+            c.fill(0);
+        }
+    }
+}
+
 /// [`rows`] through a SIMD tile: each group of rows unpacked once.
 #[cfg(target_arch = "x86_64")]
 fn tiled(
@@ -264,14 +283,7 @@ fn tiled(
     let q: Vec<&[i8]> = acts.iter().map(|a| &a.q[..]).collect();
     for g0 in (0..count).step_by(group) {
         let here = group.min(count - g0);
-        for (r, c) in codes.chunks_exact_mut(stride).enumerate() {
-            if r < here {
-                unpack_row(w.row(first + g0 + r), c);
-            } else {
-                // Rows past the matrix's end: zero codes, results dropped.
-                c.fill(0);
-            }
-        }
+        unpack_group(w, first + g0, here, &mut codes, stride);
         run(tile, &codes, stride, &q, &mut dots);
         for r in 0..here {
             let d = &dots[r * n..(r + 1) * n];
