@@ -634,10 +634,46 @@ impl Compose {
         if let Ok(out) = self.cmd().args(["logs", "--no-color"]).output() {
             let _ = std::fs::write(self.dir.join("compose-logs.txt"), out.stdout);
         }
-        let _ = self
-            .cmd()
-            .args(["down", "-v", "--remove-orphans", "-t", "5"])
-            .output();
+        // `down` can fail part-way: a container restarting under its
+        // `unless-stopped` policy after a fault, or a daemon slow to remove
+        // one under load. Whatever of the project is still there afterwards
+        // is force-removed by label; what went wrong is kept in the report
+        // directory (teardown.txt) and said on stderr.
+        let mut problems = Vec::new();
+        if let Err(e) = self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]) {
+            problems.push(format!("compose down: {e}"));
+        }
+        let label = format!("label=com.docker.compose.project={}", self.project);
+        for attempt in 0..3 {
+            let left: Vec<String> = docker(&["ps", "-aq", "--filter", &label])
+                .map(|o| o.lines().map(str::to_owned).collect())
+                .unwrap_or_default();
+            let volumes: Vec<String> = docker(&["volume", "ls", "-q", "--filter", &label])
+                .map(|o| o.lines().map(str::to_owned).collect())
+                .unwrap_or_default();
+            if left.is_empty() && volumes.is_empty() {
+                break;
+            }
+            problems.push(format!(
+                "attempt {attempt}: still there after down: containers {left:?}, volumes {volumes:?}"
+            ));
+            for id in &left {
+                if let Err(e) = docker(&["rm", "-f", "-v", id]) {
+                    problems.push(format!("docker rm -f {id}: {e}"));
+                }
+            }
+            for v in &volumes {
+                if let Err(e) = docker(&["volume", "rm", "-f", v]) {
+                    problems.push(format!("docker volume rm {v}: {e}"));
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        if !problems.is_empty() {
+            let text = problems.join("\n");
+            eprintln!("chaos: compose teardown of {}:\n{text}", self.project);
+            let _ = std::fs::write(self.dir.join("teardown.txt"), text + "\n");
+        }
         if let Some(island) = self.island.take() {
             let _ = docker(&["network", "rm", &island]);
         }
