@@ -31,6 +31,8 @@ pub struct Batching {
     pub max_batch: usize,
     /// The lm_head precision of the last stages this node loads.
     pub quant_embd: trine_engine::model::QuantEmbd,
+    /// How the stages this node loads pack their ternary weights.
+    pub weight_layout: trine_engine::model::WeightLayout,
     /// One ternary kernel for every stage, or `None`: the fastest per
     /// shape, measured at each stage load.
     pub kernel: Option<trine_engine::kernels::Kernel>,
@@ -253,6 +255,7 @@ mod tests {
             pool: Arc::new(pool),
             max_batch,
             quant_embd: Default::default(),
+            weight_layout: Default::default(),
             kernel: None,
         }
     }

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use serde::Serialize;
 use trine_engine::kernels::{Activations, Kernel};
-use trine_engine::model::{Input, Logits, Model, Output, QuantEmbd};
+use trine_engine::model::{Input, Logits, Model, Output, QuantEmbd, WeightLayout};
 use trine_engine::sampler::argmax;
 
 #[derive(Debug, Args)]
@@ -28,6 +28,17 @@ pub struct EngineArgs {
     /// `q4`, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "file,q8,q4")]
     pub quant_embd: Vec<QuantEmbd>,
+    /// Ternary weight layouts to measure the shapes, decode and prefill
+    /// in, comma-separated: `i2s` (2 bits a weight), `base3` (1.6 bits,
+    /// repacked at load), `auto` (the faster per shape, measured as a node
+    /// does at load).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "i2s,base3",
+        value_name = "i2s|base3|auto"
+    )]
+    pub weight_layout: Vec<WeightLayout>,
     /// Ternary kernel for every shape [default: the fastest per shape,
     /// measured at each thread count as a node does at load].
     #[arg(long)]
@@ -104,12 +115,17 @@ struct Accuracy {
 
 #[derive(Debug, Serialize)]
 struct Choice {
+    /// The `--weight-layout` measured.
+    weight_layout: &'static str,
     threads: usize,
     rows: usize,
     cols: usize,
     kernel: &'static str,
-    /// Microseconds per GEMV of each kernel, fastest first.
-    us_per_gemv: Vec<(&'static str, f64)>,
+    /// The layout kept for the shape.
+    layout: &'static str,
+    /// Microseconds per GEMV of each kernel (and layout, with `auto`),
+    /// fastest first.
+    us_per_gemv: Vec<(&'static str, &'static str, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,6 +137,9 @@ struct Bandwidth {
 #[derive(Debug, Serialize)]
 struct Shape {
     name: String,
+    /// The ternary layout of the shape's matrices ("" for an lm_head).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    layout: &'static str,
     rows: usize,
     cols: usize,
     /// Matrices of this shape the pass cycles through (all layers'), so
@@ -136,6 +155,9 @@ struct Shape {
 
 #[derive(Debug, Serialize)]
 struct Decode {
+    /// The ternary weights' layout(s): "i2s", "base3", or "auto: ..."
+    /// with the layouts measurement kept.
+    weights: String,
     threads: usize,
     lm_head: &'static str,
     bytes_per_token: usize,
@@ -149,6 +171,7 @@ struct Decode {
 
 #[derive(Debug, Serialize)]
 struct Prefill {
+    weights: String,
     threads: usize,
     prompt: usize,
     tokens_per_s: f64,
@@ -202,39 +225,6 @@ pub fn run(args: &EngineArgs) -> Result<()> {
             .map_or(f64::NAN, |b| b.gb_per_s)
     };
 
-    // The model as it runs at each thread count: one kernel (--kernel) or
-    // the fastest per shape, measured in that pool.
-    let mut at_threads: Vec<Model> = Vec::new();
-    let mut kernel_choice = Vec::new();
-    for &t in &threads {
-        let mut m = model.clone();
-        match forced {
-            Some(k) => m.set_kernel(k),
-            None => {
-                progress(&format!("choosing kernels, {t} thread(s) ..."));
-                let pool = crate::generate_cmd::pool(Some(t))?;
-                for sc in pool.install(|| m.choose_kernels()) {
-                    kernel_choice.push(Choice {
-                        threads: t,
-                        rows: sc.rows,
-                        cols: sc.cols,
-                        kernel: sc.kernel.name(),
-                        us_per_gemv: sc
-                            .timings
-                            .iter()
-                            .map(|(k, d)| (k.name(), d.as_secs_f64() * 1e6))
-                            .collect(),
-                    });
-                }
-            }
-        }
-        at_threads.push(m);
-    }
-    let model_at = |t: usize| -> &Model {
-        let i = threads.iter().position(|&x| x == t).unwrap_or(0);
-        &at_threads[i]
-    };
-
     // Each lm_head precision, quantized once.
     let heads: Vec<(
         QuantEmbd,
@@ -251,37 +241,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
 
     let mut shapes = Vec::new();
     for &t in &threads {
-        progress(&format!("GEMV per shape, {t} thread(s) ..."));
         let pool = crate::generate_cmd::pool(Some(t))?;
-        let tuned = model_at(t);
-        for (name, mats) in model.shape_groups() {
-            let (rows, cols) = (mats[0].rows(), mats[0].cols());
-            let bytes: usize = mats.iter().map(|m| m.data().len()).sum();
-            let x: Vec<f32> = (0..cols)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-                .collect();
-            let acts = Activations::quantize(&x);
-            let mut out = vec![0f32; rows];
-            let kernel = tuned.kernel_for(mats[0]);
-            let per_pass = pool.install(|| {
-                median_time(args.reps, || {
-                    for m in &mats {
-                        kernel.gemv(m, &acts, &mut out);
-                    }
-                })
-            });
-            shapes.push(shape_row(
-                &name,
-                rows,
-                cols,
-                mats.len(),
-                t,
-                kernel.name(),
-                bytes,
-                per_pass,
-                bw(t),
-            ));
-        }
         for (_, head) in &heads {
             let Some(head) = head.as_ref() else {
                 continue;
@@ -294,9 +254,8 @@ pub fn run(args: &EngineArgs) -> Result<()> {
             let name = format!("lm_head {}", head.type_name());
             shapes.push(shape_row(
                 &name,
-                c.vocab,
-                c.hidden,
-                1,
+                "",
+                (c.vocab, c.hidden, 1),
                 t,
                 head.type_name(),
                 head.byte_len(),
@@ -306,49 +265,125 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         }
     }
 
+    let mut kernel_choice = Vec::new();
     let mut decode = Vec::new();
-    for (how, head) in &heads {
-        let label = head_label(*how, file_head);
-        for &t in &threads {
-            let mut m = model_at(t).clone();
-            m.lm_head = head.clone();
-            progress(&format!("decode, lm_head {label}, {t} thread(s) ..."));
-            let pool = crate::generate_cmd::pool(Some(t))?;
-            let per_token = pool.install(|| decode_time(&m, args.tokens, args.reps))?;
-            let bytes = m.bytes_per_token();
-            let tps = 1.0 / per_token.as_secs_f64();
-            let gbs = bytes as f64 * tps / 1e9;
-            decode.push(Decode {
-                threads: t,
-                lm_head: label,
-                bytes_per_token: bytes,
-                ms_per_token: per_token.as_secs_f64() * 1e3,
-                tokens_per_s: tps,
-                gb_per_s: gbs,
-                pct_of_bandwidth: 100.0 * gbs / bw(t),
-                limit_tokens_per_s: bw(t) * 1e9 / bytes as f64,
-            });
-        }
-    }
-
     let mut prefill = Vec::new();
-    for &p in args.prompts.iter().filter(|&&p| p > 0) {
-        if p > c.context {
-            progress(&format!(
-                "skipping the {p}-token prompt: the model's context is {}",
-                c.context
-            ));
-            continue;
-        }
+    let mut layouts = args.weight_layout.clone();
+    layouts.dedup();
+    for &how in &layouts {
+        // The model as it runs at each thread count: packed in this layout
+        // (or, with `auto`, the faster per shape), with one kernel
+        // (--kernel) or the fastest per shape, measured in that pool.
+        let mut at_threads: Vec<(Model, String)> = Vec::new();
         for &t in &threads {
-            progress(&format!("prefill, {p} tokens, {t} thread(s) ..."));
+            let mut m = model.clone();
+            progress(&format!(
+                "weights {how}: packing, choosing kernels, {t} thread(s) ..."
+            ));
             let pool = crate::generate_cmd::pool(Some(t))?;
-            let took = pool.install(|| prefill_time(model_at(t), p, args.reps))?;
-            prefill.push(Prefill {
-                threads: t,
-                prompt: p,
-                tokens_per_s: p as f64 / took.as_secs_f64(),
-            });
+            for sc in pool.install(|| m.choose(how, forced)) {
+                kernel_choice.push(Choice {
+                    weight_layout: how.name(),
+                    threads: t,
+                    rows: sc.rows,
+                    cols: sc.cols,
+                    kernel: sc.kernel.name(),
+                    layout: sc.layout.name(),
+                    us_per_gemv: sc
+                        .timings
+                        .iter()
+                        .map(|(k, l, d)| (k.name(), l.name(), d.as_secs_f64() * 1e6))
+                        .collect(),
+                });
+            }
+            let kept: Vec<&str> = m.layouts().iter().map(|l| l.name()).collect();
+            let label = match how {
+                WeightLayout::Auto => format!("auto: {}", kept.join("+")),
+                _ => how.name().to_owned(),
+            };
+            at_threads.push((m, label));
+        }
+
+        for (&t, (tuned, _)) in threads.iter().zip(&at_threads) {
+            progress(&format!("weights {how}: GEMV per shape, {t} thread(s) ..."));
+            let pool = crate::generate_cmd::pool(Some(t))?;
+            for (name, mats) in tuned.shape_groups() {
+                let (rows, cols) = (mats[0].rows(), mats[0].cols());
+                let bytes: usize = mats.iter().map(|m| m.data().len()).sum();
+                let x: Vec<f32> = (0..cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                    .collect();
+                let acts = Activations::quantize(&x);
+                let mut out = vec![0f32; rows];
+                let kernel = tuned.kernel_for(mats[0]);
+                let per_pass = pool.install(|| {
+                    median_time(args.reps, || {
+                        for m in &mats {
+                            kernel.gemv(m, &acts, &mut out);
+                        }
+                    })
+                });
+                shapes.push(shape_row(
+                    &name,
+                    mats[0].layout().name(),
+                    (rows, cols, mats.len()),
+                    t,
+                    kernel.name(),
+                    bytes,
+                    per_pass,
+                    bw(t),
+                ));
+            }
+        }
+
+        for (how, head) in &heads {
+            let label = head_label(*how, file_head);
+            for (&t, (tuned, weights)) in threads.iter().zip(&at_threads) {
+                let mut m = tuned.clone();
+                m.lm_head = head.clone();
+                progress(&format!(
+                    "decode, weights {weights}, lm_head {label}, {t} thread(s) ..."
+                ));
+                let pool = crate::generate_cmd::pool(Some(t))?;
+                let per_token = pool.install(|| decode_time(&m, args.tokens, args.reps))?;
+                let bytes = m.bytes_per_token();
+                let tps = 1.0 / per_token.as_secs_f64();
+                let gbs = bytes as f64 * tps / 1e9;
+                decode.push(Decode {
+                    weights: weights.clone(),
+                    threads: t,
+                    lm_head: label,
+                    bytes_per_token: bytes,
+                    ms_per_token: per_token.as_secs_f64() * 1e3,
+                    tokens_per_s: tps,
+                    gb_per_s: gbs,
+                    pct_of_bandwidth: 100.0 * gbs / bw(t),
+                    limit_tokens_per_s: bw(t) * 1e9 / bytes as f64,
+                });
+            }
+        }
+
+        for &p in args.prompts.iter().filter(|&&p| p > 0) {
+            if p > c.context {
+                progress(&format!(
+                    "skipping the {p}-token prompt: the model's context is {}",
+                    c.context
+                ));
+                continue;
+            }
+            for (&t, (tuned, weights)) in threads.iter().zip(&at_threads) {
+                progress(&format!(
+                    "prefill, weights {weights}, {p} tokens, {t} thread(s) ..."
+                ));
+                let pool = crate::generate_cmd::pool(Some(t))?;
+                let took = pool.install(|| prefill_time(tuned, p, args.reps))?;
+                prefill.push(Prefill {
+                    weights: weights.clone(),
+                    threads: t,
+                    prompt: p,
+                    tokens_per_s: p as f64 / took.as_secs_f64(),
+                });
+            }
         }
     }
 
@@ -394,12 +429,12 @@ pub fn run(args: &EngineArgs) -> Result<()> {
     Ok(())
 }
 
+/// A shape's row; `(rows, cols, matrices)`.
 #[allow(clippy::too_many_arguments)]
 fn shape_row(
     name: &str,
-    rows: usize,
-    cols: usize,
-    matrices: usize,
+    layout: &'static str,
+    (rows, cols, matrices): (usize, usize, usize),
     threads: usize,
     kernel: &'static str,
     bytes: usize,
@@ -409,6 +444,7 @@ fn shape_row(
     let gbs = bytes as f64 / per_pass.as_secs_f64() / 1e9;
     Shape {
         name: name.to_string(),
+        layout,
         rows,
         cols,
         matrices,
@@ -615,14 +651,16 @@ fn render(r: &Report) -> String {
             let timings: Vec<String> = c
                 .us_per_gemv
                 .iter()
-                .map(|(k, us)| format!("{k} {us:.1}"))
+                .map(|(k, l, us)| format!("{k} {l} {us:.1}"))
                 .collect();
             let _ = writeln!(
                 s,
-                "  {:>3}t {:>12}  {:<12} ({})",
+                "  {:<5} {:>3}t {:>12}  {:<12} {:<5} ({})",
+                c.weight_layout,
                 c.threads,
                 format!("{}×{}", c.rows, c.cols),
                 c.kernel,
+                c.layout,
                 timings.join(", ")
             );
         }
@@ -637,14 +675,15 @@ fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "  {:<16} {:>12} {:>4} {:>3}t {:<12} {:>10} {:>8} {:>7}",
-        "shape", "rows×cols", "n", "", "kernel", "µs/gemv", "GB/s", "% bw"
+        "  {:<16} {:<6} {:>12} {:>4} {:>3}t {:<12} {:>10} {:>8} {:>7}",
+        "shape", "layout", "rows×cols", "n", "", "kernel", "µs/gemv", "GB/s", "% bw"
     );
     for x in &r.shapes {
         let _ = writeln!(
             s,
-            "  {:<16} {:>12} {:>4} {:>3}t {:<12} {:>10.1} {:>8.1} {:>6.0}%",
+            "  {:<16} {:<6} {:>12} {:>4} {:>3}t {:<12} {:>10.1} {:>8.1} {:>6.0}%",
             x.name,
+            x.layout,
             format!("{}×{}", x.rows, x.cols),
             x.matrices,
             x.threads,
@@ -657,13 +696,14 @@ fn render(r: &Report) -> String {
     let _ = writeln!(s, "\ndecode (greedy, after an 8-token prompt)");
     let _ = writeln!(
         s,
-        "  {:<8} {:>3}t {:>10} {:>9} {:>8} {:>8} {:>7} {:>10}",
-        "lm_head", "", "MB/token", "ms/token", "tok/s", "GB/s", "% bw", "limit t/s"
+        "  {:<18} {:<8} {:>3}t {:>10} {:>9} {:>8} {:>8} {:>7} {:>10}",
+        "weights", "lm_head", "", "MB/token", "ms/token", "tok/s", "GB/s", "% bw", "limit t/s"
     );
     for d in &r.decode {
         let _ = writeln!(
             s,
-            "  {:<8} {:>3}t {:>10.1} {:>9.2} {:>8.2} {:>8.1} {:>6.0}% {:>10.1}",
+            "  {:<18} {:<8} {:>3}t {:>10.1} {:>9.2} {:>8.2} {:>8.1} {:>6.0}% {:>10.1}",
+            d.weights,
             d.lm_head,
             d.threads,
             d.bytes_per_token as f64 / 1e6,
@@ -679,8 +719,8 @@ fn render(r: &Report) -> String {
         for p in &r.prefill {
             let _ = writeln!(
                 s,
-                "  pp{:<5} {:>3}t {:>9.1} tok/s",
-                p.prompt, p.threads, p.tokens_per_s
+                "  {:<18} pp{:<5} {:>3}t {:>9.1} tok/s",
+                p.weights, p.prompt, p.threads, p.tokens_per_s
             );
         }
     }

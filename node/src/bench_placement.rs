@@ -82,6 +82,7 @@ fn start_executor(control: &ControlPlane, dir: &std::path::Path) -> Executor {
             ),
             max_batch: 1,
             quant_embd: Default::default(),
+            weight_layout: Default::default(),
             kernel: None,
         },
         rx,

@@ -381,6 +381,15 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_QUANT_EMBD", value_name = "file|q8|q4")]
     pub quant_embd: Option<trine_engine::model::QuantEmbd>,
 
+    /// How the stages this node loads pack their ternary weights: `i2s` (2
+    /// bits a weight, as I2_S files store them, read in place), `base3`
+    /// (five trits a byte, 1.6 bits, repacked at load: 20% fewer bytes per
+    /// token, more work per weight) or `auto` (per weight shape, whichever
+    /// multiplies faster on this machine, measured at each stage load and
+    /// logged). The output is the same bits either way. [default: i2s]
+    #[arg(long, env = "TRINE_WEIGHT_LAYOUT", value_name = "i2s|base3|auto")]
+    pub weight_layout: Option<trine_engine::model::WeightLayout>,
+
     /// Ternary kernel for the stages this node runs: `auto` (the fastest
     /// per weight shape, measured at each stage load and logged) or one
     /// this CPU runs: scalar, avx2, avx-vnni, avx512, avx512-vnni.
@@ -525,6 +534,7 @@ impl NodeArgs {
             fault_injection: self.fault_injection.then_some(true),
             max_batch: self.max_batch,
             quant_embd: self.quant_embd,
+            weight_layout: self.weight_layout,
             threads: self.threads,
             kernel: self.kernel.clone(),
             pin_threads: self.pin_threads.then_some(true),

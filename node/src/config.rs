@@ -131,6 +131,9 @@ pub struct Config {
     /// lm_head precision of the last stages this node loads: `file` (as
     /// stored), `q8` or `q4` (Q8_0 / Q4_0 made at load).
     pub quant_embd: trine_engine::model::QuantEmbd,
+    /// How the stages this node loads pack their ternary weights: `i2s`,
+    /// `base3` (1.6 bits, repacked at load) or `auto` (measured per shape).
+    pub weight_layout: trine_engine::model::WeightLayout,
     /// Compute threads; 0 means one per physical core this process may use.
     pub threads: u32,
     /// Ternary kernel: `auto` (the fastest per weight shape, measured at
@@ -227,6 +230,7 @@ pub struct Layer {
     pub fault_injection: Option<bool>,
     pub max_batch: Option<u32>,
     pub quant_embd: Option<trine_engine::model::QuantEmbd>,
+    pub weight_layout: Option<trine_engine::model::WeightLayout>,
     pub threads: Option<u32>,
     pub kernel: Option<String>,
     pub pin_threads: Option<bool>,
@@ -317,6 +321,7 @@ impl Default for Config {
             fault_injection: false,
             max_batch: 32,
             quant_embd: Default::default(),
+            weight_layout: Default::default(),
             threads: 0,
             kernel: "auto".into(),
             pin_threads: false,
@@ -416,6 +421,7 @@ impl Layer {
             fault_injection: over.fault_injection.or(self.fault_injection),
             max_batch: over.max_batch.or(self.max_batch),
             quant_embd: over.quant_embd.or(self.quant_embd),
+            weight_layout: over.weight_layout.or(self.weight_layout),
             threads: over.threads.or(self.threads),
             kernel: over.kernel.or(self.kernel),
             pin_threads: over.pin_threads.or(self.pin_threads),
@@ -481,6 +487,7 @@ impl Config {
             fault_injection: layer.fault_injection.unwrap_or(d.fault_injection),
             max_batch: layer.max_batch.unwrap_or(d.max_batch),
             quant_embd: layer.quant_embd.unwrap_or(d.quant_embd),
+            weight_layout: layer.weight_layout.unwrap_or(d.weight_layout),
             threads: layer.threads.unwrap_or(d.threads),
             kernel: layer.kernel.unwrap_or(d.kernel),
             pin_threads: layer.pin_threads.unwrap_or(d.pin_threads),

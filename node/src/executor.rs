@@ -156,11 +156,16 @@ pub async fn run(
             let generation = p.generation;
             let range = p.layer_start as usize..p.layer_end as usize;
             let peers = crate::model_store::peers(&state, me, &model.sha256);
-            let (quant_embd, kernel, pool) =
-                (batching.quant_embd, batching.kernel, batching.pool.clone());
+            let (quant_embd, layout, kernel, pool) = (
+                batching.quant_embd,
+                batching.weight_layout,
+                batching.kernel,
+                batching.pool.clone(),
+            );
             tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                let result = load(&model, range, &store, &peers, quant_embd, kernel, &pool);
+                let how = (quant_embd, layout, kernel);
+                let result = load(&model, range, &store, &peers, how, &pool);
                 let _ = tx.blocking_send((slot, generation, result, t.elapsed()));
             });
         }
@@ -252,27 +257,37 @@ fn load(
     range: std::ops::Range<usize>,
     store: &Store,
     peers: &[crate::model_store::Peer],
-    quant_embd: trine_engine::model::QuantEmbd,
-    kernel: Option<trine_engine::kernels::Kernel>,
+    (quant_embd, layout, kernel): (
+        trine_engine::model::QuantEmbd,
+        trine_engine::model::WeightLayout,
+        Option<trine_engine::kernels::Kernel>,
+    ),
     pool: &rayon::ThreadPool,
 ) -> Result<Opened, String> {
     let found = store.locate(model, peers)?;
     let (mut m, t) = trine_engine::open(found.path(), Some(range)).map_err(|e| e.to_string())?;
     m.set_lm_head(quant_embd);
-    if let Some(k) = kernel {
-        m.set_kernel(k);
-        tracing::info!(model = %model.name, "ternary kernel {} (--kernel)", k.name());
-        return Ok((m, t, found));
-    }
-    // Measured in the pool the stage runs in, at its thread count.
-    let chosen = pool.install(|| m.choose_kernels());
+    // Packed and measured in the pool the stage runs in, at its thread
+    // count.
+    let chosen = pool.install(|| m.choose(layout, kernel));
     let chosen: Vec<String> = chosen.iter().map(ToString::to_string).collect();
-    tracing::info!(
-        model = %model.name,
-        threads = pool.current_num_threads(),
-        "ternary kernels by measurement: {}",
-        chosen.join("; ")
-    );
+    let layouts: Vec<&str> = m.layouts().iter().map(|l| l.name()).collect();
+    match kernel {
+        Some(k) => tracing::info!(
+            model = %model.name,
+            layout = %layouts.join("+"),
+            "ternary kernel {} (--kernel); weight layout {layout}{}",
+            k.name(),
+            if chosen.is_empty() { String::new() } else { format!(" by measurement: {}", chosen.join("; ")) }
+        ),
+        None => tracing::info!(
+            model = %model.name,
+            threads = pool.current_num_threads(),
+            layout = %layouts.join("+"),
+            "ternary kernels by measurement (weight layout {layout}): {}",
+            chosen.join("; ")
+        ),
+    }
     Ok((m, t, found))
 }
 

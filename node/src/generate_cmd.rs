@@ -58,6 +58,12 @@ pub struct GenerateArgs {
     /// BENCHMARKS.md measures both.
     #[arg(long, default_value = "file", value_name = "file|q8|q4")]
     pub quant_embd: trine_engine::model::QuantEmbd,
+    /// How the ternary weights are packed: `i2s` (2 bits a weight, as I2_S
+    /// files store them), `base3` (five trits a byte, 1.6 bits, repacked at
+    /// load) or `auto` (per weight shape, whichever multiplies faster here,
+    /// measured at load). The output does not depend on it.
+    #[arg(long, default_value = "i2s", value_name = "i2s|base3|auto")]
+    pub weight_layout: trine_engine::model::WeightLayout,
     /// AMX-INT8 tiles for the prompt where the CPU has them: `auto` or
     /// `off`. The output does not depend on it; this is for comparing
     /// speeds.
@@ -118,13 +124,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let (mut model, tokenizer) = trine_engine::open(&args.model, None)?;
     model.set_lm_head(args.quant_embd);
     let pool = pool(args.threads)?;
-    match kernel {
-        Some(k) => model.set_kernel(k),
-        None => {
-            for c in pool.install(|| model.choose_kernels()) {
-                let _ = writeln!(err, "kernel {c}");
-            }
-        }
+    for c in pool.install(|| model.choose(args.weight_layout, kernel)) {
+        let _ = writeln!(err, "kernel {c}");
     }
     let c = &model.config;
     let _ = writeln!(
@@ -171,15 +172,17 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         )
     })?;
     let _ = writeln!(out);
+    let layouts: Vec<&str> = model.layouts().iter().map(|l| l.name()).collect();
     let _ = writeln!(
         err,
-        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, threads {}, amx {amx}",
+        "prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s ({:?}); backend cpu, kernel {}, weights {}, threads {}, amx {amx}",
         stats.prompt_tokens,
         stats.prefill_tokens_per_second(),
         stats.generated,
         stats.decode_tokens_per_second(),
         stats.finish,
         kernels_used(&model),
+        layouts.join(" + "),
         pool.current_num_threads()
     );
     Ok(())

@@ -214,6 +214,7 @@ pub async fn serve(
                 pool: pool.clone(),
                 max_batch: config.max_batch as usize,
                 quant_embd: config.quant_embd,
+                weight_layout: config.weight_layout,
                 kernel: config.fixed_kernel(),
             },
             executor_stop_rx,

@@ -284,6 +284,7 @@ mod tests {
                 pool: pool.clone(),
                 max_batch: 4,
                 quant_embd: Default::default(),
+                weight_layout: Default::default(),
                 kernel: None,
             };
             Loaded {

@@ -15,7 +15,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use trine_engine::kernels::q4::{self, Q4Acts};
 use trine_engine::kernels::q8::{self, Q8Acts};
 use trine_engine::kernels::{Activations, Kernel, amx, choose};
-use trine_engine::ternary::Ternary;
+use trine_engine::ternary::{Layout, Ternary};
 
 /// Deterministic values in about [-2, 2].
 fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -37,21 +37,30 @@ fn one_thread() -> rayon::ThreadPool {
         .unwrap()
 }
 
-/// Each kernel this CPU runs on the 2B4T ternary shapes, one thread.
+/// Each kernel this CPU runs on the 2B4T ternary shapes, one thread, in
+/// both layouts (ids `KERNEL` for I2_S, `KERNEL-base3` for the 1.6-bit
+/// layout; the throughput is each layout's own bytes).
 fn ternary(c: &mut Criterion) {
     let mut g = c.benchmark_group("ternary");
     for (rows, cols) in [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)] {
-        let w = weights(rows, cols);
+        let i2s = weights(rows, cols);
+        let base3 = i2s.to_layout(Layout::Base3);
         let acts = Activations::quantize(&values(cols, 1));
         let mut out = vec![0f32; rows];
-        g.throughput(Throughput::Bytes(w.data().len() as u64));
         let pool = one_thread();
         for k in choose::candidates() {
-            g.bench_with_input(
-                BenchmarkId::new(format!("{rows}x{cols}"), k.name()),
-                &k,
-                |b, &k| b.iter(|| pool.install(|| k.gemv(&w, &acts, &mut out))),
-            );
+            for w in [&i2s, &base3] {
+                g.throughput(Throughput::Bytes(w.data().len() as u64));
+                let id = match w.layout() {
+                    Layout::I2s => k.name().to_owned(),
+                    Layout::Base3 => format!("{}-base3", k.name()),
+                };
+                g.bench_with_input(
+                    BenchmarkId::new(format!("{rows}x{cols}"), id),
+                    &k,
+                    |b, &k| b.iter(|| pool.install(|| k.gemv(w, &acts, &mut out))),
+                );
+            }
         }
     }
     g.finish();

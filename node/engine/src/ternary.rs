@@ -8,6 +8,17 @@
 //! The layout is I2_S's on purpose: official files load without repacking
 //! or copying (the rows are read from the memory-mapped file), and the
 //! kernels read it directly.
+//!
+//! A matrix can also be repacked at load into the 1.6-bit layout
+//! ([`Layout::Base3`], `--weight-layout base3`): five trits per byte in
+//! base 3, stored as TQ1_0 stores them (⌈v·256/243⌉, so that digit i
+//! decodes as ((byte·3ⁱ mod 256)·3) >> 8), 20% fewer bytes than I2_S for
+//! decode to read. A row is a run of 64-byte groups; byte m of group g
+//! holds, in digits 0..5 (digit 0 the most significant), the weights
+//! 320g + 64i + m: each digit of a group's 64 bytes is 64 consecutive
+//! weights, the run of activations one 512-bit multiply-add needs. A row
+//! holds 2·⌈cols/128⌉ such 64-weight planes (the activations' padded
+//! width), in ⌈planes/5⌉ groups; unused digits hold weight 0.
 
 use crate::mmap::Bytes;
 
@@ -18,11 +29,57 @@ pub const BLOCK_BYTES: usize = 32;
 /// The code of weight 0 in all four positions of a byte.
 pub const ZERO_BYTE: u8 = 0x55;
 
+/// Bytes per group of the base-3 layout.
+pub const GROUP_BYTES: usize = 64;
+/// Weights per plane (one digit of a group) of the base-3 layout.
+pub const PLANE: usize = 64;
+/// Weights per group of the base-3 layout: five planes.
+pub const GROUP: usize = 5 * PLANE;
+/// The base-3 byte of five zero weights (all digits code 1).
+pub const ZERO_BYTE3: u8 = 128;
+
+/// How a [`Ternary`]'s rows are packed.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// I2_S: four 2-bit codes a byte (2 bits a weight).
+    #[default]
+    I2s,
+    /// Five trits a byte in base 3 (1.6 bits a weight), repacked at load.
+    Base3,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::I2s => "i2s",
+            Layout::Base3 => "base3",
+        }
+    }
+
+    /// Bytes of one packed row of `cols` weights in this layout.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Layout::I2s => row_bytes(cols),
+            Layout::Base3 => base3_row_bytes(cols),
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Clone, PartialEq)]
 pub struct Ternary {
     rows: usize,
     cols: usize,
     beta: f32,
+    layout: Layout,
     data: Bytes,
 }
 
@@ -32,6 +89,7 @@ impl std::fmt::Debug for Ternary {
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .field("beta", &self.beta)
+            .field("layout", &self.layout)
             .finish_non_exhaustive()
     }
 }
@@ -48,6 +106,41 @@ pub fn position(c: usize) -> (usize, u32) {
     (block * BLOCK_BYTES + j % 32, 6 - 2 * (j / 32) as u32)
 }
 
+/// 64-weight planes of a base-3 row of `cols` weights: the activations'
+/// padded width (whole 128-weight blocks) over 64.
+pub fn base3_planes(cols: usize) -> usize {
+    cols.div_ceil(BLOCK) * BLOCK / PLANE
+}
+
+/// Bytes of one base-3 row of `cols` weights.
+pub fn base3_row_bytes(cols: usize) -> usize {
+    base3_planes(cols).div_ceil(5) * GROUP_BYTES
+}
+
+/// (byte within the row, digit) of weight `c` in the base-3 layout.
+#[inline]
+pub fn base3_position(c: usize) -> (usize, usize) {
+    let (plane, m) = (c / PLANE, c % PLANE);
+    ((plane / 5) * GROUP_BYTES + m, plane % 5)
+}
+
+/// Powers of three, digit i's multiplier.
+pub const POW3: [u8; 5] = [1, 3, 9, 27, 81];
+
+/// Digit `i` (0 the most significant) of a base-3 byte: a code in 0..=2.
+#[inline(always)]
+pub fn base3_digit(byte: u8, i: usize) -> u8 {
+    ((u16::from(byte.wrapping_mul(POW3[i])) * 3) >> 8) as u8
+}
+
+/// The byte of five codes (each 0..=2), most significant first, as TQ1_0
+/// stores it: ⌈v·256/243⌉ for v = Σ codes[i]·3^(4-i).
+#[inline]
+pub fn base3_byte(codes: [u8; 5]) -> u8 {
+    let v = codes.iter().fold(0u16, |v, &c| v * 3 + u16::from(c));
+    ((v * 256).div_ceil(243)) as u8
+}
+
 impl Ternary {
     /// An all-zero matrix with scale `beta`.
     pub fn zeros(rows: usize, cols: usize, beta: f32) -> Self {
@@ -55,6 +148,7 @@ impl Ternary {
             rows,
             cols,
             beta,
+            layout: Layout::I2s,
             data: vec![ZERO_BYTE; rows * row_bytes(cols)].into(),
         }
     }
@@ -79,7 +173,41 @@ impl Ternary {
             rows,
             cols,
             beta,
+            layout: Layout::I2s,
             data,
+        }
+    }
+
+    /// How the rows are packed.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The same weights packed in `layout` (an owned copy; `self` again if
+    /// it is packed that way already). Rows are repacked in parallel.
+    pub fn to_layout(&self, layout: Layout) -> Ternary {
+        use rayon::prelude::*;
+        if layout == self.layout {
+            return self.clone();
+        }
+        let (from, to) = (
+            self.layout.row_bytes(self.cols),
+            layout.row_bytes(self.cols),
+        );
+        let mut data = vec![0u8; self.rows * to];
+        data.par_chunks_mut(to)
+            .zip(self.data.par_chunks(from))
+            .for_each(|(dst, src)| {
+                let mut codes = vec![1u8; self.cols.div_ceil(BLOCK) * BLOCK];
+                unpack_codes(self.layout, src, &mut codes);
+                pack_codes(layout, &codes, dst);
+            });
+        Self {
+            rows: self.rows,
+            cols: self.cols,
+            beta: self.beta,
+            layout,
+            data: data.into(),
         }
     }
 
@@ -101,9 +229,10 @@ impl Ternary {
         self.beta
     }
 
-    /// Packed bytes of row `r` (padded to whole blocks).
+    /// Packed bytes of row `r` in [`Ternary::layout`] (padded to whole
+    /// blocks or groups).
     pub fn row(&self, r: usize) -> &[u8] {
-        let n = row_bytes(self.cols);
+        let n = self.layout.row_bytes(self.cols);
         &self.data[r * n..(r + 1) * n]
     }
 
@@ -118,18 +247,39 @@ impl Ternary {
 
     #[inline]
     pub fn get(&self, r: usize, c: usize) -> i8 {
-        let (byte, shift) = position(c);
-        let code = (self.row(r)[byte] >> shift) & 3;
+        let code = match self.layout {
+            Layout::I2s => {
+                let (byte, shift) = position(c);
+                (self.row(r)[byte] >> shift) & 3
+            }
+            Layout::Base3 => {
+                let (byte, digit) = base3_position(c);
+                base3_digit(self.row(r)[byte], digit)
+            }
+        };
         // Code 3 is never written; read it as 0 as bitnet.cpp does.
         [-1, 0, 1, 0][code as usize]
     }
 
     pub fn set(&mut self, r: usize, c: usize, trit: i8) {
         assert!((-1..=1).contains(&trit), "not a trit: {trit}");
-        let (byte, shift) = position(c);
-        let i = r * row_bytes(self.cols) + byte;
-        let data = self.data.make_mut();
-        data[i] = (data[i] & !(3 << shift)) | (((trit + 1) as u8) << shift);
+        let code = (trit + 1) as u8;
+        match self.layout {
+            Layout::I2s => {
+                let (byte, shift) = position(c);
+                let i = r * row_bytes(self.cols) + byte;
+                let data = self.data.make_mut();
+                data[i] = (data[i] & !(3 << shift)) | (code << shift);
+            }
+            Layout::Base3 => {
+                let (byte, digit) = base3_position(c);
+                let i = r * base3_row_bytes(self.cols) + byte;
+                let data = self.data.make_mut();
+                let mut codes: [u8; 5] = std::array::from_fn(|d| base3_digit(data[i], d));
+                codes[digit] = code;
+                data[i] = base3_byte(codes);
+            }
+        }
     }
 
     /// Row-major trits.
@@ -163,9 +313,98 @@ impl Ternary {
     }
 }
 
+/// One code byte (t + 1) per weight of a packed row, in column order,
+/// into `codes` (the row's padded width: whole 128-weight blocks).
+pub fn unpack_codes(layout: Layout, row: &[u8], codes: &mut [u8]) {
+    match layout {
+        Layout::I2s => crate::kernels::gemm::unpack_row(row, codes),
+        Layout::Base3 => crate::kernels::base3::unpack_row(row, codes),
+    }
+}
+
+/// Packs a row's codes (its padded width) into `row` in `layout`; unused
+/// digits of the base-3 layout hold weight 0.
+pub fn pack_codes(layout: Layout, codes: &[u8], row: &mut [u8]) {
+    match layout {
+        Layout::I2s => {
+            assert_eq!(codes.len(), row.len() * 4, "one code per weight");
+            for (block, c) in row
+                .chunks_exact_mut(BLOCK_BYTES)
+                .zip(codes.chunks_exact(BLOCK))
+            {
+                for (m, byte) in block.iter_mut().enumerate() {
+                    *byte = (c[m] << 6) | (c[m + 32] << 4) | (c[m + 64] << 2) | c[m + 96];
+                }
+            }
+        }
+        Layout::Base3 => {
+            assert_eq!(row.len(), base3_row_bytes(codes.len()), "base-3 row size");
+            let planes = codes.len() / PLANE;
+            for (g, group) in row.chunks_exact_mut(GROUP_BYTES).enumerate() {
+                for (m, byte) in group.iter_mut().enumerate() {
+                    let digits: [u8; 5] = std::array::from_fn(|i| {
+                        let p = 5 * g + i;
+                        if p < planes { codes[p * PLANE + m] } else { 1 }
+                    });
+                    *byte = base3_byte(digits);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base3_bytes_decode_to_their_digits_for_every_code_tuple() {
+        for v in 0..243u16 {
+            let codes: [u8; 5] = std::array::from_fn(|i| ((v / 3u16.pow(4 - i as u32)) % 3) as u8);
+            let b = base3_byte(codes);
+            for (i, &c) in codes.iter().enumerate() {
+                assert_eq!(base3_digit(b, i), c, "v {v} digit {i}");
+            }
+        }
+        assert_eq!(base3_byte([1; 5]), ZERO_BYTE3);
+        // TQ1_0's bytes for the extremes: all -1 is 0, all +1 is 255.
+        assert_eq!(base3_byte([0; 5]), 0);
+        assert_eq!(base3_byte([2; 5]), 255);
+    }
+
+    #[test]
+    fn base3_sizes_and_positions() {
+        // 2B4T's shapes: 2560 = 40 planes in 8 groups, 6912 = 108 in 22.
+        assert_eq!(base3_row_bytes(2560), 512);
+        assert_eq!(base3_row_bytes(6912), 22 * 64);
+        assert_eq!(base3_row_bytes(1), 64);
+        assert_eq!(base3_position(0), (0, 0));
+        assert_eq!(base3_position(64), (0, 1));
+        assert_eq!(base3_position(319), (63, 4));
+        assert_eq!(base3_position(320 + 65), (65, 1));
+    }
+
+    #[test]
+    fn repacking_keeps_every_weight_both_ways() {
+        for (rows, cols) in [(3, 130), (2, 2560), (1, 6912), (4, 320), (2, 1)] {
+            let trits: Vec<i8> = (0..rows * cols)
+                .map(|i| ((i * 7 + i / 3) % 3) as i8 - 1)
+                .collect();
+            let t = Ternary::from_trits(rows, cols, &trits, 0.25);
+            let b = t.to_layout(Layout::Base3);
+            assert_eq!(b.layout(), Layout::Base3);
+            assert_eq!(b.row(0).len(), base3_row_bytes(cols));
+            assert_eq!(b.to_trits(), trits, "{rows}x{cols}");
+            assert_eq!(b.beta(), 0.25);
+            assert_eq!(b.to_layout(Layout::I2s), t);
+            // set on a base-3 matrix changes one weight only.
+            let mut b2 = b.clone();
+            b2.set(rows - 1, cols - 1, 1);
+            let mut want = trits.clone();
+            want[rows * cols - 1] = 1;
+            assert_eq!(b2.to_trits(), want);
+        }
+    }
 
     #[test]
     fn bitnet_md_fixed_blocks() {

@@ -23,9 +23,17 @@ fn check_shape(rows: usize, cols: usize) -> Result<(), Error> {
     }
 }
 
-/// Encodes `t` (whose rows must be whole blocks).
+/// Encodes `t` (whose rows must be whole blocks; a base-3 matrix is
+/// repacked to I2_S first).
 pub fn encode(t: &Ternary) -> Result<Vec<u8>, Error> {
     check_shape(t.rows(), t.cols())?;
+    let i2s;
+    let t = if t.layout() == crate::ternary::Layout::I2s {
+        t
+    } else {
+        i2s = t.to_layout(crate::ternary::Layout::I2s);
+        &i2s
+    };
     let mut out = Vec::with_capacity(t.data().len() + TAIL);
     out.extend_from_slice(t.data());
     out.extend_from_slice(&t.beta().to_le_bytes());
@@ -78,6 +86,11 @@ mod tests {
     #[test]
     fn bitnet_md_vectors() {
         let enc = encode(&Ternary::from_trits(1, 128, &[0; 128], 0.75)).unwrap();
+        // A base-3 matrix is written as the same I2_S bytes.
+        let trits: Vec<i8> = (0..256).map(|i| (i * 5 % 3) as i8 - 1).collect();
+        let t = Ternary::from_trits(2, 128, &trits, 0.5);
+        let base3 = t.to_layout(crate::ternary::Layout::Base3);
+        assert_eq!(encode(&base3).unwrap(), encode(&t).unwrap());
         assert_eq!(&enc[..32], &[0x55; 32]);
         assert_eq!(&enc[32..36], &0.75f32.to_le_bytes());
         assert_eq!(&enc[36..], &[0; 28]);

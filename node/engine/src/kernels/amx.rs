@@ -442,7 +442,8 @@ mod tests {
                 rows_of(&w, &a, &p, &scales, &mut out);
                 for r in 0..rows {
                     for t in 0..n {
-                        let want = Kernel::Scalar.dot(w.row(r), &a[t]) as f32 * scales[t];
+                        let want =
+                            Kernel::Scalar.dot_in(w.layout(), w.row(r), &a[t]) as f32 * scales[t];
                         assert_eq!(
                             out[r * n + t].to_bits(),
                             want.to_bits(),

@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Activations, Kernel};
-use crate::ternary::Ternary;
+use crate::ternary::{Layout, Ternary};
 
 /// Weight bytes one measurement reads per shape: above the last-level
 /// caches of the machines we run on, below a second's work.
@@ -27,26 +27,69 @@ pub const MEASURE_BYTES: usize = 96 << 20;
 /// mapped weights).
 pub const ROUNDS: usize = 5;
 
-/// A shape's measurement: its kernel and the time per GEMV of each
-/// candidate (fastest first).
+/// A shape's measurement: its kernel and weight layout, and the time per
+/// GEMV of each candidate (fastest first).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShapeChoice {
     pub rows: usize,
     pub cols: usize,
     pub kernel: Kernel,
-    pub timings: Vec<(Kernel, Duration)>,
+    pub layout: Layout,
+    pub timings: Vec<(Kernel, Layout, Duration)>,
+}
+
+impl ShapeChoice {
+    /// The faster of two measurements of one shape (in two layouts): its
+    /// choice, with both candidates' timings.
+    pub fn merge(self, other: ShapeChoice) -> ShapeChoice {
+        let mut timings = self.timings;
+        timings.extend(other.timings);
+        timings.sort_by_key(|&(_, _, t)| t);
+        ShapeChoice {
+            kernel: timings[0].0,
+            layout: timings[0].1,
+            timings,
+            ..self
+        }
+    }
 }
 
 impl std::fmt::Display for ShapeChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}×{}: {}", self.rows, self.cols, self.kernel.name())?;
+        let both = self.timings.iter().any(|&(_, l, _)| l != self.layout);
+        let name = |k: Kernel, l: Layout| {
+            if both || l != Layout::I2s {
+                format!("{} {}", k.name(), l.name())
+            } else {
+                k.name().to_owned()
+            }
+        };
+        write!(
+            f,
+            "{}×{}: {}",
+            self.rows,
+            self.cols,
+            name(self.kernel, self.layout)
+        )?;
         let rest: Vec<String> = self
             .timings
             .iter()
-            .map(|(k, t)| format!("{} {:.0} µs", k.name(), t.as_secs_f64() * 1e6))
+            .map(|&(k, l, t)| format!("{} {:.0} µs", name(k, l), t.as_secs_f64() * 1e6))
             .collect();
         write!(f, " ({})", rest.join(", "))
     }
+}
+
+/// How many of `mats` one measurement reads: enough to read
+/// [`MEASURE_BYTES`] a pass, at least one.
+pub fn measured_count(mats: &[&Ternary]) -> usize {
+    let mut used = 0;
+    let mut bytes = 0;
+    while used < mats.len() && (used == 0 || bytes < MEASURE_BYTES) {
+        bytes += mats[used].data().len();
+        used += 1;
+    }
+    used
 }
 
 /// The kernels worth measuring: every SIMD kernel this CPU runs (the
@@ -65,15 +108,8 @@ pub fn candidates() -> Vec<Kernel> {
 /// rayon pool and picks the fastest.
 pub fn measure(mats: &[&Ternary], kernels: &[Kernel], rounds: usize) -> ShapeChoice {
     assert!(!mats.is_empty() && !kernels.is_empty() && rounds > 0);
-    let (rows, cols) = (mats[0].rows(), mats[0].cols());
-    // Enough matrices to read MEASURE_BYTES a pass, at least one.
-    let mut used = 0;
-    let mut bytes = 0;
-    while used < mats.len() && (used == 0 || bytes < MEASURE_BYTES) {
-        bytes += mats[used].data().len();
-        used += 1;
-    }
-    let mats = &mats[..used];
+    let (rows, cols, layout) = (mats[0].rows(), mats[0].cols(), mats[0].layout());
+    let mats = &mats[..measured_count(mats)];
     let x: Vec<f32> = (0..cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
         .collect();
@@ -97,19 +133,20 @@ pub fn measure(mats: &[&Ternary], kernels: &[Kernel], rounds: usize) -> ShapeCho
             times[i].push(pass(kernels[i]));
         }
     }
-    let mut timings: Vec<(Kernel, Duration)> = kernels
+    let mut timings: Vec<(Kernel, Layout, Duration)> = kernels
         .iter()
         .zip(times)
         .map(|(&k, mut t)| {
             t.sort();
-            (k, t[t.len() / 2])
+            (k, layout, t[t.len() / 2])
         })
         .collect();
-    timings.sort_by_key(|&(_, t)| t);
+    timings.sort_by_key(|&(_, _, t)| t);
     ShapeChoice {
         rows,
         cols,
         kernel: timings[0].0,
+        layout,
         timings,
     }
 }
@@ -133,11 +170,23 @@ mod tests {
         assert_eq!((c.rows, c.cols), (300, 500));
         assert_eq!(c.timings.len(), kernels.len());
         for k in &kernels {
-            assert!(c.timings.iter().any(|(j, _)| j == k), "{k:?} not timed");
+            assert!(c.timings.iter().any(|(j, _, _)| j == k), "{k:?} not timed");
         }
-        assert!(c.timings.windows(2).all(|w| w[0].1 <= w[1].1), "{c}");
+        assert!(c.timings.windows(2).all(|w| w[0].2 <= w[1].2), "{c}");
         assert_eq!(c.kernel, c.timings[0].0);
+        assert_eq!(c.layout, Layout::I2s);
         assert!(c.to_string().starts_with("300×500: "), "{c}");
+        // The same shape in the base-3 layout, merged: both layouts timed,
+        // the fastest of all kept.
+        let b = t.to_layout(Layout::Base3);
+        let both = c.merge(measure(&[&b], &kernels, 3));
+        assert_eq!(both.timings.len(), 2 * kernels.len());
+        assert!(both.timings.windows(2).all(|w| w[0].2 <= w[1].2), "{both}");
+        assert_eq!(
+            (both.kernel, both.layout),
+            (both.timings[0].0, both.timings[0].1)
+        );
+        assert!(both.to_string().contains(" base3 "), "{both}");
     }
 
     #[test]

@@ -240,13 +240,14 @@ pub(super) fn rows(
     // The reference: one dot per (row, token).
     for ((yt, a), &s) in out.iter_mut().zip(acts).zip(scales) {
         for (i, y) in yt.iter_mut().enumerate() {
-            *y = kernel.dot(w.row(first + i), a) as f32 * s;
+            *y = kernel.dot_in(w.layout(), w.row(first + i), a) as f32 * s;
         }
     }
 }
 
 /// Unpacks rows `first..first + here` of `w` into the first `here` rows of
-/// `codes` (`stride` bytes each, [`unpack_row`]) and zeroes the others:
+/// `codes` (`stride` bytes each, [`unpack_row`] or the base-3 layout's
+/// [`super::base3::unpack_row`]) and zeroes the others:
 /// rows past the matrix's end, whose results are dropped.
 pub(super) fn unpack_group(
     w: &crate::ternary::Ternary,
@@ -257,7 +258,7 @@ pub(super) fn unpack_group(
 ) {
     for (r, c) in codes.chunks_exact_mut(stride).enumerate() {
         if r < here {
-            unpack_row(w.row(first + r), c);
+            crate::ternary::unpack_codes(w.layout(), w.row(first + r), c);
         } else {
             c.fill(0);
         }

@@ -15,6 +15,7 @@ pub mod amx;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod base3;
 pub mod choose;
 pub mod fdot;
 pub mod gemm;
@@ -26,7 +27,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::ternary::{BLOCK, Ternary, row_bytes};
+use crate::ternary::{BLOCK, Layout, Ternary, row_bytes};
 
 /// Rows per parallel task: large enough that scheduling costs little next
 /// to the row work (64 rows of 2560 weights are 40 KB of codes), small
@@ -208,10 +209,45 @@ impl Kernel {
         }
     }
 
-    /// Σ t·q: the exact integer dot product of a row and the activations.
+    /// Σ t·q: the exact integer dot product of an I2_S row and the
+    /// activations.
     #[inline]
     pub fn dot(self, row: &[u8], acts: &Activations) -> i32 {
         self.dot_codes(row, &acts.q) - acts.sum
+    }
+
+    /// Σ (t+1)·q over a base-3 row ([`base3`]) and its activations. This
+    /// kernel's instruction set decodes the digits: table lookups where the
+    /// CPU has AVX512-VBMI (the VNNI kernel), byte compares elsewhere.
+    #[inline]
+    #[allow(unsafe_code)]
+    pub fn dot_codes_base3(self, row: &[u8], q: &[i8]) -> i32 {
+        match self {
+            Kernel::Scalar => base3::dot_codes_plain(row, q),
+            // SAFETY (the four arms): each variant comes from `available()`
+            // after detecting the features its function enables (the VBMI
+            // kernel after `has_vbmi` too); each kernel asserts that the row
+            // holds the groups the activations' planes need.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni if base3::has_vbmi() => unsafe { base3::dot_codes_vbmi(row, q) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { base3::dot_codes_cmp(row, q) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => unsafe { base3::dot_codes_avxvnni(row, q) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::Avx512 => unsafe { base3::dot_codes_avx2(row, q) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("x86 kernel on a non-x86 CPU"),
+        }
+    }
+
+    /// Σ t·q of a row packed in `layout` and the activations.
+    #[inline]
+    pub fn dot_in(self, layout: Layout, row: &[u8], acts: &Activations) -> i32 {
+        match layout {
+            Layout::I2s => self.dot(row, acts),
+            Layout::Base3 => self.dot_codes_base3(row, &acts.q) - acts.sum,
+        }
     }
 
     /// y = (β·T)·x̂ for every row of `w`, where x̂ = q / s_a. Rows are
@@ -222,11 +258,13 @@ impl Kernel {
         assert_eq!(acts.q.len(), row_bytes(w.cols()) * 4, "activation width");
         assert_eq!(out.len(), w.rows());
         let scale = w.beta() / acts.scale;
+        let layout = w.layout();
         out.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
             .for_each(|(chunk, ys)| {
                 for (i, y) in ys.iter_mut().enumerate() {
-                    *y = self.dot(w.row(chunk * ROWS_PER_TASK + i), acts) as f32 * scale;
+                    let row = w.row(chunk * ROWS_PER_TASK + i);
+                    *y = self.dot_in(layout, row, acts) as f32 * scale;
                 }
             });
     }

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 
 use super::{Activations, Kernel};
-use crate::ternary::Ternary;
+use crate::ternary::{Layout, Ternary};
 
 /// Σ t·q straight from the trits, sharing nothing with the kernels.
 fn reference(t: &Ternary, r: usize, q: &[i8]) -> i32 {
@@ -14,11 +14,19 @@ fn reference(t: &Ternary, r: usize, q: &[i8]) -> i32 {
         .sum()
 }
 
+/// Every kernel, in both layouts, against [`reference`].
 fn check_all(t: &Ternary, acts: &Activations) {
+    let base3 = t.to_layout(Layout::Base3);
     for r in 0..t.rows() {
         let want = reference(t, r, &acts.q);
         for k in Kernel::available() {
             assert_eq!(k.dot(t.row(r), acts), want, "kernel {} row {r}", k.name());
+            assert_eq!(
+                k.dot_in(Layout::Base3, base3.row(r), acts),
+                want,
+                "kernel {} base3 row {r}",
+                k.name()
+            );
         }
     }
 }
@@ -162,6 +170,7 @@ fn gemm_equals_gemv_per_token() {
         (64, 2560, 4),
         (3, 256, 7),
         (131, 384, 3),
+        (40, 6912, 8),
     ] {
         gemm_case(rows, cols, n);
     }
@@ -171,7 +180,7 @@ fn gemm_case(rows: usize, cols: usize, n: usize) {
     let trits: Vec<i8> = (0..rows * cols)
         .map(|i| ((i * 31 + i / 7) % 3) as i8 - 1)
         .collect();
-    let t = Ternary::from_trits(rows, cols, &trits, 0.7);
+    let i2s = Ternary::from_trits(rows, cols, &trits, 0.7);
     let acts: Vec<Activations> = (0..n)
         .map(|k| {
             let x: Vec<f32> = (0..cols)
@@ -180,23 +189,28 @@ fn gemm_case(rows: usize, cols: usize, n: usize) {
             Activations::quantize(&x)
         })
         .collect();
+    // The base-3 layout's batches (its own unpack) equal I2_S's GEMVs.
+    let base3 = i2s.to_layout(Layout::Base3);
     for k in Kernel::available() {
-        for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut batch = vec![0f32; n * rows];
-            pool.install(|| k.gemm(&t, &acts, &mut batch));
-            for (tok, a) in acts.iter().enumerate() {
-                let mut one = vec![0f32; rows];
-                Kernel::Scalar.gemv(&t, a, &mut one);
-                assert_eq!(
-                    &batch[tok * rows..(tok + 1) * rows],
-                    &one[..],
-                    "{} token {tok} of {n}, {rows}x{cols}",
-                    k.name()
-                );
+        for t in [&i2s, &base3] {
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut batch = vec![0f32; n * rows];
+                pool.install(|| k.gemm(t, &acts, &mut batch));
+                for (tok, a) in acts.iter().enumerate() {
+                    let mut one = vec![0f32; rows];
+                    Kernel::Scalar.gemv(&i2s, a, &mut one);
+                    assert_eq!(
+                        &batch[tok * rows..(tok + 1) * rows],
+                        &one[..],
+                        "{} {} token {tok} of {n}, {rows}x{cols}",
+                        k.name(),
+                        t.layout()
+                    );
+                }
             }
         }
     }

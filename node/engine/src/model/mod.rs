@@ -22,7 +22,7 @@ pub use forward::{Input, KvCache, Logits, Output, Step};
 
 use crate::kernels::Kernel;
 use crate::kernels::choose::{self, ShapeChoice};
-use crate::ternary::Ternary;
+use crate::ternary::{Layout, Ternary};
 
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]
@@ -110,7 +110,135 @@ impl std::fmt::Display for QuantEmbd {
     }
 }
 
+/// How a stage packs its ternary matrices (`--weight-layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightLayout {
+    /// I2_S, 2 bits a weight: official files' rows used in place.
+    #[default]
+    I2s,
+    /// Repacked at load to five trits a byte (1.6 bits a weight): 20% fewer
+    /// bytes per token, more work to unpack each.
+    Base3,
+    /// Per weight shape, whichever of the two multiplies faster here,
+    /// measured at load (with the kernels) at the stage's thread count.
+    Auto,
+}
+
+impl WeightLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightLayout::I2s => "i2s",
+            WeightLayout::Base3 => "base3",
+            WeightLayout::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for WeightLayout {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "i2s" | "i2_s" | "2bit" => Ok(WeightLayout::I2s),
+            "base3" | "1.6bit" | "tq1" => Ok(WeightLayout::Base3),
+            "auto" => Ok(WeightLayout::Auto),
+            _ => Err(format!(
+                "unknown weight layout {s:?}: give `i2s` (2 bits a weight, as I2_S files store it), `base3` (1.6 bits, repacked at load) or `auto` (the faster per shape, measured at load)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Model {
+    /// Every ternary matrix of the stage, mutably.
+    fn matrices_mut(&mut self) -> impl Iterator<Item = &mut Ternary> {
+        self.layers.iter_mut().flat_map(|l| {
+            [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ]
+        })
+    }
+
+    /// Repacks the matrices of shape `rows`×`cols` (all of them with
+    /// `None`) into `layout`.
+    pub fn set_layout(&mut self, layout: Layout, shape: Option<(usize, usize)>) {
+        for m in self.matrices_mut() {
+            if m.layout() != layout && shape.is_none_or(|s| s == (m.rows(), m.cols())) {
+                *m = m.to_layout(layout);
+            }
+        }
+    }
+
+    /// The layouts the stage's matrices are packed in, each named once.
+    pub fn layouts(&self) -> Vec<Layout> {
+        let mut v: Vec<Layout> = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .map(Ternary::layout)
+            .collect();
+        v.sort_by_key(|l| l.name());
+        v.dedup();
+        v
+    }
+
+    /// Applies `--weight-layout` and `--kernel` (None: measured), in the
+    /// current rayon pool: packs the matrices, then times the kernels per
+    /// shape as [`Model::choose_kernels`] does. With [`WeightLayout::Auto`]
+    /// each shape is timed in both layouts (the base-3 copies made from
+    /// the matrices one measurement reads) and repacked into the faster.
+    pub fn choose(&mut self, how: WeightLayout, kernel: Option<Kernel>) -> &[ShapeChoice] {
+        match how {
+            WeightLayout::I2s => self.set_layout(Layout::I2s, None),
+            WeightLayout::Base3 => self.set_layout(Layout::Base3, None),
+            WeightLayout::Auto => {}
+        }
+        if let Some(k) = kernel {
+            self.kernel = k;
+            self.by_shape.clear();
+            if how != WeightLayout::Auto {
+                return &self.by_shape;
+            }
+        }
+        // With --kernel and `auto`, only the layouts are compared.
+        let kernels = kernel.map_or_else(choose::candidates, |k| vec![k]);
+        let mut chosen = Vec::new();
+        for (_, group) in self.shape_groups() {
+            let mut c = choose::measure(&group, &kernels, choose::ROUNDS);
+            if how == WeightLayout::Auto {
+                let other = match group[0].layout() {
+                    Layout::I2s => Layout::Base3,
+                    Layout::Base3 => Layout::I2s,
+                };
+                let copies: Vec<Ternary> = group[..choose::measured_count(&group)]
+                    .iter()
+                    .map(|m| m.to_layout(other))
+                    .collect();
+                let refs: Vec<&Ternary> = copies.iter().collect();
+                c = c.merge(choose::measure(&refs, &kernels, choose::ROUNDS));
+            }
+            chosen.push(c);
+        }
+        for c in &chosen {
+            self.set_layout(c.layout, Some((c.rows, c.cols)));
+        }
+        self.by_shape = chosen;
+        &self.by_shape
+    }
+
     /// Applies `--quant-embd` to the lm_head (a last stage only; the
     /// embedding lookup of a first stage keeps the file's rows). Q8 and Q4
     /// make an owned Q8_0 / Q4_0 copy, so the mapped F16 rows are no longer
