@@ -620,3 +620,46 @@ fn kernels_chosen_by_measurement_give_the_reference_bits() {
     assert!(model.by_shape.is_empty());
     assert_eq!(model.kernel_for(&model.layers[0].down), Kernel::Scalar);
 }
+
+/// The base-3 layout (every shape, or `auto`'s per-shape choice) gives the
+/// I2_S logits bit for bit, in a prompt (the batched GEMM) and in decode
+/// (the GEMV); a measured model multiplies batches with the most capable
+/// kernel's tiles, a forced kernel with its own.
+#[test]
+fn the_base3_layout_and_the_batch_kernel_change_no_bit() {
+    use trine_engine::kernels::Kernel;
+    use trine_engine::model::WeightLayout;
+    use trine_engine::ternary::Layout;
+    let w = Weights::generate(Preset::Tiny, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&w, TernaryType::I2S, dir.path());
+    let want = logits(&Model::open(&path).unwrap(), TOKENS, Logits::All);
+    for how in [WeightLayout::Base3, WeightLayout::Auto, WeightLayout::I2s] {
+        let mut m = Model::open(&path).unwrap();
+        let chosen = m.choose(how, None).len();
+        assert_eq!(chosen, 4, "tiny's four shapes measured");
+        assert_eq!(m.batch_kernel(), Kernel::best());
+        if how == WeightLayout::Base3 {
+            assert_eq!(m.layouts(), vec![Layout::Base3]);
+        }
+        assert_eq!(logits(&m, TOKENS, Logits::All), want, "{how}: prompt");
+        let mut cache = m.new_cache(64);
+        let mut last = Vec::new();
+        for t in TOKENS {
+            match m
+                .forward(Input::Tokens(&[*t]), &mut cache, Logits::Last)
+                .unwrap()
+            {
+                Output::Logits(l) => last = l,
+                Output::Hidden(_) => panic!("whole model returned hidden states"),
+            }
+        }
+        let vocab = w.config.vocab;
+        assert_eq!(last, want[want.len() - vocab..], "{how}: decode");
+    }
+    let mut forced = Model::open(&path).unwrap();
+    forced.choose(WeightLayout::Base3, Some(Kernel::Scalar));
+    assert_eq!(forced.batch_kernel(), Kernel::Scalar);
+    assert_eq!(forced.layouts(), vec![Layout::Base3]);
+    assert_eq!(logits(&forced, TOKENS, Logits::All), want, "scalar base3");
+}

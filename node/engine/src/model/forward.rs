@@ -277,9 +277,16 @@ impl Model {
         }
     }
 
-    /// Y = BL(X) for a batch of quantized activation rows (token-major out).
+    /// Y = BL(X) for a batch of quantized activation rows (token-major out):
+    /// one token through the shape's GEMV kernel, more through the batch
+    /// kernel's tiles.
     fn bitlinear(&self, w: &Ternary, acts: &[Activations], out: &mut [f32]) {
-        self.kernel_for(w).gemm(w, acts, out);
+        let kernel = if acts.len() == 1 {
+            self.kernel_for(w)
+        } else {
+            self.batch_kernel()
+        };
+        kernel.gemm(w, acts, out);
     }
 
     /// RMSNorm then int8 quantization of each of the `n` rows of `x`.

@@ -261,6 +261,22 @@ impl Model {
             .map_or(self.kernel, |s| s.kernel)
     }
 
+    /// The kernel whose tiles multiply batches (prompts, batched decode
+    /// steps): the one given with `--kernel`, else the most capable this
+    /// CPU runs. The per-shape measurement times GEMVs, which memory
+    /// bandwidth bounds, so two kernels can tie there (on Zen 4 AVX2 often
+    /// wins by noise) while a batch, bound by multiply-adds, runs
+    /// 1.6–1.8× faster in AVX512-VNNI tiles than in AVX2's (BENCHMARKS.md); the same bits
+    /// either way.
+    #[inline]
+    pub fn batch_kernel(&self) -> Kernel {
+        if self.by_shape.is_empty() {
+            self.kernel
+        } else {
+            Kernel::best()
+        }
+    }
+
     /// One kernel for every shape (`--kernel`), replacing any measured
     /// choice.
     pub fn set_kernel(&mut self, kernel: Kernel) {
