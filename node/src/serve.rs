@@ -91,6 +91,10 @@ impl Default for Limits {
     }
 }
 
+/// Longest a request for a model this node does not know waits to catch
+/// up with the leader's log before the answer is "not deployed".
+const CATCH_UP: Duration = Duration::from_secs(1);
+
 /// Why a request was refused or ended early; each maps to a gRPC code and
 /// an HTTP status (OpenAI's error shapes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -491,7 +495,18 @@ impl Serving {
                 "the request has no input: give prompt, chat or tokens".into(),
             ));
         }
-        let state = self.inner.control.reader().state();
+        let mut state = self.inner.control.reader().state();
+        if !state.models.contains_key(&req.model) {
+            // A model deployed a moment ago may be committed but not yet
+            // applied on this node (a follower across an ocean): catch up
+            // to the leader's commit index once, as a linearizable read
+            // does, before saying it is not deployed. Bounded, so a node
+            // cut off from its leader still answers promptly.
+            let catch_up = self.inner.control.linearizable();
+            if let Ok(Ok(_)) = tokio::time::timeout(CATCH_UP, catch_up).await {
+                state = self.inner.control.reader().state();
+            }
+        }
         let model = state.models.get(&req.model).ok_or_else(|| {
             ServeError::NotFound(format!(
                 "model {:?} is not deployed; ListModels (GET /v1/models) shows the ones that are",
