@@ -589,7 +589,9 @@ fn kernels_chosen_by_measurement_give_the_reference_bits() {
     let mut model = Model::open(&write(&w, TernaryType::I2S, dir.path())).unwrap();
     let mut reference = model.clone();
     reference.set_kernel(Kernel::Scalar);
-    let chosen = model.choose_kernels().to_vec();
+    let chosen = model
+        .choose(trine_engine::model::WeightLayout::I2s, None)
+        .to_vec();
     for l in &model.layers {
         for m in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
             assert!(

@@ -58,7 +58,7 @@ pub struct Model {
     /// The ternary kernel for every shape [`Model::by_shape`] does not name.
     pub kernel: Kernel,
     /// Kernels chosen per weight shape by measurement
-    /// ([`Model::choose_kernels`]); empty until then.
+    /// ([`Model::choose`]); empty until then.
     pub by_shape: Vec<ShapeChoice>,
 }
 
@@ -196,8 +196,11 @@ impl Model {
     }
 
     /// Applies `--weight-layout` and `--kernel` (None: measured), in the
-    /// current rayon pool: packs the matrices, then times the kernels per
-    /// shape as [`Model::choose_kernels`] does. With [`WeightLayout::Auto`]
+    /// current rayon pool: packs the matrices, then times every SIMD kernel
+    /// this CPU runs on each weight shape, at the thread count the stage
+    /// will run with, and keeps the fastest per shape (well under a second
+    /// for the 2B4T shapes; the output does not depend on the choice). With
+    /// [`WeightLayout::Auto`]
     /// each shape is timed in both layouts (the base-3 copies made from
     /// the matrices one measurement reads) and repacked into the faster.
     pub fn choose(&mut self, how: WeightLayout, kernel: Option<Kernel>) -> &[ShapeChoice] {
@@ -282,21 +285,6 @@ impl Model {
     pub fn set_kernel(&mut self, kernel: Kernel) {
         self.kernel = kernel;
         self.by_shape.clear();
-    }
-
-    /// Times every SIMD kernel this CPU runs on each of the stage's weight
-    /// shapes, in the current rayon pool (so at the thread count the stage
-    /// will run with), and keeps the fastest per shape. Well under a second
-    /// for the 2B4T shapes; the output does not depend on the choice.
-    pub fn choose_kernels(&mut self) -> &[ShapeChoice] {
-        let kernels = choose::candidates();
-        let chosen = self
-            .shape_groups()
-            .iter()
-            .map(|(_, g)| choose::measure(g, &kernels, choose::ROUNDS))
-            .collect();
-        self.by_shape = chosen;
-        &self.by_shape
     }
 
     /// The layers' ternary matrices grouped by shape, each group named by
