@@ -194,7 +194,7 @@ impl Ternary {
             self.layout.row_bytes(self.cols),
             layout.row_bytes(self.cols),
         );
-        let mut data = vec![0u8; self.rows * to];
+        let mut data = crate::mmap::huge_zeroed(self.rows * to);
         data.par_chunks_mut(to)
             .zip(self.data.par_chunks(from))
             .for_each(|(dst, src)| {
