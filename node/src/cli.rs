@@ -419,6 +419,14 @@ pub struct NodeArgs {
     #[arg(long, env = "TRINE_REQUEST_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub request_timeout: Option<Duration>,
 
+    /// Longest the router waits for a replica's first token (queueing and
+    /// prompt prefill included) before it calls the replica stalled and
+    /// fails over. Raise it where one replica serves many clients one at a
+    /// time (`--max-batch 1`) or prompts are long on a slow CPU.
+    /// [default: 60s]
+    #[arg(long, env = "TRINE_FIRST_TOKEN_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub first_token_timeout: Option<Duration>,
+
     /// Raft entries between snapshots; the log behind a snapshot is purged.
     /// [default: 10000]
     #[arg(long, env = "TRINE_SNAPSHOT_EVERY", value_name = "N")]
@@ -540,6 +548,7 @@ impl NodeArgs {
             pin_threads: self.pin_threads.then_some(true),
             amx: self.amx,
             request_timeout: self.request_timeout,
+            first_token_timeout: self.first_token_timeout,
             snapshot_every: self.snapshot_every,
             max_prompt_tokens: self.max_prompt_tokens,
             max_tokens: self.max_tokens,

@@ -148,6 +148,10 @@ pub struct Config {
     /// client asks for less (gRPC deadline or the request's `timeout`).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Longest the router waits for a replica's first token before it
+    /// fails over.
+    #[serde(with = "humantime_serde")]
+    pub first_token_timeout: Duration,
     /// Raft entries between snapshots (the log is purged behind them).
     pub snapshot_every: u64,
     /// Most prompt tokens one inference request may carry; longer prompts are refused (400 / INVALID_ARGUMENT).
@@ -237,6 +241,8 @@ pub struct Layer {
     pub amx: Option<crate::compute::Amx>,
     #[serde(default, with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub first_token_timeout: Option<Duration>,
     pub snapshot_every: Option<u64>,
     pub max_prompt_tokens: Option<u32>,
     pub max_tokens: Option<u32>,
@@ -327,6 +333,7 @@ impl Default for Config {
             pin_threads: false,
             amx: crate::compute::Amx::Auto,
             request_timeout: Duration::from_secs(300),
+            first_token_timeout: Duration::from_secs(60),
             snapshot_every: 10_000,
             max_prompt_tokens: 8192,
             max_tokens: 4096,
@@ -427,6 +434,7 @@ impl Layer {
             pin_threads: over.pin_threads.or(self.pin_threads),
             amx: over.amx.or(self.amx),
             request_timeout: over.request_timeout.or(self.request_timeout),
+            first_token_timeout: over.first_token_timeout.or(self.first_token_timeout),
             snapshot_every: over.snapshot_every.or(self.snapshot_every),
             max_prompt_tokens: over.max_prompt_tokens.or(self.max_prompt_tokens),
             max_tokens: over.max_tokens.or(self.max_tokens),
@@ -493,6 +501,7 @@ impl Config {
             pin_threads: layer.pin_threads.unwrap_or(d.pin_threads),
             amx: layer.amx.unwrap_or(d.amx),
             request_timeout: layer.request_timeout.unwrap_or(d.request_timeout),
+            first_token_timeout: layer.first_token_timeout.unwrap_or(d.first_token_timeout),
             snapshot_every: layer.snapshot_every.unwrap_or(d.snapshot_every),
             max_prompt_tokens: layer.max_prompt_tokens.unwrap_or(d.max_prompt_tokens),
             max_tokens: layer.max_tokens.unwrap_or(d.max_tokens),
@@ -692,6 +701,13 @@ impl Config {
                 "request_timeout",
                 &humantime::format_duration(self.request_timeout).to_string(),
                 "it must be at least 1s, e.g. \"300s\"",
+            ));
+        }
+        if self.first_token_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "first_token_timeout",
+                &humantime::format_duration(self.first_token_timeout).to_string(),
+                "it must be at least 1s, e.g. \"60s\"",
             ));
         }
         for (key, value, lo, hi) in [
@@ -1132,6 +1148,13 @@ mod tests {
                     ..Layer::default()
                 },
                 "shutdown_timeout",
+            ),
+            (
+                Layer {
+                    first_token_timeout: Some(Duration::from_millis(500)),
+                    ..Layer::default()
+                },
+                "first_token_timeout",
             ),
         ];
         for (layer, key) in cases {

@@ -249,6 +249,7 @@ pub async fn serve(
                 crate::serve::Limits {
                     concurrency: config.max_batch as usize,
                     request_timeout: config.request_timeout,
+                    first_token: config.first_token_timeout,
                     max_prompt_tokens: config.max_prompt_tokens as usize,
                     max_tokens: config.max_tokens,
                     default_max_tokens: config.max_tokens.min(256),

@@ -627,7 +627,19 @@ impl Serving {
             .and_then(|t| Duration::try_from(t).ok())
             .unwrap_or(Duration::MAX);
         self.leased(budget).await?;
-        let pipeline = self.pipeline(&req.model)?;
+        let pipeline = match self.pipeline(&req.model, false) {
+            Ok(p) => p,
+            // The router saw this replica ready in its own state; this
+            // node may not have applied that commit yet (its stage loaded,
+            // the "ready" entry still on its way). Catch up with the
+            // leader's log once, as for an unknown model, and look again.
+            Err(ServeError::Unavailable(_)) => {
+                let catch_up = self.inner.control.linearizable();
+                let _ = tokio::time::timeout(CATCH_UP, catch_up).await;
+                self.pipeline(&req.model, true)?
+            }
+            Err(e) => return Err(e),
+        };
         let limits = &self.inner.limits;
         let waiting = self.inner.waiting.fetch_add(1, Ordering::AcqRel);
         crate::metrics::queue_depth(waiting + 1);
@@ -682,8 +694,9 @@ impl Serving {
     }
 
     /// A replica whose first stage this node holds, with where its other
-    /// stages run (each ready, on an up node).
-    fn pipeline(&self, model: &str) -> Result<Pipeline, ServeError> {
+    /// stages run (each ready, on an up node). A refusal because this
+    /// node's copy is fenced counts in the metrics on the `last_try` only.
+    fn pipeline(&self, model: &str, last_try: bool) -> Result<Pipeline, ServeError> {
         let state = self.inner.control.reader().state();
         let m = state
             .models
@@ -745,7 +758,7 @@ impl Serving {
                 });
             }
         }
-        if fenced {
+        if fenced && last_try {
             crate::metrics::stage_rejected("fenced");
         }
         Err(ServeError::Unavailable(why))
