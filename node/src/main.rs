@@ -18,7 +18,12 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    match cli::parse().command {
+    let command = cli::parse().command;
+    if let Err(e) = trine_engine::kernels::prefetch_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    match command {
         Command::Node(args) => match &args.action {
             Some(cli::NodeAction::Leave { target, node_id }) => {
                 exit(trine_node::cluster_cmd::leave(target, *node_id))

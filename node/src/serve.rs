@@ -91,8 +91,9 @@ impl Default for Limits {
     }
 }
 
-/// Longest a request for a model this node does not know waits to catch
-/// up with the leader's log before the answer is "not deployed".
+/// Longest a request waits to catch up with the leader's log when this
+/// node's state does not show what the request needs yet (a model it does
+/// not know, a replica not yet ready here) before it is refused.
 const CATCH_UP: Duration = Duration::from_secs(1);
 
 /// Why a request was refused or ended early; each maps to a gRPC code and
@@ -499,11 +500,9 @@ impl Serving {
         if !state.models.contains_key(&req.model) {
             // A model deployed a moment ago may be committed but not yet
             // applied on this node (a follower across an ocean): catch up
-            // to the leader's commit index once, as a linearizable read
-            // does, before saying it is not deployed. Bounded, so a node
-            // cut off from its leader still answers promptly.
-            let catch_up = self.inner.control.linearizable();
-            if let Ok(Ok(_)) = tokio::time::timeout(CATCH_UP, catch_up).await {
+            // to the leader's commit index once before saying it is not
+            // deployed.
+            if self.catch_up().await {
                 state = self.inner.control.reader().state();
             }
         }
@@ -634,8 +633,7 @@ impl Serving {
             // the "ready" entry still on its way). Catch up with the
             // leader's log once, as for an unknown model, and look again.
             Err(ServeError::Unavailable(_)) => {
-                let catch_up = self.inner.control.linearizable();
-                let _ = tokio::time::timeout(CATCH_UP, catch_up).await;
+                self.catch_up().await;
                 self.pipeline(&req.model, true)?
             }
             Err(e) => return Err(e),
@@ -691,6 +689,15 @@ impl Serving {
             });
         });
         Ok(rx)
+    }
+
+    /// Waits, at most [`CATCH_UP`], until this node has applied the
+    /// leader's commit index (a read-index round, as linearizable reads
+    /// do); whether it got there. Bounded, so a node cut off from its
+    /// leader still answers promptly.
+    async fn catch_up(&self) -> bool {
+        let read = self.inner.control.linearizable();
+        matches!(tokio::time::timeout(CATCH_UP, read).await, Ok(Ok(_)))
     }
 
     /// A replica whose first stage this node holds, with where its other

@@ -157,6 +157,34 @@ fn generate_streams_text_and_reports_speed() -> Result<()> {
         !out.status.success() && stderr.contains("base3"),
         "{stderr}"
     );
+    // A prefetch distance that is not a byte count (or is absurd) is
+    // refused up front, naming the variable; 0 (off) generates the same.
+    for bad in ["2k", "99999999999"] {
+        let mut cmd = trine();
+        cmd.env("TRINE_PREFETCH_BYTES", bad)
+            .args(["generate", "--model", p, "Hi"]);
+        let out = run(cmd, T)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2) && stderr.contains("TRINE_PREFETCH_BYTES"),
+            "{bad}: {stderr}"
+        );
+    }
+    let mut cmd = trine();
+    cmd.env("TRINE_PREFETCH_BYTES", "0").args([
+        "generate",
+        "--model",
+        p,
+        "-n",
+        "12",
+        "The capital of France is",
+    ]);
+    let out = run(cmd, T)?;
+    ensure!(
+        out.status.success() && String::from_utf8(out.stdout)? == text,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let hot = ["--temperature", "1.5", "--seed", "4", "Hello"];
     ensure!(generate(&hot)?.0 == generate(&hot)?.0);
     generate(&["--chat", "--system", "Be brief.", "Hi"])?;

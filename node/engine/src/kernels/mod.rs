@@ -62,16 +62,30 @@ unsafe fn sum_words_avx2(w: &[u64]) -> u64 {
 /// Bytes ahead of the row being read that a bandwidth-bound GEMV (the
 /// ternary weights, an f16 lm_head) asks the CPU to fetch into its caches
 /// while it works on this row: [`PREFETCH_BYTES`], or
-/// `TRINE_PREFETCH_BYTES` from the environment (0 turns it off).
+/// `TRINE_PREFETCH_BYTES` from the environment (0 turns it off; a value
+/// [`prefetch_env`] refuses leaves the default, and the `trine` binary
+/// refuses to start with it).
 pub fn prefetch_distance() -> usize {
     static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *D.get_or_init(|| {
-        std::env::var("TRINE_PREFETCH_BYTES")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(PREFETCH_BYTES)
-    })
+    *D.get_or_init(|| prefetch_env().ok().flatten().unwrap_or(PREFETCH_BYTES))
 }
+
+/// `TRINE_PREFETCH_BYTES` as set in the environment (None: unset), or
+/// what is wrong with it and how to fix it.
+pub fn prefetch_env() -> Result<Option<usize>, String> {
+    let Ok(v) = std::env::var("TRINE_PREFETCH_BYTES") else {
+        return Ok(None);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_PREFETCH_BYTES => Ok(Some(n)),
+        _ => Err(format!(
+            "TRINE_PREFETCH_BYTES is {v:?}: give a byte count from 0 (no prefetch) to {MAX_PREFETCH_BYTES}, e.g. {PREFETCH_BYTES}, or unset it"
+        )),
+    }
+}
+
+/// The largest prefetch distance accepted (far beyond any useful one).
+pub const MAX_PREFETCH_BYTES: usize = 1 << 20;
 
 /// The default prefetch distance. On a 2-vCPU Xeon VM (4 KiB pages, the
 /// hardware prefetcher stopping at each page) a decode step took 15-26%
