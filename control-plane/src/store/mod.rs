@@ -33,6 +33,13 @@ pub const CHAIN_SEGMENT_BLOCKS: u64 = archive::SEGMENT_BLOCKS;
 /// sled's page cache: the state is small; the chain is read by range.
 const CACHE_BYTES: u64 = 64 << 20;
 
+/// How long [`open`] waits for sled's lock on its database file. A store
+/// dropped in this process can hold it a moment longer: sled's background
+/// I/O threads keep the file open until their last write ends. Another
+/// process never gets this far (the node's data-dir lock refuses it
+/// first), so the wait is only for that hand-over, as bbolt's open timeout.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -55,21 +62,40 @@ pub fn open_all(dir: &Path) -> Result<(LogStore, StateMachine, Incarnations), Er
         reason: e.to_string(),
     })?;
     let db_path = dir.join("db");
-    let db = sled::Config::new()
-        .path(&db_path)
-        .cache_capacity(CACHE_BYTES)
-        .mode(sled::Mode::HighThroughput)
-        .open()
-        .map_err(|e| Error::Open {
-            path: db_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    let db = open_db(&db_path)?;
     let log = LogStore::new(&db).map_err(|e| damaged(&db_path, &e))?;
     log.step_down().map_err(|e| damaged(&db_path, &e))?;
     let sm = StateMachine::open(&db, snapshot_path(dir), dir.join("chain"))
         .map_err(|e| damaged(&db_path, &e))?;
     let incarnations = Incarnations::new(&db).map_err(|e| damaged(&db_path, &e))?;
     Ok((log, sm, incarnations))
+}
+
+/// Opens sled at `path`, waiting up to [`LOCK_WAIT`] while its file lock is
+/// still held (sled reports that as an I/O error whose text says so).
+fn open_db(path: &Path) -> Result<sled::Db, Error> {
+    let start = std::time::Instant::now();
+    loop {
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .mode(sled::Mode::HighThroughput);
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(Error::Open {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
 }
 
 /// Marks a stopped node's data dir as current for its next start (see
@@ -97,4 +123,37 @@ fn key(i: u64) -> [u8; 8] {
 
 fn index_of(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(k.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn open_waits_for_a_lock_released_in_this_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = open(dir.path()).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        // The first store still holds sled's lock when this starts.
+        let reopened = open(dir.path());
+        release.join().unwrap();
+        assert!(reopened.is_ok(), "{:?}", reopened.err());
+    }
+
+    #[test]
+    fn open_refuses_a_lock_held_past_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = open(dir.path()).unwrap();
+        let e = open(dir.path()).err().expect("the lock is held");
+        let text = e.to_string();
+        assert!(
+            matches!(e, Error::Open { .. }) && text.contains("could not acquire lock"),
+            "{text}"
+        );
+        assert!(text.contains("stop it first"), "{text}");
+    }
 }
