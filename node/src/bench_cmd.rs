@@ -29,9 +29,10 @@ pub enum BenchCommand {
     Placement(crate::bench_placement::PlacementArgs),
     /// Serving as clients see it: start a testnet (or use --node), stream
     /// greedy requests from 1, 8 and 32 clients, report throughput, time to
-    /// first token and inter-token gaps; --local adds the same model in
-    /// this process as the baseline; --failovers N freezes the serving node
-    /// mid-answer N times and reports the pause.
+    /// first token (split into the serving node's own and the way there and
+    /// back) and inter-token gaps; --local adds the same model in this
+    /// process as the baseline (medians of 5 runs); --failovers N freezes
+    /// the serving node mid-answer N times and reports the pause.
     Serve(crate::bench_serve::ServeArgs),
     /// The engine against this machine's physical limit: read bandwidth
     /// (STREAM-like), each weight shape's GEMV in GB/s and % of it, decode

@@ -475,12 +475,15 @@ fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
 }
 
 /// A STREAM-like read: every thread of the current pool sums its share of
-/// a `bytes` buffer (8-byte words, all pages touched first); the best of
+/// a `bytes` buffer (8-byte words, huge pages advised, all pages touched
+/// first); the best of
 /// `reps` passes, in GB/s.
 fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     use rayon::prelude::*;
     let words = (bytes / 8).max(1 << 20);
-    let mut buf = vec![0u64; words];
+    // Advised for huge pages as the weights repacked at load are: the
+    // figure is what memory gives with them (where THP is not off).
+    let mut buf = trine_engine::mmap::huge_zeroed_words(words);
     buf.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
         for (j, w) in c.iter_mut().enumerate() {
             *w = (i as u64) ^ (j as u64);

@@ -2,9 +2,12 @@
 //! `trine node` processes. It starts a `trine testnet` (or uses a running
 //! cluster with `--node`), then for each client count streams greedy
 //! requests for `--duration` and reports throughput, time to first token
-//! and inter-token gaps as measured at the client; with `--local`, the same
-//! model run in this process (no cluster, no network) as the baseline the
-//! cluster's overhead is measured against; with `--failovers N` (own
+//! and inter-token gaps as measured at the client, and the time to first
+//! token split in two: the serving node's own (as it reports it in the
+//! usage) and the rest, the way there and back; with `--local`, the same
+//! model run in this process (no cluster, no network; medians of several
+//! runs) as the baseline the cluster's overhead is measured against; with
+//! `--failovers N` (own
 //! testnet only), N rounds of freezing the node serving a stream mid-answer
 //! and measuring the pause the client sees.
 
@@ -71,7 +74,10 @@ pub struct ServeArgs {
     /// The testnet nodes' --max-batch (1: no continuous batching).
     #[arg(long)]
     pub max_batch: Option<u32>,
-    /// Also run the model in this process, one stream, as the baseline.
+    /// Also run the model in this process, one stream, as the baseline
+    /// (set up as the nodes are, from the TRINE_QUANT_EMBD,
+    /// TRINE_WEIGHT_LAYOUT and TRINE_KERNEL they inherit; medians of 5
+    /// runs after a warm-up).
     #[arg(long)]
     pub local: bool,
     /// Rounds of freezing (SIGSTOP) the node serving a stream mid-answer;
@@ -100,6 +106,12 @@ struct Run {
     tokens_per_second: f64,
     ttft_p50_ms: f64,
     ttft_p99_ms: f64,
+    /// The first token's time as the serving node measured it (from the
+    /// request's arrival there): its own queueing and prefill.
+    node_ttft_p50_ms: f64,
+    /// Per request, the client's TTFT less the serving node's: the way
+    /// there and back (client to entry, forwarding, the simulated RTT).
+    way_p50_ms: f64,
     itl_p50_ms: f64,
     itl_p99_ms: f64,
     /// Requests by the first node on their path.
@@ -322,6 +334,7 @@ async fn run_level(
         }
     }
     let (mut ttft, mut itl) = (Vec::new(), Vec::new());
+    let (mut node_ttft, mut way) = (Vec::new(), Vec::new());
     let (mut requests, mut errors, mut tokens) = (0, 0, 0);
     let mut first_error = None;
     let mut served_by = std::collections::BTreeMap::new();
@@ -336,6 +349,14 @@ async fn run_level(
             tokens += a.arrivals.len();
             if let Some(first) = a.arrivals.first() {
                 ttft.push(*first);
+                if let Some(node) = a
+                    .usage
+                    .serving_time_to_first_token
+                    .and_then(|d| Duration::try_from(d).ok())
+                {
+                    node_ttft.push(node);
+                    way.push(first.saturating_sub(node));
+                }
             }
             itl.extend(a.arrivals.windows(2).map(|w| w[1] - w[0]));
             if let Some(n) = a.usage.path.first() {
@@ -347,6 +368,8 @@ async fn run_level(
     let seconds = started.elapsed().as_secs_f64();
     ttft.sort();
     itl.sort();
+    node_ttft.sort();
+    way.sort();
     let (clients, rate) = match load {
         Load::Closed(c) => (c, None),
         Load::Open { rate, .. } => (0, Some(rate)),
@@ -361,6 +384,8 @@ async fn run_level(
         tokens_per_second: tokens as f64 / seconds,
         ttft_p50_ms: ms(percentile(&ttft, 0.5)),
         ttft_p99_ms: ms(percentile(&ttft, 0.99)),
+        node_ttft_p50_ms: ms(percentile(&node_ttft, 0.5)),
+        way_p50_ms: ms(percentile(&way, 0.5)),
         itl_p50_ms: ms(percentile(&itl, 0.5)),
         itl_p99_ms: ms(percentile(&itl, 0.99)),
         served_by,
@@ -371,13 +396,31 @@ async fn run_level(
 /// The model in this process, one stream: the no-cluster baseline.
 fn run_local(args: &ServeArgs, path: &Path) -> Result<Local> {
     use trine_engine::sampler::{Sampler, Settings};
-    let (model, tokenizer) =
+    let (mut model, tokenizer) =
         trine_engine::open(path, None).with_context(|| format!("opening {}", path.display()))?;
     let pool = crate::generate_cmd::pool(None)?;
+    // Set up as the testnet's nodes set up their stage (and as `trine
+    // generate` does): the lm_head, weight layout and kernel they take from
+    // the environment they inherit, kernels measured in the pool.
+    let setting = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    if let Some(v) = setting("TRINE_QUANT_EMBD") {
+        model.set_lm_head(v.parse().map_err(anyhow::Error::msg)?);
+    }
+    let layout = match setting("TRINE_WEIGHT_LAYOUT") {
+        Some(v) => v.parse().map_err(anyhow::Error::msg)?,
+        None => trine_engine::model::WeightLayout::default(),
+    };
+    let kernel = match setting("TRINE_KERNEL").filter(|k| k != "auto") {
+        Some(k) => Some(crate::generate_cmd::kernel(&k)?),
+        None => None,
+    };
+    pool.install(|| model.choose(layout, kernel));
     let prompt = tokenizer.encode_prompt(&args.prompt);
-    let mut best: Option<Local> = None;
-    // Three runs, the fastest kept (the first warms the caches).
-    for _ in 0..3 {
+    // Medians over several runs, as the cluster's figures are medians over
+    // its requests (a best-of would flatter the baseline); the first run
+    // warms the caches and is not counted.
+    let (mut ttft, mut itl, mut rates) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..=LOCAL_RUNS {
         let t0 = Instant::now();
         let mut arrivals = Vec::new();
         let mut sampler = Sampler::new(Settings::default());
@@ -396,24 +439,29 @@ fn run_local(args: &ServeArgs, path: &Path) -> Result<Local> {
                 },
             )
         })?;
-        let mut itl: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
-        itl.sort();
-        let total = arrivals.last().copied().unwrap_or_default();
-        let run = Local {
-            ttft_ms: ms(arrivals.first().copied().unwrap_or_default()),
-            itl_p50_ms: ms(percentile(&itl, 0.5)),
-            itl_p99_ms: ms(percentile(&itl, 0.99)),
-            tokens_per_second: arrivals.len() as f64 / total.as_secs_f64().max(1e-9),
+        let (Some(&first), Some(&total)) = (arrivals.first(), arrivals.last()) else {
+            bail!("the local run generated no token");
         };
-        if best
-            .as_ref()
-            .is_none_or(|b| run.tokens_per_second > b.tokens_per_second)
-        {
-            best = Some(run);
+        if run == 0 {
+            continue;
         }
+        ttft.push(first);
+        itl.extend(arrivals.windows(2).map(|w| w[1] - w[0]));
+        rates.push(arrivals.len() as f64 / total.as_secs_f64().max(1e-9));
     }
-    best.context("no local run")
+    ttft.sort();
+    itl.sort();
+    rates.sort_by(f64::total_cmp);
+    Ok(Local {
+        ttft_ms: ms(percentile(&ttft, 0.5)),
+        itl_p50_ms: ms(percentile(&itl, 0.5)),
+        itl_p99_ms: ms(percentile(&itl, 0.99)),
+        tokens_per_second: rates[rates.len() / 2],
+    })
 }
+
+/// Counted runs of the local baseline.
+const LOCAL_RUNS: usize = 5;
 
 /// The endpoints of every node of the testnet under `root`.
 fn nodes(root: &Path) -> Vec<crate::datadir::Endpoints> {
@@ -635,8 +683,17 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:>7} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}  served by",
-        "clients", "requests", "errors", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"
+        "{:>7} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  served by",
+        "clients",
+        "requests",
+        "errors",
+        "tokens/s",
+        "TTFT p50",
+        "TTFT p99",
+        "node p50",
+        "way p50",
+        "ITL p50",
+        "ITL p99"
     )?;
     for r in &report.runs {
         let load = match r.rate {
@@ -645,13 +702,15 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         };
         writeln!(
             out,
-            "{:>7} {:>8} {:>6} {:>9.1} {:>7.1}ms {:>7.1}ms {:>7.2}ms {:>7.2}ms  {:?}",
+            "{:>7} {:>8} {:>6} {:>9.1} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.2}ms {:>7.2}ms  {:?}",
             load,
             r.requests,
             r.errors,
             r.tokens_per_second,
             r.ttft_p50_ms,
             r.ttft_p99_ms,
+            r.node_ttft_p50_ms,
+            r.way_p50_ms,
             r.itl_p50_ms,
             r.itl_p99_ms,
             r.served_by
@@ -663,8 +722,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if let Some(l) = &report.local {
         writeln!(
             out,
-            "{:>7} {:>8} {:>6} {:>9.1} {:>7.1}ms {:>9} {:>7.2}ms {:>7.2}ms   (in this process, no cluster)",
-            "local", 1, 0, l.tokens_per_second, l.ttft_ms, "", l.itl_p50_ms, l.itl_p99_ms
+            "{:>7} {:>8} {:>6} {:>9.1} {:>7.1}ms {:>9} {:>9} {:>9} {:>7.2}ms {:>7.2}ms   (in this process, no cluster)",
+            "local", 1, 0, l.tokens_per_second, l.ttft_ms, "", "", "", l.itl_p50_ms, l.itl_p99_ms
         )?;
     }
     if let Some(f) = &report.failovers {

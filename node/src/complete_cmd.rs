@@ -174,11 +174,12 @@ async fn stream_answer(
                     let total = ms(u.total.as_ref());
                     writeln!(
                         err,
-                        "request {}: prompt {} tokens, generated {} ({finish}); first token {:.1} ms, total {total:.1} ms ({:.1} tokens/s); path {:?}, failovers {}",
+                        "request {}: prompt {} tokens, generated {} ({finish}); first token {:.1} ms ({:.1} ms of it at the serving node), total {total:.1} ms ({:.1} tokens/s); path {:?}, failovers {}",
                         ev.request_id,
                         u.prompt_tokens,
                         u.completion_tokens,
                         ms(u.time_to_first_token.as_ref()),
+                        ms(u.serving_time_to_first_token.as_ref()),
                         f64::from(u.completion_tokens) / (total / 1e3).max(1e-9),
                         u.path,
                         u.failovers

@@ -969,6 +969,8 @@ impl Serving {
         // (429), not "no replica could finish it" (503).
         let mut all_busy = true;
         let mut first_token: Option<Duration> = None;
+        // The serving node's own measure of the first token's time.
+        let mut serving_first: Option<prost_types::Duration> = None;
         let mut last = started;
         loop {
             // The replica that failed had sent every token asked for (only
@@ -980,6 +982,7 @@ impl Serving {
                     completion_tokens: (generated.len() - already) as u32,
                     finish_reason: v1::FinishReason::Length.into(),
                     time_to_first_token: first_token.map(duration),
+                    serving_time_to_first_token: serving_first,
                     total: Some(duration(started.elapsed())),
                     path: path.clone(),
                     failovers,
@@ -1052,6 +1055,9 @@ impl Serving {
                                         generated.push(t.id);
                                     }
                                     t.index = (generated.len() - already).saturating_sub(1) as u32;
+                                    if first_token.is_none() {
+                                        serving_first = t.since_start;
+                                    }
                                     t.since_start = Some(duration(now - started));
                                     t.since_previous = Some(duration(now - last));
                                     if first_token.is_none() {
@@ -1072,6 +1078,7 @@ impl Serving {
                                     u.failovers = failovers;
                                     u.path = path.clone();
                                     u.time_to_first_token = first_token.map(duration);
+                                    u.serving_time_to_first_token = serving_first;
                                     u.total = Some(duration(started.elapsed()));
                                     ev.event = Some(v1::generate_response::Event::Usage(u));
                                     crate::metrics::request_done(started.elapsed());
@@ -1857,6 +1864,7 @@ fn decode(
         completion_tokens: generated,
         finish_reason: finish.into(),
         time_to_first_token: first_token.map(duration),
+        serving_time_to_first_token: first_token.map(duration),
         total: Some(duration(started.elapsed())),
         path: vec![me],
         failovers: 0,

@@ -381,6 +381,16 @@ async fn every_node_serves_and_a_frozen_replica_is_replaced_mid_answer() -> Resu
         far.name,
         far.region
     );
+    // The serving node's own measure leaves the way there and back out:
+    // what remains of the client's wait is at least the RTT.
+    let at_node = u
+        .serving_time_to_first_token
+        .context("the serving node's time to first token")?;
+    let at_node = Duration::new(at_node.seconds as u64, at_node.nanos as u32);
+    ensure!(
+        at_node < ttft && ttft - at_node >= nearest,
+        "first token in {ttft:?}, {at_node:?} of it at the serving node: the {nearest:?} RTT is not in between"
+    );
 
     // Again, freezing the replica that answers once its first token is in.
     let pid = Pid::from_raw(i32::try_from(net.endpoints(&first.node)?.pid)?);

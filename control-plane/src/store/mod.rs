@@ -148,7 +148,9 @@ mod tests {
     fn open_refuses_a_lock_held_past_the_wait() {
         let dir = tempfile::tempdir().unwrap();
         let _held = open(dir.path()).unwrap();
-        let e = open(dir.path()).err().expect("the lock is held");
+        let Err(e) = open(dir.path()) else {
+            panic!("opened a store whose lock is held");
+        };
         let text = e.to_string();
         assert!(
             matches!(e, Error::Open { .. }) && text.contains("could not acquire lock"),

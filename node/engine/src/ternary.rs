@@ -186,28 +186,47 @@ impl Ternary {
     /// The same weights packed in `layout` (an owned copy; `self` again if
     /// it is packed that way already). Rows are repacked in parallel.
     pub fn to_layout(&self, layout: Layout) -> Ternary {
-        use rayon::prelude::*;
         if layout == self.layout {
             return self.clone();
         }
+        let mut data = crate::mmap::huge_zeroed(self.packed_len(layout));
+        self.repack_into(layout, &mut data);
+        self.repacked(layout, data.into())
+    }
+
+    /// Bytes of these weights packed in `layout`.
+    pub fn packed_len(&self, layout: Layout) -> usize {
+        self.rows * layout.row_bytes(self.cols)
+    }
+
+    /// Writes these weights packed in `layout` into `dst` (exactly
+    /// [`Ternary::packed_len`] bytes), rows in parallel.
+    pub fn repack_into(&self, layout: Layout, dst: &mut [u8]) {
+        use rayon::prelude::*;
+        assert_eq!(dst.len(), self.packed_len(layout), "repack destination");
         let (from, to) = (
             self.layout.row_bytes(self.cols),
             layout.row_bytes(self.cols),
         );
-        let mut data = crate::mmap::huge_zeroed(self.rows * to);
-        data.par_chunks_mut(to)
+        dst.par_chunks_mut(to)
             .zip(self.data.par_chunks(from))
             .for_each(|(dst, src)| {
                 let mut codes = vec![1u8; self.cols.div_ceil(BLOCK) * BLOCK];
                 unpack_codes(self.layout, src, &mut codes);
                 pack_codes(layout, &codes, dst);
             });
+    }
+
+    /// These weights' shape and scale over `data`, which
+    /// [`Ternary::repack_into`] filled for `layout`.
+    pub(crate) fn repacked(&self, layout: Layout, data: Bytes) -> Ternary {
+        assert_eq!(data.len(), self.packed_len(layout), "repacked bytes");
         Self {
             rows: self.rows,
             cols: self.cols,
             beta: self.beta,
             layout,
-            data: data.into(),
+            data,
         }
     }
 
@@ -243,6 +262,12 @@ impl Ternary {
     /// Whether the weights are read from the model file in place.
     pub fn is_mapped(&self) -> bool {
         self.data.is_mapped()
+    }
+
+    /// Whether the rows lie in an arena shared with other matrices
+    /// repacked at load (see `Model::set_layout`).
+    pub fn is_shared(&self) -> bool {
+        self.data.is_shared()
     }
 
     #[inline]

@@ -643,6 +643,8 @@ fn the_base3_layout_and_the_batch_kernel_change_no_bit() {
         assert_eq!(m.batch_kernel(), Kernel::best());
         if how == WeightLayout::Base3 {
             assert_eq!(m.layouts(), vec![Layout::Base3]);
+            // Repacked into one arena (huge pages for the small matrices).
+            assert!(m.layers.iter().all(|l| l.q.is_shared() && l.k.is_shared()));
         }
         assert_eq!(logits(&m, TOKENS, Logits::All), want, "{how}: prompt");
         let mut cache = m.new_cache(64);

@@ -22,6 +22,7 @@ pub use forward::{Input, KvCache, Logits, Output, Step};
 
 use crate::kernels::Kernel;
 use crate::kernels::choose::{self, ShapeChoice};
+use crate::mmap::Arena;
 use crate::ternary::{Layout, Ternary};
 
 /// One decoder layer's weights.
@@ -173,12 +174,23 @@ impl Model {
     }
 
     /// Repacks the matrices of shape `rows`×`cols` (all of them with
-    /// `None`) into `layout`.
+    /// `None`) into `layout`, all into one [`Arena`] so that huge pages
+    /// cover the small matrices too.
     pub fn set_layout(&mut self, layout: Layout, shape: Option<(usize, usize)>) {
-        for m in self.matrices_mut() {
-            if m.layout() != layout && shape.is_none_or(|s| s == (m.rows(), m.cols())) {
-                *m = m.to_layout(layout);
-            }
+        let mut todo: Vec<&mut Ternary> = self
+            .matrices_mut()
+            .filter(|m| m.layout() != layout && shape.is_none_or(|s| s == (m.rows(), m.cols())))
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        let lens: Vec<usize> = todo.iter().map(|m| m.packed_len(layout)).collect();
+        let mut arena = Arena::new(&lens);
+        for (m, dst) in todo.iter().zip(arena.pieces_mut()) {
+            m.repack_into(layout, dst);
+        }
+        for (m, data) in todo.iter_mut().zip(arena.share()) {
+            **m = m.repacked(layout, data);
         }
     }
 
