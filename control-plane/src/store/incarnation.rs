@@ -148,7 +148,8 @@ mod tests {
     async fn a_peer_record_keeps_the_highest_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            // The reopen waits for the lock the dropped store may still hold.
+            let db = crate::store::open_db(dir.path()).unwrap();
             let inc = Incarnations::new(&db).unwrap();
             assert_eq!(inc.own().unwrap(), 0);
             inc.set_own(3).await.unwrap();
@@ -162,7 +163,8 @@ mod tests {
             };
             inc.set_recovery(Some(r)).await.unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        // The reopen waits for the lock the dropped store may still hold.
+        let db = crate::store::open_db(dir.path()).unwrap();
         let inc = Incarnations::new(&db).unwrap();
         assert_eq!(inc.own().unwrap(), 3);
         assert_eq!(inc.record_peer(7, 0).await.unwrap(), 6);

@@ -73,7 +73,7 @@ pub fn open_all(dir: &Path) -> Result<(LogStore, StateMachine, Incarnations), Er
 
 /// Opens sled at `path`, waiting up to [`LOCK_WAIT`] while its file lock is
 /// still held (sled reports that as an I/O error whose text says so).
-fn open_db(path: &Path) -> Result<sled::Db, Error> {
+pub(crate) fn open_db(path: &Path) -> Result<sled::Db, Error> {
     let start = std::time::Instant::now();
     loop {
         let config = sled::Config::new()
