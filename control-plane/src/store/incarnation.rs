@@ -148,7 +148,7 @@ mod tests {
     async fn a_peer_record_keeps_the_highest_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            // The reopen waits for the lock the dropped store may still hold.
+            // As the store opens it: waiting for a lock a dropped store may still hold.
             let db = crate::store::open_db(dir.path()).unwrap();
             let inc = Incarnations::new(&db).unwrap();
             assert_eq!(inc.own().unwrap(), 0);
@@ -163,7 +163,7 @@ mod tests {
             };
             inc.set_recovery(Some(r)).await.unwrap();
         }
-        // The reopen waits for the lock the dropped store may still hold.
+        // As the store opens it: waiting for a lock a dropped store may still hold.
         let db = crate::store::open_db(dir.path()).unwrap();
         let inc = Incarnations::new(&db).unwrap();
         assert_eq!(inc.own().unwrap(), 3);
