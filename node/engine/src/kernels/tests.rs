@@ -176,6 +176,35 @@ fn gemm_equals_gemv_per_token() {
     }
 }
 
+/// A decode GEMV over base-3 rows equals the scalar I2_S GEMV, on every
+/// kernel and at one and two threads, for row counts that do and do not
+/// fill a task.
+#[test]
+fn base3_gemv_equals_the_reference_for_any_row_count() {
+    for (rows, cols) in [(1, 256), (3, 640), (4, 2560), (5, 384), (67, 512), (130, 6912)] {
+        let trits: Vec<i8> = (0..rows * cols)
+            .map(|i| ((i * 29 + i / 5) % 3) as i8 - 1)
+            .collect();
+        let i2s = Ternary::from_trits(rows, cols, &trits, 0.9);
+        let base3 = i2s.to_layout(Layout::Base3);
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).cos() * 3.0).collect();
+        let acts = Activations::quantize(&x);
+        let mut want = vec![0f32; rows];
+        Kernel::Scalar.gemv(&i2s, &acts, &mut want);
+        for k in Kernel::available() {
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![0f32; rows];
+                pool.install(|| k.gemv(&base3, &acts, &mut got));
+                assert_eq!(got, want, "{} {rows}x{cols}, {threads} threads", k.name());
+            }
+        }
+    }
+}
+
 fn gemm_case(rows: usize, cols: usize, n: usize) {
     let trits: Vec<i8> = (0..rows * cols)
         .map(|i| ((i * 31 + i / 7) % 3) as i8 - 1)
