@@ -181,7 +181,14 @@ fn gemm_equals_gemv_per_token() {
 /// fill a task.
 #[test]
 fn base3_gemv_equals_the_reference_for_any_row_count() {
-    for (rows, cols) in [(1, 256), (3, 640), (4, 2560), (5, 384), (67, 512), (130, 6912)] {
+    for (rows, cols) in [
+        (1, 256),
+        (3, 640),
+        (4, 2560),
+        (5, 384),
+        (67, 512),
+        (130, 6912),
+    ] {
         let trits: Vec<i8> = (0..rows * cols)
             .map(|i| ((i * 29 + i / 5) % 3) as i8 - 1)
             .collect();
